@@ -1,0 +1,25 @@
+"""hamilton-attn: exact attention over very long sequences, on one device or many.
+
+Public surface: :func:`attention` (one device, any mask), the mask builders
+(:class:`Mask`, :class:`AttnMaskType`), :mod:`merge`, and the context-parallel API.
+"""
+
+from .api import (
+    ContextParallelAttention,
+    Plan,
+    calc_attn,
+    dispatch,
+    get_position_ids,
+    plan,
+    undispatch,
+)
+from .attention import attention
+from .dispatch import compute_pad_size
+from .masks import AttnMaskType, Band, Mask
+from .merge import merge, merge_, merge_many
+
+__version__ = "0.1.0"
+
+__all__ = ["AttnMaskType", "Band", "ContextParallelAttention", "Mask", "Plan", "attention",
+           "calc_attn", "compute_pad_size", "dispatch", "get_position_ids", "merge", "merge_",
+           "merge_many", "plan", "undispatch"]

@@ -1,0 +1,99 @@
+"""The distributed public surface: plan / dispatch / calc_attn / undispatch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .comm import exchange_status
+from .plans import Plan, plan
+from .runtime import ContextParallelFunction, dispatch, get_position_ids, undispatch
+
+_DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
+
+
+def _local_problem(q, k, v, plan: Plan) -> str | None:
+    """What is wrong with this rank's inputs, or None (checked before any transfer)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q, k, v: expected 4-d bshd local shards, got {q.dim()}, {k.dim()}, {v.dim()} dims"
+    n = plan.local_len
+    if q.shape[1] != n or k.shape[1] != n or v.shape[1] != n:
+        return (f"q, k, v: expected {n} local tokens (the plan's shard) along dim 1, got "
+                f"{q.shape[1]}, {k.shape[1]}, {v.shape[1]}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        return f"q, k, v: shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        return f"k, v: {k.shape[2]} heads must divide q's {q.shape[2]} heads"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPE_CODE:
+        return f"q, k, v: expected one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return "q, k, v: expected one device"
+    return None
+
+
+def _check(q, k, v, plan: Plan, scale: float) -> None:
+    problem = _local_problem(q, k, v, plan)
+    if plan.world_size == 1 or plan.check == "never":
+        if problem:
+            raise ValueError(problem)
+        return
+    sig = (tuple(q.shape), tuple(k.shape), q.dtype, scale)
+    if plan.check == "first" and sig in plan._checked and problem is None:
+        return
+    shapes = list(q.shape) + list(k.shape) if problem is None else [0] * 8
+    mine = [0 if problem is None else 1, hash(plan.key) & 0x7FFFFFFF,
+            _DTYPE_CODE.get(q.dtype, 0), int(scale * 1e6)] + shapes
+    everyone = exchange_status(mine, plan.group, q.device)
+    bad = [r for r, row in enumerate(everyone) if row[0]]
+    if problem:
+        raise ValueError(problem)
+    if bad:
+        raise ValueError(f"calc_attn: rank(s) {bad} of the group got invalid inputs")
+    if any(row[1] != mine[1] for row in everyone):
+        raise ValueError("plan: the ranks of the group hold different plans (a plan built "
+                         "for another group or mask?)")
+    if any(row[2:] != mine[2:] for row in everyone):
+        raise ValueError("q, k, v: shapes, dtypes or scale differ across the ranks of the group")
+    plan._checked.add(sig)
+
+
+def calc_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *,
+              scale: float | None = None, return_lse: bool = False):
+    """Context-parallel attention of this rank's local shards; differentiable.
+
+    Args:
+        q: ``[B, S_local, Hq, D]`` local queries (from :func:`dispatch`), layout bshd.
+        k, v: ``[B, S_local, Hk, D]``, Hq % Hk == 0.
+        plan: from :func:`plan`; the same on every rank.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns ``out`` ``[B, S_local, Hq, D]`` in q's dtype, or ``(out, lse)`` with lse
+    ``[B, Hq, S_local]`` float32 (no gradient). Inputs are checked on every rank (and
+    across ranks, once per input signature unless ``plan.check`` says otherwise) before
+    any communication; a problem raises ValueError on every rank.
+    """
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan: expected a hamilton_attn.Plan, got {type(plan).__name__}")
+    d = q.shape[-1] if q.dim() else 1
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    _check(q, k, v, plan, scale)
+    out, lse = ContextParallelFunction.apply(q, k, v, plan, scale)
+    return (out, lse) if return_lse else out
+
+
+class ContextParallelAttention(torch.nn.Module):
+    """``calc_attn`` as a module; built from a Plan or from ``plan()``'s arguments."""
+
+    def __init__(self, plan_or_mask, group=None, *, scale: float | None = None, **plan_options):
+        super().__init__()
+        self.plan = (plan_or_mask if isinstance(plan_or_mask, Plan)
+                     else plan(plan_or_mask, group, **plan_options))
+        self.scale = scale
+
+    def forward(self, q, k, v, return_lse: bool = False):
+        return calc_attn(q, k, v, self.plan, scale=self.scale, return_lse=return_lse)
+
+
+__all__ = ["ContextParallelAttention", "Plan", "calc_attn", "dispatch", "get_position_ids",
+           "plan", "undispatch"]

@@ -1,0 +1,138 @@
+"""Thin asynchronous communication over torch.distributed (the executor's only door to it,
+with runtime/). Names follow the Hamilton Attention docs: RingComm, A2AComm."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def default_timeout() -> timedelta:
+    """How long any wait may block: ``HAMILTON_ATTN_TIMEOUT`` seconds, default 300."""
+    return timedelta(seconds=float(os.environ.get("HAMILTON_ATTN_TIMEOUT", "300")))
+
+
+def group_info(group=None) -> tuple[int, int, tuple[int, ...]]:
+    """``(rank in group, group size, global ranks)``; a single process if no process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise ValueError("group: a process group was given but torch.distributed is "
+                             "not initialised")
+        return 0, 1, (0,)
+    group = group or dist.group.WORLD
+    ranks = tuple(dist.get_process_group_ranks(group))
+    return dist.get_rank(group), dist.get_world_size(group), ranks
+
+
+class PendingOps:
+    """Started point-to-point operations; ``wait`` blocks the host at most ``timeout``
+    (on NCCL it only orders the current stream after them)."""
+
+    def __init__(self, works, timeout: timedelta):
+        self._works = works
+        self._timeout = timeout
+
+    def wait(self) -> None:
+        for work in self._works:
+            try:
+                ok = work.wait(self._timeout)
+            except RuntimeError as err:
+                raise TimeoutError(f"hamilton_attn: a transfer did not finish within "
+                                   f"{self._timeout} ({err})") from err
+            if ok is False:
+                raise TimeoutError(f"hamilton_attn: a transfer did not finish within {self._timeout}")
+        self._works = []
+
+
+def start_p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+              group, global_ranks, timeout: timedelta | None = None) -> PendingOps:
+    """Start sends ``(tensor, peer)`` and receives ``(buffer, peer)`` as one batch; peers
+    are ranks in ``group``. Both sides must list messages between a pair in one order."""
+    ops = [dist.P2POp(dist.isend, t, global_ranks[p], group) for t, p in sends]
+    ops += [dist.P2POp(dist.irecv, t, global_ranks[p], group) for t, p in recvs]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return PendingOps(works, timeout or default_timeout())
+
+
+class RingComm:
+    """Send to the next rank of the group and receive from the previous one."""
+
+    def __init__(self, process_group=None):
+        self.rank, self.world_size, self._ranks = group_info(process_group)
+        self._group = process_group
+        self.send_rank = (self.rank + 1) % self.world_size
+        self.recv_rank = (self.rank - 1) % self.world_size
+        self._sends: list = []
+        self._recvs: list = []
+        self._pending: PendingOps | None = None
+
+    def send_recv(self, to_send: torch.Tensor, recv_tensor: torch.Tensor | None = None):
+        """Queue sending ``to_send`` forward and receiving its like from behind; returns the
+        receive buffer (valid after ``commit()`` and ``wait()``)."""
+        recv = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
+        self._sends.append((to_send.contiguous(), self.send_rank))
+        self._recvs.append((recv, self.recv_rank))
+        return recv
+
+    def send_recv_kv(self, k, v, k_buffer=None, v_buffer=None):
+        return self.send_recv(k, k_buffer), self.send_recv(v, v_buffer)
+
+    def commit(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError("RingComm.commit: wait() for the previous batch first")
+        self._pending = start_p2p(self._sends, self._recvs, self._group, self._ranks)
+        self._sends, self._recvs = [], []
+
+    def wait(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("RingComm.wait: nothing was committed")
+        self._pending.wait()
+        self._pending = None
+
+
+class A2AComm:
+    """All-to-all: ``send_tensors[i]`` goes to rank i, ``recv_tensors[i]`` comes from rank i."""
+
+    def __init__(self, process_group=None):
+        self.rank, self.world_size, self._ranks = group_info(process_group)
+        self._group = process_group
+
+    def all_to_all(self, send_tensors: list[torch.Tensor], recv_tensors: list[torch.Tensor],
+                   async_op: bool = False):
+        if len(send_tensors) != self.world_size or len(recv_tensors) != self.world_size:
+            raise ValueError(f"send_tensors, recv_tensors: expected {self.world_size} each, got "
+                             f"{len(send_tensors)}, {len(recv_tensors)}")
+        if dist.get_backend(self._group) == "gloo":
+            # gloo has no all_to_all for lists; a P2P batch does the same exchange.
+            sends = [(t.contiguous(), i) for i, t in enumerate(send_tensors) if i != self.rank]
+            recvs = [(t, i) for i, t in enumerate(recv_tensors) if i != self.rank]
+            recv_tensors[self.rank].copy_(send_tensors[self.rank])
+            pending = start_p2p(sends, recvs, self._group, self._ranks)
+        else:
+            work = dist.all_to_all(recv_tensors, [t.contiguous() for t in send_tensors],
+                                   group=self._group, async_op=True)
+            pending = PendingOps([work], default_timeout())
+        if async_op:
+            return pending
+        pending.wait()
+        return None
+
+
+def all_gather_tensor(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's ``x`` (same shape everywhere), in group-rank order."""
+    _, w, _ = group_info(group)
+    if w == 1:
+        return [x]
+    out = [torch.empty_like(x) for _ in range(w)]
+    work = dist.all_gather(out, x.contiguous(), group=group, async_op=True)
+    PendingOps([work], default_timeout()).wait()
+    return out
+
+
+def exchange_status(values: list[int], group, device: torch.device) -> list[list[int]]:
+    """All ranks' small integer vectors (for consistency checks before any transfer)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    return [g.tolist() for g in all_gather_tensor(t, group)]

@@ -1,0 +1,59 @@
+"""Local attention kernels behind one interface (see :mod:`.base`).
+
+``get_kernel(name)`` returns a backend: ``reference`` (plain torch, any mask),
+``sdpa`` (torch's aten attention ops that return lse: cuDNN / flash / efficient on
+GPU, the CPU flash op on CPU; FULL and CAUSAL pieces), ``flex`` (FlexAttention, any
+mask). ``select_kernel("auto", ...)`` picks the fastest backend that can run a block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..masks import Mask
+from .base import AttentionKernel, check_block, empty_result
+from .reference import ReferenceKernel
+
+BACKENDS = ("auto", "reference", "sdpa", "flex")
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(name: str) -> AttentionKernel:
+    if name == "reference":
+        return ReferenceKernel()
+    if name == "sdpa":
+        from .sdpa import SdpaKernel
+
+        return SdpaKernel()
+    if name == "flex":
+        from .flex import FlexKernel
+
+        return FlexKernel()
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+
+
+def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: Mask) -> AttentionKernel:
+    """The kernel that runs this block: ``backend`` itself, or for ``auto`` the fastest
+    that supports it (sdpa for FULL / CAUSAL pieces, else flex on GPU, else reference).
+    Raises ValueError if a named backend cannot run the block."""
+    if backend != "auto":
+        kernel = get_kernel(backend)
+        if not kernel.available(q.device):
+            raise ValueError(f"backend: {backend!r} is not available on {q.device}")
+        reason = kernel.unsupported_reason(q, k, v, mask)
+        if reason is not None:
+            raise ValueError(f"backend: {backend!r} cannot run this block: {reason}")
+        return kernel
+    order = ("sdpa", "flex", "reference") if q.is_cuda else ("sdpa", "reference")
+    for name in order:
+        kernel = get_kernel(name)
+        if kernel.available(q.device) and kernel.unsupported_reason(q, k, v, mask) is None:
+            return kernel
+    return get_kernel("reference")
+
+
+__all__ = ["AttentionKernel", "BACKENDS", "check_block", "empty_result", "get_kernel",
+           "select_kernel"]

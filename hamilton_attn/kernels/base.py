@@ -1,0 +1,88 @@
+"""The local-kernel interface: one block of attention in, ``(out, lse)`` out.
+
+Tensor legend (used across the project): B batch, S/T tokens (Sq queries, Sk keys),
+H heads (Hq query heads, Hk key/value heads, Hq % Hk == 0 for GQA/MQA), D head dim,
+W world size. Kernels take ``bhsd`` tensors (any strides with unit stride on D) and a
+:class:`~hamilton_attn.masks.Mask` of shape ``(Sq, Sk)`` for exactly this block.
+
+Contract of every backend:
+- ``forward(q_BHSD, k_BHSD, v_BHSD, mask, scale) -> (out_BHSD, lse_BHS)``: ``out`` in
+  q's dtype, ``lse`` natural-log in float32 (float64 for float64 inputs, see
+  :func:`lse_dtype`); rows that see no key give out 0, lse -inf.
+- ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)`` in the inputs'
+  dtypes. ``out`` and ``lse`` may be the *merged* result over many blocks (as a
+  context-parallel executor has them); the block's gradient is then its share of the
+  exact gradient, so the shares of all blocks sum to the true gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks import Mask
+
+
+class AttentionKernel:
+    """Base class of the backends; see the module docstring for the contract."""
+
+    name: str = "?"
+
+    def available(self, device: torch.device) -> bool:
+        return True
+
+    def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: Mask) -> str | None:
+        """None if this backend can run the block, else why not (for errors and `auto`)."""
+        return None
+
+    def forward(self, q, k, v, mask: Mask, scale: float):
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name}>"
+
+
+def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> None:
+    """Shape checks shared by every backend (bhsd)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v: expected 4-d bhsd tensors, got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    b, hq, sq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"k, v: batch {k.shape[0]}, {v.shape[0]} != q's {b}")
+    if k.shape != v.shape[:-1] + (k.shape[-1],) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k, v: shapes disagree: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[-1] != d:
+        raise ValueError(f"k: head dim {k.shape[-1]} != q's {d}")
+    hk = k.shape[1]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"k, v: {hk} heads must divide q's {hq} heads (GQA/MQA)")
+    if mask.shape != (sq, k.shape[2]):
+        raise ValueError(f"mask: shape {mask.shape} != (Sq, Sk) = ({sq}, {k.shape[2]})")
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """lse is float32, except float64 for float64 inputs (so float64 runs stay exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_result(q: torch.Tensor, v: torch.Tensor):
+    """The result of a block in which no query sees any key."""
+    b, h, s, _ = q.shape
+    out = q.new_zeros(b, h, s, v.shape[-1])
+    lse = torch.full((b, h, s), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+def expand_kv(x_BHSD: torch.Tensor, hq: int) -> torch.Tensor:
+    """Repeat K/V heads so that query head h reads kv head h // (Hq // Hk)."""
+    hk = x_BHSD.shape[1]
+    return x_BHSD if hk == hq else x_BHSD.repeat_interleave(hq // hk, dim=1)
+
+
+def reduce_kv_grad(g_BHSD: torch.Tensor, hk: int) -> torch.Tensor:
+    """Sum the gradient of expanded K/V heads back onto the Hk shared heads."""
+    b, hq, s, d = g_BHSD.shape
+    return g_BHSD if hq == hk else g_BHSD.view(b, hk, hq // hk, s, d).sum(2)

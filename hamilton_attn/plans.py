@@ -1,0 +1,138 @@
+"""``plan(mask, group)``: where tokens live, how KV moves, verified before anything runs."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from .comm import group_info
+from .dispatch import DISPATCHES, Placement, make_placement
+from .kernels import BACKENDS
+from .masks import Mask
+from .schedule import BUILDERS, PieceId, Schedule, ScheduleReport, build_routing, finalize, verify
+
+
+@dataclass(eq=False)
+class Plan:
+    """Everything a context-parallel call needs, identical on every rank of ``group``.
+
+    ``mask`` is the user's mask grown to the padded length (padding sees nothing and is
+    seen by nothing). ``report`` holds what the verifier counted (tokens moved per rank
+    and link, peak buffers). Plans are cached: equal arguments give the same object.
+    """
+
+    user_mask: Mask
+    mask: Mask
+    placement: Placement
+    schedule: Schedule
+    report: ScheduleReport
+    group: object
+    rank: int
+    world_size: int
+    group_ranks: tuple[int, ...]
+    backend: str
+    check: str
+    _block_masks: dict = field(default_factory=dict, repr=False)
+    _checked: set = field(default_factory=set, repr=False)
+
+    @property
+    def key(self) -> tuple:
+        """Identifies the plan across ranks (the rank itself excluded)."""
+        return (hash(self.user_mask), self.placement.kind, self.placement.padded_len,
+                self.schedule.name, self.world_size, self.group_ranks)
+
+    @property
+    def local_len(self) -> int:
+        return self.placement.local_len
+
+    def piece_ranges(self, piece: PieceId) -> list[tuple[int, int]]:
+        """Global key ranges of a piece."""
+        return self.placement.local_to_global(piece.owner, self.schedule.parts[piece.part])
+
+    def block_mask(self, rank: int, piece: PieceId) -> Mask:
+        """The mask of ``rank``'s local queries against ``piece``, in local coordinates."""
+        key = (rank, piece)
+        m = self._block_masks.get(key)
+        if m is None:
+            m = self.mask.gather(self.placement.rank_ranges[rank], self.piece_ranges(piece))
+            self._block_masks[key] = m
+        return m
+
+    def describe(self) -> str:
+        return (f"Plan(W={self.world_size}, dispatch={self.placement.kind}, "
+                f"schedule={self.schedule.name}, seqlen={self.placement.seqlen} "
+                f"(+{self.placement.pad} pad), {self.report.summary()})")
+
+
+def _pick_dispatch(mask: Mask) -> str:
+    return "contiguous" if mask.is_full() else "zigzag"
+
+
+def _pick_schedule(world_size: int) -> str:
+    return "ring"
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, options):
+    rank, w, ranks = group_info(group)
+    if mask.seqlen_q != mask.seqlen_k:
+        raise ValueError(f"mask: context-parallel self-attention needs a square mask, got "
+                         f"{mask.shape}")
+    if dispatch == "auto":
+        dispatch = _pick_dispatch(mask)
+    if schedule == "auto":
+        schedule = _pick_schedule(w)
+    placement = make_placement(dispatch, mask.seqlen_q, w, chunk_size=chunk_size)
+    padded = Mask(mask.bands, placement.padded_len, placement.padded_len, _canonical=True)
+    routing = build_routing(schedule, w, placement.local_len, **dict(options))
+    holder: dict = {}
+
+    def needs(r: int, p: PieceId) -> bool:
+        key = (r, p)
+        if key not in holder:
+            kr = placement.local_to_global(p.owner, routing.parts[p.part])
+            holder[key] = padded.gather(placement.rank_ranges[r], kr)
+        return not holder[key].is_empty()
+
+    sched = finalize(routing, needs)
+    report = verify(sched, needs, local_len=placement.local_len)
+    p = Plan(mask, padded, placement, sched, report, group, rank, w, ranks, backend, check)
+    p._block_masks.update(holder)
+    return p
+
+
+def plan(mask: Mask, group=None, *, schedule: str = "auto", dispatch: str = "auto",
+         chunk_size: int | None = None, backend: str = "auto", check: str = "first",
+         **schedule_options) -> Plan:
+    """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
+
+    Args:
+        mask: a square :class:`Mask` over the whole (unpadded) sequence.
+        group: the process group (default: the world group; none: one process).
+        schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``, any
+            registered schedule, or ``auto``.
+        dispatch: which tokens each rank holds: ``contiguous``, ``zigzag``, ``stripe``,
+            or ``auto`` (contiguous for full masks, else zigzag).
+        chunk_size: chunk sizes are a multiple of this (padding added as needed).
+        backend: local kernel for every block (``auto`` picks per block).
+        check: cross-rank consistency check of inputs and plan before communication:
+            ``first`` (once per input signature), ``always``, or ``never``.
+
+    The schedule is verified (every needed block computed once, every gradient home,
+    buffers bounded) before it is returned; a bad argument raises ValueError here, on
+    every rank, before any communication.
+    """
+    if not isinstance(mask, Mask):
+        raise ValueError(f"mask: expected a hamilton_attn.Mask, got {type(mask).__name__}")
+    if schedule != "auto" and schedule not in BUILDERS:
+        raise ValueError(f"schedule: expected one of {sorted(BUILDERS)} or 'auto', got {schedule!r}")
+    if dispatch != "auto" and dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch: expected one of {DISPATCHES} or 'auto', got {dispatch!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if check not in ("first", "always", "never"):
+        raise ValueError(f"check: expected 'first', 'always' or 'never', got {check!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    return _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check,
+                        tuple(sorted(schedule_options.items())))

@@ -1,0 +1,180 @@
+"""The one executor: runs any verified schedule, forward and backward.
+
+Per step: start this step's transfers (one batch of isend/irecv), compute this step's
+blocks on pieces already held, then wait for the transfers, whose pieces are used from
+the next step on. So the transfer of step s+1's KV overlaps step s's compute (double
+buffering); on GPU, NCCL runs on its own stream and ``wait`` only orders the compute
+stream after it: the loop never synchronises the host.
+
+Tensors: local shards in ``bshd`` ([B, S_local, H, D]); a KV piece travels packed as one
+``[2, B, n, Hk, D]`` buffer (K and V in one message); dK/dV accumulators travel the same
+way in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..comm import start_p2p
+from ..kernels import select_kernel
+from ..merge import acc_dtype, merge_
+from ..plans import Plan
+from ..schedule import PieceId
+
+
+def _take(x_BSHD: torch.Tensor, ranges) -> torch.Tensor:
+    """Tokens ``ranges`` of a local shard (a view when there is one range)."""
+    if len(ranges) == 1:
+        a, b = ranges[0]
+        return x_BSHD[:, a:b]
+    return torch.cat([x_BSHD[:, a:b] for a, b in ranges], dim=1)
+
+
+def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> dict[PieceId, torch.Tensor]:
+    return {PieceId(plan.rank, part): torch.stack([_take(k_BSHD, rr), _take(v_BSHD, rr)])
+            for part, rr in enumerate(plan.schedule.parts)}
+
+
+def _last_use(plan: Plan, steps) -> dict[PieceId, int]:
+    """Last step at which this rank computes on or sends each received piece."""
+    r = plan.rank
+    last: dict[PieceId, int] = {}
+    for s, step in enumerate(steps):
+        for p in step.compute[r]:
+            last[p] = s
+        for t in step.transfers:
+            if t.src == r:
+                last[t.piece] = s
+    return last
+
+
+def _bhsd(kv_2BSHD: torch.Tensor, i: int) -> torch.Tensor:
+    return kv_2BSHD[i].transpose(1, 2)
+
+
+def _kv_transfers(plan: Plan, step, held, sends, recvs, received) -> None:
+    r = plan.rank
+    for t in step.transfers:
+        if t.src == r:
+            sends.append((held[t.piece], t.dst))
+        elif t.dst == r:
+            ref = next(iter(held.values()))
+            n = plan.schedule.part_len(t.piece.part)
+            buf = ref.new_empty((2, ref.shape[1], n) + tuple(ref.shape[3:]))
+            recvs.append((buf, t.src))
+            received.append((t.piece, buf))
+
+
+def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
+    """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32) for the local queries."""
+    r = plan.rank
+    q = q_BSHD.transpose(1, 2)
+    held = _own_pieces(plan, k_BSHD, v_BSHD)
+    steps = plan.schedule.forward_steps()
+    last = _last_use(plan, steps)
+    acc_out = acc_lse = None
+    for s, step in enumerate(steps):
+        sends, recvs, received = [], [], []
+        _kv_transfers(plan, step, held, sends, recvs, received)
+        pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
+        for p in step.compute[r]:
+            kv = held[p]
+            k, v = _bhsd(kv, 0), _bhsd(kv, 1)
+            m = plan.block_mask(r, p)
+            kernel = select_kernel(plan.backend, q, k, v, m)
+            o, l = kernel.forward(q, k, v, m, scale)
+            if acc_out is None:
+                dt = acc_dtype(q.dtype)
+                acc_out, acc_lse = o.to(dt), l.to(dt).clone()
+            else:
+                merge_(acc_out, acc_lse, o, l)
+        if pending is not None:
+            pending.wait()
+        held.update(received)
+        for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
+            del held[p]
+    if acc_out is None:  # this rank's queries see nothing at all
+        b, hq, sq, _ = q.shape
+        acc_out = q.new_zeros(b, hq, sq, v_BSHD.shape[-1], dtype=acc_dtype(q.dtype))
+        acc_lse = torch.full((b, hq, sq), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
+    lse = acc_lse if q.dtype == torch.float64 else acc_lse.float()
+    return acc_out.to(q.dtype).transpose(1, 2), lse
+
+
+def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale: float):
+    """Returns ``dq, dk, dv`` for the local shards, in the inputs' dtypes."""
+    r = plan.rank
+    q, dout, out = q_BSHD.transpose(1, 2), dout_BSHD.transpose(1, 2), out_BSHD.transpose(1, 2)
+    held = _own_pieces(plan, k_BSHD, v_BSHD)
+    steps = plan.schedule.steps
+    last = _last_use(plan, steps)
+    gdt = acc_dtype(q.dtype)  # dQ and dK/dV accumulate in float32 (float64 for float64)
+    dq = torch.zeros(q.shape, dtype=gdt, device=q.device)
+    grad_acc: dict[PieceId, torch.Tensor] = {}
+    for s, step in enumerate(steps):
+        sends, recvs, received = [], [], []
+        _kv_transfers(plan, step, held, sends, recvs, received)
+        grads_in = []
+        for t in step.grad_transfers:
+            if t.src == r:
+                sends.append((grad_acc.pop(t.piece), t.dst))
+            elif t.dst == r:
+                ref = held[PieceId(r, 0)]
+                n = plan.schedule.part_len(t.piece.part)
+                buf = torch.empty((2, ref.shape[1], n) + tuple(ref.shape[3:]),
+                                  dtype=gdt, device=ref.device)
+                recvs.append((buf, t.src))
+                grads_in.append((t.piece, buf))
+        pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
+        for p in step.compute[r]:
+            kv = held[p]
+            k, v = _bhsd(kv, 0), _bhsd(kv, 1)
+            m = plan.block_mask(r, p)
+            kernel = select_kernel(plan.backend, q, k, v, m)
+            dq_b, dk_b, dv_b = kernel.backward(dout, q, k, v, out, lse_BHS, m, scale)
+            dq += dq_b
+            acc = grad_acc.get(p)
+            if acc is None:
+                acc = grad_acc[p] = torch.zeros(kv.shape, dtype=gdt, device=kv.device)
+            acc[0] += dk_b.transpose(1, 2)
+            acc[1] += dv_b.transpose(1, 2)
+        if pending is not None:
+            pending.wait()
+        held.update(received)
+        for p, buf in grads_in:
+            acc = grad_acc.get(p)
+            grad_acc[p] = buf if acc is None else acc.add_(buf)
+        for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
+            del held[p]
+    dk = torch.zeros(k_BSHD.shape, dtype=gdt, device=k_BSHD.device)
+    dv = torch.zeros(v_BSHD.shape, dtype=gdt, device=v_BSHD.device)
+    for part, rr in enumerate(plan.schedule.parts):
+        acc = grad_acc.get(PieceId(r, part))
+        if acc is None:
+            continue
+        pos = 0
+        for a, b in rr:
+            dk[:, a:b] = acc[0][:, pos:pos + b - a]
+            dv[:, a:b] = acc[1][:, pos:pos + b - a]
+            pos += b - a
+    return (dq.to(q_BSHD.dtype).transpose(1, 2), dk.to(k_BSHD.dtype), dv.to(v_BSHD.dtype))
+
+
+class ContextParallelFunction(torch.autograd.Function):
+    """Forward and backward of one context-parallel attention call, as one Function."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out, lse = forward(plan, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(ctx.plan, dout.contiguous(), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None, None

@@ -1,0 +1,152 @@
+"""A pool of gloo processes on 127.0.0.1, started once and reused for many calls.
+
+``GlooPool(n)`` starts n processes, each in a gloo process group of size n, with
+sub-groups of the first W ranks for every W <= n. ``pool.run(fn, W, *args)`` runs
+``fn(ctx, *args)`` on ranks 0..W-1 (``ctx.group`` is their group) and returns the
+results in rank order; an exception on any rank is raised here with every failing
+rank's traceback. ``fn`` must be importable (a module-level function).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    group: object
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, n: int, port: int, tasks, results, timeout_s: float, threads: int):
+    os.environ["HAMILTON_ATTN_TIMEOUT"] = str(timeout_s)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=n, timeout=timedelta(seconds=timeout_s))
+        groups = {w: (dist.group.WORLD if w == n else dist.new_group(list(range(w))))
+                  for w in range(1, n + 1)}
+        results.put((rank, "ready", None))
+    except Exception:  # noqa: BLE001 - reported to the parent
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        call_id, fn, w, args, kwargs = task
+        if rank >= w:
+            continue
+        try:
+            value = fn(RankContext(rank, w, groups[w]), *args, **kwargs)
+            results.put((rank, "ok", (call_id, value)))
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            results.put((rank, "error", (call_id, traceback.format_exc())))
+    dist.destroy_process_group()
+
+
+class GlooPool:
+    def __init__(self, world_size: int, *, timeout_s: float = 120.0, threads: int = 1):
+        if world_size < 1:
+            raise ValueError(f"world_size: expected >= 1, got {world_size}")
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        # fork: workers inherit the imported torch (seconds saved per process); the parent
+        # never initialises torch.distributed or GPU state before this.
+        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        port = _free_port()
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, port, self._tasks[r], self._results,
+                                         timeout_s, threads))
+                       for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+        self._calls = 0
+        ready = self._collect(range(world_size), kind="ready", call_id=None)
+        del ready
+
+    def _collect(self, ranks, *, kind: str, call_id):
+        want = set(ranks)
+        got: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        while want - set(got) - set(errors):
+            try:
+                rank, status, payload = self._results.get(timeout=self.timeout_s + 30)
+            except queue.Empty:
+                missing = sorted(want - set(got) - set(errors))
+                self.close()
+                raise TimeoutError(f"GlooPool: ranks {missing} did not answer within "
+                                   f"{self.timeout_s + 30:.0f} s") from None
+            if status == "ready" and kind == "ready":
+                got[rank] = None
+            elif status == "ok":
+                cid, value = payload
+                if cid == call_id:
+                    got[rank] = value
+            elif status == "error":
+                if isinstance(payload, tuple):
+                    cid, tb = payload
+                    if cid != call_id:
+                        continue
+                else:
+                    tb = payload
+                errors[rank] = tb
+        if errors:
+            first = min(errors)
+            detail = "\n".join(f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors))
+            raise RankError(f"ranks {sorted(errors)} failed; first: "
+                            f"{errors[first].strip().splitlines()[-1]}\n{detail}",
+                            errors)
+        return [got[r] for r in sorted(want)]
+
+    def run(self, fn, world_size: int | None = None, *args, **kwargs) -> list:
+        w = self.world_size if world_size is None else world_size
+        if not 1 <= w <= self.world_size:
+            raise ValueError(f"world_size: expected 1..{self.world_size}, got {w}")
+        self._calls += 1
+        for q in self._tasks:
+            q.put((self._calls, fn, w, args, kwargs))
+        return self._collect(range(w), kind="ok", call_id=self._calls)
+
+    def close(self) -> None:
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except (ValueError, OSError):
+                pass
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RankError(RuntimeError):
+    """One or more ranks raised; ``errors`` maps rank -> traceback text."""
+
+    def __init__(self, message: str, errors: dict[int, str]):
+        super().__init__(message)
+        self.errors = errors
