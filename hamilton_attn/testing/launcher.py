@@ -31,15 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, n: int, port: int, tasks, results, timeout_s: float, threads: int):
+def _worker(rank: int, n: int, port: int, tasks, results, timeout_s: float, threads: int,
+            backend: str = "gloo"):
     os.environ["HAMILTON_ATTN_TIMEOUT"] = str(timeout_s)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=n, timeout=timedelta(seconds=timeout_s))
+        kwargs = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            kwargs["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=n, timeout=timedelta(seconds=timeout_s), **kwargs)
         groups = {w: (dist.group.WORLD if w == n else dist.new_group(list(range(w))))
                   for w in range(1, n + 1)}
         results.put((rank, "ready", None))
@@ -62,20 +67,26 @@ def _worker(rank: int, n: int, port: int, tasks, results, timeout_s: float, thre
 
 
 class GlooPool:
-    def __init__(self, world_size: int, *, timeout_s: float = 120.0, threads: int = 1):
+    """See the module docstring; ``backend="nccl"`` puts rank r on GPU r instead."""
+
+    def __init__(self, world_size: int, *, timeout_s: float = 120.0, threads: int = 1,
+                 backend: str = "gloo"):
         if world_size < 1:
             raise ValueError(f"world_size: expected >= 1, got {world_size}")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
         self.world_size = world_size
         self.timeout_s = timeout_s
         # fork: workers inherit the imported torch (seconds saved per process); the parent
-        # never initialises torch.distributed or GPU state before this.
-        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+        # never initialises torch.distributed before this. CUDA cannot survive a fork.
+        use_fork = hasattr(os, "fork") and backend == "gloo"
+        ctx = mp.get_context("fork" if use_fork else "spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         port = _free_port()
         self._procs = [ctx.Process(target=_worker, daemon=True,
                                    args=(r, world_size, port, self._tasks[r], self._results,
-                                         timeout_s, threads))
+                                         timeout_s, threads, backend))
                        for r in range(world_size)]
         for p in self._procs:
             p.start()

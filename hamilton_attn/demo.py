@@ -1,0 +1,157 @@
+"""``hamilton-attn demo``: every schedule on W ranks (gloo on CPU, NCCL on GPUs),
+checked against the single-device reference, forward and backward."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .masks import Mask
+from .schedule import BUILDERS
+from .testing.oracle import dense_attention, error_bound, max_err
+from .verify_cli import format_table
+
+DEMO_DISPATCH = {"allgather": ["contiguous"], "line": ["zigzag"]}
+
+
+def demo_masks(seqlen: int) -> dict[str, Mask]:
+    # Long-tailed document lengths, seeded: a few long documents and many short ones.
+    g = torch.Generator().manual_seed(7)
+    lens = []
+    left = seqlen
+    while left > 0:
+        n = min(left, max(1, int(torch.empty(1).exponential_(generator=g).item() * seqlen / 6)))
+        lens.append(n)
+        left -= n
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return {"causal": Mask.causal(seqlen), "docs": Mask.varlen(cu, causal=True)}
+
+
+def demo_cases(schedules=None):
+    for sched in schedules or sorted(BUILDERS):
+        for disp in DEMO_DISPATCH.get(sched, ["zigzag", "contiguous"]):
+            for mask_name in ("causal", "docs"):
+                yield sched, disp, mask_name
+
+
+def run_rank(ctx, seqlen: int, device: str, dtype_name: str, heads=(8, 2), head_dim=64,
+             schedules=None):
+    """One rank's share of the demo; returns table rows (on every rank)."""
+    import hamilton_attn as ha
+
+    dev = torch.device(device, ctx.rank) if device == "cuda" else torch.device("cpu")
+    dtype = getattr(torch, dtype_name)
+    hq, hk = heads
+    rows = []
+    masks = demo_masks(seqlen)
+    for sched, disp, mask_name in demo_cases(schedules):
+        mask = masks[mask_name]
+        gen = torch.Generator().manual_seed(1234)
+        full = [torch.randn(1, seqlen, h, head_dim, generator=gen) for h in (hq, hk, hk)]
+        g = torch.randn(1, seqlen, hq, head_dim, generator=gen).to(dev)
+        # The oracle runs on rank 0 only: float64 math on CPU (float32 on GPU), and the
+        # same textbook math in the run's dtype to size an honest error bound.
+        if ctx.rank == 0:
+            odt = torch.float64 if dev.type == "cpu" else torch.float32
+            dense = mask.to_dense(dev)
+            ref, ref_g = _oracle(full, g, dense, dev, odt)
+            low, low_g = _oracle(full, g, dense, dev, dtype)
+            base_f = max_err(low, ref)
+            base_b = max(max_err(a, b) for a, b in zip(low_g, ref_g))
+        x = [t.to(dev, dtype).requires_grad_() for t in full]
+        t0 = time.perf_counter()
+        p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp)
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        local = [ha.dispatch(t, p) for t in x]
+        out = ha.undispatch(ha.calc_attn(*local, p), p)
+        grads = torch.autograd.grad((out.float() * g).sum(), x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        run_ms = (time.perf_counter() - t0) * 1e3
+        if ctx.rank != 0:
+            continue
+        ef = max_err(out, ref)
+        eb = max(max_err(a, b) for a, b in zip(grads, ref_g))
+        atol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-3)
+        ok = ef <= error_bound(base_f, atol=atol) and eb <= error_bound(base_b, atol=atol)
+        bytes_per_token = 2 * hk * head_dim * x[1].element_size()
+        rows.append((sched, disp, mask_name, f"{ef:.1e}", f"{eb:.1e}", p.schedule.num_steps,
+                     _fmt_bytes(max(p.report.sent_tokens) * bytes_per_token),
+                     f"{plan_ms:.0f}", f"{run_ms:.0f}", "PASS" if ok else "FAIL"))
+    return rows
+
+
+def _oracle(full, g, dense, dev, dtype):
+    x = [t.to(dev, dtype).requires_grad_() for t in full]
+    out = dense_attention(*(t.transpose(1, 2) for t in x), dense).transpose(1, 2)
+    grads = torch.autograd.grad((out.float() * g.float()).sum() if dtype != torch.float64
+                                else (out * g.double()).sum(), x)
+    return out, grads
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+HEADER = ("schedule", "dispatch", "mask", "err fwd", "err bwd", "steps", "sent/rank (fwd)",
+          "plan ms", "fwd+bwd ms", "result")
+
+
+def main(world_size: int | None, device: str, seqlen: int, dtype_name: str | None,
+         schedules=None, printer=print) -> int:
+    from .testing import GlooPool
+
+    if device == "cuda" and not torch.cuda.is_available():
+        printer("demo: --device cuda asked, but no GPU is visible")
+        return 2
+    dtype_name = dtype_name or ("bfloat16" if device == "cuda" else "float32")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _main_torchrun(device, seqlen, dtype_name, schedules, printer)
+    if world_size is None:
+        world_size = torch.cuda.device_count() if device == "cuda" else 8
+    printer(f"hamilton-attn demo: {world_size} {'NCCL' if device == 'cuda' else 'gloo'} ranks "
+            f"on {device}, seqlen {seqlen}, {dtype_name}, heads 8/2 (GQA), head dim 64")
+    t0 = time.perf_counter()
+    backend = "nccl" if device == "cuda" else "gloo"
+    with GlooPool(world_size, backend=backend, timeout_s=300) as pool:
+        rows = pool.run(run_rank, world_size, seqlen, device, dtype_name,
+                        schedules=schedules)[0]
+    return _report(rows, printer, time.perf_counter() - t0)
+
+
+def _report(rows, printer, seconds: float) -> int:
+    printer(format_table(HEADER, rows))
+    n_fail = sum(r[-1] != "PASS" for r in rows)
+    printer(f"{len(rows) - n_fail} passed, {n_fail} failed ({seconds:.1f} s)")
+    return 0 if n_fail == 0 else 1
+
+
+def _main_torchrun(device, seqlen, dtype_name, schedules, printer) -> int:
+    import torch.distributed as dist
+
+    from .testing.launcher import RankContext
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    t0 = time.perf_counter()
+    ctx = RankContext(rank, world, dist.group.WORLD)
+    if device == "cuda":
+        ctx.rank = int(os.environ.get("LOCAL_RANK", rank))
+    rows = run_rank(ctx, seqlen, device, dtype_name, schedules=schedules)
+    code = _report(rows, printer if rank == 0 else (lambda *_: None), time.perf_counter() - t0)
+    dist.destroy_process_group()
+    return code
