@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .. import profile
 from ..comm import start_p2p
 from ..kernels import select_kernel
 from ..merge import acc_dtype, merge_
@@ -67,6 +68,12 @@ def _kv_transfers(plan: Plan, step, held, sends, recvs, received) -> None:
             received.append((t.piece, buf))
 
 
+def _record(prof, call, phase, s, plan, step, q, sends, recvs):
+    nbytes = lambda items: sum(t.numel() * t.element_size() for t, _ in items)  # noqa: E731
+    return prof.step(call, phase, s, plan.rank, q.device, len(step.compute[plan.rank]),
+                     nbytes(sends), nbytes(recvs))
+
+
 def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
     """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32) for the local queries."""
     r = plan.rank
@@ -75,9 +82,12 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
     steps = plan.schedule.forward_steps()
     last = _last_use(plan, steps)
     acc_out = acc_lse = None
+    prof = profile.current()
+    call = prof.new_call() if prof is not None else 0
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
         _kv_transfers(plan, step, held, sends, recvs, received)
+        rec = None if prof is None else _record(prof, call, "fwd", s, plan, step, q, sends, recvs)
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
         for p in step.compute[r]:
             kv = held[p]
@@ -90,8 +100,12 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
                 acc_out, acc_lse = o.to(dt), l.to(dt).clone()
             else:
                 merge_(acc_out, acc_lse, o, l)
+        if rec is not None:
+            rec.t_compute_end = profile._Clock(q.device)
         if pending is not None:
             pending.wait()
+        if rec is not None and pending is not None:
+            rec.t_transfer_end = profile._Clock(q.device)
         held.update(received)
         for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
             del held[p]
@@ -113,6 +127,8 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
     gdt = acc_dtype(q.dtype)  # dQ and dK/dV accumulate in float32 (float64 for float64)
     dq = torch.zeros(q.shape, dtype=gdt, device=q.device)
     grad_acc: dict[PieceId, torch.Tensor] = {}
+    prof = profile.current()
+    call = prof.new_call() if prof is not None else 0
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
         _kv_transfers(plan, step, held, sends, recvs, received)
@@ -127,6 +143,7 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
                                   dtype=gdt, device=ref.device)
                 recvs.append((buf, t.src))
                 grads_in.append((t.piece, buf))
+        rec = None if prof is None else _record(prof, call, "bwd", s, plan, step, q, sends, recvs)
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
         for p in step.compute[r]:
             kv = held[p]
@@ -140,8 +157,12 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
                 acc = grad_acc[p] = torch.zeros(kv.shape, dtype=gdt, device=kv.device)
             acc[0] += dk_b.transpose(1, 2)
             acc[1] += dv_b.transpose(1, 2)
+        if rec is not None:
+            rec.t_compute_end = profile._Clock(q.device)
         if pending is not None:
             pending.wait()
+        if rec is not None and pending is not None:
+            rec.t_transfer_end = profile._Clock(q.device)
         held.update(received)
         for p, buf in grads_in:
             acc = grad_acc.get(p)

@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 from .allgather import allgather
 from .bidi_ring import bidi_ring
+from .direct import direct
+from .hamilton import hamilton
+from .hamilton_2level import hamilton_2level
 from .ir import PieceId, Routing, Schedule, Step, Transfer, split_even
 from .line import line
 from .passes import finalize, prune
@@ -17,6 +20,9 @@ BUILDERS: dict[str, Callable[..., Routing]] = {
     "bidi_ring": bidi_ring,
     "line": line,
     "allgather": allgather,
+    "hamilton": hamilton,
+    "hamilton_2level": hamilton_2level,
+    "direct": direct,
 }
 
 

@@ -1,0 +1,18 @@
+"""``direct``: on a complete graph the same link use needs no forwarding. At step t rank r
+sends its own piece number (t + d - r) mod (W - 1) straight to each peer d != r; after
+W - 1 steps every peer has every piece. dK/dV go straight home."""
+
+from .ir import PieceId, Routing, Transfer, split_even
+
+
+def direct(world_size: int, local_len: int) -> Routing:
+    w = world_size
+    if w == 1:
+        return Routing("direct", 1, split_even(local_len, 1), ())
+    n = w - 1
+    steps = []
+    for t in range(n):
+        steps.append(tuple(Transfer(PieceId(r, (t + d - r) % n), r, d)
+                           for r in range(w) for d in range(w) if d != r))
+    return Routing("direct", w, split_even(local_len, n), tuple(steps), grad_route="direct",
+                   buffer_budget=2.0, comm="a2a")

@@ -1,0 +1,36 @@
+"""``hamilton``: each rank's KV is cut into W-1 pieces; piece c travels along the c-th of
+W-1 arc-disjoint directed Hamiltonian cycles of the complete graph (Hamilton Attention).
+Every step each rank sends W-1 pieces to W-1 different peers, so every link of a fully
+connected machine is busy at every step, instead of one link per rank in a ring.
+dK/dV follow their pieces round the cycle and come home on its last arc."""
+
+from .ir import PieceId, Routing, Transfer, split_even
+
+
+def cycle_routing(name: str, world_size: int, local_len: int, cycles: list[list[int]],
+                  **kw) -> Routing:
+    """Piece c of every rank travels once round ``cycles[c]`` (each a Hamiltonian cycle)."""
+    w = world_size
+    succ = [{c[i]: c[(i + 1) % w] for i in range(w)} for c in cycles]
+    pred = [{v: k for k, v in s.items()} for s in succ]
+    steps = []
+    for s in range(w - 1):
+        step = []
+        for r in range(w):
+            for c in range(len(cycles)):
+                owner = r
+                for _ in range(s):
+                    owner = pred[c][owner]
+                step.append(Transfer(PieceId(owner, c), r, succ[c][r]))
+        steps.append(tuple(step))
+    return Routing(name, w, split_even(local_len, len(cycles)), tuple(steps),
+                   grad_route="follow", buffer_budget=2.0, **kw)
+
+
+def hamilton(world_size: int, local_len: int) -> Routing:
+    if world_size == 1:
+        return Routing("hamilton", 1, split_even(local_len, 1), ())
+    from ..topology import hamiltonian_decomposition
+
+    return cycle_routing("hamilton", world_size, local_len,
+                         hamiltonian_decomposition(world_size), comm="a2a")

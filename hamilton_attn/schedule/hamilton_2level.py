@@ -1,0 +1,24 @@
+"""``hamilton_2level``: on u nodes of m devices, m Hamiltonian cycles over all m*u devices
+built from each node's Walecki paths joined across nodes, so each device makes m-1
+intra-node sends and exactly one inter-node send per step (one NIC per device busy,
+all NVLink/NVSwitch ports busy). Each rank's KV is cut into m pieces, piece c rides
+cycle c."""
+
+import os
+
+from .hamilton import cycle_routing
+from .ir import Routing
+
+
+def hamilton_2level(world_size: int, local_len: int, node_size: int | None = None) -> Routing:
+    m = node_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    if m is None:
+        raise ValueError("node_size: hamilton_2level needs the devices per node (pass "
+                         "node_size=, or run under torchrun so LOCAL_WORLD_SIZE is set)")
+    if world_size % m or world_size // m < 2:
+        raise ValueError(f"node_size: {m} must divide the world size {world_size} into at "
+                         "least 2 nodes")
+    from ..topology import two_level_cycles
+
+    cycles = two_level_cycles(world_size // m, m)
+    return cycle_routing("hamilton_2level", world_size, local_len, cycles, comm="p2p")
