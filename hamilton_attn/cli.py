@@ -1,4 +1,4 @@
-"""Command line: ``hamilton-attn demo | verify``."""
+"""Command line: ``hamilton-attn demo | verify | bench``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,24 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="every local backend here vs the reference")
     v.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     v.add_argument("--seqlen", type=int, default=97)
+    b = sub.add_parser("bench", help="schedules vs one device and PyTorch's context_parallel")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    b.add_argument("--world-size", type=int, default=None)
+    b.add_argument("--schedules", nargs="+", default=["ring", "bidi_ring", "allgather"])
+    b.add_argument("--dispatches", nargs="+", default=["zigzag"])
+    b.add_argument("--masks", nargs="+", default=["causal", "full", "docs"])
+    b.add_argument("--tokens-per-device", type=int, nargs="+", default=[16384])
+    b.add_argument("--heads", type=int, default=32)
+    b.add_argument("--kv-heads", type=int, default=None)
+    b.add_argument("--head-dim", type=int, default=128)
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--node-size", type=int, default=None, help="for hamilton_2level")
+    b.add_argument("--no-torch-cp", action="store_true")
+    b.add_argument("--out", default="benchmarks/results")
+    b.add_argument("--name", default=None, help="file stem under --out")
+    b.add_argument("--plot", default=None, help="PNG of efficiency against sequence length")
     return p
 
 
@@ -36,6 +54,10 @@ def main(argv=None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         print(f"hamilton-attn verify on {device}")
         return 0 if run_verify(device, seqlen=args.seqlen) else 1
+    if args.cmd == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args)
     return 2
 
 

@@ -1,0 +1,352 @@
+"""``hamilton-attn bench``: our schedules beside one device and PyTorch's context_parallel.
+
+For each mask x tokens-per-device, in one run on W ranks: (a) ``attention`` on one
+device over the whole problem, (b) PyTorch's ``context_parallel`` (cuDNN SDPA, load
+balancing on for causal, off for full) where it applies, (c) each schedule x dispatch.
+Forward and forward+backward, timed with device events after warm-up, median of
+repeats, slowest rank. Reports TF/s per device (visible pairs only: 4*B*H*D*area,
+x2.5 for backward), efficiency = T(one device) / (W x T(W devices)), the ratio to
+PyTorch's time, and peak forward memory per device against the ideal (local q, k, v,
+out, lse and two KV buffers).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .masks import Mask
+
+
+def bench_masks(seqlen: int, names) -> dict[str, Mask]:
+    out = {}
+    for name in names:
+        if name == "causal":
+            out[name] = Mask.causal(seqlen)
+        elif name == "full":
+            out[name] = Mask.full(seqlen)
+        elif name == "docs":
+            out[name] = Mask.varlen(doc_boundaries(seqlen), causal=True)
+        elif name == "window":
+            out[name] = Mask.sliding_window(seqlen, (max(1, seqlen // 8), 0))
+        else:
+            raise ValueError(f"masks: unknown mask {name!r} (causal, full, docs, window)")
+    return out
+
+
+def doc_boundaries(seqlen: int, seed: int = 0) -> list[int]:
+    """Packed documents with long-tailed (log-normal, sigma 1) lengths, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    cu = [0]
+    while cu[-1] < seqlen:
+        n = int(torch.empty(1).log_normal_(mean=0.0, std=1.0, generator=g).item() * seqlen / 20)
+        cu.append(min(seqlen, cu[-1] + max(16, n)))
+    return cu
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_fn(fn, dev, *, warmup: int, repeats: int, group=None) -> float:
+    """Median milliseconds of ``fn`` on this rank (slowest rank if ``group``)."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        if group is not None:
+            dist.barrier(group)
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    med = statistics.median(times)
+    if group is not None:
+        t = torch.tensor([med], dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        med = t.item()
+    return med
+
+
+def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats):
+    """PyTorch's context_parallel (cuDNN), or None where it does not apply."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        from torch.distributed.tensor.experimental._context_parallel._attention import _cp_options
+    except ImportError:
+        from torch.distributed.tensor.experimental._attention import _cp_options
+    import torch.distributed as dist
+
+    _cp_options.enable_load_balance = causal
+    ranks = dist.get_process_group_ranks(ctx.group)
+    mesh = DeviceMesh(dev.type, ranks)
+    qq, kk, vv, gg = (t.transpose(1, 2).contiguous() for t in (q, k, v, g))  # bhsd
+    backend = SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH
+    res = {}
+    with context_parallel(mesh, buffers=[qq, kk, vv, gg], buffer_seq_dims=[2, 2, 2, 2]):
+        def fwd():
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
+
+        def fwd_bwd():
+            with sdpa_kernel([backend]):
+                a, b, c = (t.detach().requires_grad_() for t in (qq, kk, vv))
+                F.scaled_dot_product_attention(a, b, c, is_causal=causal).backward(gg)
+
+        res["fwd"] = time_fn(fwd, dev, warmup=warmup, repeats=repeats, group=ctx.group)
+        res["fwd_bwd"] = time_fn(fwd_bwd, dev, warmup=warmup, repeats=repeats, group=ctx.group)
+    return res
+
+
+def run_rank(ctx, cfg: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    import hamilton_attn as ha
+
+    dev = torch.device("cuda", ctx.rank) if cfg["device"] == "cuda" else torch.device("cpu")
+    dtype = getattr(torch, cfg["dtype"])
+    w = ctx.world_size
+    hq, hk, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    warmup, repeats = cfg["warmup"], cfg["repeats"]
+    rows = []
+    cases = [(n, mname) for n in cfg["tokens_per_device"] for mname in cfg["masks"]]
+    total = len(cases) * (2 + len(cfg["schedules"]) * len(cfg["dispatches"]))
+    done = 0
+
+    def progress(label):
+        nonlocal done
+        done += 1
+        if ctx.rank == 0 and cfg.get("progress", True):
+            bar = "#" * (30 * done // total)
+            print(f"\r[{bar:<30}] {done}/{total} {label:<40}", end="", file=sys.stderr,
+                  flush=True)
+
+    for n, mname in cases:
+        s = n * w
+        mask = bench_masks(s, [mname])[mname]
+        area = mask.area()
+        flops_f = 4 * hq * d * area  # B = 1
+        gen = torch.Generator().manual_seed(0)
+        q, k, v, g = (torch.randn(1, s, h, d, generator=gen).to(dev, dtype)
+                      for h in (hq, hk, hk, hq))
+        base = {"mask": mname, "tokens_per_device": n, "seqlen": s, "world_size": w}
+        # (a) one device, the whole problem (rank 0; the others wait at the barrier).
+        one = {}
+        if ctx.rank == 0:
+            def one_fwd():
+                ha.attention(q, k, v, mask)
+
+            def one_fwd_bwd():
+                a, b, c = (t.detach().requires_grad_() for t in (q, k, v))
+                ha.attention(a, b, c, mask).backward(g)
+
+            one["fwd"] = time_fn(one_fwd, dev, warmup=warmup, repeats=repeats)
+            one["fwd_bwd"] = time_fn(one_fwd_bwd, dev, warmup=warmup, repeats=repeats)
+        t1 = torch.tensor([one.get("fwd", 0.0), one.get("fwd_bwd", 0.0)], dtype=torch.float64,
+                          device=dev)
+        dist.broadcast(t1, dist.get_global_rank(ctx.group, 0), group=ctx.group)
+        one = {"fwd": t1[0].item(), "fwd_bwd": t1[1].item()}
+        progress(f"{mname} {n}: one device")
+        rows.append(dict(base, impl="one device", schedule="-", dispatch="-", **_rates(
+            one, one, flops_f, 1), peak_mem_ratio=None))
+        # (b) PyTorch's context parallel.
+        tcp = None
+        if mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
+            try:
+                tcp = _torch_cp_times(ctx, dev, q, k, v, g, mname == "causal", warmup, repeats)
+                rows.append(dict(base, impl="torch context_parallel", schedule="ring (torch)",
+                                 dispatch="load-balanced" if mname == "causal" else "contiguous",
+                                 **_rates(tcp, one, flops_f, w), peak_mem_ratio=None))
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                rows.append(dict(base, impl="torch context_parallel", schedule="ring (torch)",
+                                 dispatch="-", error=f"{type(err).__name__}: {str(err)[:120]}"))
+        progress(f"{mname} {n}: torch context_parallel")
+        # (c) our schedules.
+        for sched in cfg["schedules"]:
+            for disp in cfg["dispatches"]:
+                label = f"{mname} {n}: {sched}/{disp}"
+                try:
+                    p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp,
+                                **({"node_size": cfg["node_size"]}
+                                   if sched == "hamilton_2level" else {}))
+                except ValueError as err:
+                    rows.append(dict(base, impl="hamilton-attn", schedule=sched, dispatch=disp,
+                                     error=str(err)[:120]))
+                    progress(label)
+                    continue
+                ql, kl, vl, gl = (ha.dispatch(t, p) for t in (q, k, v, g))
+                ha.calc_attn(ql, kl, vl, p)  # first call: cross-rank checks, warm caches
+
+                def fwd():
+                    ha.calc_attn(ql, kl, vl, p)
+
+                def fwd_bwd():
+                    a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
+                    ha.calc_attn(a, b, c, p).backward(gl)
+
+                ours = {"fwd": time_fn(fwd, dev, warmup=warmup, repeats=repeats, group=ctx.group),
+                        "fwd_bwd": time_fn(fwd_bwd, dev, warmup=warmup, repeats=repeats,
+                                           group=ctx.group)}
+                mem = _peak_mem_ratio(fwd, dev, ql, kl, vl, p) if dev.type == "cuda" else None
+                row = dict(base, impl="hamilton-attn", schedule=sched, dispatch=disp,
+                           **_rates(ours, one, flops_f, w), peak_mem_ratio=mem,
+                           bytes_sent_per_rank=max(p.report.sent_tokens) * 2 * hk * d
+                           * q.element_size())
+                if tcp:
+                    row["vs_torch_fwd"] = tcp["fwd"] / ours["fwd"]
+                    row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / ours["fwd_bwd"]
+                rows.append(row)
+                progress(label)
+        del q, k, v, g
+    if ctx.rank == 0 and cfg.get("progress", True):
+        print(file=sys.stderr)
+    return rows
+
+
+def _rates(t: dict, one: dict, flops_f: float, w: int) -> dict:
+    return {"fwd_ms": t["fwd"], "fwd_bwd_ms": t["fwd_bwd"],
+            "tflops_fwd": flops_f / (w * t["fwd"] * 1e-3) / 1e12,
+            "tflops_fwd_bwd": 3.5 * flops_f / (w * t["fwd_bwd"] * 1e-3) / 1e12,
+            "eff_fwd": one["fwd"] / (w * t["fwd"]), "eff_fwd_bwd": one["fwd_bwd"] / (w * t["fwd_bwd"])}
+
+
+def _peak_mem_ratio(fwd, dev, ql, kl, vl, p) -> float:
+    """Peak memory of one forward (inputs included) over the ideal: local q, k, v, out,
+    lse and two KV buffers."""
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    fwd()
+    torch.cuda.synchronize(dev)
+    extra = torch.cuda.max_memory_allocated(dev) - base
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    inputs = nbytes(ql) + nbytes(kl) + nbytes(vl)
+    ideal = inputs + nbytes(ql) + ql.shape[0] * ql.shape[2] * ql.shape[1] * 4 \
+        + 2 * (nbytes(kl) + nbytes(vl))
+    return (inputs + extra) / ideal
+
+
+HEADER = ("mask", "tok/dev", "impl", "schedule", "dispatch", "fwd ms", "fwd+bwd ms",
+          "TF/s/dev fwd", "TF/s/dev f+b", "eff fwd", "eff f+b", "vs torch fwd", "vs torch f+b",
+          "peak mem")
+
+
+def table(rows) -> str:
+    from .verify_cli import format_table
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append((r["mask"], r["tokens_per_device"], r["impl"], r["schedule"],
+                         r["dispatch"], "error: " + r["error"][:60], *["-"] * 8))
+            continue
+        body.append((r["mask"], r["tokens_per_device"], r["impl"], r["schedule"], r["dispatch"],
+                     f(r["fwd_ms"], ".2f"), f(r["fwd_bwd_ms"], ".2f"), f(r["tflops_fwd"], ".0f"),
+                     f(r["tflops_fwd_bwd"], ".0f"), f(r["eff_fwd"], ".3f"),
+                     f(r["eff_fwd_bwd"], ".3f"), f(r.get("vs_torch_fwd"), ".2f"),
+                     f(r.get("vs_torch_fwd_bwd"), ".2f"), f(r.get("peak_mem_ratio"), ".2f")))
+    return format_table(HEADER, body)
+
+
+def main(args, printer=print) -> int:
+    from .testing import GlooPool
+
+    cfg = {
+        "device": args.device, "dtype": args.dtype or ("bfloat16" if args.device == "cuda"
+                                                       else "float32"),
+        "heads": args.heads, "kv_heads": args.kv_heads or args.heads, "head_dim": args.head_dim,
+        "tokens_per_device": args.tokens_per_device, "masks": args.masks,
+        "schedules": args.schedules, "dispatches": args.dispatches, "warmup": args.warmup,
+        "repeats": args.repeats, "torch_cp": not args.no_torch_cp, "node_size": args.node_size,
+    }
+    w = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    t0 = time.time()
+    with GlooPool(w, backend=backend, timeout_s=600) as pool:
+        rows = pool.run(run_rank, w, cfg)[0]
+        hw = pool.run(_hardware, 1, args.device)[0]
+    text = table(rows)
+    printer(text)
+    meta = {"hardware": hw, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "command": "hamilton-attn " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__, "world_size": w, "config": cfg,
+        "seconds": round(time.time() - t0, 1)}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, args.name or f"bench_{hw['kind']}_W{w}")
+        with open(stem + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(f"# hamilton-attn bench\n\n- hardware: {hw['name']} x {w}\n"
+                    f"- date: {meta['date']}\n- command: `{meta['command']}`\n"
+                    f"- torch {meta['torch']}, {cfg['dtype']}, heads {cfg['heads']}/"
+                    f"{cfg['kv_heads']}, head dim {cfg['head_dim']}, batch 1\n"
+                    f"- efficiency = T(one device) / (W x T); TF/s count visible pairs only; "
+                    f"peak mem = forward peak / (local q,k,v,out,lse + 2 KV buffers)\n\n")
+            f.write(text + "\n")
+        printer(f"wrote {stem}.json and {stem}.md")
+    if args.plot:
+        plot_efficiency(rows, args.plot)
+        printer(f"wrote {args.plot}")
+    return 0 if all("error" not in r for r in rows if r["impl"] == "hamilton-attn") else 1
+
+
+def _hardware(ctx, device):
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        kind = "H200" if "H200" in name else ("H100" if "H100" in name else name.split()[-1])
+    else:
+        name, kind = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "cpu"
+    return {"name": name, "kind": kind}
+
+
+def plot_efficiency(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("eff_fwd", "eff_fwd_bwd")):
+        series: dict[str, list] = {}
+        for r in rows:
+            if "error" in r or r["impl"] == "one device":
+                continue
+            label = f"{r['mask']} {r['schedule']}/{r['dispatch']}"
+            series.setdefault(label, []).append((r["seqlen"], r[key]))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("total tokens")
+        ax.set_ylabel("efficiency " + ("forward" if key == "eff_fwd" else "forward+backward"))
+        ax.set_ylim(0, 1.1)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
