@@ -1,0 +1,550 @@
+"""Dense attention through torch's aten SDPA ops that return the log-sum-exp.
+
+This is the one place in the project that calls those private aten ops (public
+``F.scaled_dot_product_attention`` does not return lse, which a context-parallel
+merge needs). Their signatures are checked for torch 2.11 - 2.13; older torch is
+refused with a clear error.
+
+Ops, by device (``bhsd`` tensors; ``lse`` natural log, ``[B, H, S]`` after this
+module's normalisation, float32, float64 for float64 inputs):
+
+- ``cudnn``: ``_scaled_dot_product_cudnn_attention`` (+ ``_backward``); fp16 / bf16;
+  GQA native; lse returned as ``[B, H, S, 1]``.
+- ``flash``: ``_scaled_dot_product_flash_attention`` (+ ``_backward``); fp16 / bf16;
+  GQA native; lse ``[B, H, S]``.
+- ``efficient``: ``_scaled_dot_product_efficient_attention`` (+ ``_backward``); fp32,
+  fp16, bf16; K/V heads expanded for GQA; lse padded to a multiple of 32 rows.
+- ``cpu_flash``: ``_scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``);
+  fp64, fp32, fp16, bf16; GQA native (checked on torch 2.11 and 2.13).
+
+Causal alignment differs when ``Lq != Lk``: flash is bottom-right aligned (this
+project's convention), cudnn / efficient / cpu_flash are top-left aligned. This
+module therefore never hands a *rectangular* causal call to a top-left op: such a
+piece is split into a FULL call over its first ``Lk - Lq`` keys plus a square
+causal call over the last ``Lq`` keys (square causal is the same under both
+alignments), and the two are merged. cuDNN keeps such a piece on Hopper because it
+runs at about twice flash's rate (GPU_FACTS) and the extra merge is one memory-bound
+pass over the rows (not yet timed against one flash call).
+
+A mask runs here when ``mask.dense_pieces()`` is not None (every band is FULL or
+bottom-right CAUSAL) and has at most :data:`MAX_PIECES` pieces. One piece covering
+every row (full, square causal, bottom-right causal on flash) is one op call with no
+copy and no merge; otherwise calls run on row/column slices, and calls that share rows
+are merged with :func:`hamilton_attn.merge.merge_` in float32
+(float64 for float64 inputs). Rows that no piece covers get out 0 and lse -inf.
+
+Op choice per call (:func:`choose_op`), first that applies:
+
+1. ``force_op`` given to :class:`SdpaKernel`: that op or nothing (tests, benchmarks).
+2. CPU: ``cpu_flash``.
+3. fp16 / bf16 on compute capability 9.x (Hopper), cuDNN built and enabled, head
+   dim within cuDNN's limit, ``Lk > 1``: ``cudnn`` (about 2x flash, GPU_FACTS).
+4. fp16 / bf16 on sm80+ with flash built and enabled: ``flash``.
+5. fp32 / fp16 / bf16 with the memory-efficient op enabled: ``efficient``.
+
+The ``torch.backends.cuda.enable_{cudnn,flash,mem_efficient}_sdp`` switches (and the
+``sdpa_kernel`` context manager) are honoured. float64 on GPU is not supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import Mask
+from ..merge import acc_dtype, merge_
+from .base import AttentionKernel, check_block, empty_result, expand_kv, lse_dtype, reduce_kv_grad
+
+MIN_TORCH = (2, 11)
+MAX_PIECES = 8
+
+CUDNN, FLASH, EFFICIENT, CPU_FLASH = "cudnn", "flash", "efficient", "cpu_flash"
+OPS = (CUDNN, FLASH, EFFICIENT, CPU_FLASH)
+# Ops whose is_causal is top-left aligned when Lq != Lk (torch SDPA's rule).
+_TOP_LEFT = frozenset({CUDNN, EFFICIENT, CPU_FLASH})
+
+# Compare the release numbers only, so pre-release builds (2.11.0a0+..., NGC) pass.
+_TORCH_OK = (
+    tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()) >= MIN_TORCH
+)
+_MIN_TORCH_STR = ".".join(map(str, MIN_TORCH))
+_aten = torch.ops.aten
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _require_torch() -> None:
+    if not _TORCH_OK:
+        raise RuntimeError(
+            f"sdpa backend: needs torch >= {_MIN_TORCH_STR} (the aten SDPA ops that return lse "
+            f"changed signature before it), found torch {torch.__version__}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Op choice
+# ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _cudnn_head_dim_limit(cc: tuple[int, int]) -> int:
+    # torch's own gate (sdp_utils.cpp): 256 on sm90 with cuDNN >= 9.10, else 128.
+    version = torch.backends.cudnn.version() or 0
+    return 256 if cc == (9, 0) and version >= 91000 else 128
+
+
+def _switches() -> tuple[bool, bool, bool]:
+    """The user's SDPA backend switches (cudnn, flash, efficient)."""
+    cuda = torch.backends.cuda
+    return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+
+
+def _op_supports(
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    seqlen_k: int,
+    switches: tuple[bool, bool, bool],
+) -> bool:
+    if op == CPU_FLASH:
+        return device.type == "cpu" and dtype in (torch.float64, torch.float32, *_HALF)
+    if device.type != "cuda":
+        return False
+    cc = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    use_cudnn, use_flash, use_efficient = switches
+    if op == CUDNN:
+        return (
+            use_cudnn
+            and dtype in _HALF
+            and cc[0] >= 8
+            and torch.backends.cudnn.is_available()
+            and (torch.backends.cudnn.version() or 0) >= 90000
+            and head_dim % 8 == 0
+            and head_dim <= _cudnn_head_dim_limit(cc)
+            and seqlen_k > 1
+        )  # cuDNN SDPA refuses a single key
+    if op == FLASH:
+        return (
+            use_flash
+            and dtype in _HALF
+            and cc[0] >= 8
+            and torch.backends.cuda.is_flash_attention_available()
+            and head_dim % 8 == 0
+            and head_dim <= 256
+        )
+    if op == EFFICIENT:
+        if dtype not in (torch.float32, *_HALF):
+            return False
+        align = 16 // (torch.finfo(dtype).bits // 8)  # 16-byte rows, as torch's own gate
+        return use_efficient and cc[0] >= 5 and head_dim % align == 0 and head_dim <= 256
+    return False
+
+
+def choose_op(
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    seqlen_k: int,
+    force_op: str | None = None,
+    switches: tuple[bool, bool, bool] | None = None,
+) -> str | None:
+    """The aten op for one call of ``seqlen_k`` keys, or None if none can run it.
+
+    Rule (see the module docstring): ``force_op`` if given; CPU -> cpu_flash; half
+    precision on Hopper -> cudnn; half precision on sm80+ -> flash; else efficient.
+    """
+    switches = _switches() if switches is None else switches
+    if force_op is not None:
+        return (
+            force_op
+            if _op_supports(force_op, device, dtype, head_dim, seqlen_k, switches)
+            else None
+        )
+    if device.type == "cpu":
+        order = (CPU_FLASH,)
+    else:
+        cc = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        order = (CUDNN, FLASH, EFFICIENT) if cc[0] == 9 else (FLASH, EFFICIENT)
+    for op in order:
+        if _op_supports(op, device, dtype, head_dim, seqlen_k, switches):
+            return op
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One aten op call: rows ``[q0, q1)`` against keys ``[k0, k1)``; a causal call is
+    bottom-right aligned and, for a top-left op, always square."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+    op: str
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_calls(
+    mask: Mask,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    force_op: str | None,
+    switches: tuple[bool, bool, bool],
+    max_pieces: int = MAX_PIECES,
+) -> tuple[Call, ...] | str:
+    """The op calls that run ``mask``, or a string saying why this backend cannot."""
+    pieces = mask.dense_pieces()
+    if pieces is None:
+        return (
+            "the mask has a band with a lower diagonal bound (sliding window or "
+            "inv_causal), which dense SDPA ops cannot run"
+        )
+    if len(pieces) > max_pieces:
+        return (
+            f"the mask splits into {len(pieces)} dense pieces, more than {max_pieces} "
+            "(many packed documents belong to flex)"
+        )
+    calls: list[Call] = []
+    for q0, q1, k0, k1, causal in pieces:
+        op = choose_op(device, dtype, head_dim, k1 - k0, force_op, switches)
+        if op is None:
+            return _no_op_reason(device, dtype, head_dim, k1 - k0, force_op)
+        if causal and (k1 - k0) != (q1 - q0) and op in _TOP_LEFT:
+            # Bottom-right causal on a top-left op: FULL over the keys every row sees,
+            # then a square causal block (alignment-free).
+            split = k1 - (q1 - q0)
+            for a, b, c in ((k0, split, False), (split, k1, True)):
+                sub = choose_op(device, dtype, head_dim, b - a, force_op, switches)
+                if sub is None:
+                    return _no_op_reason(device, dtype, head_dim, b - a, force_op)
+                calls.append(Call(q0, q1, a, b, c, sub))
+        else:
+            calls.append(Call(q0, q1, k0, k1, causal, op))
+    return tuple(calls)
+
+
+def _no_op_reason(device, dtype, head_dim, seqlen_k, force_op) -> str:
+    what = f"op {force_op!r}" if force_op else "no SDPA op"
+    return (
+        f"{what} can run dtype {dtype} with head dim {head_dim} and {seqlen_k} keys on "
+        f"{device} (GPU ops: fp16/bf16/fp32, head dim a multiple of 8 up to 256; the "
+        "torch.backends.cuda SDPA switches are honoured)"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Per-op forward / backward on one call. q/k/v are bhsd views; returns out in q.dtype
+# and lse [B, H, Lq] in lse_dtype(q.dtype) (the GPU ops only see float32 lse).
+# ---------------------------------------------------------------------------------------
+
+# What each GPU op's forward returned for its philox seed/offset and the rank of the
+# cuDNN lse, reused by the backward exactly as torch's autograd formula would. With
+# dropout 0 the backward never reads the philox tensors.
+_RNG: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_CUDNN_LSE_RANK: dict[torch.device, int] = {}
+
+
+def _rng(op: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    state = _RNG.get((op, device))
+    if state is None:
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        state = (zero, zero)
+    return state
+
+
+def _forward_call(op: str, q, k, v, causal: bool, scale: float):
+    lq = q.shape[2]
+    if op == CPU_FLASH:
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale
+        )
+        return out, lse.to(lse_dtype(q.dtype))  # already float64 for float64 inputs
+    if op == CUDNN:
+        r = _aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+        _RNG[(op, q.device)] = (r[6], r[7])
+        _CUDNN_LSE_RANK[q.device] = r[1].dim()
+        lse = r[1].squeeze(-1) if r[1].dim() == 4 else r[1]  # [B, H, S, 1] on torch 2.11-2.13
+        return r[0], lse.float()
+    if op == FLASH:
+        r = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        _RNG[(op, q.device)] = (r[6], r[7])
+        return r[0], r[1].float()
+    if op == EFFICIENT:
+        hq = q.shape[1]
+        r = _aten._scaled_dot_product_efficient_attention(
+            q, expand_kv(k, hq), expand_kv(v, hq), None, True, 0.0, causal, scale=scale
+        )
+        _RNG[(op, q.device)] = (r[2], r[3])
+        return r[0], r[1][:, :, :lq].float()  # lse is padded to a multiple of 32 rows
+    raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+
+
+def _backward_call(op: str, dout, q, k, v, out, lse, causal: bool, scale: float):
+    """Gradients of one call given the (possibly merged) ``out`` / ``lse`` of its rows."""
+    lq, lk = q.shape[2], k.shape[2]
+    if op == CPU_FLASH:
+        lse_in = lse.to(lse_dtype(q.dtype))  # the op wants float64 lse for float64 q
+        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse_in, 0.0, causal, scale=scale
+        )
+    if op == CUDNN:
+        lse_in = lse.contiguous()
+        if _CUDNN_LSE_RANK.get(q.device, 4) == 4:
+            lse_in = lse_in.unsqueeze(-1)
+        if out.stride() != dout.stride():
+            # Older cuDNN assumes dO has O's strides; make both plain bhsd.
+            out, dout = out.contiguous(), dout.contiguous()
+        seed, offset = _rng(op, q.device)
+        r = _aten._scaled_dot_product_cudnn_attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse_in,
+            seed,
+            offset,
+            None,
+            None,
+            None,
+            lq,
+            lk,
+            0.0,
+            causal,
+            scale=scale,
+        )
+        return r[0], r[1], r[2]
+    if op == FLASH:
+        seed, offset = _rng(op, q.device)
+        return _aten._scaled_dot_product_flash_attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse.contiguous(),
+            None,
+            None,
+            lq,
+            lk,
+            0.0,
+            causal,
+            seed,
+            offset,
+            scale=scale,
+        )
+    if op == EFFICIENT:
+        hq, hk = q.shape[1], k.shape[1]
+        b, h, _ = lse.shape
+        # The kernel reads O with a fixed row stride of H * D (BMHK memory), and lse with
+        # the forward's padding of the row count to a multiple of 32.
+        out_e = out.transpose(1, 2).contiguous().transpose(1, 2)
+        lse_pad = torch.full(
+            (b, h, 32 * math.ceil(lq / 32)), float("inf"), dtype=torch.float32, device=lse.device
+        )
+        lse_pad[:, :, :lq] = lse
+        seed, offset = _rng(op, q.device)
+        r = _aten._scaled_dot_product_efficient_attention_backward(
+            dout,
+            q,
+            expand_kv(k, hq),
+            expand_kv(v, hq),
+            None,
+            out_e,
+            lse_pad,
+            seed,
+            offset,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
+        )
+        return r[0], reduce_kv_grad(r[1], hk), reduce_kv_grad(r[2], hk)
+    raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+
+
+def _disjoint(ranges: list[tuple[int, int]]) -> bool:
+    ranges = sorted(ranges)
+    return all(a1 <= b0 for (_, a1), (b0, _) in zip(ranges, ranges[1:]))
+
+
+def _overlaps(r: tuple[int, int], seen: list[tuple[int, int]]) -> bool:
+    return any(r[0] < b and a < r[1] for a, b in seen)
+
+
+def _gather(parts, shape, device, ranges, like_dtype):
+    """Place per-call gradients ``parts`` (slices ``ranges`` of dim 2) into one tensor:
+    copies if the ranges are disjoint, else a sum in the accumulator dtype."""
+    if _disjoint(ranges):
+        buf = torch.zeros(shape, dtype=like_dtype, device=device)
+        for (a, b), g in zip(ranges, parts):
+            buf[:, :, a:b] = g
+        return buf
+    buf = torch.zeros(shape, dtype=acc_dtype(like_dtype), device=device)
+    for (a, b), g in zip(ranges, parts):
+        buf[:, :, a:b] += g.to(buf.dtype)
+    return buf.to(like_dtype)
+
+
+class SdpaKernel(AttentionKernel):
+    """FULL / bottom-right CAUSAL pieces on torch's aten SDPA ops (see module docstring).
+
+    Args:
+        force_op: run every call on this op (``cudnn``, ``flash``, ``efficient``,
+            ``cpu_flash``) or refuse the block; None picks per :func:`choose_op`.
+        max_pieces: most dense pieces a mask may have.
+    """
+
+    name = "sdpa"
+
+    def __init__(self, force_op: str | None = None, max_pieces: int = MAX_PIECES):
+        if force_op is not None and force_op not in OPS:
+            raise ValueError(f"force_op: expected one of {OPS} or None, got {force_op!r}")
+        self.force_op = force_op
+        self.max_pieces = max_pieces
+
+    def available(self, device: torch.device) -> bool:
+        return _TORCH_OK and torch.device(device).type in ("cpu", "cuda")
+
+    def _plan(self, q, k, v, mask: Mask) -> tuple[Call, ...] | str:
+        if not _TORCH_OK:
+            return f"needs torch >= {_MIN_TORCH_STR}, found {torch.__version__}"
+        if q.device.type not in ("cpu", "cuda"):
+            return f"runs on cpu and cuda only, got {q.device.type}"
+        if v.shape[-1] != q.shape[-1]:
+            return (
+                f"value head dim {v.shape[-1]} differs from query head dim "
+                f"{q.shape[-1]} (the SDPA ops need them equal)"
+            )
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return "q, k, v need unit stride on the head dim"
+        switches = _switches() if q.is_cuda else (False, False, False)
+        return plan_calls(
+            mask, q.device, q.dtype, q.shape[-1], self.force_op, switches, self.max_pieces
+        )
+
+    def unsupported_reason(self, q, k, v, mask: Mask) -> str | None:
+        plan = self._plan(q, k, v, mask)
+        return plan if isinstance(plan, str) else None
+
+    def calls(self, q, k, v, mask: Mask) -> tuple[Call, ...]:
+        """The op calls for this block; raises ValueError if it cannot run it."""
+        plan = self._plan(q, k, v, mask)
+        if isinstance(plan, str):
+            _require_torch()
+            raise ValueError(f"sdpa backend cannot run this block: {plan}")
+        return plan
+
+    def forward(self, q, k, v, mask: Mask, scale: float):
+        """``(out [B, Hq, Sq, D] in q.dtype, lse [B, Hq, Sq] in lse_dtype(q.dtype))``."""
+        check_block(q, k, v, mask)
+        _require_torch()
+        if mask.is_empty():
+            return empty_result(q, v)
+        calls = self.calls(q, k, v, mask)
+        b, h, sq, _ = q.shape
+        run = [
+            (
+                c,
+                _forward_call(
+                    c.op,
+                    q[:, :, c.q0 : c.q1],
+                    k[:, :, c.k0 : c.k1],
+                    v[:, :, c.k0 : c.k1],
+                    c.causal,
+                    scale,
+                ),
+            )
+            for c in calls
+        ]
+        if len(run) == 1 and (calls[0].q0, calls[0].q1) == (0, sq):
+            return run[0][1]  # fast path: one op call, no copy
+        rows = [(c.q0, c.q1) for c in calls]
+        if _disjoint(rows):
+            out = q.new_zeros(b, h, sq, v.shape[-1])
+            lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+            for c, (o, l) in run:
+                out[:, :, c.q0 : c.q1] = o
+                lse[:, :, c.q0 : c.q1] = l
+            return out, lse
+        adt = acc_dtype(q.dtype)
+        acc_out = torch.zeros(b, h, sq, v.shape[-1], dtype=adt, device=q.device)
+        acc_lse = torch.full((b, h, sq), float("-inf"), dtype=adt, device=q.device)
+        seen: list[tuple[int, int]] = []
+        for c, (o, l) in run:
+            r = (c.q0, c.q1)
+            if _overlaps(r, seen):
+                merge_(acc_out[:, :, c.q0 : c.q1], acc_lse[:, :, c.q0 : c.q1], o, l)
+            else:
+                acc_out[:, :, c.q0 : c.q1] = o
+                acc_lse[:, :, c.q0 : c.q1] = l
+            seen.append(r)
+        return acc_out.to(q.dtype), acc_lse.to(lse_dtype(q.dtype))
+
+    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
+        """This block's share of ``(dq, dk, dv)`` given the (possibly merged) out / lse."""
+        check_block(q, k, v, mask)
+        _require_torch()
+        if mask.is_empty():
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        calls = self.calls(q, k, v, mask)
+        # The ops want out / dout in the inputs' dtype and lse in float32 (float64 on
+        # the CPU op for float64 inputs).
+        out = out if out.dtype == q.dtype else out.to(q.dtype)
+        dout = dout if dout.dtype == q.dtype else dout.to(q.dtype)
+        lse = lse.to(lse_dtype(q.dtype))
+        grads = [
+            _backward_call(
+                c.op,
+                dout[:, :, c.q0 : c.q1],
+                q[:, :, c.q0 : c.q1],
+                k[:, :, c.k0 : c.k1],
+                v[:, :, c.k0 : c.k1],
+                out[:, :, c.q0 : c.q1],
+                lse[:, :, c.q0 : c.q1],
+                c.causal,
+                scale,
+            )
+            for c in calls
+        ]
+        sq, sk = q.shape[2], k.shape[2]
+        if len(calls) == 1 and (calls[0].q0, calls[0].q1, calls[0].k0, calls[0].k1) == (
+            0,
+            sq,
+            0,
+            sk,
+        ):
+            dq, dk, dv = grads[0]
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        rows = [(c.q0, c.q1) for c in calls]
+        cols = [(c.k0, c.k1) for c in calls]
+        dq = _gather([g[0] for g in grads], q.shape, q.device, rows, q.dtype)
+        dk = _gather([g[1] for g in grads], k.shape, k.device, cols, k.dtype)
+        dv = _gather([g[2] for g in grads], v.shape, v.device, cols, v.dtype)
+        return dq, dk, dv
+
+
+__all__ = [
+    "CPU_FLASH",
+    "CUDNN",
+    "Call",
+    "EFFICIENT",
+    "FLASH",
+    "MAX_PIECES",
+    "OPS",
+    "SdpaKernel",
+    "choose_op",
+    "plan_calls",
+]

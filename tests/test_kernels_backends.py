@@ -1,0 +1,402 @@
+"""CPU tests of the ``sdpa`` (CPU flash op) and ``flex`` (eager) backends against the
+``reference`` oracle: every mask builder, odd lengths, GQA / MQA, forward, backward,
+backward fed a merged out / lse, op choice, BlockMask classification, and the
+``--smoke`` run of ``benchmarks/gpu_kernels.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hamilton_attn import attention, merge
+from hamilton_attn.kernels import sdpa as sdpa_mod
+from hamilton_attn.kernels import select_kernel
+from hamilton_attn.kernels.base import lse_dtype
+from hamilton_attn.kernels.flex import FlexKernel, classify_blocks, flex_mask
+from hamilton_attn.kernels.reference import ReferenceKernel
+from hamilton_attn.kernels.sdpa import SdpaKernel, choose_op, plan_calls
+from hamilton_attn.masks import Mask
+
+REF = ReferenceKernel()
+SDPA = SdpaKernel()
+FLEX = FlexKernel(block_size=16)  # small blocks: several blocks even at these sizes
+KERNELS = {"sdpa": SDPA, "flex": FLEX}
+ROOT = Path(__file__).resolve().parents[1]
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+MASKS = {
+    "full_59x97": lambda: Mask.full(59, 97),
+    "full_97x59": lambda: Mask.full(97, 59),
+    "causal_97": lambda: Mask.causal(97),
+    "causal_59x97": lambda: Mask.causal(59, 97),  # Sq < Sk: bottom-right
+    "causal_97x59": lambda: Mask.causal(97, 59),  # Sq > Sk: first 38 rows see nothing
+    "causal_1x59": lambda: Mask.causal(1, 59),
+    "full_1x1": lambda: Mask.full(1, 1),
+    "varlen_causal": lambda: Mask.varlen([0, 1, 20, 59, 97], causal=True),
+    "varlen_full_qk": lambda: Mask.varlen([0, 10, 30, 59], [0, 40, 50, 97]),
+    "varlen_causal_qk": lambda: Mask.varlen([0, 10, 30, 59], [0, 40, 50, 97], causal=True),
+    "sliding_window": lambda: Mask.sliding_window(97, (8, 0)),
+    "sliding_window_2side": lambda: Mask.sliding_window(59, (5, 3), 97),
+    "block_causal": lambda: Mask.block_causal(97, 16),
+    "prefix_lm": lambda: Mask.prefix_lm(97, 20),
+    "shared_question": lambda: Mask.shared_question(20, [10, 30, 7]),
+    "overlapping_rects": lambda: Mask.from_ranges(
+        [(0, 30), (10, 50), (5, 59)],
+        [(0, 40), (20, 59), (50, 59)],
+        ["full", "causal", "inv_causal"],
+        59,
+        59,
+    ),
+    "rows_see_nothing": lambda: Mask.from_ranges(
+        [(5, 20), (40, 59)], [(0, 30), (10, 59)], ["causal", "full"], 59, 59
+    ),
+}
+SDPA_REFUSES = {"sliding_window", "sliding_window_2side", "overlapping_rects"}
+
+
+def _randn(shape, dtype, gen, layout="bhsd"):
+    b, h, s, d = shape
+    if layout == "bshd":  # a bhsd view of bshd memory, as attention(layout="bshd") passes
+        return torch.randn(b, s, h, d, generator=gen, dtype=dtype).transpose(1, 2)
+    return torch.randn(b, h, s, d, generator=gen, dtype=dtype)
+
+
+def _inputs(mask, hq=4, hk=2, d=16, dtype=torch.float64, seed=0, layout="bhsd", b=2):
+    gen = torch.Generator().manual_seed(seed)
+    sq, sk = mask.shape
+    q = _randn((b, hq, sq, d), dtype, gen, layout)
+    k = _randn((b, hk, sk, d), dtype, gen, layout)
+    v = _randn((b, hk, sk, d), dtype, gen, layout)
+    dout = _randn((b, hq, sq, d), dtype, gen, layout)
+    return q, k, v, dout
+
+
+def _assert_close(got, want, tol, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def _assert_lse(got, want, tol):
+    assert got.dtype == lse_dtype(want.dtype if want.dtype == torch.float64 else torch.float32)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "lse: -inf rows differ"
+    assert torch.isfinite(got[~torch.isneginf(got)]).all()
+    fin = ~torch.isneginf(want)
+    _assert_close(got[fin], want[fin], tol, "lse")
+
+
+def _check_against_reference(kernel, mask, q, k, v, dout, scale=0.3):
+    tol = TOL[q.dtype]
+    out, lse = kernel.forward(q, k, v, mask, scale)
+    out_r, lse_r = REF.forward(q, k, v, mask, scale)
+    _assert_close(out, out_r, tol, "out")
+    _assert_lse(lse, lse_r, tol)
+    empty = torch.isneginf(lse_r)
+    assert (out.masked_select(empty.unsqueeze(-1)) == 0).all(), "rows that see nothing: out != 0"
+    grads = kernel.backward(dout, q, k, v, out, lse, mask, scale)
+    grads_r = REF.backward(dout, q, k, v, out_r, lse_r, mask, scale)
+    for g, gr, name in zip(grads, grads_r, ("dq", "dk", "dv")):
+        _assert_close(g, gr, tol * 4, name)
+    assert (grads[0].masked_select(empty[..., None]) == 0).all(), "dq of rows that see nothing"
+
+
+# ---------------------------------------------------------------------------------------
+# Every mask builder, both backends, float64, GQA 4/2
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_masks_forward_backward(backend, mask_name):
+    mask = MASKS[mask_name]()
+    kernel = KERNELS[backend]
+    q, k, v, dout = _inputs(mask, seed=list(MASKS).index(mask_name))
+    if backend == "sdpa" and mask_name in SDPA_REFUSES:
+        reason = kernel.unsupported_reason(q, k, v, mask)
+        assert isinstance(reason, str) and reason
+        with pytest.raises(ValueError, match="cannot run"):
+            kernel.forward(q, k, v, mask, 0.3)
+        return
+    assert kernel.unsupported_reason(q, k, v, mask) is None
+    _check_against_reference(kernel, mask, q, k, v, dout)
+
+
+# ---------------------------------------------------------------------------------------
+# GQA ratios, MQA, float32, bshd strides
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (8, 2), (4, 1)])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_gqa_ratios(backend, hq, hk):
+    mask = Mask.causal(59, 97)
+    q, k, v, dout = _inputs(mask, hq=hq, hk=hk, seed=hq * 10 + hk)
+    _check_against_reference(KERNELS[backend], mask, q, k, v, dout)
+
+
+@pytest.mark.parametrize("mask_name", ["causal_97", "prefix_lm", "causal_97x59"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_float32_bshd(backend, mask_name):
+    mask = MASKS[mask_name]()
+    q, k, v, dout = _inputs(mask, dtype=torch.float32, layout="bshd", seed=7)
+    assert not q.is_contiguous()
+    _check_against_reference(KERNELS[backend], mask, q, k, v, dout)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_through_attention_autograd(backend):
+    """The public entry point: autograd over the kernel equals autograd over reference."""
+    mask = Mask.varlen([0, 30, 59], causal=True)
+    q, k, v, dout = _inputs(mask, dtype=torch.float64, layout="bhsd", seed=3)
+    results = []
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = attention(*leaves, mask, layout="bhsd", backend=name, return_lse=True)
+        out.backward(dout)
+        results.append((out.detach(), lse, *(t.grad for t in leaves)))
+    for got, want, what in zip(results[0], results[1], ("out", "lse", "dq", "dk", "dv")):
+        _assert_close(got, want, 1e-4, what)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward fed a MERGED out / lse (what a context-parallel executor does)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mask_name",
+    ["causal_59x97", "prefix_lm", "varlen_causal", "sliding_window", "rows_see_nothing"],
+)
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_backward_with_merged_out_lse(backend, mask_name):
+    mask = MASKS[mask_name]()
+    sq, sk = mask.shape
+    q, k, v, dout = _inputs(mask, seed=11)
+    split = sk // 2 + 3
+    blocks = [(0, split), (split, sk)]
+    # Per key block: the backend if it can run the slice, else reference (sliding window
+    # on sdpa); the merged result must not care which kernel made each part.
+    kernel = KERNELS[backend]
+    parts = []
+    for k0, k1 in blocks:
+        m = mask.slice((0, sq), (k0, k1))
+        kb, vb = k[:, :, k0:k1], v[:, :, k0:k1]
+        use = kernel if kernel.unsupported_reason(q, kb, vb, m) is None else REF
+        parts.append((m, kb, vb, use, *use.forward(q, kb, vb, m, 0.3)))
+    out, lse = merge(parts[0][4], parts[0][5], parts[1][4], parts[1][5])
+    out_r, lse_r = REF.forward(q, k, v, mask, 0.3)
+    _assert_close(out, out_r, 1e-10, "merged out")
+    _assert_lse(lse, lse_r, 1e-10)
+    dq = torch.zeros_like(q)
+    dks, dvs = [], []
+    for m, kb, vb, use, _, _ in parts:
+        g = use.backward(dout, q, kb, vb, out, lse, m, 0.3)
+        dq += g[0]
+        dks.append(g[1])
+        dvs.append(g[2])
+    grads_r = REF.backward(dout, q, k, v, out_r, lse_r, mask, 0.3)
+    for got, want, name in zip(
+        (dq, torch.cat(dks, 2), torch.cat(dvs, 2)), grads_r, ("dq", "dk", "dv")
+    ):
+        _assert_close(got, want, 1e-9, name)
+
+
+# ---------------------------------------------------------------------------------------
+# unsupported_reason, op choice, call planning
+# ---------------------------------------------------------------------------------------
+
+
+def test_sdpa_unsupported_reasons():
+    causal = Mask.causal(59)
+    q, k, v, _ = _inputs(causal)
+    assert SDPA.unsupported_reason(q, k, v, causal) is None
+    window = Mask.sliding_window(59, (4, 0))
+    assert "lower diagonal" in SDPA.unsupported_reason(q, k, v, window)
+    many_docs = Mask.varlen(list(range(0, 60, 5)) + [59], causal=True)  # 12 documents
+    assert "pieces" in SDPA.unsupported_reason(q, k, v, many_docs)
+    assert SdpaKernel(max_pieces=12).unsupported_reason(q, k, v, many_docs) is None
+    v_wide = torch.randn(2, 2, 59, 24, dtype=torch.float64)
+    assert "head dim" in SDPA.unsupported_reason(q, k, v_wide, causal)
+    assert "'cudnn'" in SdpaKernel(force_op="cudnn").unsupported_reason(q, k, v, causal)
+    with pytest.raises(ValueError, match="force_op"):
+        SdpaKernel(force_op="bogus")
+    # An empty mask is trivially supported: out 0, lse -inf, zero gradients.
+    empty = Mask([], 59, 59)
+    assert SDPA.unsupported_reason(q, k, v, empty) is None
+    out, lse = SDPA.forward(q, k, v, empty, 0.3)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    assert all((g == 0).all() for g in SDPA.backward(q, q, k, v, out, lse, empty, 0.3))
+
+
+def test_flex_unsupported_reasons():
+    mask = Mask.sliding_window(59, (4, 0))
+    q, k, v, _ = _inputs(mask)
+    assert FLEX.unsupported_reason(q, k, v, mask) is None
+    qi = torch.zeros(2, 4, 59, 16, dtype=torch.int32)
+    assert "dtype" in FLEX.unsupported_reason(qi, qi[:, :2], qi[:, :2], mask)
+    # Many key intervals in one row (a comb) exceed the unrolled mask_mod.
+    comb = Mask.from_ranges([(0, 8)] * 20, [(4 * i, 4 * i + 2) for i in range(20)], "full", 8, 80)
+    qc, kc, vc, _ = _inputs(comb)
+    assert "intervals" in FLEX.unsupported_reason(qc, kc, vc, comb)
+    with pytest.raises(ValueError, match="cannot run"):
+        FLEX.forward(qc, kc, vc, comb, 0.3)
+
+
+def test_auto_selection_on_cpu():
+    q, k, v, _ = _inputs(Mask.causal(59))
+    assert select_kernel("auto", q, k, v, Mask.causal(59)).name == "sdpa"
+    assert select_kernel("auto", q, k, v, Mask.sliding_window(59, (4, 0))).name == "reference"
+    assert select_kernel("flex", q, k, v, Mask.sliding_window(59, (4, 0))).name == "flex"
+
+
+def test_cpu_plan_splits_rectangular_causal():
+    """The CPU op is top-left aligned: a bottom-right causal piece with Lk > Lq becomes
+    FULL over its first Lk - Lq keys plus a square causal call."""
+    mask = Mask.causal(59, 97)
+    calls = plan_calls(mask, torch.device("cpu"), torch.float32, 16, None, (False, False, False))
+    assert all(c.op == "cpu_flash" for c in calls)
+    assert [(c.k0, c.k1, c.causal) for c in calls] == [(0, 38, False), (38, 97, True)]
+    for c in calls:
+        if c.causal:
+            assert c.k1 - c.k0 == c.q1 - c.q0, c
+    area = sum(
+        (c.q1 - c.q0) * (c.k1 - c.k0) - (c.causal and (c.q1 - c.q0) * (c.q1 - c.q0 - 1) // 2)
+        for c in calls
+    )
+    assert area == mask.area()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend to be an sm90 GPU with cuDNN 9.19 and flash built, to test the op rule."""
+    cc = {"value": (9, 0)}
+    monkeypatch.setattr(sdpa_mod, "_capability", lambda index: cc["value"])
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    plan_calls.cache_clear()
+    yield cc
+    plan_calls.cache_clear()
+
+
+def test_gpu_op_choice_rule(fake_gpu):
+    gpu, on = torch.device("cuda", 0), (True, True, True)
+    assert choose_op(gpu, torch.bfloat16, 128, 4096, switches=on) == "cudnn"
+    assert choose_op(gpu, torch.float16, 256, 4096, switches=on) == "cudnn"
+    assert choose_op(gpu, torch.bfloat16, 128, 1, switches=on) == "flash"  # cuDNN: Lk > 1
+    assert choose_op(gpu, torch.float32, 128, 4096, switches=on) == "efficient"
+    assert choose_op(gpu, torch.float64, 128, 4096, switches=on) is None
+    assert choose_op(gpu, torch.bfloat16, 100, 4096, switches=on) is None  # D % 8
+    assert choose_op(gpu, torch.bfloat16, 128, 4096, switches=(False, True, True)) == "flash"
+    assert choose_op(gpu, torch.bfloat16, 128, 4096, switches=(False, False, True)) == "efficient"
+    assert choose_op(gpu, torch.bfloat16, 128, 4096, "flash", on) == "flash"
+    assert choose_op(gpu, torch.float32, 128, 4096, "flash", on) is None
+    fake_gpu["value"] = (8, 0)
+    assert choose_op(gpu, torch.bfloat16, 128, 4096, switches=on) == "flash"
+    assert choose_op(gpu, torch.bfloat16, 256, 4096, "cudnn", on) is None  # 128 off sm90
+
+
+def test_gpu_plan_alignment(fake_gpu):
+    """cuDNN (top-left) gets the rectangular causal piece split; flash (bottom-right)
+    takes it in one call."""
+    gpu, on = torch.device("cuda", 0), (True, True, True)
+    mask = Mask.causal(1024, 3072)
+    cudnn = plan_calls(mask, gpu, torch.bfloat16, 128, None, on)
+    assert [(c.k0, c.k1, c.causal, c.op) for c in cudnn] == [
+        (0, 2048, False, "cudnn"),
+        (2048, 3072, True, "cudnn"),
+    ]
+    flash = plan_calls(mask, gpu, torch.bfloat16, 128, "flash", on)
+    assert [(c.q0, c.q1, c.k0, c.k1, c.causal, c.op) for c in flash] == [
+        (0, 1024, 0, 3072, True, "flash")
+    ]
+    square = plan_calls(Mask.causal(4096), gpu, torch.bfloat16, 128, None, on)
+    assert len(square) == 1 and square[0].causal and square[0].op == "cudnn"
+    assert isinstance(plan_calls(mask, gpu, torch.float64, 128, None, on), str)
+
+
+# ---------------------------------------------------------------------------------------
+# Flex BlockMask classification vs a dense check
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("block_q,block_k", [(8, 8), (16, 8), (32, 32)])
+def test_flex_block_classification(mask_name, block_q, block_k):
+    mask = MASKS[mask_name]()
+    sq, sk = mask.shape
+    lo, hi = mask.row_intervals()
+    partial, full = classify_blocks(lo, hi, sk, block_q, block_k)
+    dense = mask.to_dense()
+    nq, nk = -(-sq // block_q), -(-sk // block_k)
+    assert partial.shape == full.shape == (nq, nk)
+    assert not (partial & full).any()
+    exact_full = torch.zeros(nq, nk, dtype=torch.bool)
+    for i in range(nq):
+        for j in range(nk):
+            blk = dense[i * block_q : (i + 1) * block_q, j * block_k : (j + 1) * block_k]
+            whole = blk.shape == (block_q, block_k)
+            if blk.any():
+                assert partial[i, j] or full[i, j], f"visible block ({i}, {j}) dropped"
+            if full[i, j]:
+                assert whole and blk.all(), f"block ({i}, {j}) called full but is not"
+            exact_full[i, j] = whole and bool(blk.all())
+    if mask_name in (
+        "causal_97",
+        "causal_59x97",
+        "varlen_causal",
+        "block_causal",
+        "sliding_window",
+    ):
+        # One interval per row: the classification is exact.
+        assert torch.equal(full, exact_full)
+        touched = torch.zeros(nq, nk, dtype=torch.bool)
+        for i in range(nq):
+            for j in range(nk):
+                touched[i, j] = bool(
+                    dense[i * block_q : (i + 1) * block_q, j * block_k : (j + 1) * block_k].any()
+                )
+        assert torch.equal(partial | full, touched)
+
+
+@pytest.mark.parametrize("mask_name", ["shared_question", "overlapping_rects", "causal_97x59"])
+def test_flex_mask_mod_matches_dense(mask_name):
+    from torch.nn.attention.flex_attention import create_mask
+
+    mask = MASKS[mask_name]()
+    fm = flex_mask(mask, torch.device("cpu"), 16, 16)
+    sq, sk = mask.shape
+    dense = create_mask(fm.block_mask.mask_mod, 1, 1, sq, sk, device="cpu")[0, 0]
+    assert torch.equal(dense, mask.to_dense())
+    assert torch.equal(fm.empty_rows, torch.nonzero(~mask.to_dense().any(1)).flatten())
+
+
+# ---------------------------------------------------------------------------------------
+# The GPU benchmark script, in its CPU smoke mode
+# ---------------------------------------------------------------------------------------
+
+
+def test_gpu_kernels_script_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "gpu_kernels", ROOT / "benchmarks" / "gpu_kernels.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    rc = module.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    md = list(tmp_path.glob("gpu_kernels_*.md"))
+    js = list(tmp_path.glob("gpu_kernels_*.json"))
+    assert len(md) == 1 and len(js) == 1
+    data = json.loads(js[0].read_text())
+    assert data["correctness"] and all(c["ok"] for c in data["correctness"])
+    assert data["perf"] and all(math.isfinite(r["tflops"]) for r in data["perf"])
+    assert "torch" in md[0].read_text()
