@@ -159,7 +159,10 @@ def run_kernel(kernel, q, k, v, dout, mask, scale):
 
 def _atol(ref, dtype):
     r = ref.to(dtype)
-    return 2 * ((r + 0.3) - 0.3 - r).abs().max().item() if r.numel() else 0.0
+    ulps = 2 * ((r + 0.3) - 0.3 - r).abs().max().item() if r.numel() else 0.0
+    # float32 kernels sum in another order than torch's math (tiles, split-K); a 1e-5
+    # absolute slack on O(1) values is still far below any masking or scaling error.
+    return max(ulps, 1e-5) if dtype == torch.float32 else ulps
 
 
 def check_case(case: Case, label, kernel, dtype_name, device, seed) -> dict:
@@ -263,8 +266,10 @@ def _format_check(res: dict) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def bench_ms(fn, device, warmup=3, reps=10) -> float:
-    """Median wall time of ``fn`` in ms (CUDA events on GPU)."""
+def bench_ms(fn, device, warmup=3, reps=10, inner=4) -> float:
+    """Median time of one ``fn`` call in ms (CUDA events on GPU). Each repeat times
+    ``inner`` back-to-back calls, as a training step issues them, so the host's launch
+    time overlaps the GPU work for every implementation alike."""
     for _ in range(warmup):
         fn()
     times = []
@@ -273,10 +278,11 @@ def bench_ms(fn, device, warmup=3, reps=10) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(reps):
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / inner)
     else:
         for _ in range(reps):
             t0 = time.perf_counter()

@@ -20,6 +20,20 @@ from .merge import merge, merge_, merge_many
 
 __version__ = "0.1.0"
 
-__all__ = ["AttnMaskType", "Band", "ContextParallelAttention", "Mask", "Plan", "attention",
-           "calc_attn", "compute_pad_size", "dispatch", "get_position_ids", "merge", "merge_",
-           "merge_many", "plan", "undispatch"]
+__all__ = [
+    "AttnMaskType",
+    "Band",
+    "ContextParallelAttention",
+    "Mask",
+    "Plan",
+    "attention",
+    "calc_attn",
+    "compute_pad_size",
+    "dispatch",
+    "get_position_ids",
+    "merge",
+    "merge_",
+    "merge_many",
+    "plan",
+    "undispatch",
+]

@@ -19,8 +19,10 @@ def _local_problem(q, k, v, plan: Plan) -> str | None:
         return f"q, k, v: expected 4-d bshd local shards, got {q.dim()}, {k.dim()}, {v.dim()} dims"
     n = plan.local_len
     if q.shape[1] != n or k.shape[1] != n or v.shape[1] != n:
-        return (f"q, k, v: expected {n} local tokens (the plan's shard) along dim 1, got "
-                f"{q.shape[1]}, {k.shape[1]}, {v.shape[1]}")
+        return (
+            f"q, k, v: expected {n} local tokens (the plan's shard) along dim 1, got "
+            f"{q.shape[1]}, {k.shape[1]}, {v.shape[1]}"
+        )
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
         return f"q, k, v: shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
@@ -39,11 +41,21 @@ def _check(q, k, v, plan: Plan, scale: float) -> None:
             raise ValueError(problem)
         return
     sig = (tuple(q.shape), tuple(k.shape), q.dtype, scale)
-    if plan.check == "first" and sig in plan._checked and problem is None:
-        return
+    if plan.check == "first" and plan._checked:
+        # Peers whose inputs were checked before skip the exchange, so a rank that now
+        # has a problem must not wait in it: it raises at once, and its peers stop at the
+        # transfer timeout (use check="always" for a ValueError on every rank).
+        if problem:
+            raise ValueError(problem)
+        if sig in plan._checked:
+            return
     shapes = list(q.shape) + list(k.shape) if problem is None else [0] * 8
-    mine = [0 if problem is None else 1, hash(plan.key) & 0x7FFFFFFF,
-            _DTYPE_CODE.get(q.dtype, 0), int(scale * 1e6)] + shapes
+    mine = [
+        0 if problem is None else 1,
+        plan.digest,
+        _DTYPE_CODE.get(q.dtype, 0),
+        int(scale * 1e6),
+    ] + shapes
     everyone = exchange_status(mine, plan.group, q.device)
     bad = [r for r, row in enumerate(everyone) if row[0]]
     if problem:
@@ -51,15 +63,24 @@ def _check(q, k, v, plan: Plan, scale: float) -> None:
     if bad:
         raise ValueError(f"calc_attn: rank(s) {bad} of the group got invalid inputs")
     if any(row[1] != mine[1] for row in everyone):
-        raise ValueError("plan: the ranks of the group hold different plans (a plan built "
-                         "for another group or mask?)")
+        raise ValueError(
+            "plan: the ranks of the group hold different plans (a plan built "
+            "for another group or mask?)"
+        )
     if any(row[2:] != mine[2:] for row in everyone):
         raise ValueError("q, k, v: shapes, dtypes or scale differ across the ranks of the group")
     plan._checked.add(sig)
 
 
-def calc_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *,
-              scale: float | None = None, return_lse: bool = False):
+def calc_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: Plan,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
     """Context-parallel attention of this rank's local shards; differentiable.
 
     Args:
@@ -69,9 +90,12 @@ def calc_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *,
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns ``out`` ``[B, S_local, Hq, D]`` in q's dtype, or ``(out, lse)`` with lse
-    ``[B, Hq, S_local]`` float32 (no gradient). Inputs are checked on every rank (and
-    across ranks, once per input signature unless ``plan.check`` says otherwise) before
-    any communication; a problem raises ValueError on every rank.
+    ``[B, Hq, S_local]`` float32 (float64 for float64 inputs; no gradient). Inputs are
+    checked on every rank before any communication. With ``plan.check="always"`` every
+    call also exchanges a small status vector, so a problem on one rank raises ValueError
+    on every rank; with the default ``"first"`` that exchange happens on the first call
+    only (no per-call host synchronisation): later, a rank with a problem raises
+    ValueError at once and its peers raise TimeoutError when their transfers time out.
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a hamilton_attn.Plan, got {type(plan).__name__}")
@@ -87,13 +111,23 @@ class ContextParallelAttention(torch.nn.Module):
 
     def __init__(self, plan_or_mask, group=None, *, scale: float | None = None, **plan_options):
         super().__init__()
-        self.plan = (plan_or_mask if isinstance(plan_or_mask, Plan)
-                     else plan(plan_or_mask, group, **plan_options))
+        self.plan = (
+            plan_or_mask
+            if isinstance(plan_or_mask, Plan)
+            else plan(plan_or_mask, group, **plan_options)
+        )
         self.scale = scale
 
     def forward(self, q, k, v, return_lse: bool = False):
         return calc_attn(q, k, v, self.plan, scale=self.scale, return_lse=return_lse)
 
 
-__all__ = ["ContextParallelAttention", "Plan", "calc_attn", "dispatch", "get_position_ids",
-           "plan", "undispatch"]
+__all__ = [
+    "ContextParallelAttention",
+    "Plan",
+    "calc_attn",
+    "dispatch",
+    "get_position_ids",
+    "plan",
+    "undispatch",
+]

@@ -16,8 +16,10 @@ def to_bhsd(x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
     """A ``bhsd`` view of a tensor in ``layout`` (no copy)."""
     want = 3 if layout == "thd" else 4
     if x.dim() != want:
-        raise ValueError(f"{name}: layout {layout!r} expects a {want}-d tensor, got {x.dim()}-d "
-                         f"of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: layout {layout!r} expects a {want}-d tensor, got {x.dim()}-d "
+            f"of shape {tuple(x.shape)}"
+        )
     if layout == "bshd":
         return x.transpose(1, 2)
     if layout == "thd":
@@ -62,14 +64,25 @@ def resolve_mask(mask: Mask | None, causal: bool, seqlen_q: int, seqlen_k: int) 
     if not isinstance(mask, Mask):
         raise ValueError(f"mask: expected a hamilton_attn.Mask, got {type(mask).__name__}")
     if mask.shape != (seqlen_q, seqlen_k):
-        raise ValueError(f"mask: shape {mask.shape} != (seqlen_q, seqlen_k) = "
-                         f"({seqlen_q}, {seqlen_k}) of the inputs")
+        raise ValueError(
+            f"mask: shape {mask.shape} != (seqlen_q, seqlen_k) = "
+            f"({seqlen_q}, {seqlen_k}) of the inputs"
+        )
     return mask
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None = None, *,
-              causal: bool = False, scale: float | None = None, layout: str = "bshd",
-              backend: str = "auto", return_lse: bool = False):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Mask | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bshd",
+    backend: str = "auto",
+    return_lse: bool = False,
+):
     """Exact softmax attention on one device, for any mask; differentiable in q, k, v.
 
     Args:
@@ -102,7 +115,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | No
     check_block(q4, k4, v4, mask)
     scale = 1.0 / math.sqrt(q4.shape[-1]) if scale is None else float(scale)
     kernel = select_kernel(backend, q4, k4, v4, mask)
-    out4, lse = _Attention.apply(q4, k4, v4, mask, scale, kernel)
+    native = kernel.differentiable(q4, k4, v4, mask, scale) if torch.is_grad_enabled() else None
+    out4, lse = native if native is not None else _Attention.apply(q4, k4, v4, mask, scale, kernel)
     out = from_bhsd(out4, layout)
     if not return_lse:
         return out

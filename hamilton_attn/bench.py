@@ -106,6 +106,7 @@ def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats):
     backend = SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH
     res = {}
     with context_parallel(mesh, buffers=[qq, kk, vv, gg], buffer_seq_dims=[2, 2, 2, 2]):
+
         def fwd():
             with sdpa_kernel([backend]):
                 F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
@@ -140,8 +141,7 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
         done += 1
         if ctx.rank == 0 and cfg.get("progress", True):
             bar = "#" * (30 * done // total)
-            print(f"\r[{bar:<30}] {done}/{total} {label:<40}", end="", file=sys.stderr,
-                  flush=True)
+            print(f"\r[{bar:<30}] {done}/{total} {label:<40}", end="", file=sys.stderr, flush=True)
 
     for n, mname in cases:
         s = n * w
@@ -149,12 +149,14 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
         area = mask.area()
         flops_f = 4 * hq * d * area  # B = 1
         gen = torch.Generator().manual_seed(0)
-        q, k, v, g = (torch.randn(1, s, h, d, generator=gen).to(dev, dtype)
-                      for h in (hq, hk, hk, hq))
+        q, k, v, g = (
+            torch.randn(1, s, h, d, generator=gen).to(dev, dtype) for h in (hq, hk, hk, hq)
+        )
         base = {"mask": mname, "tokens_per_device": n, "seqlen": s, "world_size": w}
         # (a) one device, the whole problem (rank 0; the others wait at the barrier).
         one = {}
         if ctx.rank == 0:
+
             def one_fwd():
                 ha.attention(q, k, v, mask)
 
@@ -164,36 +166,70 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
 
             one["fwd"] = time_fn(one_fwd, dev, warmup=warmup, repeats=repeats)
             one["fwd_bwd"] = time_fn(one_fwd_bwd, dev, warmup=warmup, repeats=repeats)
-        t1 = torch.tensor([one.get("fwd", 0.0), one.get("fwd_bwd", 0.0)], dtype=torch.float64,
-                          device=dev)
+        t1 = torch.tensor(
+            [one.get("fwd", 0.0), one.get("fwd_bwd", 0.0)], dtype=torch.float64, device=dev
+        )
         dist.broadcast(t1, dist.get_global_rank(ctx.group, 0), group=ctx.group)
         one = {"fwd": t1[0].item(), "fwd_bwd": t1[1].item()}
         progress(f"{mname} {n}: one device")
-        rows.append(dict(base, impl="one device", schedule="-", dispatch="-", **_rates(
-            one, one, flops_f, 1), peak_mem_ratio=None))
+        rows.append(
+            dict(
+                base,
+                impl="one device",
+                schedule="-",
+                dispatch="-",
+                **_rates(one, one, flops_f, 1),
+                peak_mem_ratio=None,
+            )
+        )
         # (b) PyTorch's context parallel.
         tcp = None
         if mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
             try:
                 tcp = _torch_cp_times(ctx, dev, q, k, v, g, mname == "causal", warmup, repeats)
-                rows.append(dict(base, impl="torch context_parallel", schedule="ring (torch)",
-                                 dispatch="load-balanced" if mname == "causal" else "contiguous",
-                                 **_rates(tcp, one, flops_f, w), peak_mem_ratio=None))
+                rows.append(
+                    dict(
+                        base,
+                        impl="torch context_parallel",
+                        schedule="ring (torch)",
+                        dispatch="load-balanced" if mname == "causal" else "contiguous",
+                        **_rates(tcp, one, flops_f, w),
+                        peak_mem_ratio=None,
+                    )
+                )
             except Exception as err:  # noqa: BLE001 - reported in the table
-                rows.append(dict(base, impl="torch context_parallel", schedule="ring (torch)",
-                                 dispatch="-", error=f"{type(err).__name__}: {str(err)[:120]}"))
+                rows.append(
+                    dict(
+                        base,
+                        impl="torch context_parallel",
+                        schedule="ring (torch)",
+                        dispatch="-",
+                        error=f"{type(err).__name__}: {str(err)[:120]}",
+                    )
+                )
         progress(f"{mname} {n}: torch context_parallel")
         # (c) our schedules.
         for sched in cfg["schedules"]:
             for disp in cfg["dispatches"]:
                 label = f"{mname} {n}: {sched}/{disp}"
                 try:
-                    p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp,
-                                **({"node_size": cfg["node_size"]}
-                                   if sched == "hamilton_2level" else {}))
+                    p = ha.plan(
+                        mask,
+                        ctx.group,
+                        schedule=sched,
+                        dispatch=disp,
+                        **({"node_size": cfg["node_size"]} if sched == "hamilton_2level" else {}),
+                    )
                 except ValueError as err:
-                    rows.append(dict(base, impl="hamilton-attn", schedule=sched, dispatch=disp,
-                                     error=str(err)[:120]))
+                    rows.append(
+                        dict(
+                            base,
+                            impl="hamilton-attn",
+                            schedule=sched,
+                            dispatch=disp,
+                            error=str(err)[:120],
+                        )
+                    )
                     progress(label)
                     continue
                 ql, kl, vl, gl = (ha.dispatch(t, p) for t in (q, k, v, g))
@@ -206,30 +242,42 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                     a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
                     ha.calc_attn(a, b, c, p).backward(gl)
 
-                ours = {"fwd": time_fn(fwd, dev, warmup=warmup, repeats=repeats, group=ctx.group),
-                        "fwd_bwd": time_fn(fwd_bwd, dev, warmup=warmup, repeats=repeats,
-                                           group=ctx.group)}
+                ours = {
+                    "fwd": time_fn(fwd, dev, warmup=warmup, repeats=repeats, group=ctx.group),
+                    "fwd_bwd": time_fn(
+                        fwd_bwd, dev, warmup=warmup, repeats=repeats, group=ctx.group
+                    ),
+                }
                 mem = _peak_mem_ratio(fwd, dev, ql, kl, vl, p) if dev.type == "cuda" else None
-                row = dict(base, impl="hamilton-attn", schedule=sched, dispatch=disp,
-                           **_rates(ours, one, flops_f, w), peak_mem_ratio=mem,
-                           bytes_sent_per_rank=max(p.report.sent_tokens) * 2 * hk * d
-                           * q.element_size())
+                row = dict(
+                    base,
+                    impl="hamilton-attn",
+                    schedule=sched,
+                    dispatch=disp,
+                    **_rates(ours, one, flops_f, w),
+                    peak_mem_ratio=mem,
+                    bytes_sent_per_rank=max(p.report.sent_tokens) * 2 * hk * d * q.element_size(),
+                )
                 if tcp:
                     row["vs_torch_fwd"] = tcp["fwd"] / ours["fwd"]
                     row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / ours["fwd_bwd"]
                 rows.append(row)
                 progress(label)
-        del q, k, v, g
+        q = k = v = g = None  # free the inputs before the next size
     if ctx.rank == 0 and cfg.get("progress", True):
         print(file=sys.stderr)
     return rows
 
 
 def _rates(t: dict, one: dict, flops_f: float, w: int) -> dict:
-    return {"fwd_ms": t["fwd"], "fwd_bwd_ms": t["fwd_bwd"],
-            "tflops_fwd": flops_f / (w * t["fwd"] * 1e-3) / 1e12,
-            "tflops_fwd_bwd": 3.5 * flops_f / (w * t["fwd_bwd"] * 1e-3) / 1e12,
-            "eff_fwd": one["fwd"] / (w * t["fwd"]), "eff_fwd_bwd": one["fwd_bwd"] / (w * t["fwd_bwd"])}
+    return {
+        "fwd_ms": t["fwd"],
+        "fwd_bwd_ms": t["fwd_bwd"],
+        "tflops_fwd": flops_f / (w * t["fwd"] * 1e-3) / 1e12,
+        "tflops_fwd_bwd": 3.5 * flops_f / (w * t["fwd_bwd"] * 1e-3) / 1e12,
+        "eff_fwd": one["fwd"] / (w * t["fwd"]),
+        "eff_fwd_bwd": one["fwd_bwd"] / (w * t["fwd_bwd"]),
+    }
 
 
 def _peak_mem_ratio(fwd, dev, ql, kl, vl, p) -> float:
@@ -243,14 +291,31 @@ def _peak_mem_ratio(fwd, dev, ql, kl, vl, p) -> float:
     extra = torch.cuda.max_memory_allocated(dev) - base
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     inputs = nbytes(ql) + nbytes(kl) + nbytes(vl)
-    ideal = inputs + nbytes(ql) + ql.shape[0] * ql.shape[2] * ql.shape[1] * 4 \
+    ideal = (
+        inputs
+        + nbytes(ql)
+        + ql.shape[0] * ql.shape[2] * ql.shape[1] * 4
         + 2 * (nbytes(kl) + nbytes(vl))
+    )
     return (inputs + extra) / ideal
 
 
-HEADER = ("mask", "tok/dev", "impl", "schedule", "dispatch", "fwd ms", "fwd+bwd ms",
-          "TF/s/dev fwd", "TF/s/dev f+b", "eff fwd", "eff f+b", "vs torch fwd", "vs torch f+b",
-          "peak mem")
+HEADER = (
+    "mask",
+    "tok/dev",
+    "impl",
+    "schedule",
+    "dispatch",
+    "fwd ms",
+    "fwd+bwd ms",
+    "TF/s/dev fwd",
+    "TF/s/dev f+b",
+    "eff fwd",
+    "eff f+b",
+    "vs torch fwd",
+    "vs torch f+b",
+    "peak mem",
+)
 
 
 def table(rows) -> str:
@@ -262,14 +327,36 @@ def table(rows) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append((r["mask"], r["tokens_per_device"], r["impl"], r["schedule"],
-                         r["dispatch"], "error: " + r["error"][:60], *["-"] * 8))
+            body.append(
+                (
+                    r["mask"],
+                    r["tokens_per_device"],
+                    r["impl"],
+                    r["schedule"],
+                    r["dispatch"],
+                    "error: " + r["error"][:60],
+                    *["-"] * 8,
+                )
+            )
             continue
-        body.append((r["mask"], r["tokens_per_device"], r["impl"], r["schedule"], r["dispatch"],
-                     f(r["fwd_ms"], ".2f"), f(r["fwd_bwd_ms"], ".2f"), f(r["tflops_fwd"], ".0f"),
-                     f(r["tflops_fwd_bwd"], ".0f"), f(r["eff_fwd"], ".3f"),
-                     f(r["eff_fwd_bwd"], ".3f"), f(r.get("vs_torch_fwd"), ".2f"),
-                     f(r.get("vs_torch_fwd_bwd"), ".2f"), f(r.get("peak_mem_ratio"), ".2f")))
+        body.append(
+            (
+                r["mask"],
+                r["tokens_per_device"],
+                r["impl"],
+                r["schedule"],
+                r["dispatch"],
+                f(r["fwd_ms"], ".2f"),
+                f(r["fwd_bwd_ms"], ".2f"),
+                f(r["tflops_fwd"], ".0f"),
+                f(r["tflops_fwd_bwd"], ".0f"),
+                f(r["eff_fwd"], ".3f"),
+                f(r["eff_fwd_bwd"], ".3f"),
+                f(r.get("vs_torch_fwd"), ".2f"),
+                f(r.get("vs_torch_fwd_bwd"), ".2f"),
+                f(r.get("peak_mem_ratio"), ".2f"),
+            )
+        )
     return format_table(HEADER, body)
 
 
@@ -277,12 +364,19 @@ def main(args, printer=print) -> int:
     from .testing import GlooPool
 
     cfg = {
-        "device": args.device, "dtype": args.dtype or ("bfloat16" if args.device == "cuda"
-                                                       else "float32"),
-        "heads": args.heads, "kv_heads": args.kv_heads or args.heads, "head_dim": args.head_dim,
-        "tokens_per_device": args.tokens_per_device, "masks": args.masks,
-        "schedules": args.schedules, "dispatches": args.dispatches, "warmup": args.warmup,
-        "repeats": args.repeats, "torch_cp": not args.no_torch_cp, "node_size": args.node_size,
+        "device": args.device,
+        "dtype": args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
+        "heads": args.heads,
+        "kv_heads": args.kv_heads or args.heads,
+        "head_dim": args.head_dim,
+        "tokens_per_device": args.tokens_per_device,
+        "masks": args.masks,
+        "schedules": args.schedules,
+        "dispatches": args.dispatches,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "torch_cp": not args.no_torch_cp,
+        "node_size": args.node_size,
     }
     w = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)
     backend = "nccl" if args.device == "cuda" else "gloo"
@@ -292,22 +386,29 @@ def main(args, printer=print) -> int:
         hw = pool.run(_hardware, 1, args.device)[0]
     text = table(rows)
     printer(text)
-    meta = {"hardware": hw, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "command": "hamilton-attn " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__, "world_size": w, "config": cfg,
-        "seconds": round(time.time() - t0, 1)}
+    meta = {
+        "hardware": hw,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "hamilton-attn " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "world_size": w,
+        "config": cfg,
+        "seconds": round(time.time() - t0, 1),
+    }
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, args.name or f"bench_{hw['kind']}_W{w}")
         with open(stem + ".json", "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         with open(stem + ".md", "w") as f:
-            f.write(f"# hamilton-attn bench\n\n- hardware: {hw['name']} x {w}\n"
-                    f"- date: {meta['date']}\n- command: `{meta['command']}`\n"
-                    f"- torch {meta['torch']}, {cfg['dtype']}, heads {cfg['heads']}/"
-                    f"{cfg['kv_heads']}, head dim {cfg['head_dim']}, batch 1\n"
-                    f"- efficiency = T(one device) / (W x T); TF/s count visible pairs only; "
-                    f"peak mem = forward peak / (local q,k,v,out,lse + 2 KV buffers)\n\n")
+            f.write(
+                f"# hamilton-attn bench\n\n- hardware: {hw['name']} x {w}\n"
+                f"- date: {meta['date']}\n- command: `{meta['command']}`\n"
+                f"- torch {meta['torch']}, {cfg['dtype']}, heads {cfg['heads']}/"
+                f"{cfg['kv_heads']}, head dim {cfg['head_dim']}, batch 1\n"
+                f"- efficiency = T(one device) / (W x T); TF/s count visible pairs only; "
+                f"peak mem = forward peak / (local q,k,v,out,lse + 2 KV buffers)\n\n"
+            )
             f.write(text + "\n")
         printer(f"wrote {stem}.json and {stem}.md")
     if args.plot:
@@ -321,7 +422,10 @@ def _hardware(ctx, device):
         name = torch.cuda.get_device_name(0)
         kind = "H200" if "H200" in name else ("H100" if "H100" in name else name.split()[-1])
     else:
-        name, kind = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "cpu"
+        name, kind = (
+            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "cpu",
+        )
     return {"name": name, "kind": kind}
 
 

@@ -10,15 +10,20 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hamilton-attn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="every schedule on W ranks vs the reference (no GPU needed)")
-    d.add_argument("--world-size", type=int, default=None,
-                   help="ranks (default: 8 on CPU, one per GPU on cuda)")
+    d.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks (default: 8 on CPU, one per GPU on cuda)",
+    )
     d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     d.add_argument("--seqlen", type=int, default=777)
     d.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on cuda")
     d.add_argument("--schedules", nargs="*", default=None)
     v = sub.add_parser("verify", help="every local backend here vs the reference")
     v.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    v.add_argument("--seqlen", type=int, default=97)
+    v.add_argument("--seqlen", type=int, default=None, help="default 97 on CPU, 1000 on GPU")
+    v.add_argument("--head-dim", type=int, default=None, help="default 32 on CPU, 64 on GPU")
     b = sub.add_parser("bench", help="schedules vs one device and PyTorch's context_parallel")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     b.add_argument("--world-size", type=int, default=None)
@@ -53,7 +58,16 @@ def main(argv=None) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         print(f"hamilton-attn verify on {device}")
-        return 0 if run_verify(device, seqlen=args.seqlen) else 1
+        gpu = device.startswith("cuda")
+        return (
+            0
+            if run_verify(
+                device,
+                seqlen=args.seqlen or (1000 if gpu else 97),
+                head_dim=args.head_dim or (64 if gpu else 32),
+            )
+            else 1
+        )
     if args.cmd == "bench":
         from .bench import main as bench_main
 

@@ -19,8 +19,9 @@ def group_info(group=None) -> tuple[int, int, tuple[int, ...]]:
     """``(rank in group, group size, global ranks)``; a single process if no process group."""
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
-            raise ValueError("group: a process group was given but torch.distributed is "
-                             "not initialised")
+            raise ValueError(
+                "group: a process group was given but torch.distributed is not initialised"
+            )
         return 0, 1, (0,)
     group = group or dist.group.WORLD
     ranks = tuple(dist.get_process_group_ranks(group))
@@ -40,15 +41,23 @@ class PendingOps:
             try:
                 ok = work.wait(self._timeout)
             except RuntimeError as err:
-                raise TimeoutError(f"hamilton_attn: a transfer did not finish within "
-                                   f"{self._timeout} ({err})") from err
+                raise TimeoutError(
+                    f"hamilton_attn: a transfer did not finish within {self._timeout} ({err})"
+                ) from err
             if ok is False:
-                raise TimeoutError(f"hamilton_attn: a transfer did not finish within {self._timeout}")
+                raise TimeoutError(
+                    f"hamilton_attn: a transfer did not finish within {self._timeout}"
+                )
         self._works = []
 
 
-def start_p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
-              group, global_ranks, timeout: timedelta | None = None) -> PendingOps:
+def start_p2p(
+    sends: list[tuple[torch.Tensor, int]],
+    recvs: list[tuple[torch.Tensor, int]],
+    group,
+    global_ranks,
+    timeout: timedelta | None = None,
+) -> PendingOps:
     """Start sends ``(tensor, peer)`` and receives ``(buffer, peer)`` as one batch; peers
     are ranks in ``group``. Both sides must list messages between a pair in one order."""
     ops = [dist.P2POp(dist.isend, t, global_ranks[p], group) for t, p in sends]
@@ -100,11 +109,17 @@ class A2AComm:
         self.rank, self.world_size, self._ranks = group_info(process_group)
         self._group = process_group
 
-    def all_to_all(self, send_tensors: list[torch.Tensor], recv_tensors: list[torch.Tensor],
-                   async_op: bool = False):
+    def all_to_all(
+        self,
+        send_tensors: list[torch.Tensor],
+        recv_tensors: list[torch.Tensor],
+        async_op: bool = False,
+    ):
         if len(send_tensors) != self.world_size or len(recv_tensors) != self.world_size:
-            raise ValueError(f"send_tensors, recv_tensors: expected {self.world_size} each, got "
-                             f"{len(send_tensors)}, {len(recv_tensors)}")
+            raise ValueError(
+                f"send_tensors, recv_tensors: expected {self.world_size} each, got "
+                f"{len(send_tensors)}, {len(recv_tensors)}"
+            )
         if dist.get_backend(self._group) == "gloo":
             # gloo has no all_to_all for lists; a P2P batch does the same exchange.
             sends = [(t.contiguous(), i) for i, t in enumerate(send_tensors) if i != self.rank]
@@ -112,8 +127,12 @@ class A2AComm:
             recv_tensors[self.rank].copy_(send_tensors[self.rank])
             pending = start_p2p(sends, recvs, self._group, self._ranks)
         else:
-            work = dist.all_to_all(recv_tensors, [t.contiguous() for t in send_tensors],
-                                   group=self._group, async_op=True)
+            work = dist.all_to_all(
+                recv_tensors,
+                [t.contiguous() for t in send_tensors],
+                group=self._group,
+                async_op=True,
+            )
             pending = PendingOps([work], default_timeout())
         if async_op:
             return pending

@@ -38,8 +38,9 @@ def demo_cases(schedules=None):
                 yield sched, disp, mask_name
 
 
-def run_rank(ctx, seqlen: int, device: str, dtype_name: str, heads=(8, 2), head_dim=64,
-             schedules=None):
+def run_rank(
+    ctx, seqlen: int, device: str, dtype_name: str, heads=(8, 2), head_dim=64, schedules=None
+):
     """One rank's share of the demo; returns table rows (on every rank)."""
     import hamilton_attn as ha
 
@@ -67,8 +68,20 @@ def run_rank(ctx, seqlen: int, device: str, dtype_name: str, heads=(8, 2), head_
         try:
             p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp)
         except ValueError as err:  # the schedule does not exist for this world size
-            rows.append((sched, disp, mask_name, "-", "-", "-", "-", "-", "-",
-                         f"n/a: {str(err).splitlines()[0][:60]}"))
+            rows.append(
+                (
+                    sched,
+                    disp,
+                    mask_name,
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"n/a: {str(err).splitlines()[0][:60]}",
+                )
+            )
             continue
         plan_ms = (time.perf_counter() - t0) * 1e3
         if dev.type == "cuda":
@@ -87,17 +100,29 @@ def run_rank(ctx, seqlen: int, device: str, dtype_name: str, heads=(8, 2), head_
         atol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-3)
         ok = ef <= error_bound(base_f, atol=atol) and eb <= error_bound(base_b, atol=atol)
         bytes_per_token = 2 * hk * head_dim * x[1].element_size()
-        rows.append((sched, disp, mask_name, f"{ef:.1e}", f"{eb:.1e}", p.schedule.num_steps,
-                     _fmt_bytes(max(p.report.sent_tokens) * bytes_per_token),
-                     f"{plan_ms:.0f}", f"{run_ms:.0f}", "PASS" if ok else "FAIL"))
+        rows.append(
+            (
+                sched,
+                disp,
+                mask_name,
+                f"{ef:.1e}",
+                f"{eb:.1e}",
+                p.schedule.num_steps,
+                _fmt_bytes(max(p.report.sent_tokens) * bytes_per_token),
+                f"{plan_ms:.0f}",
+                f"{run_ms:.0f}",
+                "PASS" if ok else "FAIL",
+            )
+        )
     return rows
 
 
 def _oracle(full, g, dense, dev, dtype):
     x = [t.to(dev, dtype).requires_grad_() for t in full]
     out = dense_attention(*(t.transpose(1, 2) for t in x), dense).transpose(1, 2)
-    grads = torch.autograd.grad((out.float() * g.float()).sum() if dtype != torch.float64
-                                else (out * g.double()).sum(), x)
+    grads = torch.autograd.grad(
+        (out.float() * g.float()).sum() if dtype != torch.float64 else (out * g.double()).sum(), x
+    )
     return out, grads
 
 
@@ -109,12 +134,28 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-HEADER = ("schedule", "dispatch", "mask", "err fwd", "err bwd", "steps", "sent/rank (fwd)",
-          "plan ms", "fwd+bwd ms", "result")
+HEADER = (
+    "schedule",
+    "dispatch",
+    "mask",
+    "err fwd",
+    "err bwd",
+    "steps",
+    "sent/rank (fwd)",
+    "plan ms",
+    "fwd+bwd ms",
+    "result",
+)
 
 
-def main(world_size: int | None, device: str, seqlen: int, dtype_name: str | None,
-         schedules=None, printer=print) -> int:
+def main(
+    world_size: int | None,
+    device: str,
+    seqlen: int,
+    dtype_name: str | None,
+    schedules=None,
+    printer=print,
+) -> int:
     from .testing import GlooPool
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -125,13 +166,14 @@ def main(world_size: int | None, device: str, seqlen: int, dtype_name: str | Non
         return _main_torchrun(device, seqlen, dtype_name, schedules, printer)
     if world_size is None:
         world_size = torch.cuda.device_count() if device == "cuda" else 8
-    printer(f"hamilton-attn demo: {world_size} {'NCCL' if device == 'cuda' else 'gloo'} ranks "
-            f"on {device}, seqlen {seqlen}, {dtype_name}, heads 8/2 (GQA), head dim 64")
+    printer(
+        f"hamilton-attn demo: {world_size} {'NCCL' if device == 'cuda' else 'gloo'} ranks "
+        f"on {device}, seqlen {seqlen}, {dtype_name}, heads 8/2 (GQA), head dim 64"
+    )
     t0 = time.perf_counter()
     backend = "nccl" if device == "cuda" else "gloo"
     with GlooPool(world_size, backend=backend, timeout_s=300) as pool:
-        rows = pool.run(run_rank, world_size, seqlen, device, dtype_name,
-                        schedules=schedules)[0]
+        rows = pool.run(run_rank, world_size, seqlen, device, dtype_name, schedules=schedules)[0]
     return _report(rows, printer, time.perf_counter() - t0)
 
 
@@ -140,8 +182,11 @@ def _report(rows, printer, seconds: float) -> int:
     n_fail = sum(r[-1] == "FAIL" for r in rows)
     n_pass = sum(r[-1] == "PASS" for r in rows)
     skipped = len(rows) - n_fail - n_pass
-    printer(f"{n_pass} passed, {n_fail} failed" + (f", {skipped} skipped" if skipped else "")
-            + f" ({seconds:.1f} s)")
+    printer(
+        f"{n_pass} passed, {n_fail} failed"
+        + (f", {skipped} skipped" if skipped else "")
+        + f" ({seconds:.1f} s)"
+    )
     return 0 if n_fail == 0 else 1
 
 

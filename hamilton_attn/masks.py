@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -127,8 +128,14 @@ class Band:
         """Number of pairs, in closed form (row widths are piecewise linear)."""
         total = 0
         # Breakpoints where L switches from k0 to q+lo, and U from q+hi to k1-1.
-        cuts = sorted({self.q0, self.q1, min(max(self.k0 - self.lo, self.q0), self.q1),
-                       min(max(self.k1 - self.hi, self.q0), self.q1)})
+        cuts = sorted(
+            {
+                self.q0,
+                self.q1,
+                min(max(self.k0 - self.lo, self.q0), self.q1),
+                min(max(self.k1 - self.hi, self.q0), self.q1),
+            }
+        )
         for a, b in zip(cuts, cuts[1:]):
             if a >= b:
                 continue
@@ -145,15 +152,27 @@ class Band:
         shift = qa - ka  # (k - ka) - (q - qa) = (k - q) + shift
         lo = self.lo + shift if self.lo > NEG_INF_DIAG // 2 else NEG_INF_DIAG
         hi = self.hi + shift if self.hi < POS_INF_DIAG // 2 else POS_INF_DIAG
-        band = Band(max(self.q0, qa) - qa, min(self.q1, qb) - qa,
-                    max(self.k0, ka) - ka, min(self.k1, kb) - ka, lo, hi)
+        band = Band(
+            max(self.q0, qa) - qa,
+            min(self.q1, qb) - qa,
+            max(self.k0, ka) - ka,
+            min(self.k1, kb) - ka,
+            lo,
+            hi,
+        )
         return band.normalized()
 
     def typed_rects(self) -> list[tuple[tuple[int, int], tuple[int, int], AttnMaskType]]:
         """Split into disjoint typed rectangles (at most five)."""
         out = []
-        cuts = sorted({self.q0, self.q1, min(max(self.k0 - self.lo, self.q0), self.q1),
-                       min(max(self.k1 - self.hi, self.q0), self.q1)})
+        cuts = sorted(
+            {
+                self.q0,
+                self.q1,
+                min(max(self.k0 - self.lo, self.q0), self.q1),
+                min(max(self.k1 - self.hi, self.q0), self.q1),
+            }
+        )
         for a, b in zip(cuts, cuts[1:]):
             if a >= b:
                 continue
@@ -278,8 +297,14 @@ def _any_overlap(bands: list[Band]) -> bool:
         active = [a for a in active if a.q1 > b.q0]
         for a in active:
             if a.k0 < b.k1 and b.k0 < a.k1:
-                inter = Band(max(a.q0, b.q0), min(a.q1, b.q1), max(a.k0, b.k0),
-                             min(a.k1, b.k1), max(a.lo, b.lo), min(a.hi, b.hi)).normalized()
+                inter = Band(
+                    max(a.q0, b.q0),
+                    min(a.q1, b.q1),
+                    max(a.k0, b.k0),
+                    min(a.k1, b.k1),
+                    max(a.lo, b.lo),
+                    min(a.hi, b.hi),
+                ).normalized()
                 if inter is not None:
                     return True
         active.append(b)
@@ -294,10 +319,16 @@ class Mask:
     :meth:`from_ranges`. ``bands`` are disjoint and sorted by (q0, k0).
     """
 
-    __slots__ = ("seqlen_q", "seqlen_k", "bands", "_hash")
+    __slots__ = ("seqlen_q", "seqlen_k", "bands", "_digest", "__weakref__")
 
-    def __init__(self, bands: Iterable[Band], seqlen_q: int, seqlen_k: int | None = None,
-                 *, _canonical: bool = False):
+    def __init__(
+        self,
+        bands: Iterable[Band],
+        seqlen_q: int,
+        seqlen_k: int | None = None,
+        *,
+        _canonical: bool = False,
+    ):
         seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
         for name, val in (("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
@@ -310,8 +341,7 @@ class Mask:
             bs = []
             for b in bands:
                 if not (0 <= b.q0 <= b.q1 <= seqlen_q and 0 <= b.k0 <= b.k1 <= seqlen_k):
-                    raise ValueError(
-                        f"bands: {b} lies outside the {seqlen_q} x {seqlen_k} grid")
+                    raise ValueError(f"bands: {b} lies outside the {seqlen_q} x {seqlen_k} grid")
                 nb = b.normalized()
                 if nb is not None:
                     bs.append(nb)
@@ -319,13 +349,18 @@ class Mask:
                 bs = _union_bands(bs)
         bs.sort(key=lambda b: (b.q0, b.k0, b.q1, b.k1))
         self.bands: tuple[Band, ...] = tuple(bs)
-        self._hash = hash((self.seqlen_q, self.seqlen_k, self.bands))
+        self._digest: bytes | None = None
 
     # -- builders -----------------------------------------------------------------------
     @classmethod
-    def from_ranges(cls, q_ranges: Sequence, k_ranges: Sequence,
-                    types: Sequence | AttnMaskType | str, seqlen_q: int,
-                    seqlen_k: int | None = None) -> Mask:
+    def from_ranges(
+        cls,
+        q_ranges: Sequence,
+        k_ranges: Sequence,
+        types: Sequence | AttnMaskType | str,
+        seqlen_q: int,
+        seqlen_k: int | None = None,
+    ) -> Mask:
         """Union of rectangles ``q_ranges[i] x k_ranges[i]`` of kind ``types[i]``."""
         seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
         q_ranges, k_ranges = list(q_ranges), list(k_ranges)
@@ -335,7 +370,8 @@ class Mask:
         if not (len(q_ranges) == len(k_ranges) == len(types)):
             raise ValueError(
                 f"q_ranges, k_ranges, types: lengths disagree "
-                f"({len(q_ranges)}, {len(k_ranges)}, {len(types)})")
+                f"({len(q_ranges)}, {len(k_ranges)}, {len(types)})"
+            )
         bands = []
         for i, (qr, kr, t) in enumerate(zip(q_ranges, k_ranges, types)):
             qr = _as_range(qr, f"q_ranges[{i}]", seqlen_q)
@@ -344,19 +380,22 @@ class Mask:
         return cls(bands, seqlen_q, seqlen_k)
 
     @classmethod
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - immutable results, hot in attention()
     def full(cls, seqlen_q: int, seqlen_k: int | None = None) -> Mask:
-        seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+        seqlen_k = _check_lens(seqlen_q, seqlen_k)
         return cls.from_ranges([(0, seqlen_q)], [(0, seqlen_k)], "full", seqlen_q, seqlen_k)
 
     @classmethod
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - immutable results, hot in attention()
     def causal(cls, seqlen_q: int, seqlen_k: int | None = None) -> Mask:
         """Bottom-right aligned causal: query i sees keys ``j <= i + seqlen_k - seqlen_q``."""
-        seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+        seqlen_k = _check_lens(seqlen_q, seqlen_k)
         return cls.from_ranges([(0, seqlen_q)], [(0, seqlen_k)], "causal", seqlen_q, seqlen_k)
 
     @classmethod
-    def sliding_window(cls, seqlen_q: int, window: tuple[int, int],
-                       seqlen_k: int | None = None) -> Mask:
+    def sliding_window(
+        cls, seqlen_q: int, window: tuple[int, int], seqlen_k: int | None = None
+    ) -> Mask:
         """flash-attn's window: query i sees keys in ``[i + Sk - Sq - left, i + Sk - Sq + right]``.
 
         ``-1`` leaves that side unbounded; ``window=(-1, 0)`` is causal.
@@ -369,8 +408,14 @@ class Mask:
         return cls([Band(0, seqlen_q, 0, seqlen_k, lo, hi)], seqlen_q, seqlen_k)
 
     @classmethod
-    def varlen(cls, cu_seqlens_q, cu_seqlens_k=None, *, causal: bool = False,
-               window: tuple[int, int] = (-1, -1)) -> Mask:
+    def varlen(
+        cls,
+        cu_seqlens_q,
+        cu_seqlens_k=None,
+        *,
+        causal: bool = False,
+        window: tuple[int, int] = (-1, -1),
+    ) -> Mask:
         """Packed documents: document i is ``[cu_q[i], cu_q[i+1]) x [cu_k[i], cu_k[i+1])``.
 
         ``causal`` and ``window`` apply inside each document with flash-attn's
@@ -380,7 +425,8 @@ class Mask:
         cu_k = cu_q if cu_seqlens_k is None else _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
         if len(cu_k) != len(cu_q):
             raise ValueError(
-                f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q, got {len(cu_k)}")
+                f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q, got {len(cu_k)}"
+            )
         left, right = _check_window(window)
         if causal:
             right = 0 if right < 0 else min(right, 0)
@@ -397,16 +443,27 @@ class Mask:
     def block_causal(cls, seqlen: int, block_size: int | Sequence[int]) -> Mask:
         """Queries of block b see every key of blocks 0..b (block sizes: one int or a list)."""
         bounds = _block_bounds(seqlen, block_size)
-        return cls.from_ranges([(a, b) for a, b in zip(bounds, bounds[1:])],
-                               [(0, b) for b in bounds[1:]], "full", seqlen, seqlen)
+        return cls.from_ranges(
+            [(a, b) for a, b in zip(bounds, bounds[1:])],
+            [(0, b) for b in bounds[1:]],
+            "full",
+            seqlen,
+            seqlen,
+        )
 
     @classmethod
     def prefix_lm(cls, seqlen: int, prefix_len: int) -> Mask:
         """Every query sees the first ``prefix_len`` keys; the rest is causal."""
+        _check_lens(seqlen, None, "seqlen")
         if not 0 <= prefix_len <= seqlen:
             raise ValueError(f"prefix_len: expected 0 <= prefix_len <= {seqlen}, got {prefix_len}")
-        return cls.from_ranges([(0, seqlen), (0, seqlen)], [(0, prefix_len), (0, seqlen)],
-                               ["full", "causal"], seqlen, seqlen)
+        return cls.from_ranges(
+            [(0, seqlen), (0, seqlen)],
+            [(0, prefix_len), (0, seqlen)],
+            ["full", "causal"],
+            seqlen,
+            seqlen,
+        )
 
     @classmethod
     def shared_question(cls, question_len: int, answer_lens: Sequence[int]) -> Mask:
@@ -461,8 +518,9 @@ class Mask:
                 bands.append(c)
         return Mask(bands, qb - qa, kb - ka, _canonical=True)
 
-    def gather(self, q_ranges: Sequence[tuple[int, int]],
-               k_ranges: Sequence[tuple[int, int]]) -> Mask:
+    def gather(
+        self, q_ranges: Sequence[tuple[int, int]], k_ranges: Sequence[tuple[int, int]]
+    ) -> Mask:
         """The mask seen by the rows ``q_ranges`` (concatenated in order) against the
         columns ``k_ranges`` (concatenated): the block a context-parallel rank computes
         when its query chunks and a KV piece are not contiguous (zigzag, stripe).
@@ -512,6 +570,41 @@ class Mask:
             return AttnMaskType.CAUSAL
         return None
 
+    def _row_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row's maximal visible key intervals, as int64 ``rows, lo, hi`` sorted by
+        (row, lo); touching intervals are joined. Vectorised over bands."""
+        if not self.bands:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty, empty
+        cols = torch.tensor(
+            [(b.q0, b.q1, b.k0, b.k1, b.lo, b.hi) for b in self.bands], dtype=torch.int64
+        )
+        q0, q1, k0, k1, lo, hi = cols.unbind(1)
+        n = q1 - q0
+        rep = lambda x: torch.repeat_interleave(x, n)  # noqa: E731
+        starts = torch.cumsum(n, 0) - n
+        rows = torch.arange(int(n.sum())) - rep(starts) + rep(q0)
+        left = torch.maximum(rep(k0), rows + rep(lo))
+        right = torch.minimum(rep(k1) - 1, rows + rep(hi))
+        order = torch.argsort(rows * (self.seqlen_k + 1) + left)
+        rows, left, right = rows[order], left[order], right[order]
+        new = torch.ones_like(rows, dtype=torch.bool)
+        new[1:] = (rows[1:] != rows[:-1]) | (left[1:] != right[:-1] + 1)
+        last = torch.ones_like(new)
+        last[:-1] = new[1:]
+        return rows[new], left[new], right[last]
+
+    def digest(self) -> bytes:
+        """16 bytes that identify the set of visible pairs (not how bands cut it)."""
+        if self._digest is None:
+            rows, lo, hi = self._row_table()
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"{self.seqlen_q}x{self.seqlen_k}".encode())
+            for t in (rows, lo, hi):
+                h.update(t.numpy().tobytes())
+            self._digest = h.digest()
+        return self._digest
+
     def row_intervals(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row visible key intervals as int32 tensors ``lo, hi`` of shape ``[R, Sq]``.
 
@@ -520,20 +613,19 @@ class Mask:
         (1 for causal, varlen, sliding window and block-causal masks).
         """
         sq = self.seqlen_q
-        count = torch.zeros(sq, dtype=torch.int64)
-        slot_of = []
-        for b in self.bands:
-            rows = torch.arange(b.q0, b.q1)
-            slot_of.append(count[b.q0:b.q1].clone())
-            count[b.q0:b.q1] += 1
+        rows, left, right = self._row_table()
+        count = (
+            torch.bincount(rows, minlength=sq)
+            if rows.numel()
+            else torch.zeros(sq, dtype=torch.int64)
+        )
         r = max(int(count.max()) if sq else 0, 1)
+        first = torch.cumsum(count, 0) - count
+        slot = torch.arange(rows.numel()) - first[rows] if rows.numel() else rows
         lo = torch.zeros(r * sq, dtype=torch.int64)
         hi = torch.full((r * sq,), -1, dtype=torch.int64)
-        for b, slot in zip(self.bands, slot_of):
-            rows = torch.arange(b.q0, b.q1)
-            idx = slot * sq + rows
-            lo[idx] = torch.clamp(rows + b.lo, min=b.k0) if b.lo_is_bound else b.k0
-            hi[idx] = torch.clamp(rows + b.hi, max=b.k1 - 1) if b.hi_is_bound else b.k1 - 1
+        lo[slot * sq + rows] = left
+        hi[slot * sq + rows] = right
         lo, hi = lo.view(r, sq).to(torch.int32), hi.view(r, sq).to(torch.int32)
         return lo.to(device), hi.to(device)
 
@@ -544,19 +636,22 @@ class Mask:
             q = torch.arange(b.q0, b.q1, device=device).view(-1, 1)
             k = torch.arange(b.k0, b.k1, device=device).view(1, -1)
             d = k - q
-            dense[b.q0:b.q1, b.k0:b.k1] |= (d >= max(b.lo, NEG_INF_DIAG)) & (d <= b.hi)
+            dense[b.q0 : b.q1, b.k0 : b.k1] |= (d >= max(b.lo, NEG_INF_DIAG)) & (d <= b.hi)
         return dense
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, Mask) and self.shape == other.shape
-                and self.bands == other.bands)
+        """Equal when the same pairs are visible, however the rectangles were cut."""
+        if not isinstance(other, Mask) or self.shape != other.shape:
+            return False
+        return self.bands == other.bands or self.digest() == other.digest()
 
     def __hash__(self) -> int:
-        return self._hash
+        return hash(self.digest())
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"[{q0}:{q1}]x[{k0}:{k1}] {t.value}"
-                          for (q0, q1), (k0, k1), t in self.ranges[:4])
+        shown = ", ".join(
+            f"[{q0}:{q1}]x[{k0}:{k1}] {t.value}" for (q0, q1), (k0, k1), t in self.ranges[:4]
+        )
         more = f", ... ({len(self.bands)} bands)" if len(self.bands) > 4 else ""
         return f"Mask({self.seqlen_q}x{self.seqlen_k}: {shown}{more})"
 
@@ -568,14 +663,26 @@ def _shift_band(b: Band, dq: int, dk: int) -> Band:
 
 
 def _intersect(a: Band, b: Band) -> Band | None:
-    return Band(max(a.q0, b.q0), min(a.q1, b.q1), max(a.k0, b.k0), min(a.k1, b.k1),
-                max(a.lo, b.lo), min(a.hi, b.hi)).normalized()
+    return Band(
+        max(a.q0, b.q0),
+        min(a.q1, b.q1),
+        max(a.k0, b.k0),
+        min(a.k1, b.k1),
+        max(a.lo, b.lo),
+        min(a.hi, b.hi),
+    ).normalized()
 
 
 def _try_join(a: Band, b: Band) -> Band | None:
     """``a | b`` as one band if it is one (a, b disjoint), else None."""
-    cand = Band(min(a.q0, b.q0), max(a.q1, b.q1), min(a.k0, b.k0), max(a.k1, b.k1),
-                min(a.lo, b.lo), max(a.hi, b.hi)).normalized()
+    cand = Band(
+        min(a.q0, b.q0),
+        max(a.q1, b.q1),
+        min(a.k0, b.k0),
+        max(a.k1, b.k1),
+        min(a.lo, b.lo),
+        max(a.hi, b.hi),
+    ).normalized()
     if cand is None or cand.area() != a.area() + b.area():
         return None
     for part in (a, b):  # both inside cand and |cand| = |a| + |b|  =>  cand = a | b
@@ -609,6 +716,16 @@ def _join_bands(bands: list[Band]) -> list[Band]:
                     changed = True
             bands = [b for b in bands if b is not None]
     return bands
+
+
+def _check_lens(seqlen_q, seqlen_k, name_q: str = "seqlen_q") -> int:
+    """Validate sequence lengths before they reach range checks; returns seqlen_k."""
+    for name, val in ((name_q, seqlen_q), ("seqlen_k", seqlen_k)):
+        if val is None and name == "seqlen_k":
+            continue
+        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {val!r}")
+    return seqlen_q if seqlen_k is None else seqlen_k
 
 
 def _check_window(window) -> tuple[int, int]:

@@ -34,8 +34,9 @@ def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
     return lse, wa * inv, wb * inv
 
 
-def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-          lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial results; returns ``(out, lse)`` in the accumulator dtype."""
     dt = acc_dtype(torch.promote_types(out_a.dtype, out_b.dtype))
     lse, wa, wb = _weights(lse_a.to(dt), lse_b.to(dt))
@@ -43,13 +44,16 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     return out, lse
 
 
-def merge_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
-           lse: torch.Tensor) -> None:
+def merge_(
+    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
     """In place: fold ``(out, lse)`` into the accumulators ``acc_out``, ``acc_lse`` (float32,
     or float64)."""
     if acc_out.dtype not in (torch.float32, torch.float64) or acc_lse.dtype != acc_out.dtype:
-        raise ValueError("acc_out, acc_lse: expected float32 (or float64) accumulators of one "
-                         f"dtype, got {acc_out.dtype}, {acc_lse.dtype}")
+        raise ValueError(
+            "acc_out, acc_lse: expected float32 (or float64) accumulators of one "
+            f"dtype, got {acc_out.dtype}, {acc_lse.dtype}"
+        )
     new_lse, wa, wb = _weights(acc_lse, lse.to(acc_lse.dtype))
     acc_out.mul_(wa.unsqueeze(-1)).add_(out.to(acc_out.dtype) * wb.unsqueeze(-1))
     acc_lse.copy_(new_lse)

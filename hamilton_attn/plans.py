@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass, field
 
 from .comm import group_info
@@ -38,8 +39,21 @@ class Plan:
     @property
     def key(self) -> tuple:
         """Identifies the plan across ranks (the rank itself excluded)."""
-        return (hash(self.user_mask), self.placement.kind, self.placement.padded_len,
-                self.schedule.name, self.world_size, self.group_ranks)
+        return (
+            self.user_mask.shape,
+            self.user_mask.digest().hex(),
+            self.placement.kind,
+            self.placement.padded_len,
+            self.schedule.name,
+            self.world_size,
+            self.group_ranks,
+        )
+
+    @functools.cached_property
+    def digest(self) -> int:
+        """A 31-bit digest of ``key`` that is equal in every interpreter (Python's own
+        ``hash`` of strings is salted per process)."""
+        return zlib.crc32(repr(self.key).encode()) & 0x7FFFFFFF
 
     @property
     def local_len(self) -> int:
@@ -59,9 +73,11 @@ class Plan:
         return m
 
     def describe(self) -> str:
-        return (f"Plan(W={self.world_size}, dispatch={self.placement.kind}, "
-                f"schedule={self.schedule.name}, seqlen={self.placement.seqlen} "
-                f"(+{self.placement.pad} pad), {self.report.summary()})")
+        return (
+            f"Plan(W={self.world_size}, dispatch={self.placement.kind}, "
+            f"schedule={self.schedule.name}, seqlen={self.placement.seqlen} "
+            f"(+{self.placement.pad} pad), {self.report.summary()})"
+        )
 
 
 def _pick_dispatch(mask: Mask) -> str:
@@ -76,8 +92,9 @@ def _pick_schedule(world_size: int) -> str:
 def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, options):
     rank, w, ranks = group_info(group)
     if mask.seqlen_q != mask.seqlen_k:
-        raise ValueError(f"mask: context-parallel self-attention needs a square mask, got "
-                         f"{mask.shape}")
+        raise ValueError(
+            f"mask: context-parallel self-attention needs a square mask, got {mask.shape}"
+        )
     if dispatch == "auto":
         dispatch = _pick_dispatch(mask)
     if schedule == "auto":
@@ -101,9 +118,17 @@ def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, op
     return p
 
 
-def plan(mask: Mask, group=None, *, schedule: str = "auto", dispatch: str = "auto",
-         chunk_size: int | None = None, backend: str = "auto", check: str = "first",
-         **schedule_options) -> Plan:
+def plan(
+    mask: Mask,
+    group=None,
+    *,
+    schedule: str = "auto",
+    dispatch: str = "auto",
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    check: str = "first",
+    **schedule_options,
+) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
 
     Args:
@@ -125,7 +150,9 @@ def plan(mask: Mask, group=None, *, schedule: str = "auto", dispatch: str = "aut
     if not isinstance(mask, Mask):
         raise ValueError(f"mask: expected a hamilton_attn.Mask, got {type(mask).__name__}")
     if schedule != "auto" and schedule not in BUILDERS:
-        raise ValueError(f"schedule: expected one of {sorted(BUILDERS)} or 'auto', got {schedule!r}")
+        raise ValueError(
+            f"schedule: expected one of {sorted(BUILDERS)} or 'auto', got {schedule!r}"
+        )
     if dispatch != "auto" and dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: expected one of {DISPATCHES} or 'auto', got {dispatch!r}")
     if backend not in BACKENDS:
@@ -134,5 +161,13 @@ def plan(mask: Mask, group=None, *, schedule: str = "auto", dispatch: str = "aut
         raise ValueError(f"check: expected 'first', 'always' or 'never', got {check!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    return _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check,
-                        tuple(sorted(schedule_options.items())))
+    return _cached_plan(
+        mask,
+        group,
+        schedule,
+        dispatch,
+        chunk_size,
+        backend,
+        check,
+        tuple(sorted(schedule_options.items())),
+    )

@@ -64,8 +64,12 @@ class StepRecord:
         begin = self.t_start.ms_since(origin)
         comp = self.t_compute_end.ms_since(self.t_start) if self.t_compute_end else 0.0
         comm = self.t_transfer_end.ms_since(self.t_start) if self.t_transfer_end else 0.0
-        return {"begin_ms": begin, "compute_ms": comp, "transfer_ms": comm,
-                "exposed_ms": max(0.0, comm - comp)}
+        return {
+            "begin_ms": begin,
+            "compute_ms": comp,
+            "transfer_ms": comm,
+            "exposed_ms": max(0.0, comm - comp),
+        }
 
 
 @dataclass
@@ -88,8 +92,17 @@ class Profiler:
         self._calls += 1
         return self._calls
 
-    def step(self, call: int, phase: str, step: int, rank: int, device: torch.device,
-             blocks: int, bytes_sent: int, bytes_recv: int) -> StepRecord:
+    def step(
+        self,
+        call: int,
+        phase: str,
+        step: int,
+        rank: int,
+        device: torch.device,
+        blocks: int,
+        bytes_sent: int,
+        bytes_recv: int,
+    ) -> StepRecord:
         if self._origin is None:
             self._origin = _Clock(device)
             self._device = device
@@ -102,8 +115,15 @@ class Profiler:
             torch.cuda.synchronize(self._device)
         out = []
         for r in self.records:
-            row = {"call": r.call, "phase": r.phase, "step": r.step, "rank": r.rank,
-                   "blocks": r.blocks, "bytes_sent": r.bytes_sent, "bytes_recv": r.bytes_recv}
+            row = {
+                "call": r.call,
+                "phase": r.phase,
+                "step": r.step,
+                "rank": r.rank,
+                "blocks": r.blocks,
+                "bytes_sent": r.bytes_sent,
+                "bytes_recv": r.bytes_recv,
+            }
             row.update(r.times(self._origin))
             out.append(row)
         return out
@@ -112,8 +132,16 @@ class Profiler:
         """Per phase: summed compute, transfer, exposed transfer (ms), bytes, overlap."""
         agg: dict[str, dict] = {}
         for row in self.rows():
-            a = agg.setdefault(row["phase"], {"compute_ms": 0.0, "transfer_ms": 0.0,
-                                              "exposed_ms": 0.0, "bytes_sent": 0, "steps": 0})
+            a = agg.setdefault(
+                row["phase"],
+                {
+                    "compute_ms": 0.0,
+                    "transfer_ms": 0.0,
+                    "exposed_ms": 0.0,
+                    "bytes_sent": 0,
+                    "steps": 0,
+                },
+            )
             for key in ("compute_ms", "transfer_ms", "exposed_ms", "bytes_sent"):
                 a[key] += row[key]
             a["steps"] += 1
@@ -125,14 +153,39 @@ class Profiler:
     def summary(self) -> str:
         from .verify_cli import format_table
 
-        rows = [(r["call"], r["phase"], r["step"], r["rank"], r["blocks"],
-                 f"{r['compute_ms']:.3f}", f"{r['transfer_ms']:.3f}", f"{r['exposed_ms']:.3f}",
-                 f"{r['bytes_sent'] / 2**20:.2f}") for r in self.rows()]
-        table = format_table(("call", "phase", "step", "rank", "blocks", "compute ms",
-                              "transfer ms", "exposed ms", "sent MiB"), rows)
-        tot = "\n".join(f"{ph}: compute {a['compute_ms']:.3f} ms, transfer {a['transfer_ms']:.3f}"
-                        f" ms, exposed {a['exposed_ms']:.3f} ms, overlap {a['overlap']:.0%}"
-                        for ph, a in self.totals().items())
+        rows = [
+            (
+                r["call"],
+                r["phase"],
+                r["step"],
+                r["rank"],
+                r["blocks"],
+                f"{r['compute_ms']:.3f}",
+                f"{r['transfer_ms']:.3f}",
+                f"{r['exposed_ms']:.3f}",
+                f"{r['bytes_sent'] / 2**20:.2f}",
+            )
+            for r in self.rows()
+        ]
+        table = format_table(
+            (
+                "call",
+                "phase",
+                "step",
+                "rank",
+                "blocks",
+                "compute ms",
+                "transfer ms",
+                "exposed ms",
+                "sent MiB",
+            ),
+            rows,
+        )
+        tot = "\n".join(
+            f"{ph}: compute {a['compute_ms']:.3f} ms, transfer {a['transfer_ms']:.3f}"
+            f" ms, exposed {a['exposed_ms']:.3f} ms, overlap {a['overlap']:.0%}"
+            for ph, a in self.totals().items()
+        )
         return table + "\n" + tot
 
     def export_chrome_trace(self, path: str, *, rank_offset: int = 0) -> None:
@@ -142,18 +195,49 @@ class Profiler:
         for row in self.rows():
             pid = row["rank"] + rank_offset
             name = f"{row['phase']} step {row['step']}"
-            events.append({"name": name, "cat": "compute", "ph": "X", "pid": pid, "tid": 0,
-                           "ts": row["begin_ms"] * 1e3, "dur": row["compute_ms"] * 1e3,
-                           "args": {"blocks": row["blocks"]}})
+            events.append(
+                {
+                    "name": name,
+                    "cat": "compute",
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": 0,
+                    "ts": row["begin_ms"] * 1e3,
+                    "dur": row["compute_ms"] * 1e3,
+                    "args": {"blocks": row["blocks"]},
+                }
+            )
             if row["transfer_ms"] > 0:
-                events.append({"name": name, "cat": "transfer", "ph": "X", "pid": pid, "tid": 1,
-                               "ts": row["begin_ms"] * 1e3, "dur": row["transfer_ms"] * 1e3,
-                               "args": {"bytes_sent": row["bytes_sent"],
-                                        "exposed_ms": row["exposed_ms"]}})
+                events.append(
+                    {
+                        "name": name,
+                        "cat": "transfer",
+                        "ph": "X",
+                        "pid": pid,
+                        "tid": 1,
+                        "ts": row["begin_ms"] * 1e3,
+                        "dur": row["transfer_ms"] * 1e3,
+                        "args": {"bytes_sent": row["bytes_sent"], "exposed_ms": row["exposed_ms"]},
+                    }
+                )
         for pid in {e["pid"] for e in events}:
-            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0,
-                           "args": {"name": "compute"}})
-            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 1,
-                           "args": {"name": "transfer"}})
+            events.append(
+                {
+                    "name": "thread_name",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": 0,
+                    "args": {"name": "compute"},
+                }
+            )
+            events.append(
+                {
+                    "name": "thread_name",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": 1,
+                    "args": {"name": "transfer"},
+                }
+            )
         with open(path, "w") as f:
             json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)

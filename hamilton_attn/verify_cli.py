@@ -25,14 +25,29 @@ def verify_masks(s: int) -> dict[str, tuple[Mask, int, int]]:
         "sliding window": (Mask.sliding_window(s, (s // 8, 0)), s, s),
         "block causal": (Mask.block_causal(s, max(1, s // 5)), s, s),
         "prefix lm": (Mask.prefix_lm(s, s // 3), s, s),
-        "overlapping": (Mask.from_ranges([(0, s), (s // 4, s), (s // 2, s)],
-                                         [(0, s // 3), (s // 5, s), (s // 2, s)],
-                                         ["causal", "inv_causal", "bi_causal"], s, s), s, s),
+        "overlapping": (
+            Mask.from_ranges(
+                [(0, s), (s // 4, s), (s // 2, s)],
+                [(0, s // 3), (s // 5, s), (s // 2, s)],
+                ["causal", "inv_causal", "bi_causal"],
+                s,
+                s,
+            ),
+            s,
+            s,
+        ),
     }
 
 
-def run_verify(device: str, seqlen: int = 97, heads: tuple[int, int] = (4, 2), head_dim: int = 32,
-               dtypes=None, backends=None, printer=print) -> bool:
+def run_verify(
+    device: str,
+    seqlen: int = 97,
+    heads: tuple[int, int] = (4, 2),
+    head_dim: int = 32,
+    dtypes=None,
+    backends=None,
+    printer=print,
+) -> bool:
     dev = torch.device(device)
     if dtypes is None:
         # On GPU each (mask, dtype) compiles FlexAttention anew: bf16, the dtype that
@@ -62,26 +77,64 @@ def run_verify(device: str, seqlen: int = 97, heads: tuple[int, int] = (4, 2), h
             for backend in backends:
                 kernel = None if backend == "auto" else get_kernel(backend)
                 x = [t.detach().requires_grad_() for t in low_in]
-                if kernel is not None and (not kernel.available(dev) or
-                                           kernel.unsupported_reason(*x, mask) is not None):
+                if kernel is not None and (
+                    not kernel.available(dev) or kernel.unsupported_reason(*x, mask) is not None
+                ):
                     continue
                 t0 = time.perf_counter()
-                out = attention(*x, mask, layout="bhsd", backend=backend)
-                grads = torch.autograd.grad((out.float() * g64.to(dev, torch.float32)).sum(), x)
+                try:
+                    out = attention(*x, mask, layout="bhsd", backend=backend)
+                    grads = torch.autograd.grad((out.float() * g64.to(dev, torch.float32)).sum(), x)
+                except Exception as err:  # noqa: BLE001 - a failing backend is a FAIL row
+                    ok_all = False
+                    rows.append(
+                        (
+                            backend,
+                            name,
+                            f"{sq}x{sk}",
+                            str(dtype).replace("torch.", ""),
+                            "error",
+                            f"{type(err).__name__}: {str(err).splitlines()[0][:50]}",
+                            "-",
+                            "-",
+                            "FAIL",
+                        )
+                    )
+                    continue
                 ms = (time.perf_counter() - t0) * 1e3
                 ef = max_err(out, ref)
                 eb = max(max_err(a, b) for a, b in zip(grads, ref_g))
                 atol = 1e-5 if dtype == torch.float32 else 1e-3
                 ok = ef <= error_bound(base_f, atol=atol) and eb <= error_bound(base_b, atol=atol)
                 ok_all &= ok
-                rows.append((backend, name, f"{sq}x{sk}", str(dtype).replace("torch.", ""),
-                             f"{ef:.2e}", f"{eb:.2e}", f"{base_f:.1e}/{base_b:.1e}",
-                             f"{ms:.0f}", "PASS" if ok else "FAIL"))
-    header = ("backend", "mask", "Sq x Sk", "dtype", "err fwd", "err bwd",
-              "same-prec ref f/b", "ms", "result")
+                rows.append(
+                    (
+                        backend,
+                        name,
+                        f"{sq}x{sk}",
+                        str(dtype).replace("torch.", ""),
+                        f"{ef:.2e}",
+                        f"{eb:.2e}",
+                        f"{base_f:.1e}/{base_b:.1e}",
+                        f"{ms:.0f}",
+                        "PASS" if ok else "FAIL",
+                    )
+                )
+    header = (
+        "backend",
+        "mask",
+        "Sq x Sk",
+        "dtype",
+        "err fwd",
+        "err bwd",
+        "same-prec ref f/b",
+        "ms",
+        "result",
+    )
     printer(format_table(header, rows))
-    printer(f"{sum(r[-1] == 'PASS' for r in rows)} passed, "
-            f"{sum(r[-1] == 'FAIL' for r in rows)} failed")
+    printer(
+        f"{sum(r[-1] == 'PASS' for r in rows)} passed, {sum(r[-1] == 'FAIL' for r in rows)} failed"
+    )
     return ok_all
 
 

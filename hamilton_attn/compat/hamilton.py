@@ -16,17 +16,26 @@ from ..masks import Mask
 from ..merge import merge
 from ..plans import plan
 
-__all__ = ["A2AComm", "RingComm", "ring_attention_forward_flash_attn",
-           "update_out_and_lse", "zigzag_ring_attention_forward_flash_attn"]
+__all__ = [
+    "A2AComm",
+    "RingComm",
+    "ring_attention_forward_flash_attn",
+    "update_out_and_lse",
+    "zigzag_ring_attention_forward_flash_attn",
+]
 
 
 def _unsupported(dropout_p, alibi_slopes=None) -> None:
     if dropout_p:
-        raise NotImplementedError("dropout_p > 0 is not supported: hamilton-attn computes exact "
-                                  "attention without dropout; apply dropout outside attention")
+        raise NotImplementedError(
+            "dropout_p > 0 is not supported: hamilton-attn computes exact "
+            "attention without dropout; apply dropout outside attention"
+        )
     if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not supported yet; express the bias with a "
-                                  "FlexAttention score_mod on one device instead")
+        raise NotImplementedError(
+            "alibi_slopes is not supported yet; express the bias with a "
+            "FlexAttention score_mod on one device instead"
+        )
 
 
 def _mask(seqlen: int, causal: bool, window_size) -> Mask:
@@ -47,23 +56,39 @@ def _run(process_group, q, k, v, softmax_scale, causal, window_size, dispatch):
     s_local = q.shape[1]
     if dispatch == "zigzag" and s_local % 2:
         raise ValueError(f"q: zigzag shards hold two equal chunks, got {s_local} local tokens")
-    p = plan(_mask(s_local * w, causal, window_size), process_group, schedule="ring",
-             dispatch=dispatch)
+    p = plan(
+        _mask(s_local * w, causal, window_size), process_group, schedule="ring", dispatch=dispatch
+    )
     return calc_attn(q, k, v, p, scale=softmax_scale, return_lse=True)
 
 
-def ring_attention_forward_flash_attn(process_group, q: torch.Tensor, k: torch.Tensor,
-                                      v: torch.Tensor, softmax_scale, dropout_p=0, causal=False,
-                                      window_size=(-1, -1)):
+def ring_attention_forward_flash_attn(
+    process_group,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale,
+    dropout_p=0,
+    causal=False,
+    window_size=(-1, -1),
+):
     """Ring attention over contiguous shards; returns ``(out, lse)``."""
     _unsupported(dropout_p)
     return _run(process_group, q, k, v, softmax_scale, causal, window_size, "contiguous")
 
 
-def zigzag_ring_attention_forward_flash_attn(process_group, q: torch.Tensor, k: torch.Tensor,
-                                             v: torch.Tensor, softmax_scale, dropout_p=0,
-                                             causal=True, window_size=(-1, -1),
-                                             alibi_slopes=None, deterministic=False):
+def zigzag_ring_attention_forward_flash_attn(
+    process_group,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale,
+    dropout_p=0,
+    causal=True,
+    window_size=(-1, -1),
+    alibi_slopes=None,
+    deterministic=False,
+):
     """Ring attention over zigzag shards (load-balanced causal); returns ``(out, lse)``.
     ``deterministic`` is accepted: results here are always deterministic."""
     _unsupported(dropout_p, alibi_slopes)

@@ -10,5 +10,12 @@ from .placement import (
     zigzag,
 )
 
-__all__ = ["DISPATCHES", "Placement", "compute_pad_size", "contiguous", "make_placement",
-           "stripe", "zigzag"]
+__all__ = [
+    "DISPATCHES",
+    "Placement",
+    "compute_pad_size",
+    "contiguous",
+    "make_placement",
+    "stripe",
+    "zigzag",
+]

@@ -30,8 +30,10 @@ class Placement:
     def __post_init__(self):
         lens = {sum(b - a for a, b in rr) for rr in self.rank_ranges}
         if len(self.rank_ranges) != self.world_size or len(lens) != 1:
-            raise ValueError(f"rank_ranges: expected {self.world_size} ranks of equal length, "
-                             f"got lengths {sorted(lens)}")
+            raise ValueError(
+                f"rank_ranges: expected {self.world_size} ranks of equal length, "
+                f"got lengths {sorted(lens)}"
+            )
         object.__setattr__(self, "_local_len", lens.pop())
 
     @property
@@ -73,15 +75,22 @@ def _coalesce(ranges):
     return out
 
 
-def compute_pad_size(seqlen: int, world_size: int, chunk_size: int = 1,
-                     chunks_per_rank: int = 1) -> int:
+def compute_pad_size(
+    seqlen: int, world_size: int, chunk_size: int = 1, chunks_per_rank: int = 1
+) -> int:
     """Tokens to append so that ``seqlen + pad`` splits into ``world_size * chunks_per_rank``
     chunks whose size is a multiple of ``chunk_size``."""
-    for name, val in (("seqlen", seqlen), ("world_size", world_size),
-                      ("chunk_size", chunk_size), ("chunks_per_rank", chunks_per_rank)):
+    for name, val in (
+        ("seqlen", seqlen),
+        ("world_size", world_size),
+        ("chunk_size", chunk_size),
+        ("chunks_per_rank", chunks_per_rank),
+    ):
         if not isinstance(val, int) or val < (0 if name == "seqlen" else 1):
-            raise ValueError(f"{name}: expected a {'non-negative' if name == 'seqlen' else 'positive'}"
-                             f" int, got {val!r}")
+            raise ValueError(
+                f"{name}: expected a {'non-negative' if name == 'seqlen' else 'positive'}"
+                f" int, got {val!r}"
+            )
     unit = world_size * chunks_per_rank * chunk_size
     return (-seqlen) % unit if seqlen else unit
 
@@ -105,22 +114,31 @@ def contiguous(seqlen: int, world_size: int, *, chunk_size: int = 1) -> Placemen
 def zigzag(seqlen: int, world_size: int, *, chunk_size: int = 1) -> Placement:
     """2W chunks; rank r holds chunks r and 2W-1-r (balances causal work)."""
     w = world_size
-    return _chunked("zigzag", seqlen, world_size, chunk_size, 2,
-                    lambda c: c if c < w else 2 * w - 1 - c)
+    return _chunked(
+        "zigzag", seqlen, world_size, chunk_size, 2, lambda c: c if c < w else 2 * w - 1 - c
+    )
 
 
-def stripe(seqlen: int, world_size: int, *, chunk_size: int | None = None,
-           chunks_per_rank: int | None = None) -> Placement:
+def stripe(
+    seqlen: int,
+    world_size: int,
+    *,
+    chunk_size: int | None = None,
+    chunks_per_rank: int | None = None,
+) -> Placement:
     """Round-robin chunks: chunk c goes to rank c % W. By default 4 chunks per rank."""
     if chunks_per_rank is None:
-        chunks_per_rank = 4 if chunk_size is None else max(
-            1, math.ceil(seqlen / (world_size * chunk_size)))
-    return _chunked("stripe", seqlen, world_size, chunk_size or 1, chunks_per_rank,
-                    lambda c: c % world_size)
+        chunks_per_rank = (
+            4 if chunk_size is None else max(1, math.ceil(seqlen / (world_size * chunk_size)))
+        )
+    return _chunked(
+        "stripe", seqlen, world_size, chunk_size or 1, chunks_per_rank, lambda c: c % world_size
+    )
 
 
-def make_placement(kind: str, seqlen: int, world_size: int, *,
-                   chunk_size: int | None = None) -> Placement:
+def make_placement(
+    kind: str, seqlen: int, world_size: int, *, chunk_size: int | None = None
+) -> Placement:
     if kind == "contiguous":
         return contiguous(seqlen, world_size, chunk_size=chunk_size or 1)
     if kind == "zigzag":

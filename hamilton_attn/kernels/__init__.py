@@ -19,7 +19,7 @@ from .reference import ReferenceKernel
 BACKENDS = ("auto", "reference", "sdpa", "flex")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_kernel(name: str) -> AttentionKernel:
     if name == "reference":
         return ReferenceKernel()
@@ -34,8 +34,9 @@ def get_kernel(name: str) -> AttentionKernel:
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
 
 
-def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: Mask) -> AttentionKernel:
+def select_kernel(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
+) -> AttentionKernel:
     """The kernel that runs this block: ``backend`` itself, or for ``auto`` the fastest
     that supports it (sdpa for FULL / CAUSAL pieces, else flex on GPU, else reference).
     Raises ValueError if a named backend cannot run the block."""
@@ -55,5 +56,11 @@ def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return get_kernel("reference")
 
 
-__all__ = ["AttentionKernel", "BACKENDS", "check_block", "empty_result", "get_kernel",
-           "select_kernel"]
+__all__ = [
+    "AttentionKernel",
+    "BACKENDS",
+    "check_block",
+    "empty_result",
+    "get_kernel",
+    "select_kernel",
+]

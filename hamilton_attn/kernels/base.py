@@ -30,13 +30,19 @@ class AttentionKernel:
     def available(self, device: torch.device) -> bool:
         return True
 
-    def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: Mask) -> str | None:
+    def unsupported_reason(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
+    ) -> str | None:
         """None if this backend can run the block, else why not (for errors and `auto`)."""
         return None
 
     def forward(self, q, k, v, mask: Mask, scale: float):
         raise NotImplementedError
+
+    def differentiable(self, q, k, v, mask: Mask, scale: float):
+        """``(out, lse)`` with a native autograd graph, when the backend has one that is
+        faster than forward + backward (one-device calls use it); None otherwise."""
+        return None
 
     def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
         raise NotImplementedError
@@ -48,7 +54,9 @@ class AttentionKernel:
 def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> None:
     """Shape checks shared by every backend (bhsd)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v: expected 4-d bhsd tensors, got {q.dim()}, {k.dim()}, {v.dim()} dims")
+        raise ValueError(
+            f"q, k, v: expected 4-d bhsd tensors, got {q.dim()}, {k.dim()}, {v.dim()} dims"
+        )
     b, hq, sq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
         raise ValueError(f"k, v: batch {k.shape[0]}, {v.shape[0]} != q's {b}")

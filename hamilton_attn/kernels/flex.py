@@ -292,6 +292,19 @@ class FlexKernel(AttentionKernel):
             lse = lse.index_fill(2, fm.empty_rows, float("-inf"))
         return out, lse
 
+    def differentiable(self, q, k, v, mask: Mask, scale: float):
+        """On GPU: compiled flex with its own backward (no recompute of the forward, which
+        the block-share backward needs); None on CPU, where flex has no backward."""
+        if not q.is_cuda or mask.is_empty() or self.unsupported_reason(q, k, v, mask):
+            return None
+        fm = self._prepared(q, mask)
+        out, lse = _call_flex(compiled_flex_attention(), q, k, v, fm, scale)
+        lse = lse.detach().to(lse_dtype(q.dtype))
+        if fm.empty_rows.numel():
+            out = out.index_fill(2, fm.empty_rows, 0.0)
+            lse = lse.index_fill(2, fm.empty_rows, float("-inf"))
+        return out, lse
+
     def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
         """This block's share of ``(dq, dk, dv)`` given the (possibly merged) out / lse."""
         check_block(q, k, v, mask)

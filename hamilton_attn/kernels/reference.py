@@ -77,5 +77,8 @@ class ReferenceKernel(AttentionKernel):
             dq[:, :, r0:r1] = torch.matmul(ds, kf) * scale
             dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
             dv += torch.matmul(p.transpose(-1, -2), do)
-        return (dq.to(q.dtype), reduce_kv_grad(dk, hk).to(k.dtype),
-                reduce_kv_grad(dv, hk).to(v.dtype))
+        return (
+            dq.to(q.dtype),
+            reduce_kv_grad(dk, hk).to(k.dtype),
+            reduce_kv_grad(dv, hk).to(v.dtype),
+        )

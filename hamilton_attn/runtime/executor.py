@@ -34,8 +34,10 @@ def _take(x_BSHD: torch.Tensor, ranges) -> torch.Tensor:
 
 
 def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> dict[PieceId, torch.Tensor]:
-    return {PieceId(plan.rank, part): torch.stack([_take(k_BSHD, rr), _take(v_BSHD, rr)])
-            for part, rr in enumerate(plan.schedule.parts)}
+    return {
+        PieceId(plan.rank, part): torch.stack([_take(k_BSHD, rr), _take(v_BSHD, rr)])
+        for part, rr in enumerate(plan.schedule.parts)
+    }
 
 
 def _last_use(plan: Plan, steps) -> dict[PieceId, int]:
@@ -70,8 +72,16 @@ def _kv_transfers(plan: Plan, step, held, sends, recvs, received) -> None:
 
 def _record(prof, call, phase, s, plan, step, q, sends, recvs):
     nbytes = lambda items: sum(t.numel() * t.element_size() for t, _ in items)  # noqa: E731
-    return prof.step(call, phase, s, plan.rank, q.device, len(step.compute[plan.rank]),
-                     nbytes(sends), nbytes(recvs))
+    return prof.step(
+        call,
+        phase,
+        s,
+        plan.rank,
+        q.device,
+        len(step.compute[plan.rank]),
+        nbytes(sends),
+        nbytes(recvs),
+    )
 
 
 def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
@@ -139,8 +149,9 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
             elif t.dst == r:
                 ref = held[PieceId(r, 0)]
                 n = plan.schedule.part_len(t.piece.part)
-                buf = torch.empty((2, ref.shape[1], n) + tuple(ref.shape[3:]),
-                                  dtype=gdt, device=ref.device)
+                buf = torch.empty(
+                    (2, ref.shape[1], n) + tuple(ref.shape[3:]), dtype=gdt, device=ref.device
+                )
                 recvs.append((buf, t.src))
                 grads_in.append((t.piece, buf))
         rec = None if prof is None else _record(prof, call, "bwd", s, plan, step, q, sends, recvs)
@@ -177,8 +188,8 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
             continue
         pos = 0
         for a, b in rr:
-            dk[:, a:b] = acc[0][:, pos:pos + b - a]
-            dv[:, a:b] = acc[1][:, pos:pos + b - a]
+            dk[:, a:b] = acc[0][:, pos : pos + b - a]
+            dv[:, a:b] = acc[1][:, pos : pos + b - a]
             pos += b - a
     return (dq.to(q_BSHD.dtype).transpose(1, 2), dk.to(k_BSHD.dtype), dv.to(v_BSHD.dtype))
 

@@ -84,5 +84,4 @@ def undispatch(x_local: torch.Tensor, plan: Plan, seq_dim: int = 1) -> torch.Ten
 def get_position_ids(plan: Plan, device=None) -> torch.Tensor:
     """Global positions of this rank's local tokens (for RoPE); padding gets positions
     ``>= seqlen``."""
-    return torch.tensor(plan.placement.global_indices(plan.rank), dtype=torch.long,
-                        device=device)
+    return torch.tensor(plan.placement.global_indices(plan.rank), dtype=torch.long, device=device)

@@ -37,6 +37,19 @@ def build_routing(name: str, world_size: int, local_len: int, **options) -> Rout
     return BUILDERS[name](world_size, local_len, **options)
 
 
-__all__ = ["BUILDERS", "PieceId", "Routing", "Schedule", "ScheduleError", "ScheduleReport",
-           "Step", "Transfer", "build_routing", "finalize", "prune", "register_schedule",
-           "split_even", "verify"]
+__all__ = [
+    "BUILDERS",
+    "PieceId",
+    "Routing",
+    "Schedule",
+    "ScheduleError",
+    "ScheduleReport",
+    "Step",
+    "Transfer",
+    "build_routing",
+    "finalize",
+    "prune",
+    "register_schedule",
+    "split_even",
+    "verify",
+]

@@ -9,5 +9,11 @@ from .ir import PieceId, Routing, Transfer, split_even
 def allgather(world_size: int, local_len: int) -> Routing:
     w = world_size
     step0 = tuple(Transfer(PieceId(o), o, d) for o in range(w) for d in range(w) if d != o)
-    return Routing("allgather", w, split_even(local_len, 1), (step0,) if w > 1 else (),
-                   grad_route="direct", buffer_budget=float(max(w - 1, 1)))
+    return Routing(
+        "allgather",
+        w,
+        split_even(local_len, 1),
+        (step0,) if w > 1 else (),
+        grad_route="direct",
+        buffer_budget=float(max(w - 1, 1)),
+    )

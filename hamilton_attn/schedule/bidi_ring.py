@@ -16,5 +16,11 @@ def bidi_ring(world_size: int, local_len: int) -> Routing:
             else:  # two ranks have one link: both halves cross it in one step
                 step.append(Transfer(PieceId(r, 1), r, 1 - r)) if s == 0 else None
         steps.append(tuple(t for t in step if t is not None))
-    return Routing("bidi_ring", w, split_even(local_len, 2), tuple(steps),
-                   grad_route="follow", buffer_budget=2.0)
+    return Routing(
+        "bidi_ring",
+        w,
+        split_even(local_len, 2),
+        tuple(steps),
+        grad_route="follow",
+        buffer_budget=2.0,
+    )

@@ -12,7 +12,20 @@ def direct(world_size: int, local_len: int) -> Routing:
     n = w - 1
     steps = []
     for t in range(n):
-        steps.append(tuple(Transfer(PieceId(r, (t + d - r) % n), r, d)
-                           for r in range(w) for d in range(w) if d != r))
-    return Routing("direct", w, split_even(local_len, n), tuple(steps), grad_route="direct",
-                   buffer_budget=2.0, comm="a2a")
+        steps.append(
+            tuple(
+                Transfer(PieceId(r, (t + d - r) % n), r, d)
+                for r in range(w)
+                for d in range(w)
+                if d != r
+            )
+        )
+    return Routing(
+        "direct",
+        w,
+        split_even(local_len, n),
+        tuple(steps),
+        grad_route="direct",
+        buffer_budget=2.0,
+        comm="a2a",
+    )

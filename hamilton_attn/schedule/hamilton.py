@@ -7,8 +7,9 @@ dK/dV follow their pieces round the cycle and come home on its last arc."""
 from .ir import PieceId, Routing, Transfer, split_even
 
 
-def cycle_routing(name: str, world_size: int, local_len: int, cycles: list[list[int]],
-                  **kw) -> Routing:
+def cycle_routing(
+    name: str, world_size: int, local_len: int, cycles: list[list[int]], **kw
+) -> Routing:
     """Piece c of every rank travels once round ``cycles[c]`` (each a Hamiltonian cycle)."""
     w = world_size
     succ = [{c[i]: c[(i + 1) % w] for i in range(w)} for c in cycles]
@@ -23,8 +24,15 @@ def cycle_routing(name: str, world_size: int, local_len: int, cycles: list[list[
                     owner = pred[c][owner]
                 step.append(Transfer(PieceId(owner, c), r, succ[c][r]))
         steps.append(tuple(step))
-    return Routing(name, w, split_even(local_len, len(cycles)), tuple(steps),
-                   grad_route="follow", buffer_budget=2.0, **kw)
+    return Routing(
+        name,
+        w,
+        split_even(local_len, len(cycles)),
+        tuple(steps),
+        grad_route="follow",
+        buffer_budget=2.0,
+        **kw,
+    )
 
 
 def hamilton(world_size: int, local_len: int) -> Routing:
@@ -32,5 +40,6 @@ def hamilton(world_size: int, local_len: int) -> Routing:
         return Routing("hamilton", 1, split_even(local_len, 1), ())
     from ..topology import hamiltonian_decomposition
 
-    return cycle_routing("hamilton", world_size, local_len,
-                         hamiltonian_decomposition(world_size), comm="a2a")
+    return cycle_routing(
+        "hamilton", world_size, local_len, hamiltonian_decomposition(world_size), comm="a2a"
+    )

@@ -13,11 +13,14 @@ from .ir import Routing
 def hamilton_2level(world_size: int, local_len: int, node_size: int | None = None) -> Routing:
     m = node_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
     if m is None:
-        raise ValueError("node_size: hamilton_2level needs the devices per node (pass "
-                         "node_size=, or run under torchrun so LOCAL_WORLD_SIZE is set)")
+        raise ValueError(
+            "node_size: hamilton_2level needs the devices per node (pass "
+            "node_size=, or run under torchrun so LOCAL_WORLD_SIZE is set)"
+        )
     if world_size % m or world_size // m < 2:
-        raise ValueError(f"node_size: {m} must divide the world size {world_size} into at "
-                         "least 2 nodes")
+        raise ValueError(
+            f"node_size: {m} must divide the world size {world_size} into at least 2 nodes"
+        )
     from ..topology import two_level_cycles
 
     cycles = two_level_cycles(world_size // m, m)

@@ -83,19 +83,23 @@ class Schedule:
 
     def forward_steps(self) -> tuple[Step, ...]:
         """Steps the forward pass runs: up to the last with compute or KV transfers."""
-        last = max((i for i, s in enumerate(self.steps)
-                    if s.transfers or any(s.compute)), default=-1)
+        last = max(
+            (i for i, s in enumerate(self.steps) if s.transfers or any(s.compute)), default=-1
+        )
         return self.steps[: last + 1]
 
     def describe(self, rank: int | None = None) -> str:
-        lines = [f"schedule {self.name}: W={self.world_size}, {len(self.parts)} part(s) "
-                 f"per rank, {self.num_steps} steps, grads {self.grad_route}"]
+        lines = [
+            f"schedule {self.name}: W={self.world_size}, {len(self.parts)} part(s) "
+            f"per rank, {self.num_steps} steps, grads {self.grad_route}"
+        ]
         for s, step in enumerate(self.steps):
             ranks = range(self.world_size) if rank is None else [rank]
             comp = "; ".join(f"r{r}:{','.join(map(str, step.compute[r])) or '-'}" for r in ranks)
             tx = ", ".join(str(t) for t in step.transfers if rank is None or rank in (t.src, t.dst))
-            gx = ", ".join(str(t) for t in step.grad_transfers
-                           if rank is None or rank in (t.src, t.dst))
+            gx = ", ".join(
+                str(t) for t in step.grad_transfers if rank is None or rank in (t.src, t.dst)
+            )
             lines.append(f"  step {s}: compute {comp} | kv {tx or '-'} | dkv {gx or '-'}")
         return "\n".join(lines)
 

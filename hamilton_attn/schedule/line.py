@@ -17,5 +17,6 @@ def line(world_size: int, local_len: int) -> Routing:
             if r - 1 >= 0 and west < w:
                 step.append(Transfer(PieceId(west), r, r - 1))
         steps.append(tuple(step))
-    return Routing("line", w, split_even(local_len, 1), tuple(steps), grad_route="reverse",
-                   buffer_budget=4.0)
+    return Routing(
+        "line", w, split_even(local_len, 1), tuple(steps), grad_route="reverse", buffer_budget=4.0
+    )

@@ -41,8 +41,9 @@ def prune(routing: Routing, needs: Needs) -> tuple[tuple[Transfer, ...], ...]:
     return tuple(reversed(kept))
 
 
-def _route_grads(routing: Routing, steps: list[list[Transfer]],
-                 compute_step: dict[tuple[int, PieceId], int]) -> list[list[Transfer]]:
+def _route_grads(
+    routing: Routing, steps: list[list[Transfer]], compute_step: dict[tuple[int, PieceId], int]
+) -> list[list[Transfer]]:
     """Grad transfers per step for the routing's ``grad_route``."""
     parent: dict[tuple[int, PieceId], int] = {}
     children: dict[tuple[int, PieceId], list[int]] = {}
@@ -89,7 +90,7 @@ def _route_grads(routing: Routing, steps: list[list[Transfer]],
             send_at[(r, p)] = t
             return t
 
-        for (r, p) in parent:
+        for r, p in parent:
             t = when(r, p)
             grads.setdefault(t, []).append(Transfer(p, r, parent[(r, p)]))
     else:
@@ -101,8 +102,15 @@ def _route_grads(routing: Routing, steps: list[list[Transfer]],
 def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Schedule:
     """Attach compute where each needed piece first arrives, prune, route gradients."""
     w = routing.world_size
-    pruned = Routing(routing.name, w, routing.parts, prune(routing, needs), routing.grad_route,
-                     routing.buffer_budget, routing.comm)
+    pruned = Routing(
+        routing.name,
+        w,
+        routing.parts,
+        prune(routing, needs),
+        routing.grad_route,
+        routing.buffer_budget,
+        routing.comm,
+    )
     arrivals = _arrivals(pruned)
     compute_step = {(r, p): s for (r, p), s in arrivals.items() if needs(r, p)}
     steps_t = [list(t) for t in pruned.steps]
@@ -115,13 +123,22 @@ def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Sch
         compute[s][r].append(p)
     steps = []
     for s in range(n):
-        steps.append(Step(
-            compute=tuple(tuple(c) for c in compute[s]),
-            transfers=tuple(steps_t[s]) if s < len(steps_t) else (),
-            grad_transfers=tuple(grads[s]) if s < len(grads) else (),
-        ))
-    while steps and not (steps[-1].transfers or steps[-1].grad_transfers
-                         or any(steps[-1].compute)):
+        steps.append(
+            Step(
+                compute=tuple(tuple(c) for c in compute[s]),
+                transfers=tuple(steps_t[s]) if s < len(steps_t) else (),
+                grad_transfers=tuple(grads[s]) if s < len(grads) else (),
+            )
+        )
+    while steps and not (steps[-1].transfers or steps[-1].grad_transfers or any(steps[-1].compute)):
         steps.pop()
-    return Schedule(routing.name, w, routing.parts, tuple(steps), routing.buffer_budget,
-                    routing.comm, routing.grad_route, dict(meta or {}))
+    return Schedule(
+        routing.name,
+        w,
+        routing.parts,
+        tuple(steps),
+        routing.buffer_budget,
+        routing.comm,
+        routing.grad_route,
+        dict(meta or {}),
+    )

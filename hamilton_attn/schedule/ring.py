@@ -9,5 +9,6 @@ def ring(world_size: int, local_len: int) -> Routing:
         tuple(Transfer(PieceId((r - s) % w), r, (r + 1) % w) for r in range(w))
         for s in range(w - 1)
     )
-    return Routing("ring", w, split_even(local_len, 1), steps, grad_route="follow",
-                   buffer_budget=2.0)
+    return Routing(
+        "ring", w, split_even(local_len, 1), steps, grad_route="follow", buffer_budget=2.0
+    )

@@ -30,10 +30,12 @@ class ScheduleReport:
 
     def summary(self, bytes_per_token: int = 1) -> str:
         f = bytes_per_token
-        return (f"{self.steps} steps, {self.blocks} blocks, max sent/rank "
-                f"{max(self.sent_tokens, default=0) * f}, max buffer/rank "
-                f"{max(self.peak_buffer_tokens, default=0) * f}, redundant transfers "
-                f"{self.redundant_transfers}")
+        return (
+            f"{self.steps} steps, {self.blocks} blocks, max sent/rank "
+            f"{max(self.sent_tokens, default=0) * f}, max buffer/rank "
+            f"{max(self.peak_buffer_tokens, default=0) * f}, redundant transfers "
+            f"{self.redundant_transfers}"
+        )
 
 
 def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleReport:
@@ -49,10 +51,13 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
     plen = [schedule.part_len(p) for p in range(len(schedule.parts))]
     covered = sorted(i for rr in schedule.parts for a, b in rr for i in range(a, b))
     if covered != list(range(local_len)):
-        raise ScheduleError(f"{schedule.name}: parts {schedule.parts} do not cut the "
-                            f"{local_len} local tokens exactly once")
-    held: list[dict[PieceId, int]] = [{PieceId(r, p): 0 for p in range(len(plen))}
-                                      for r in range(w)]
+        raise ScheduleError(
+            f"{schedule.name}: parts {schedule.parts} do not cut the "
+            f"{local_len} local tokens exactly once"
+        )
+    held: list[dict[PieceId, int]] = [
+        {PieceId(r, p): 0 for p in range(len(plen))} for r in range(w)
+    ]
     computed: Counter = Counter()
     last_use: dict[tuple[int, PieceId], int] = {}
     sent = [0] * w
@@ -70,10 +75,14 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
         in_flight_grads = []
         for t in step.grad_transfers:
             if t.src == t.piece.owner:
-                raise ScheduleError(f"{where}, rank {t.src}: sends the gradient of its own {t.piece}")
+                raise ScheduleError(
+                    f"{where}, rank {t.src}: sends the gradient of its own {t.piece}"
+                )
             if not acc[t.src].get(t.piece):
-                raise ScheduleError(f"{where}, rank {t.src}: sends an empty dK/dV accumulator "
-                                    f"of {t.piece} to rank {t.dst}")
+                raise ScheduleError(
+                    f"{where}, rank {t.src}: sends an empty dK/dV accumulator "
+                    f"of {t.piece} to rank {t.dst}"
+                )
             in_flight_grads.append((t, acc[t.src].pop(t.piece)))
             gsent[t.src] += plen[t.piece.part]
         link_step: Counter = Counter()
@@ -84,8 +93,10 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
             if t.piece not in held[t.src]:
                 raise ScheduleError(f"{where}, rank {t.src}: sends {t.piece} it does not hold")
             if t.piece in held[t.dst] or (t.dst, t.piece) in seen_dst:
-                raise ScheduleError(f"{where}, rank {t.dst}: receives {t.piece} it already holds "
-                                    "(redundant transfer)")
+                raise ScheduleError(
+                    f"{where}, rank {t.dst}: receives {t.piece} it already holds "
+                    "(redundant transfer)"
+                )
             seen_dst.add((t.dst, t.piece))
             n = plen[t.piece.part]
             sent[t.src] += n
@@ -114,20 +125,25 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
             for part in range(len(plen)):
                 p = PieceId(o, part)
                 if needs(r, p) and not computed[(r, p)]:
-                    raise ScheduleError(f"{schedule.name}: rank {r} never computes {p}, "
-                                        "which its queries attend to")
+                    raise ScheduleError(
+                        f"{schedule.name}: rank {r} never computes {p}, which its queries attend to"
+                    )
     for r in range(w):
         for p, contrib in acc[r].items():
             if p.owner != r and contrib:
-                raise ScheduleError(f"{schedule.name}: rank {r} is left holding dK/dV of {p} "
-                                    f"(from ranks {sorted(contrib)})")
+                raise ScheduleError(
+                    f"{schedule.name}: rank {r} is left holding dK/dV of {p} "
+                    f"(from ranks {sorted(contrib)})"
+                )
     for o in range(w):
         for part in range(len(plen)):
             p = PieceId(o, part)
             want = Counter({r: 1 for r in range(w) if computed[(r, p)]})
             if acc[o].get(p, Counter()) != want:
-                raise ScheduleError(f"{schedule.name}: dK/dV of {p} reaches its owner from "
-                                    f"{dict(acc[o].get(p, {}))}, expected once from {sorted(want)}")
+                raise ScheduleError(
+                    f"{schedule.name}: dK/dV of {p} reaches its owner from "
+                    f"{dict(acc[o].get(p, {}))}, expected once from {sorted(want)}"
+                )
     peak = []
     for r in range(w):
         live = [0] * (len(schedule.steps) + 1)
@@ -139,12 +155,21 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
                 live[s] += plen[p.part]
         peak.append(max(live, default=0))
         if peak[-1] > schedule.buffer_budget * local_len + 1e-9:
-            raise ScheduleError(f"{schedule.name}: rank {r} holds {peak[-1]} received KV tokens "
-                                f"at once, over its budget of {schedule.buffer_budget} x "
-                                f"{local_len}")
-    redundant = sum(1 for r in range(w) for p in held[r]
-                    if p.owner != r and (r, p) not in last_use)
+            raise ScheduleError(
+                f"{schedule.name}: rank {r} holds {peak[-1]} received KV tokens "
+                f"at once, over its budget of {schedule.buffer_budget} x "
+                f"{local_len}"
+            )
+    redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and (r, p) not in last_use)
     return ScheduleReport(
-        steps=len(schedule.steps), sent_tokens=sent, recv_tokens=recv, grad_sent_tokens=gsent,
-        link_tokens=dict(links), peak_buffer_tokens=peak, blocks=sum(computed.values()),
-        empty_blocks=empty, redundant_transfers=redundant, per_step_max_link_tokens=step_max_link)
+        steps=len(schedule.steps),
+        sent_tokens=sent,
+        recv_tokens=recv,
+        grad_sent_tokens=gsent,
+        link_tokens=dict(links),
+        peak_buffer_tokens=peak,
+        blocks=sum(computed.values()),
+        empty_blocks=empty,
+        redundant_transfers=redundant,
+        per_step_max_link_tokens=step_max_link,
+    )

@@ -31,8 +31,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, n: int, port: int, tasks, results, timeout_s: float, threads: int,
-            backend: str = "gloo"):
+def _worker(
+    rank: int,
+    n: int,
+    port: int,
+    tasks,
+    results,
+    timeout_s: float,
+    threads: int,
+    backend: str = "gloo",
+):
     os.environ["HAMILTON_ATTN_TIMEOUT"] = str(timeout_s)
     import torch
     import torch.distributed as dist
@@ -43,10 +51,18 @@ def _worker(rank: int, n: int, port: int, tasks, results, timeout_s: float, thre
         if backend == "nccl":
             torch.cuda.set_device(rank)
             kwargs["device_id"] = torch.device("cuda", rank)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=n, timeout=timedelta(seconds=timeout_s), **kwargs)
-        groups = {w: (dist.group.WORLD if w == n else dist.new_group(list(range(w))))
-                  for w in range(1, n + 1)}
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=n,
+            timeout=timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+        groups = {
+            w: (dist.group.WORLD if w == n else dist.new_group(list(range(w))))
+            for w in range(1, n + 1)
+        }
         results.put((rank, "ready", None))
     except Exception:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", traceback.format_exc()))
@@ -69,8 +85,9 @@ def _worker(rank: int, n: int, port: int, tasks, results, timeout_s: float, thre
 class GlooPool:
     """See the module docstring; ``backend="nccl"`` puts rank r on GPU r instead."""
 
-    def __init__(self, world_size: int, *, timeout_s: float = 120.0, threads: int = 1,
-                 backend: str = "gloo"):
+    def __init__(
+        self, world_size: int, *, timeout_s: float = 120.0, threads: int = 1, backend: str = "gloo"
+    ):
         if world_size < 1:
             raise ValueError(f"world_size: expected >= 1, got {world_size}")
         if backend not in ("gloo", "nccl"):
@@ -84,10 +101,23 @@ class GlooPool:
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         port = _free_port()
-        self._procs = [ctx.Process(target=_worker, daemon=True,
-                                   args=(r, world_size, port, self._tasks[r], self._results,
-                                         timeout_s, threads, backend))
-                       for r in range(world_size)]
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                args=(
+                    r,
+                    world_size,
+                    port,
+                    self._tasks[r],
+                    self._results,
+                    timeout_s,
+                    threads,
+                    backend,
+                ),
+            )
+            for r in range(world_size)
+        ]
         for p in self._procs:
             p.start()
         self._calls = 0
@@ -104,8 +134,9 @@ class GlooPool:
             except queue.Empty:
                 missing = sorted(want - set(got) - set(errors))
                 self.close()
-                raise TimeoutError(f"GlooPool: ranks {missing} did not answer within "
-                                   f"{self.timeout_s + 30:.0f} s") from None
+                raise TimeoutError(
+                    f"GlooPool: ranks {missing} did not answer within {self.timeout_s + 30:.0f} s"
+                ) from None
             if status == "ready" and kind == "ready":
                 got[rank] = None
             elif status == "ok":
@@ -123,9 +154,11 @@ class GlooPool:
         if errors:
             first = min(errors)
             detail = "\n".join(f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors))
-            raise RankError(f"ranks {sorted(errors)} failed; first: "
-                            f"{errors[first].strip().splitlines()[-1]}\n{detail}",
-                            errors)
+            raise RankError(
+                f"ranks {sorted(errors)} failed; first: "
+                f"{errors[first].strip().splitlines()[-1]}\n{detail}",
+                errors,
+            )
         return [got[r] for r in sorted(want)]
 
     def run(self, fn, world_size: int | None = None, *args, **kwargs) -> list:
