@@ -67,7 +67,7 @@ def run_rank(
         t0 = time.perf_counter()
         try:
             p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp)
-        except ValueError as err:  # the schedule does not exist for this world size
+        except (ValueError, ImportError) as err:  # no such schedule at this world size
             rows.append(
                 (
                     sched,

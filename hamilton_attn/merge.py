@@ -14,6 +14,9 @@ computed in float32 (float64 for float64 inputs) with the larger lse factored ou
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 
@@ -54,6 +57,8 @@ def merge_(
             "acc_out, acc_lse: expected float32 (or float64) accumulators of one "
             f"dtype, got {acc_out.dtype}, {acc_lse.dtype}"
         )
+    if acc_out.is_cuda and _fused_merge(acc_out, acc_lse, out, lse):
+        return
     new_lse, wa, wb = _weights(acc_lse, lse.to(acc_lse.dtype))
     acc_out.mul_(wa.unsqueeze(-1)).add_(out.to(acc_out.dtype) * wb.unsqueeze(-1))
     acc_lse.copy_(new_lse)

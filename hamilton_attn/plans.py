@@ -72,6 +72,20 @@ class Plan:
             self._block_masks[key] = m
         return m
 
+    def block(self, rank: int, piece: PieceId) -> tuple[Mask, tuple[int, int], tuple[int, int]]:
+        """The block trimmed to its mask's bounding box: ``(mask, q_range, k_range)`` with
+        the mask re-based to the box (kernels and merges touch only rows and keys that
+        matter: a zigzag rank's remote block covers half its rows)."""
+        key = ("box", rank, piece)
+        hit = self._block_masks.get(key)
+        if hit is None:
+            m = self.block_mask(rank, piece)
+            qr = (min(b.q0 for b in m.bands), max(b.q1 for b in m.bands))
+            kr = (min(b.k0 for b in m.bands), max(b.k1 for b in m.bands))
+            hit = (m.slice(qr, kr), qr, kr)
+            self._block_masks[key] = hit
+        return hit
+
     def describe(self) -> str:
         return (
             f"Plan(W={self.world_size}, dispatch={self.placement.kind}, "

@@ -101,15 +101,19 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
         for p in step.compute[r]:
             kv = held[p]
-            k, v = _bhsd(kv, 0), _bhsd(kv, 1)
-            m = plan.block_mask(r, p)
-            kernel = select_kernel(plan.backend, q, k, v, m)
-            o, l = kernel.forward(q, k, v, m, scale)
+            m, (qa, qb), (ka, kb) = plan.block(r, p)
+            qb_, k, v = q[:, :, qa:qb], _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
+            kernel = select_kernel(plan.backend, qb_, k, v, m)
+            o, l = kernel.forward(qb_, k, v, m, scale)
             if acc_out is None:
                 dt = acc_dtype(q.dtype)
-                acc_out, acc_lse = o.to(dt), l.to(dt).clone()
+                b, hq, sq, _ = q.shape
+                acc_out = torch.zeros(b, hq, sq, v.shape[-1], dtype=dt, device=q.device)
+                acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
+                acc_out[:, :, qa:qb] = o
+                acc_lse[:, :, qa:qb] = l
             else:
-                merge_(acc_out, acc_lse, o, l)
+                merge_(acc_out[:, :, qa:qb], acc_lse[:, :, qa:qb], o, l)
         if rec is not None:
             rec.t_compute_end = profile._Clock(q.device)
         if pending is not None:
@@ -158,16 +162,18 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
         for p in step.compute[r]:
             kv = held[p]
-            k, v = _bhsd(kv, 0), _bhsd(kv, 1)
-            m = plan.block_mask(r, p)
-            kernel = select_kernel(plan.backend, q, k, v, m)
-            dq_b, dk_b, dv_b = kernel.backward(dout, q, k, v, out, lse_BHS, m, scale)
-            dq += dq_b
+            m, (qa, qb), (ka, kb) = plan.block(r, p)
+            rows = slice(qa, qb)
+            k, v = _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
+            kernel = select_kernel(plan.backend, q[:, :, rows], k, v, m)
+            dq_b, dk_b, dv_b = kernel.backward(dout[:, :, rows], q[:, :, rows], k, v,
+                                               out[:, :, rows], lse_BHS[:, :, rows], m, scale)
+            dq[:, :, rows] += dq_b
             acc = grad_acc.get(p)
             if acc is None:
                 acc = grad_acc[p] = torch.zeros(kv.shape, dtype=gdt, device=kv.device)
-            acc[0] += dk_b.transpose(1, 2)
-            acc[1] += dv_b.transpose(1, 2)
+            acc[0][:, ka:kb] += dk_b.transpose(1, 2)
+            acc[1][:, ka:kb] += dv_b.transpose(1, 2)
         if rec is not None:
             rec.t_compute_end = profile._Clock(q.device)
         if pending is not None:
