@@ -7,20 +7,23 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The device returns at most 8 files from $OUT: work in a folder, tar it at the end.
 FINAL="${OUT:-$PWD/gpu_out}"; OUT=/tmp/gpu_out; rm -rf "$OUT"; mkdir -p "$OUT" "$FINAL"
-STAGES="${STAGES:-verify kernels demo bench trace}"
+STAGES="${STAGES:-demo:150 bench:200 trace:60 kernels:120 verify:100}"
 nvidia-smi -L | tee "$OUT/hardware.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/hardware.txt"
-run() { local name=$1; shift; echo "=== $name: $*"; timeout "${STAGE_TIMEOUT:-300}" "$@" 2>&1 | tee "$OUT/$name.txt"; echo "=== $name exit ${PIPESTATUS[0]}"; }
-for stage in $STAGES; do
+# Each stage has its own time limit ("name:seconds" in STAGES); results are re-packed
+# after every stage so a later stage running out of time loses nothing.
+run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"; echo "=== $name exit ${PIPESTATUS[0]}"; tar czf "$FINAL/gpu_results.tar.gz" -C /tmp gpu_out; }
+for item in $STAGES; do
+  stage=${item%%:*}; limit=${item#*:}; [ "$limit" = "$item" ] && limit=300
   case $stage in
-    verify)  run verify python -m hamilton_attn verify --device cuda ;;
-    kernels) run gpu_kernels python benchmarks/gpu_kernels.py --out-dir "$OUT" ;;
-    demo)    run demo_cuda python -m hamilton_attn demo --device cuda --seqlen 4096 ;;
-    bench)   run bench python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+    verify)  run verify "$limit" python -m hamilton_attn verify --device cuda ;;
+    kernels) run gpu_kernels "$limit" python benchmarks/gpu_kernels.py --out-dir "$OUT" ;;
+    demo)    run demo_cuda "$limit" python -m hamilton_attn demo --device cuda --seqlen 4096 ;;
+    bench)   run bench "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
                --masks causal full docs --schedules ring bidi_ring allgather \
                --dispatches zigzag contiguous --out "$OUT" --name bench_H200_W2 \
                --plot "$OUT/bench_H200_W2.png" ;;
-    trace)   run trace python benchmarks/trace_run.py --out "$OUT" ;;
+    trace)   run trace "$limit" python benchmarks/trace_run.py --out "$OUT" ;;
   esac
 done
 ls -la "$OUT"
