@@ -124,10 +124,9 @@ class Band:
     def hi_is_bound(self) -> bool:
         return self.hi < (self.k1 - 1) - self.q0
 
-    def area(self) -> int:
-        """Number of pairs, in closed form (row widths are piecewise linear)."""
-        total = 0
-        # Breakpoints where L switches from k0 to q+lo, and U from q+hi to k1-1.
+    def _segments(self) -> list[tuple[int, int]]:
+        """Row ranges on which both row ends are linear: cut where L switches from k0 to
+        q + lo and U from q + hi to k1 - 1."""
         cuts = sorted(
             {
                 self.q0,
@@ -136,9 +135,12 @@ class Band:
                 min(max(self.k1 - self.hi, self.q0), self.q1),
             }
         )
-        for a, b in zip(cuts, cuts[1:]):
-            if a >= b:
-                continue
+        return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
+
+    def area(self) -> int:
+        """Number of pairs, in closed form (row widths are piecewise linear)."""
+        total = 0
+        for a, b in self._segments():
             # Width is linear on [a, b): sum of an arithmetic series.
             wa = self.row_hi(a) - self.row_lo(a) + 1
             wb = self.row_hi(b - 1) - self.row_lo(b - 1) + 1
@@ -165,17 +167,7 @@ class Band:
     def typed_rects(self) -> list[tuple[tuple[int, int], tuple[int, int], AttnMaskType]]:
         """Split into disjoint typed rectangles (at most five)."""
         out = []
-        cuts = sorted(
-            {
-                self.q0,
-                self.q1,
-                min(max(self.k0 - self.lo, self.q0), self.q1),
-                min(max(self.k1 - self.hi, self.q0), self.q1),
-            }
-        )
-        for a, b in zip(cuts, cuts[1:]):
-            if a >= b:
-                continue
+        for a, b in self._segments():
             lo_slope = a + self.lo >= self.k0  # L(q) = q + lo on [a, b)
             hi_slope = (b - 1) + self.hi <= self.k1 - 1  # U(q) = q + hi on [a, b)
             k_start = a + self.lo if lo_slope else self.k0

@@ -33,9 +33,14 @@ def _take(x_BSHD: torch.Tensor, ranges) -> torch.Tensor:
     return torch.cat([x_BSHD[:, a:b] for a, b in ranges], dim=1)
 
 
-def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> dict[PieceId, torch.Tensor]:
+def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> dict[PieceId, tuple[torch.Tensor, torch.Tensor]]:
+    # K and V travel as two messages, so an own piece is a view (no copy) when its
+    # tokens are one contiguous range, as they are for every built-in schedule at B = 1.
     return {
-        PieceId(plan.rank, part): torch.stack([_take(k_BSHD, rr), _take(v_BSHD, rr)])
+        PieceId(plan.rank, part): (
+            _take(k_BSHD, rr).contiguous(),
+            _take(v_BSHD, rr).contiguous(),
+        )
         for part, rr in enumerate(plan.schedule.parts)
     }
 
@@ -53,20 +58,23 @@ def _last_use(plan: Plan, steps) -> dict[PieceId, int]:
     return last
 
 
-def _bhsd(kv_2BSHD: torch.Tensor, i: int) -> torch.Tensor:
-    return kv_2BSHD[i].transpose(1, 2)
+def _bhsd(kv, i: int) -> torch.Tensor:
+    """K (i = 0) or V (i = 1) of a held piece ``(k_BSHD, v_BSHD)`` as a bhsd view."""
+    return kv[i].transpose(1, 2)
 
 
 def _kv_transfers(plan: Plan, step, held, sends, recvs, received) -> None:
     r = plan.rank
     for t in step.transfers:
         if t.src == r:
-            sends.append((held[t.piece], t.dst))
+            k, v = held[t.piece]
+            sends += [(k, t.dst), (v, t.dst)]
         elif t.dst == r:
-            ref = next(iter(held.values()))
+            ref = next(iter(held.values()))[0]
             n = plan.schedule.part_len(t.piece.part)
-            buf = ref.new_empty((2, ref.shape[1], n) + tuple(ref.shape[3:]))
-            recvs.append((buf, t.src))
+            shape = (ref.shape[0], n) + tuple(ref.shape[2:])
+            buf = (ref.new_empty(shape), ref.new_empty(shape))
+            recvs += [(buf[0], t.src), (buf[1], t.src)]
             received.append((t.piece, buf))
 
 
@@ -82,6 +90,16 @@ def _record(prof, call, phase, s, plan, step, q, sends, recvs):
         nbytes(sends),
         nbytes(recvs),
     )
+
+
+def _finish_step(rec, pending, device) -> None:
+    """Wait for the step's transfers, timing compute and transfer if profiling."""
+    if rec is not None:
+        rec.t_compute_end = profile._Clock(device)
+    if pending is not None:
+        pending.wait()
+        if rec is not None:
+            rec.t_transfer_end = profile._Clock(device)
 
 
 def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
@@ -108,18 +126,16 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
             if acc_out is None:
                 dt = acc_dtype(q.dtype)
                 b, hq, sq, _ = q.shape
-                acc_out = torch.zeros(b, hq, sq, v.shape[-1], dtype=dt, device=q.device)
-                acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
-                acc_out[:, :, qa:qb] = o
-                acc_lse[:, :, qa:qb] = l
+                if (qa, qb) == (0, sq):  # covers every row: one conversion, no fill
+                    acc_out, acc_lse = o.to(dt), l.to(dt, copy=True)
+                else:
+                    acc_out = torch.zeros(b, hq, sq, v.shape[-1], dtype=dt, device=q.device)
+                    acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
+                    acc_out[:, :, qa:qb] = o
+                    acc_lse[:, :, qa:qb] = l
             else:
                 merge_(acc_out[:, :, qa:qb], acc_lse[:, :, qa:qb], o, l)
-        if rec is not None:
-            rec.t_compute_end = profile._Clock(q.device)
-        if pending is not None:
-            pending.wait()
-        if rec is not None and pending is not None:
-            rec.t_transfer_end = profile._Clock(q.device)
+        _finish_step(rec, pending, q.device)
         held.update(received)
         for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
             del held[p]
@@ -151,10 +167,10 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
             if t.src == r:
                 sends.append((grad_acc.pop(t.piece), t.dst))
             elif t.dst == r:
-                ref = held[PieceId(r, 0)]
+                ref = held[PieceId(r, 0)][0]
                 n = plan.schedule.part_len(t.piece.part)
                 buf = torch.empty(
-                    (2, ref.shape[1], n) + tuple(ref.shape[3:]), dtype=gdt, device=ref.device
+                    (2, ref.shape[0], n) + tuple(ref.shape[2:]), dtype=gdt, device=ref.device
                 )
                 recvs.append((buf, t.src))
                 grads_in.append((t.piece, buf))
@@ -166,20 +182,25 @@ def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, s
             rows = slice(qa, qb)
             k, v = _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
             kernel = select_kernel(plan.backend, q[:, :, rows], k, v, m)
-            dq_b, dk_b, dv_b = kernel.backward(dout[:, :, rows], q[:, :, rows], k, v,
-                                               out[:, :, rows], lse_BHS[:, :, rows], m, scale)
+            dq_b, dk_b, dv_b = kernel.backward(
+                dout[:, :, rows],
+                q[:, :, rows],
+                k,
+                v,
+                out[:, :, rows],
+                lse_BHS[:, :, rows],
+                m,
+                scale,
+            )
             dq[:, :, rows] += dq_b
             acc = grad_acc.get(p)
             if acc is None:
-                acc = grad_acc[p] = torch.zeros(kv.shape, dtype=gdt, device=kv.device)
+                acc = grad_acc[p] = torch.zeros(
+                    (2,) + tuple(kv[0].shape), dtype=gdt, device=kv[0].device
+                )
             acc[0][:, ka:kb] += dk_b.transpose(1, 2)
             acc[1][:, ka:kb] += dv_b.transpose(1, 2)
-        if rec is not None:
-            rec.t_compute_end = profile._Clock(q.device)
-        if pending is not None:
-            pending.wait()
-        if rec is not None and pending is not None:
-            rec.t_transfer_end = profile._Clock(q.device)
+        _finish_step(rec, pending, q.device)
         held.update(received)
         for p, buf in grads_in:
             acc = grad_acc.get(p)
