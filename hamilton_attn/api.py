@@ -72,6 +72,9 @@ def _check(q, k, v, plan: Plan, scale: float) -> None:
     plan._checked.add(sig)
 
 
+# Opaque to torch.compile: a compiled model graph-breaks here and runs the executor
+# eagerly (its per-step communication and plan lookups are not traceable).
+@torch.compiler.disable
 def calc_attn(
     q: torch.Tensor,
     k: torch.Tensor,

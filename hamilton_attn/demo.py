@@ -66,7 +66,9 @@ def run_rank(
         x = [t.to(dev, dtype).requires_grad_() for t in full]
         t0 = time.perf_counter()
         try:
-            p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp)
+            # The two-level scheme needs a node size: W/2 simulates two nodes.
+            opts = {"node_size": ctx.world_size // 2} if sched == "hamilton_2level" else {}
+            p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp, **opts)
         except (ValueError, ImportError) as err:  # no such schedule at this world size
             rows.append(
                 (
