@@ -21,7 +21,7 @@ for item in $STAGES; do
     demo)    run demo_cuda "$limit" python -m hamilton_attn demo --device cuda --seqlen 4096 ;;
     bench)   run bench "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
                --masks causal full docs --schedules ring bidi_ring allgather \
-               --dispatches zigzag contiguous --out "$OUT" --name bench_H200_W2 \
+               --dispatches zigzag contiguous --backward replay reverse --out "$OUT" --name bench_H200_W2 \
                --plot "$OUT/bench_H200_W2.png" ;;
     trace)   run trace "$limit" python benchmarks/trace_run.py --out "$OUT" ;;
   esac

@@ -133,7 +133,9 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
     warmup, repeats = cfg["warmup"], cfg["repeats"]
     rows = []
     cases = [(n, mname) for n in cfg["tokens_per_device"] for mname in cfg["masks"]]
-    total = len(cases) * (2 + len(cfg["schedules"]) * len(cfg["dispatches"]))
+    total = len(cases) * (
+        2 + len(cfg["schedules"]) * len(cfg["backwards"]) * len(cfg["dispatches"])
+    )
     done = 0
 
     def progress(label):
@@ -209,8 +211,9 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                 )
         progress(f"{mname} {n}: torch context_parallel")
         # (c) our schedules.
-        for sched in cfg["schedules"]:
+        for sched_spec in [(sc, bw) for sc in cfg["schedules"] for bw in cfg["backwards"]]:
             for disp in cfg["dispatches"]:
+                sched, bw = sched_spec
                 label = f"{mname} {n}: {sched}/{disp}"
                 try:
                     p = ha.plan(
@@ -218,6 +221,7 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                         ctx.group,
                         schedule=sched,
                         dispatch=disp,
+                        backward=bw,
                         **({"node_size": cfg["node_size"]} if sched == "hamilton_2level" else {}),
                     )
                 except ValueError as err:
@@ -252,7 +256,7 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                 row = dict(
                     base,
                     impl="hamilton-attn",
-                    schedule=sched,
+                    schedule=sched if bw == "replay" else f"{sched} (bwd {bw})",
                     dispatch=disp,
                     **_rates(ours, one, flops_f, w),
                     peak_mem_ratio=mem,
@@ -376,6 +380,7 @@ def main(args, printer=print) -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "torch_cp": not args.no_torch_cp,
+        "backwards": args.backward,
         "node_size": args.node_size,
     }
     w = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)

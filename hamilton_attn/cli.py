@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--node-size", type=int, default=None, help="for hamilton_2level")
     b.add_argument("--no-torch-cp", action="store_true")
+    b.add_argument(
+        "--backward",
+        nargs="+",
+        default=["replay"],
+        choices=["replay", "reverse"],
+        help="backward modes to time (see plan(backward=...))",
+    )
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--name", default=None, help="file stem under --out")
     b.add_argument("--plot", default=None, help="PNG of efficiency against sequence length")

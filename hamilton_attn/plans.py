@@ -10,7 +10,17 @@ from .comm import group_info
 from .dispatch import DISPATCHES, Placement, make_placement
 from .kernels import BACKENDS
 from .masks import Mask
-from .schedule import BUILDERS, PieceId, Schedule, ScheduleReport, build_routing, finalize, verify
+from .schedule import (
+    BUILDERS,
+    PieceId,
+    Schedule,
+    ScheduleReport,
+    build_routing,
+    finalize,
+    reverse_backward,
+    verify,
+    verify_backward,
+)
 
 
 @dataclass(eq=False)
@@ -103,7 +113,7 @@ def _pick_schedule(world_size: int) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, options):
+def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, backward, options):
     rank, w, ranks = group_info(group)
     if mask.seqlen_q != mask.seqlen_k:
         raise ValueError(
@@ -127,6 +137,13 @@ def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, op
 
     sched = finalize(routing, needs)
     report = verify(sched, needs, local_len=placement.local_len)
+    if backward == "reverse":
+        reversed_ = reverse_backward(sched)
+        if reversed_ is None:
+            raise ValueError(f"backward: 'reverse' does not apply to {sched.name} with this "
+                             "mask (a rank only forwards some piece); use 'replay'")
+        verify_backward(reversed_, needs)
+        sched = reversed_
     p = Plan(mask, padded, placement, sched, report, group, rank, w, ranks, backend, check)
     p._block_masks.update(holder)
     return p
@@ -141,6 +158,7 @@ def plan(
     chunk_size: int | None = None,
     backend: str = "auto",
     check: str = "first",
+    backward: str = "replay",
     **schedule_options,
 ) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
@@ -156,6 +174,10 @@ def plan(
         backend: local kernel for every block (``auto`` picks per block).
         check: cross-rank consistency check of inputs and plan before communication:
             ``first`` (once per input signature), ``always``, or ``never``.
+        backward: ``replay`` (the forward's steps again, KV re-sent, dK/dV routed
+            home) or ``reverse`` (the steps in reverse order: each rank keeps the KV it
+            received last from the forward, so no dK/dV transfer is left exposed at the
+            end; costs that KV's memory between forward and backward: ring, one shard).
 
     The schedule is verified (every needed block computed once, every gradient home,
     buffers bounded) before it is returned; a bad argument raises ValueError here, on
@@ -173,6 +195,8 @@ def plan(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if check not in ("first", "always", "never"):
         raise ValueError(f"check: expected 'first', 'always' or 'never', got {check!r}")
+    if backward not in ("replay", "reverse"):
+        raise ValueError(f"backward: expected 'replay' or 'reverse', got {backward!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     return _cached_plan(
@@ -183,5 +207,6 @@ def plan(
         chunk_size,
         backend,
         check,
+        backward,
         tuple(sorted(schedule_options.items())),
     )

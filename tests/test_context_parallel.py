@@ -746,3 +746,85 @@ def test_separate_interpreters_agree_on_the_plan(hash_seeds):
     for rank, res in enumerate(results):
         assert res["ok"], f"rank {rank}: {res['err']}"
         assert res["err"] <= F64_TOL
+
+
+# -- backward="reverse": the time-reversed backward keeps the last KV from the forward ----
+
+
+def _w_reverse_backward(ctx, cases):
+    errs = []
+    for schedule, disp, mask_name in cases:
+        s = 61
+        gen = torch.Generator().manual_seed(11)
+        q, k, v = (
+            torch.randn(2, s, h, 8, generator=gen, dtype=torch.float64).requires_grad_()
+            for h in (4, 2, 2)
+        )
+        g = torch.randn(2, s, 4, 8, generator=gen, dtype=torch.float64)
+        mask = {
+            "causal": ha.Mask.causal(s),
+            "full": ha.Mask.full(s),
+            "docs": ha.Mask.varlen([0, 12, 30, 31, s], causal=True),
+        }[mask_name]
+        ref = ha.attention(q, k, v, mask, backend="reference")
+        ref_g = torch.autograd.grad((ref * g).sum(), (q, k, v))
+        try:
+            p = ha.plan(
+                mask,
+                ctx.group,
+                schedule=schedule,
+                dispatch=disp,
+                backend="reference",
+                backward="reverse",
+            )
+        except ValueError as err:  # a rank only forwards some piece: refused by design
+            assert "does not apply" in str(err)
+            errs.append(None)
+            continue
+        assert p.schedule.backward_steps is not None
+        out = ha.undispatch(ha.calc_attn(*(ha.dispatch(t, p) for t in (q, k, v)), p), p)
+        got = torch.autograd.grad((out * g).sum(), (q, k, v))
+        errs.append(
+            max(
+                [(out - ref).abs().max().item()]
+                + [(a - b).abs().max().item() for a, b in zip(got, ref_g)]
+            )
+        )
+    return errs
+
+
+@pytest.mark.parametrize("w", [2, 3, 5, 8])
+def test_reverse_backward_matches_reference(pool, w):
+    cases = [
+        (s, d, m)
+        for s in ("ring", "bidi_ring", "hamilton")
+        for d in ("zigzag", "contiguous")
+        for m in ("causal", "full")
+    ]
+    if w == 8:
+        cases = [c for c in cases if c[0] != "bidi_ring"] + [("direct", "zigzag", "docs")]
+    for errs in pool.run(_w_reverse_backward, w, cases):
+        ran = [e for e in errs if e is not None]
+        assert len(ran) >= len(errs) // 2 and max(ran) < 1e-10, errs
+
+
+def test_reverse_backward_refused_where_a_rank_only_forwards():
+    # Rank 1's queries see only their own document, rank 2's see everything before them:
+    # on a contiguous ring rank 1 forwards rank 0's KV without attending to it, so a
+    # reversed backward would have to send KV to a rank that never uses it.
+    from hamilton_attn.dispatch import make_placement
+    from hamilton_attn.schedule import build_routing, finalize, reverse_backward
+
+    pl = make_placement("contiguous", 30, 3)
+    mask = ha.Mask.from_ranges(
+        [(0, 10), (10, 20), (20, 30)], [(0, 10), (10, 20), (0, 30)], "causal", 30
+    )
+    r = build_routing("ring", 3, pl.local_len)
+
+    def needs(rank, piece):
+        kr = pl.local_to_global(piece.owner, r.parts[piece.part])
+        return not mask.gather(pl.rank_ranges[rank], kr).is_empty()
+
+    assert reverse_backward(finalize(r, needs)) is None
+    with pytest.raises(ValueError, match="backward: expected"):
+        ha.plan(mask, backward="sideways")

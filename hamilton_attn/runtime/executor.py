@@ -102,13 +102,15 @@ def _finish_step(rec, pending, device) -> None:
             rec.t_transfer_end = profile._Clock(device)
 
 
-def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
-    """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32) for the local queries."""
+def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None = None):
+    """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32) for the local queries.
+    Received pieces the schedule's backward keeps (``retain``) go into ``kept``."""
     r = plan.rank
     q = q_BSHD.transpose(1, 2)
     held = _own_pieces(plan, k_BSHD, v_BSHD)
     steps = plan.schedule.forward_steps()
     last = _last_use(plan, steps)
+    keep = set(plan.schedule.retain[r]) if plan.schedule.retain else set()
     acc_out = acc_lse = None
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
@@ -138,6 +140,8 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
         _finish_step(rec, pending, q.device)
         held.update(received)
         for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
+            if kept is not None and p in keep:
+                kept[p] = held[p]
             del held[p]
     if acc_out is None:  # this rank's queries see nothing at all
         b, hq, sq, _ = q.shape
@@ -147,12 +151,16 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float):
     return acc_out.to(q.dtype).transpose(1, 2), lse
 
 
-def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale: float):
-    """Returns ``dq, dk, dv`` for the local shards, in the inputs' dtypes."""
+def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale: float,
+             kept: dict | None = None):
+    """Returns ``dq, dk, dv`` for the local shards, in the inputs' dtypes. Runs the
+    schedule's own backward (with the pieces ``kept`` from the forward) if it has one,
+    else replays the forward steps with their grad transfers."""
     r = plan.rank
     q, dout, out = q_BSHD.transpose(1, 2), dout_BSHD.transpose(1, 2), out_BSHD.transpose(1, 2)
     held = _own_pieces(plan, k_BSHD, v_BSHD)
-    steps = plan.schedule.steps
+    steps = plan.schedule.backward_steps or plan.schedule.steps
+    held.update(kept or {})
     last = _last_use(plan, steps)
     gdt = acc_dtype(q.dtype)  # dQ and dK/dV accumulate in float32 (float64 for float64)
     dq = torch.zeros(q.shape, dtype=gdt, device=q.device)
@@ -226,14 +234,17 @@ class ContextParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
-        out, lse = forward(plan, q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        kept: dict = {}
+        out, lse = forward(plan, q, k, v, scale, kept)
+        pieces = sorted(kept)
+        ctx.save_for_backward(q, k, v, out, lse, *(t for p in pieces for t in kept[p]))
+        ctx.plan, ctx.scale, ctx.kept_pieces = plan, scale, pieces
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(ctx.plan, dout.contiguous(), q, k, v, out, lse, ctx.scale)
+        q, k, v, out, lse, *flat = ctx.saved_tensors
+        kept = {p: (flat[2 * i], flat[2 * i + 1]) for i, p in enumerate(ctx.kept_pieces)}
+        dq, dk, dv = backward(ctx.plan, dout.contiguous(), q, k, v, out, lse, ctx.scale, kept)
         return dq, dk, dv, None, None

@@ -11,9 +11,9 @@ from .hamilton import hamilton
 from .hamilton_2level import hamilton_2level
 from .ir import PieceId, Routing, Schedule, Step, Transfer, split_even
 from .line import line
-from .passes import finalize, prune
+from .passes import finalize, prune, reverse_backward
 from .ring import ring
-from .verify import ScheduleError, ScheduleReport, verify
+from .verify import ScheduleError, ScheduleReport, verify, verify_backward
 
 BUILDERS: dict[str, Callable[..., Routing]] = {
     "ring": ring,
@@ -50,6 +50,8 @@ __all__ = [
     "finalize",
     "prune",
     "register_schedule",
+    "reverse_backward",
+    "verify_backward",
     "split_even",
     "verify",
 ]

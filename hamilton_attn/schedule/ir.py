@@ -69,6 +69,10 @@ class Schedule:
     comm: str = "p2p"
     grad_route: str = "follow"
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    # A backward of its own (None: replay ``steps`` with their grad transfers), and the
+    # received pieces each rank keeps from the forward for it.
+    backward_steps: tuple[Step, ...] | None = None
+    retain: tuple[tuple[PieceId, ...], ...] | None = None
 
     @property
     def pieces(self) -> list[PieceId]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from .ir import PieceId, Routing, Schedule, Step, Transfer
 
@@ -142,3 +143,67 @@ def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Sch
         routing.grad_route,
         dict(meta or {}),
     )
+
+
+def reverse_backward(schedule: Schedule) -> Schedule | None:
+    """The same schedule with a time-reversed backward, or None where it does not apply
+    (a rank that only forwards a piece).
+
+    Backward step j runs forward step T-1-j's blocks. Each rank keeps the pieces it was
+    last to receive (the leaves of each piece's path) from the forward, so step 0 needs
+    no transfer; KV flows back along the path it came, one hop ahead of its use; each
+    dK/dV accumulator follows one step behind and reaches its owner while the owner
+    computes its own block (the last step), so no transfer is left exposed at the end.
+    Costs the memory of the kept pieces between forward and backward (ring: one shard).
+    """
+    fwd = schedule.forward_steps()
+    t_n = len(fwd)
+    w = schedule.world_size
+    compute_at: dict[tuple[int, PieceId], int] = {}
+    for t, step in enumerate(fwd):
+        for r in range(w):
+            for p in step.compute[r]:
+                compute_at[(r, p)] = t
+    parent: dict[tuple[int, PieceId], int] = {}
+    children: dict[tuple[int, PieceId], list[int]] = {}
+    for step in fwd:
+        for tr in step.transfers:
+            parent[(tr.dst, tr.piece)] = tr.src
+            children.setdefault((tr.src, tr.piece), []).append(tr.dst)
+    if any(key not in compute_at for key in parent):
+        return None  # a pure forwarder would need KV it never uses
+    need = {key: t_n - 1 - c for key, c in compute_at.items()}  # backward compute step
+    kv: dict[int, list[Transfer]] = {}
+    retain: list[list[PieceId]] = [[] for _ in range(w)]
+    for h, p in parent:
+        if not children.get((h, p)):  # last on the piece's path: keep it from the forward
+            retain[h].append(p)
+    for (u, p), kids in children.items():
+        if u == p.owner:
+            continue
+        first = min(kids, key=lambda k: need[(k, p)])
+        kv.setdefault(need[(u, p)] - 1, []).append(Transfer(p, first, u))
+    send_at: dict[tuple[int, PieceId], int] = {}
+
+    def when(h: int, p: PieceId) -> int:
+        if (h, p) not in send_at:
+            t = need[(h, p)] + 1
+            for k in children.get((h, p), []):
+                t = max(t, when(k, p) + 1)
+            send_at[(h, p)] = t
+        return send_at[(h, p)]
+
+    grads: dict[int, list[Transfer]] = {}
+    for (h, p), u in parent.items():
+        grads.setdefault(when(h, p), []).append(Transfer(p, h, u))
+    n = max([t_n] + [s + 1 for s in grads] + [s + 1 for s in kv])
+    steps = []
+    for j in range(n):
+        comp = fwd[t_n - 1 - j].compute if j < t_n else tuple(() for _ in range(w))
+        steps.append(Step(
+            compute=comp,
+            transfers=tuple(sorted(kv.get(j, []), key=lambda t: (t.src, t.dst, t.piece))),
+            grad_transfers=tuple(sorted(grads.get(j, []), key=lambda t: (t.src, t.dst, t.piece))),
+        ))
+    return replace(schedule, backward_steps=tuple(steps),
+                   retain=tuple(tuple(sorted(r)) for r in retain))

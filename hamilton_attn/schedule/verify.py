@@ -177,3 +177,56 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
         redundant_transfers=redundant,
         per_step_max_link_tokens=step_max_link,
     )
+
+
+def verify_backward(schedule: Schedule, needs: Needs) -> None:
+    """Check a schedule's own backward (``backward_steps``): blocks run on held pieces
+    (own, kept from the forward, or received earlier in the backward), each needed
+    block exactly once, KV sent only by holders, and every dK/dV contribution home
+    exactly once. Raises ScheduleError naming the step, rank and piece."""
+    if schedule.backward_steps is None:
+        return
+    w = schedule.world_size
+    n_parts = len(schedule.parts)
+    held = [{PieceId(r, p) for p in range(n_parts)} | set(schedule.retain[r]) for r in range(w)]
+    acc: list[dict[PieceId, Counter]] = [defaultdict(Counter) for _ in range(w)]
+    done: Counter = Counter()
+    for s, step in enumerate(schedule.backward_steps):
+        where = f"{schedule.name} backward step {s}"
+        flying = []
+        for t in step.grad_transfers:
+            if t.src == t.piece.owner or not acc[t.src].get(t.piece):
+                raise ScheduleError(f"{where}, rank {t.src}: sends a dK/dV accumulator of "
+                                    f"{t.piece} it must not or does not have")
+            flying.append((t, acc[t.src].pop(t.piece)))
+        for t in step.transfers:
+            if t.piece not in held[t.src]:
+                raise ScheduleError(f"{where}, rank {t.src}: sends {t.piece} it does not hold")
+        for r in range(w):
+            for p in step.compute[r]:
+                if p not in held[r]:
+                    raise ScheduleError(f"{where}, rank {r}: computes on {p} it does not hold")
+                if done[(r, p)]:
+                    raise ScheduleError(f"{where}, rank {r}: computes {p} a second time")
+                done[(r, p)] += 1
+                acc[r][p][r] += 1
+        for t in step.transfers:
+            held[t.dst].add(t.piece)
+        for t, contrib in flying:
+            acc[t.dst][t.piece].update(contrib)
+    for r in range(w):
+        for o in range(w):
+            for part in range(n_parts):
+                p = PieceId(o, part)
+                if needs(r, p) and not done[(r, p)]:
+                    raise ScheduleError(f"{schedule.name} backward: rank {r} never computes {p}")
+                if o != r and acc[r].get(p):
+                    raise ScheduleError(f"{schedule.name} backward: rank {r} is left holding "
+                                        f"dK/dV of {p}")
+    for o in range(w):
+        for part in range(n_parts):
+            p = PieceId(o, part)
+            want = Counter({r: 1 for r in range(w) if done[(r, p)]})
+            if acc[o].get(p, Counter()) != want:
+                raise ScheduleError(f"{schedule.name} backward: dK/dV of {p} reaches its owner "
+                                    f"from {dict(acc[o].get(p, {}))}, expected {sorted(want)}")
