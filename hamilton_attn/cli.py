@@ -1,4 +1,4 @@
-"""Command line: ``hamilton-attn demo | verify | bench``."""
+"""Command line: ``hamilton-attn demo | verify | bench | plan``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--name", default=None, help="file stem under --out")
     b.add_argument("--plot", default=None, help="PNG of efficiency against sequence length")
+    from .planner.cli_plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
@@ -79,6 +82,10 @@ def main(argv=None) -> int:
         from .bench import main as bench_main
 
         return bench_main(args)
+    if args.cmd == "plan":
+        from .planner.cli_plan import main as plan_main
+
+        return plan_main(args)
     return 2
 
 

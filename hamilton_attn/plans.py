@@ -140,8 +140,10 @@ def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, ba
     if backward == "reverse":
         reversed_ = reverse_backward(sched)
         if reversed_ is None:
-            raise ValueError(f"backward: 'reverse' does not apply to {sched.name} with this "
-                             "mask (a rank only forwards some piece); use 'replay'")
+            raise ValueError(
+                f"backward: 'reverse' does not apply to {sched.name} with this "
+                "mask (a rank only forwards some piece); use 'replay'"
+            )
         verify_backward(reversed_, needs)
         sched = reversed_
     p = Plan(mask, padded, placement, sched, report, group, rank, w, ranks, backend, check)

@@ -151,8 +151,17 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
     return acc_out.to(q.dtype).transpose(1, 2), lse
 
 
-def backward(plan: Plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale: float,
-             kept: dict | None = None):
+def backward(
+    plan: Plan,
+    dout_BSHD,
+    q_BSHD,
+    k_BSHD,
+    v_BSHD,
+    out_BSHD,
+    lse_BHS,
+    scale: float,
+    kept: dict | None = None,
+):
     """Returns ``dq, dk, dv`` for the local shards, in the inputs' dtypes. Runs the
     schedule's own backward (with the pieces ``kept`` from the forward) if it has one,
     else replays the forward steps with their grad transfers."""

@@ -200,10 +200,15 @@ def reverse_backward(schedule: Schedule) -> Schedule | None:
     steps = []
     for j in range(n):
         comp = fwd[t_n - 1 - j].compute if j < t_n else tuple(() for _ in range(w))
-        steps.append(Step(
-            compute=comp,
-            transfers=tuple(sorted(kv.get(j, []), key=lambda t: (t.src, t.dst, t.piece))),
-            grad_transfers=tuple(sorted(grads.get(j, []), key=lambda t: (t.src, t.dst, t.piece))),
-        ))
-    return replace(schedule, backward_steps=tuple(steps),
-                   retain=tuple(tuple(sorted(r)) for r in retain))
+        steps.append(
+            Step(
+                compute=comp,
+                transfers=tuple(sorted(kv.get(j, []), key=lambda t: (t.src, t.dst, t.piece))),
+                grad_transfers=tuple(
+                    sorted(grads.get(j, []), key=lambda t: (t.src, t.dst, t.piece))
+                ),
+            )
+        )
+    return replace(
+        schedule, backward_steps=tuple(steps), retain=tuple(tuple(sorted(r)) for r in retain)
+    )

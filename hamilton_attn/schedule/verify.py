@@ -196,8 +196,10 @@ def verify_backward(schedule: Schedule, needs: Needs) -> None:
         flying = []
         for t in step.grad_transfers:
             if t.src == t.piece.owner or not acc[t.src].get(t.piece):
-                raise ScheduleError(f"{where}, rank {t.src}: sends a dK/dV accumulator of "
-                                    f"{t.piece} it must not or does not have")
+                raise ScheduleError(
+                    f"{where}, rank {t.src}: sends a dK/dV accumulator of "
+                    f"{t.piece} it must not or does not have"
+                )
             flying.append((t, acc[t.src].pop(t.piece)))
         for t in step.transfers:
             if t.piece not in held[t.src]:
@@ -221,12 +223,15 @@ def verify_backward(schedule: Schedule, needs: Needs) -> None:
                 if needs(r, p) and not done[(r, p)]:
                     raise ScheduleError(f"{schedule.name} backward: rank {r} never computes {p}")
                 if o != r and acc[r].get(p):
-                    raise ScheduleError(f"{schedule.name} backward: rank {r} is left holding "
-                                        f"dK/dV of {p}")
+                    raise ScheduleError(
+                        f"{schedule.name} backward: rank {r} is left holding dK/dV of {p}"
+                    )
     for o in range(w):
         for part in range(n_parts):
             p = PieceId(o, part)
             want = Counter({r: 1 for r in range(w) if done[(r, p)]})
             if acc[o].get(p, Counter()) != want:
-                raise ScheduleError(f"{schedule.name} backward: dK/dV of {p} reaches its owner "
-                                    f"from {dict(acc[o].get(p, {}))}, expected {sorted(want)}")
+                raise ScheduleError(
+                    f"{schedule.name} backward: dK/dV of {p} reaches its owner "
+                    f"from {dict(acc[o].get(p, {}))}, expected {sorted(want)}"
+                )
