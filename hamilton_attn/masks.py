@@ -289,15 +289,7 @@ def _any_overlap(bands: list[Band]) -> bool:
         active = [a for a in active if a.q1 > b.q0]
         for a in active:
             if a.k0 < b.k1 and b.k0 < a.k1:
-                inter = Band(
-                    max(a.q0, b.q0),
-                    min(a.q1, b.q1),
-                    max(a.k0, b.k0),
-                    min(a.k1, b.k1),
-                    max(a.lo, b.lo),
-                    min(a.hi, b.hi),
-                ).normalized()
-                if inter is not None:
+                if _intersect(a, b) is not None:
                     return True
         active.append(b)
     return False
