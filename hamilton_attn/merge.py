@@ -65,7 +65,9 @@ def _fused_merge(acc_out, acc_lse, out, lse) -> bool:
         return False
     try:
         if _compiled_merge is None:
-            _compiled_merge = torch.compile(_merge_into, dynamic=False)
+            # dynamic=None: one recompile with symbolic shapes, so the many block shapes
+            # of a plan do not exhaust dynamo's recompile limit.
+            _compiled_merge = torch.compile(_merge_into, dynamic=None)
         _compiled_merge(acc_out, acc_lse, out, lse)
         return True
     except Exception as err:  # noqa: BLE001 - fall back to the eager merge, once
