@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 from dataclasses import dataclass, field
 
@@ -108,12 +109,26 @@ def _pick_dispatch(mask: Mask) -> str:
     return "contiguous" if mask.is_full() else "zigzag"
 
 
-def _pick_schedule(world_size: int) -> str:
-    return "ring"
+def _pick_schedule(mask: Mask, world_size: int, topology: str | None) -> str:
+    """The planner's fastest predicted schedule for this mask on ``topology`` (default:
+    ``HAMILTON_ATTN_TOPOLOGY``, else one NVSwitch node of W devices); ring if the
+    planner has no answer."""
+    from .planner.cost import auto_schedule
+
+    topology = topology or os.environ.get("HAMILTON_ATTN_TOPOLOGY") or None
+    try:
+        return auto_schedule(mask, world_size, topology)
+    except (ValueError, KeyError) as err:
+        if topology is not None:  # the user's own topology is wrong: say so
+            msg = str(err)
+            raise ValueError(msg if msg.startswith("topology") else f"topology: {msg}") from err
+        return "ring"
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, backward, options):
+def _cached_plan(
+    mask, group, schedule, dispatch, chunk_size, backend, check, backward, topology, options
+):
     rank, w, ranks = group_info(group)
     if mask.seqlen_q != mask.seqlen_k:
         raise ValueError(
@@ -122,7 +137,9 @@ def _cached_plan(mask, group, schedule, dispatch, chunk_size, backend, check, ba
     if dispatch == "auto":
         dispatch = _pick_dispatch(mask)
     if schedule == "auto":
-        schedule = _pick_schedule(w)
+        schedule = _pick_schedule(mask, w, topology)
+        if schedule == "hamilton_2level" and "node_size" not in dict(options):
+            schedule = "ring"  # two-level needs the node size the user did not give
     placement = make_placement(dispatch, mask.seqlen_q, w, chunk_size=chunk_size)
     padded = Mask(mask.bands, placement.padded_len, placement.padded_len, _canonical=True)
     routing = build_routing(schedule, w, placement.local_len, **dict(options))
@@ -161,6 +178,7 @@ def plan(
     backend: str = "auto",
     check: str = "first",
     backward: str = "replay",
+    topology: str | None = None,
     **schedule_options,
 ) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
@@ -168,14 +186,17 @@ def plan(
     Args:
         mask: a square :class:`Mask` over the whole (unpadded) sequence.
         group: the process group (default: the world group; none: one process).
-        schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``, any
-            registered schedule, or ``auto``.
+        schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``,
+            ``hamilton``, ``hamilton_2level``, ``direct``, any registered schedule, or
+            ``auto`` (the planner's fastest predicted for ``topology``).
         dispatch: which tokens each rank holds: ``contiguous``, ``zigzag``, ``stripe``,
             or ``auto`` (contiguous for full masks, else zigzag).
         chunk_size: chunk sizes are a multiple of this (padding added as needed).
         backend: local kernel for every block (``auto`` picks per block).
         check: cross-rank consistency check of inputs and plan before communication:
             ``first`` (once per input signature), ``always``, or ``never``.
+        topology: the cluster ``auto`` plans for, e.g. ``nvswitch:8``, ``full_mesh:8``,
+            ``nodes:2x8`` (default ``HAMILTON_ATTN_TOPOLOGY``, else one NVSwitch node).
         backward: ``replay`` (the forward's steps again, KV re-sent, dK/dV routed
             home) or ``reverse`` (the steps in reverse order: each rank keeps the KV it
             received last from the forward, so no dK/dV transfer is left exposed at the
@@ -210,5 +231,6 @@ def plan(
         backend,
         check,
         backward,
+        topology,
         tuple(sorted(schedule_options.items())),
     )

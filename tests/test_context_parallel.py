@@ -828,3 +828,29 @@ def test_reverse_backward_refused_where_a_rank_only_forwards():
     assert reverse_backward(finalize(r, needs)) is None
     with pytest.raises(ValueError, match="backward: expected"):
         ha.plan(mask, backward="sideways")
+
+
+def _w_auto_schedule(ctx, topology):
+    s = 48
+    mask = ha.Mask.varlen([0, 7, 30, s], causal=True)
+    p = ha.plan(mask, ctx.group, schedule="auto", backend="reference", topology=topology)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(1, s, 2, 8, generator=gen, dtype=torch.float64).requires_grad_()
+        for _ in range(3)
+    )
+    out = ha.undispatch(ha.calc_attn(*(ha.dispatch(t, p) for t in (q, k, v)), p), p)
+    ref = ha.attention(q, k, v, mask, backend="reference")
+    return p.schedule.name, (out - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("w,topology", [(2, None), (4, "full_mesh:4"), (8, "nodes:2x4")])
+def test_auto_schedule_runs_the_planners_choice(pool, w, topology):
+    results = pool.run(_w_auto_schedule, w, topology)
+    assert len({name for name, _ in results}) == 1  # every rank picked the same
+    assert all(err < 1e-10 for _, err in results), results
+
+
+def test_auto_schedule_rejects_a_topology_of_another_size():
+    with pytest.raises(ValueError, match="topology"):
+        ha.plan(ha.Mask.causal(16), schedule="auto", topology="nvswitch:3")
