@@ -149,20 +149,10 @@ class Band:
 
     def clip(self, q_range: tuple[int, int], k_range: tuple[int, int]) -> Band | None:
         """The part inside ``q_range x k_range``, re-based so the window starts at (0, 0)."""
-        qa, qb = q_range
-        ka, kb = k_range
-        shift = qa - ka  # (k - ka) - (q - qa) = (k - q) + shift
-        lo = self.lo + shift if self.lo > NEG_INF_DIAG // 2 else NEG_INF_DIAG
-        hi = self.hi + shift if self.hi < POS_INF_DIAG // 2 else POS_INF_DIAG
-        band = Band(
-            max(self.q0, qa) - qa,
-            min(self.q1, qb) - qa,
-            max(self.k0, ka) - ka,
-            min(self.k1, kb) - ka,
-            lo,
-            hi,
-        )
-        return band.normalized()
+        (qa, qb), (ka, kb) = q_range, k_range
+        window = Band(qa, qb, ka, kb)
+        inside = _intersect(self, window)
+        return None if inside is None else _shift_band(inside, -qa, -ka).normalized()
 
     def typed_rects(self) -> list[tuple[tuple[int, int], tuple[int, int], AttnMaskType]]:
         """Split into disjoint typed rectangles (at most five)."""
