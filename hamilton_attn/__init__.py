@@ -14,6 +14,7 @@ from .api import (
     undispatch,
 )
 from .attention import attention
+from .comm import SimulatedGroup
 from .dispatch import compute_pad_size
 from .masks import AttnMaskType, Band, Mask
 from .merge import merge, merge_, merge_many
@@ -26,6 +27,7 @@ __all__ = [
     "ContextParallelAttention",
     "Mask",
     "Plan",
+    "SimulatedGroup",
     "attention",
     "calc_attn",
     "compute_pad_size",

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .comm import exchange_status
+from .comm import SimulatedGroup, exchange_status
 from .plans import Plan, plan
 from .runtime import ContextParallelFunction, dispatch, get_position_ids, undispatch
 
@@ -17,11 +17,12 @@ def _local_problem(q, k, v, plan: Plan) -> str | None:
     """What is wrong with this rank's inputs, or None (checked before any transfer)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"q, k, v: expected 4-d bshd local shards, got {q.dim()}, {k.dim()}, {v.dim()} dims"
-    n = plan.local_len
-    if q.shape[1] != n or k.shape[1] != n or v.shape[1] != n:
+    n, nk = plan.local_len, plan.kv_local_len
+    if q.shape[1] != n or k.shape[1] != nk or v.shape[1] != nk:
+        want = f"{n}" if n == nk else f"{n}, {nk}, {nk}"
         return (
-            f"q, k, v: expected {n} local tokens (the plan's shard) along dim 1, got "
-            f"{q.shape[1]}, {k.shape[1]}, {v.shape[1]}"
+            f"q, k, v: expected {want} local tokens (the plan's shards) along "
+            f"dim 1, got {q.shape[1]}, {k.shape[1]}, {v.shape[1]}"
         )
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
         return f"q, k, v: shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -88,7 +89,8 @@ def calc_attn(
 
     Args:
         q: ``[B, S_local, Hq, D]`` local queries (from :func:`dispatch`), layout bshd.
-        k, v: ``[B, S_local, Hk, D]``, Hq % Hk == 0.
+        k, v: ``[B, Sk_local, Hk, D]``, Hq % Hk == 0 (``Sk_local == S_local`` for
+            self-attention; cross-attention plans dispatch keys with ``role="kv"``).
         plan: from :func:`plan`; the same on every rank.
         scale: softmax scale, default ``1 / sqrt(D)``.
 
@@ -102,6 +104,8 @@ def calc_attn(
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a hamilton_attn.Plan, got {type(plan).__name__}")
+    if isinstance(plan.group, SimulatedGroup) and plan.world_size > 1:
+        raise ValueError("plan: built for a SimulatedGroup; it can be inspected, not run")
     d = q.shape[-1] if q.dim() else 1
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     _check(q, k, v, plan, scale)

@@ -4,6 +4,7 @@ with runtime/). Names follow the Hamilton Attention docs: RingComm, A2AComm."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -15,8 +16,25 @@ def default_timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("HAMILTON_ATTN_TIMEOUT", "300")))
 
 
+@dataclass(frozen=True)
+class SimulatedGroup:
+    """A group of ``world_size`` ranks that exists only on paper: plans built for it
+    (seen from ``rank``) can be inspected, counted and verified, but not run."""
+
+    world_size: int
+    rank: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world_size: expected a positive int, got {self.world_size!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank: expected 0 <= rank < {self.world_size}, got {self.rank}")
+
+
 def group_info(group=None) -> tuple[int, int, tuple[int, ...]]:
     """``(rank in group, group size, global ranks)``; a single process if no process group."""
+    if isinstance(group, SimulatedGroup):
+        return group.rank, group.world_size, tuple(range(group.world_size))
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError(

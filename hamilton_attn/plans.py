@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import zlib
 from dataclasses import dataclass, field
 
 from .comm import group_info
-from .dispatch import DISPATCHES, Placement, make_placement
+from .dispatch import BALANCED, DISPATCHES, Placement, make_placement
 from .kernels import BACKENDS
 from .masks import Mask
 from .schedule import (
@@ -28,9 +29,12 @@ from .schedule import (
 class Plan:
     """Everything a context-parallel call needs, identical on every rank of ``group``.
 
-    ``mask`` is the user's mask grown to the padded length (padding sees nothing and is
-    seen by nothing). ``report`` holds what the verifier counted (tokens moved per rank
-    and link, peak buffers). Plans are cached: equal arguments give the same object.
+    ``mask`` is the user's mask grown to the padded lengths (padding sees nothing and is
+    seen by nothing). ``placement`` says which query tokens each rank holds and
+    ``kv_placement`` which key/value tokens (the same object for self-attention).
+    ``report`` holds what the verifier counted (tokens moved per rank and link, peak
+    buffers); ``work`` the mask's area (pairs computed) per rank, and ``imbalance``
+    max/mean of it. Plans are cached: equal arguments give the same object.
     """
 
     user_mask: Mask
@@ -44,8 +48,25 @@ class Plan:
     group_ranks: tuple[int, ...]
     backend: str
     check: str
+    kv_placement: Placement | None = None
+    work: tuple[int, ...] = ()
     _block_masks: dict = field(default_factory=dict, repr=False)
     _checked: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self):
+        if self.kv_placement is None:
+            self.kv_placement = self.placement
+
+    @property
+    def self_attention(self) -> bool:
+        """K/V share the queries' placement (else they are dispatched on their own)."""
+        return self.kv_placement is self.placement
+
+    @property
+    def imbalance(self) -> float:
+        """Largest per-rank work over the mean (1.0 is perfect balance)."""
+        mean = sum(self.work) / max(1, len(self.work))
+        return max(self.work) / mean if mean else 1.0
 
     @property
     def key(self) -> tuple:
@@ -53,8 +74,9 @@ class Plan:
         return (
             self.user_mask.shape,
             self.user_mask.digest().hex(),
-            self.placement.kind,
+            self.placement.rank_ranges,
             self.placement.padded_len,
+            None if self.self_attention else self.kv_placement.rank_ranges,
             self.schedule.name,
             self.world_size,
             self.group_ranks,
@@ -68,11 +90,17 @@ class Plan:
 
     @property
     def local_len(self) -> int:
+        """Local query tokens per rank (padding included)."""
         return self.placement.local_len
+
+    @property
+    def kv_local_len(self) -> int:
+        """Local key/value tokens per rank (padding included)."""
+        return self.kv_placement.local_len
 
     def piece_ranges(self, piece: PieceId) -> list[tuple[int, int]]:
         """Global key ranges of a piece."""
-        return self.placement.local_to_global(piece.owner, self.schedule.parts[piece.part])
+        return self.kv_placement.local_to_global(piece.owner, self.schedule.parts[piece.part])
 
     def block_mask(self, rank: int, piece: PieceId) -> Mask:
         """The mask of ``rank``'s local queries against ``piece``, in local coordinates."""
@@ -97,11 +125,38 @@ class Plan:
             self._block_masks[key] = hit
         return hit
 
+    def fused_block(
+        self, rank: int, pieces: tuple[PieceId, ...]
+    ) -> tuple[Mask, tuple[int, int], tuple[int, int]]:
+        """Like :meth:`block` for several pieces computed in one kernel call: the keys
+        are the pieces' tokens concatenated in the order given."""
+        if len(pieces) == 1:
+            return self.block(rank, pieces[0])
+        key = ("fused", rank, pieces)
+        hit = self._block_masks.get(key)
+        if hit is None:
+            kr = [r for p in pieces for r in self.piece_ranges(p)]
+            m = self.mask.gather(self.placement.rank_ranges[rank], kr)
+            qr = (min(b.q0 for b in m.bands), max(b.q1 for b in m.bands))
+            kb = (min(b.k0 for b in m.bands), max(b.k1 for b in m.bands))
+            hit = (m.slice(qr, kb), qr, kb)
+            self._block_masks[key] = hit
+        return hit
+
     def describe(self) -> str:
+        kv = (
+            ""
+            if self.self_attention
+            else (
+                f", kv_dispatch={self.kv_placement.kind}, seqlen_k={self.kv_placement.seqlen}"
+                f" (+{self.kv_placement.pad} pad)"
+            )
+        )
         return (
             f"Plan(W={self.world_size}, dispatch={self.placement.kind}, "
             f"schedule={self.schedule.name}, seqlen={self.placement.seqlen} "
-            f"(+{self.placement.pad} pad), {self.report.summary()})"
+            f"(+{self.placement.pad} pad){kv}, imbalance {self.imbalance:.3f}, "
+            f"{self.report.summary()})"
         )
 
 
@@ -125,14 +180,62 @@ def _pick_schedule(mask: Mask, world_size: int, topology: str | None) -> str:
         return "ring"
 
 
+def _make_placement(
+    kind, mask: Mask, w: int, chunk_size, seed: int, keys: bool, slack: float
+) -> Placement:
+    """Queries' (``keys=False``) or keys' placement; balanced kinds cost a chunk by the
+    mask's area in its rows (or columns)."""
+    if kind in BALANCED:
+        if keys:
+
+            def cost(a, b):
+                return mask.slice((0, mask.seqlen_q), (a, b)).area()
+        else:
+
+            def cost(a, b):
+                return mask.slice((a, b), (0, mask.seqlen_k)).area()
+
+        n = mask.seqlen_k if keys else mask.seqlen_q
+        chunk_keys = None
+        if not keys and mask.seqlen_q == mask.seqlen_k:
+
+            def chunk_keys(a, b):  # self-attention: the keys rows a..b attend to
+                return [(bd.k0, bd.k1) for bd in mask.slice((a, b), (0, mask.seqlen_k)).bands]
+
+        return make_placement(
+            kind,
+            n,
+            w,
+            chunk_size=chunk_size,
+            chunk_cost=cost,
+            chunk_keys=chunk_keys,
+            seed=seed,
+            slack=slack,
+        )
+    return make_placement(kind, mask.seqlen_k if keys else mask.seqlen_q, w, chunk_size=chunk_size)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_plan(
-    mask, group, schedule, dispatch, chunk_size, backend, check, backward, topology, options
+    mask,
+    group,
+    schedule,
+    dispatch,
+    chunk_size,
+    backend,
+    check,
+    backward,
+    topology,
+    kv_dispatch,
+    dispatch_seed,
+    balance_slack,
+    options,
 ):
     rank, w, ranks = group_info(group)
-    if mask.seqlen_q != mask.seqlen_k:
+    if kv_dispatch is None and mask.seqlen_q != mask.seqlen_k:
         raise ValueError(
-            f"mask: context-parallel self-attention needs a square mask, got {mask.shape}"
+            f"mask: self-attention (kv_dispatch=None) needs a square mask, got {mask.shape};"
+            " give kv_dispatch= to dispatch keys on their own (cross-attention)"
         )
     if dispatch == "auto":
         dispatch = _pick_dispatch(mask)
@@ -140,20 +243,53 @@ def _cached_plan(
         schedule = _pick_schedule(mask, w, topology)
         if schedule == "hamilton_2level" and "node_size" not in dict(options):
             schedule = "ring"  # two-level needs the node size the user did not give
-    placement = make_placement(dispatch, mask.seqlen_q, w, chunk_size=chunk_size)
-    padded = Mask(mask.bands, placement.padded_len, placement.padded_len, _canonical=True)
-    routing = build_routing(schedule, w, placement.local_len, **dict(options))
+    placement = _make_placement(
+        dispatch, mask, w, chunk_size, dispatch_seed, keys=False, slack=balance_slack
+    )
+    if kv_dispatch is None:
+        kv_placement = placement
+    else:
+        kv_dispatch = _pick_dispatch(mask) if kv_dispatch == "auto" else kv_dispatch
+        kv_placement = _make_placement(
+            kv_dispatch, mask, w, chunk_size, dispatch_seed, keys=True, slack=balance_slack
+        )
+    padded = Mask(mask.bands, placement.padded_len, kv_placement.padded_len, _canonical=True)
     holder: dict = {}
+    parts_box: list = []
 
-    def needs(r: int, p: PieceId) -> bool:
+    def block(r: int, p: PieceId) -> Mask:
         key = (r, p)
         if key not in holder:
-            kr = placement.local_to_global(p.owner, routing.parts[p.part])
+            kr = kv_placement.local_to_global(p.owner, parts_box[0][p.part])
             holder[key] = padded.gather(placement.rank_ranges[r], kr)
-        return not holder[key].is_empty()
+        return holder[key]
 
+    def needs(r: int, p: PieceId) -> bool:
+        return not block(r, p).is_empty()
+
+    def cost(r: int, p: PieceId) -> float:
+        return float(block(r, p).area())
+
+    opts = dict(options)
+    builder = BUILDERS[schedule]
+    accepts = inspect.signature(builder).parameters
+    if schedule == "groupcast":
+        size = kv_placement.chunk_size
+        opts.setdefault("chunk", size if kv_placement.local_len % size == 0 else None)
+    if "needs" in accepts or "cost" in accepts:
+        # Mask-aware builders need the pieces' cut before they can ask about blocks.
+        from .schedule.ir import split_even
+
+        chunk = opts.get("chunk")
+        n_parts = kv_placement.local_len // chunk if chunk else 1
+        parts_box.append(split_even(kv_placement.local_len, n_parts))
+        opts.update(needs=needs, cost=cost)
+    routing = build_routing(schedule, w, kv_placement.local_len, **opts)
+    if parts_box and routing.parts != parts_box[0]:
+        holder.clear()  # the builder cut the pieces differently: ask again
+    parts_box[:] = [routing.parts]
     sched = finalize(routing, needs)
-    report = verify(sched, needs, local_len=placement.local_len)
+    report = verify(sched, needs, local_len=kv_placement.local_len)
     if backward == "reverse":
         reversed_ = reverse_backward(sched)
         if reversed_ is None:
@@ -163,7 +299,25 @@ def _cached_plan(
             )
         verify_backward(reversed_, needs)
         sched = reversed_
-    p = Plan(mask, padded, placement, sched, report, group, rank, w, ranks, backend, check)
+    work = tuple(
+        padded.gather(placement.rank_ranges[r], [(0, kv_placement.padded_len)]).area()
+        for r in range(w)
+    )
+    p = Plan(
+        mask,
+        padded,
+        placement,
+        sched,
+        report,
+        group,
+        rank,
+        w,
+        ranks,
+        backend,
+        check,
+        kv_placement,
+        work,
+    )
     p._block_masks.update(holder)
     return p
 
@@ -179,6 +333,9 @@ def plan(
     check: str = "first",
     backward: str = "replay",
     topology: str | None = None,
+    kv_dispatch: str | None = None,
+    dispatch_seed: int = 0,
+    balance_slack: float | None = None,
     **schedule_options,
 ) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
@@ -187,11 +344,25 @@ def plan(
         mask: a square :class:`Mask` over the whole (unpadded) sequence.
         group: the process group (default: the world group; none: one process).
         schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``,
-            ``hamilton``, ``hamilton_2level``, ``direct``, any registered schedule, or
-            ``auto`` (the planner's fastest predicted for ``topology``).
-        dispatch: which tokens each rank holds: ``contiguous``, ``zigzag``, ``stripe``,
-            or ``auto`` (contiguous for full masks, else zigzag).
-        chunk_size: chunk sizes are a multiple of this (padding added as needed).
+            ``hamilton``, ``hamilton_2level``, ``direct``, ``groupcast`` (each KV chunk
+            only to the ranks that need it, in ``degree=`` stages, ``node_size=`` for
+            once-per-node crossing), any registered schedule, or ``auto`` (the
+            planner's fastest predicted for ``topology``).
+        dispatch: which query tokens each rank holds: ``contiguous``, ``zigzag``,
+            ``stripe``, ``auto`` (contiguous for full masks, else zigzag), or a
+            work-balanced dispatch over chunks of ``chunk_size`` tokens costed by the
+            mask's area: ``minheap`` (greedy, largest first), ``exact`` (optimal, at
+            most 16 chunks), and the baselines ``sequential`` and ``random``.
+        chunk_size: chunk sizes are a multiple of this (padding added as needed); for
+            the balanced dispatches, the chunk size itself (default: 16 chunks per rank).
+        kv_dispatch: None (self-attention: keys and values are the queries' tokens, the
+            mask is square), or a dispatch for keys and values of their own
+            (cross-attention, any ``Sq x Sk`` mask; balanced kinds cost columns).
+        dispatch_seed: seed of the ``random`` dispatch.
+        balance_slack: how much work balance ``minheap`` may trade for locality: it may
+            give a chunk to a rank up to this fraction of the mean per-rank work heavier
+            than the lightest, when that rank then fetches fewer KV chunks (default
+            0.02; 0 is the plain greedy).
         backend: local kernel for every block (``auto`` picks per block).
         check: cross-rank consistency check of inputs and plan before communication:
             ``first`` (once per input signature), ``always``, or ``never``.
@@ -222,6 +393,16 @@ def plan(
         raise ValueError(f"backward: expected 'replay' or 'reverse', got {backward!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if kv_dispatch is not None and kv_dispatch != "auto" and kv_dispatch not in DISPATCHES:
+        raise ValueError(
+            f"kv_dispatch: expected None, 'auto' or one of {DISPATCHES}, got {kv_dispatch!r}"
+        )
+    if not isinstance(dispatch_seed, int):
+        raise ValueError(f"dispatch_seed: expected an int, got {dispatch_seed!r}")
+    if balance_slack is None:
+        from .dispatch.placement import LOCALITY_SLACK as balance_slack
+    if not isinstance(balance_slack, (int, float)) or not 0 <= balance_slack <= 1:
+        raise ValueError(f"balance_slack: expected a number in [0, 1], got {balance_slack!r}")
     return _cached_plan(
         mask,
         group,
@@ -232,5 +413,8 @@ def plan(
         check,
         backward,
         topology,
+        kv_dispatch,
+        dispatch_seed,
+        float(balance_slack),
         tuple(sorted(schedule_options.items())),
     )

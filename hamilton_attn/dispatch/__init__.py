@@ -1,8 +1,11 @@
 """Token placement across ranks (pure Python); the tensor ops live in runtime."""
 
 from .placement import (
+    BALANCED,
     DISPATCHES,
     Placement,
+    balanced,
+    chunk_grid,
     compute_pad_size,
     contiguous,
     make_placement,
@@ -11,8 +14,11 @@ from .placement import (
 )
 
 __all__ = [
+    "BALANCED",
     "DISPATCHES",
     "Placement",
+    "balanced",
+    "chunk_grid",
     "compute_pad_size",
     "contiguous",
     "make_placement",

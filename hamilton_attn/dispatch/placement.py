@@ -9,10 +9,20 @@ so they never reach outputs or gradients, and ``undispatch`` trims them.
 
 from __future__ import annotations
 
+import heapq
 import math
+import random as _random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-DISPATCHES = ("contiguous", "zigzag", "stripe")
+DISPATCHES = ("contiguous", "zigzag", "stripe", "minheap", "sequential", "random", "exact")
+# Dispatches that cost chunks by the mask (the plan hands them the mask's chunk costs).
+BALANCED = ("minheap", "sequential", "random", "exact")
+DEFAULT_CHUNKS_PER_RANK = 16
+EXACT_MAX_CHUNKS = 16
+# minheap with locality may pick a rank up to this fraction of the mean per-rank work
+# heavier than the lightest one, when that rank needs fewer KV chunks fetched.
+LOCALITY_SLACK = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +146,181 @@ def stripe(
     )
 
 
-def make_placement(
-    kind: str, seqlen: int, world_size: int, *, chunk_size: int | None = None
+def chunk_grid(seqlen: int, world_size: int, chunk_size: int | None) -> tuple[int, int]:
+    """``(chunk size, chunks per rank)`` of a balanced dispatch: the given chunk size
+    with as many chunks per rank as the sequence needs, or by default up to
+    ``DEFAULT_CHUNKS_PER_RANK`` chunks per rank of equal size."""
+    if chunk_size is None:
+        cpr = max(1, min(DEFAULT_CHUNKS_PER_RANK, seqlen // world_size))
+        size = max(1, math.ceil(seqlen / (world_size * cpr)))
+        return size, cpr
+    return chunk_size, max(1, math.ceil(seqlen / (world_size * chunk_size)))
+
+
+def _assign_minheap(costs: Sequence[float], world_size: int, per_rank: int) -> list[int]:
+    """Most expensive chunk first, each to the least-loaded rank with room left
+    (LPT with equal counts); ties go to the lower rank, so every rank agrees."""
+    order = sorted(range(len(costs)), key=lambda c: (-costs[c], c))
+    heap = [(0.0, r) for r in range(world_size)]
+    room = [per_rank] * world_size
+    owner = [0] * len(costs)
+    for c in order:
+        load, r = heapq.heappop(heap)
+        owner[c] = r
+        room[r] -= 1
+        if room[r]:
+            heapq.heappush(heap, (load + costs[c], r))
+    return owner
+
+
+def _assign_local(
+    costs: Sequence[float],
+    world_size: int,
+    per_rank: int,
+    wants: Sequence[frozenset[int]],
+    slack: float,
+) -> list[int]:
+    """Min-heap with locality: most expensive chunk first; among the ranks with room
+    whose load is within ``slack x`` (mean final load) of the lightest, the one where
+    the chunk adds the fewest KV chunks to fetch (``wants[c]``: the chunks whose keys
+    chunk c's queries attend to), less one if the rank already wants chunk c's keys."""
+    tol = slack * sum(costs) / world_size
+    order = sorted(range(len(costs)), key=lambda c: (-costs[c], c))
+    load = [0.0] * world_size
+    room = [per_rank] * world_size
+    held: list[set[int]] = [set() for _ in range(world_size)]
+    want: list[set[int]] = [set() for _ in range(world_size)]
+    owner = [0] * len(costs)
+    for c in order:
+        open_ = [r for r in range(world_size) if room[r]]
+        floor = min(load[r] for r in open_)
+
+        def extra(r: int, c: int = c) -> int:
+            return len(wants[c] - want[r] - held[r]) - (c in want[r])
+
+        r = min((r for r in open_ if load[r] <= floor + tol), key=lambda r: (extra(r), load[r], r))
+        owner[c] = r
+        room[r] -= 1
+        load[r] += costs[c]
+        held[r].add(c)
+        want[r] |= wants[c]
+    return owner
+
+
+def _assign_exact(costs: Sequence[float], world_size: int, per_rank: int) -> list[int]:
+    """The assignment minimising the largest per-rank cost (branch and bound, seeded
+    with min-heap's answer); for at most ``EXACT_MAX_CHUNKS`` chunks."""
+    n = len(costs)
+    if n > EXACT_MAX_CHUNKS:
+        raise ValueError(
+            f"dispatch: 'exact' handles at most {EXACT_MAX_CHUNKS} chunks, got {n} "
+            "(use 'minheap', or a larger chunk_size)"
+        )
+    best_owner = _assign_minheap(costs, world_size, per_rank)
+    best = [0.0] * world_size
+    for c, r in enumerate(best_owner):
+        best[r] += costs[c]
+    bound = [max(best)]
+    order = sorted(range(n), key=lambda c: -costs[c])
+    load, room, owner = [0.0] * world_size, [per_rank] * world_size, [0] * n
+
+    def search(i: int) -> None:
+        if i == n:
+            if max(load) < bound[0]:
+                bound[0] = max(load)
+                best_owner[:] = owner
+            return
+        c, tried = order[i], set()
+        for r in range(world_size):
+            key = (load[r], room[r])  # symmetric ranks: try one of each kind
+            if not room[r] or key in tried or load[r] + costs[c] >= bound[0]:
+                continue
+            tried.add(key)
+            load[r] += costs[c]
+            room[r] -= 1
+            owner[c] = r
+            search(i + 1)
+            load[r] -= costs[c]
+            room[r] += 1
+
+    search(0)
+    return best_owner
+
+
+def balanced(
+    kind: str,
+    seqlen: int,
+    world_size: int,
+    chunk_cost: Callable[[int, int], float],
+    *,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    chunk_keys: Callable[[int, int], Sequence[tuple[int, int]]] | None = None,
+    slack: float = LOCALITY_SLACK,
 ) -> Placement:
+    """Cut the padded sequence into equal chunks, give every rank the same number, and
+    balance the work ``chunk_cost(start, end)`` (the mask's area in those rows):
+    ``minheap`` (greedy, largest first), ``exact`` (optimal, small cases),
+    ``sequential`` (rank r takes the r-th run of consecutive chunks) or ``random``
+    (a permutation seeded by ``seed``)."""
+    size, cpr = chunk_grid(seqlen, world_size, chunk_size)
+    n = world_size * cpr
+    padded = n * size
+    if kind == "sequential":
+        owner = [c // cpr for c in range(n)]
+    elif kind == "random":
+        perm = list(range(n))
+        _random.Random(seed).shuffle(perm)
+        owner = [0] * n
+        for i, c in enumerate(perm):
+            owner[c] = i // cpr
+    else:
+        costs = [
+            float(chunk_cost(c * size, min((c + 1) * size, seqlen))) if c * size < seqlen else 0.0
+            for c in range(n)
+        ]
+        if kind == "minheap" and chunk_keys is not None and slack > 0:
+            wants = []
+            for c in range(n):
+                got: set[int] = set()
+                for ka, kb in chunk_keys(c * size, min((c + 1) * size, seqlen)) if costs[c] else ():
+                    got.update(range(ka // size, (kb - 1) // size + 1))
+                got.discard(c)
+                wants.append(frozenset(got))
+            owner = _assign_local(costs, world_size, cpr, wants, slack)
+        else:
+            assign = _assign_exact if kind == "exact" else _assign_minheap
+            owner = assign(costs, world_size, cpr)
+    per_rank: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
+    for c in range(n):
+        per_rank[owner[c]].append((c * size, (c + 1) * size))
+    ranges = tuple(tuple(_coalesce(rr)) for rr in per_rank)
+    return Placement(kind, seqlen, padded, world_size, ranges, size)
+
+
+def make_placement(
+    kind: str,
+    seqlen: int,
+    world_size: int,
+    *,
+    chunk_size: int | None = None,
+    chunk_cost: Callable[[int, int], float] | None = None,
+    chunk_keys: Callable[[int, int], Sequence[tuple[int, int]]] | None = None,
+    seed: int = 0,
+    slack: float = LOCALITY_SLACK,
+) -> Placement:
+    if kind in BALANCED:
+        cost = chunk_cost or (lambda a, b: b - a)
+        return balanced(
+            kind,
+            seqlen,
+            world_size,
+            cost,
+            chunk_size=chunk_size,
+            seed=seed,
+            chunk_keys=chunk_keys,
+            slack=slack,
+        )
     if kind == "contiguous":
         return contiguous(seqlen, world_size, chunk_size=chunk_size or 1)
     if kind == "zigzag":

@@ -58,6 +58,26 @@ def _last_use(plan: Plan, steps) -> dict[PieceId, int]:
     return last
 
 
+def _step_kv(plan: Plan, held, pieces, k_BSHD, v_BSHD):
+    """K and V (bshd) of the pieces a step computes, concatenated in order: one kernel
+    call per step instead of one per piece (the local shard itself, no copy, when the
+    pieces are all of this rank's own in order)."""
+    if len(pieces) == 1:
+        return held[pieces[0]]
+    own = [PieceId(plan.rank, i) for i in range(len(plan.schedule.parts))]
+    parts = plan.schedule.parts
+    if (
+        list(pieces) == own
+        and all(x[-1][1] == y[0][0] for x, y in zip(parts, parts[1:]))
+        and all(len(x) == 1 for x in parts)
+    ):
+        return k_BSHD, v_BSHD
+    return (
+        torch.cat([held[p][0] for p in pieces], dim=1),
+        torch.cat([held[p][1] for p in pieces], dim=1),
+    )
+
+
 def _bhsd(kv, i: int) -> torch.Tensor:
     """K (i = 0) or V (i = 1) of a held piece ``(k_BSHD, v_BSHD)`` as a bhsd view."""
     return kv[i].transpose(1, 2)
@@ -119,9 +139,10 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
         _kv_transfers(plan, step, held, sends, recvs, received)
         rec = None if prof is None else _record(prof, call, "fwd", s, plan, step, q, sends, recvs)
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
-        for p in step.compute[r]:
-            kv = held[p]
-            m, (qa, qb), (ka, kb) = plan.block(r, p)
+        pieces = step.compute[r]
+        for group in [pieces] if pieces else []:
+            kv = _step_kv(plan, held, group, k_BSHD, v_BSHD)
+            m, (qa, qb), (ka, kb) = plan.fused_block(r, group)
             qb_, k, v = q[:, :, qa:qb], _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
             kernel = select_kernel(plan.backend, qb_, k, v, m)
             o, l = kernel.forward(qb_, k, v, m, scale)
@@ -193,9 +214,10 @@ def backward(
                 grads_in.append((t.piece, buf))
         rec = None if prof is None else _record(prof, call, "bwd", s, plan, step, q, sends, recvs)
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
-        for p in step.compute[r]:
-            kv = held[p]
-            m, (qa, qb), (ka, kb) = plan.block(r, p)
+        pieces = step.compute[r]
+        for group in [pieces] if pieces else []:
+            kv = _step_kv(plan, held, group, k_BSHD, v_BSHD)
+            m, (qa, qb), (ka, kb) = plan.fused_block(r, group)
             rows = slice(qa, qb)
             k, v = _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
             kernel = select_kernel(plan.backend, q[:, :, rows], k, v, m)
@@ -210,13 +232,19 @@ def backward(
                 scale,
             )
             dq[:, :, rows] += dq_b
-            acc = grad_acc.get(p)
-            if acc is None:
-                acc = grad_acc[p] = torch.zeros(
-                    (2,) + tuple(kv[0].shape), dtype=gdt, device=kv[0].device
-                )
-            acc[0][:, ka:kb] += dk_b.transpose(1, 2)
-            acc[1][:, ka:kb] += dv_b.transpose(1, 2)
+            off = 0
+            for p in group:  # each piece's share of the step's dK/dV
+                n = held[p][0].shape[1]
+                a, b = max(ka, off), min(kb, off + n)
+                if a < b:
+                    acc = grad_acc.get(p)
+                    if acc is None:
+                        acc = grad_acc[p] = torch.zeros(
+                            (2,) + tuple(held[p][0].shape), dtype=gdt, device=q.device
+                        )
+                    acc[0][:, a - off : b - off] += dk_b[:, :, a - ka : b - ka].transpose(1, 2)
+                    acc[1][:, a - off : b - off] += dv_b[:, :, a - ka : b - ka].transpose(1, 2)
+                off += n
         _finish_step(rec, pending, q.device)
         held.update(received)
         for p, buf in grads_in:

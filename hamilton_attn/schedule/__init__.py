@@ -7,6 +7,7 @@ from collections.abc import Callable
 from .allgather import allgather
 from .bidi_ring import bidi_ring
 from .direct import direct
+from .groupcast import groupcast
 from .hamilton import hamilton
 from .hamilton_2level import hamilton_2level
 from .ir import PieceId, Routing, Schedule, Step, Transfer, split_even
@@ -23,6 +24,7 @@ BUILDERS: dict[str, Callable[..., Routing]] = {
     "hamilton": hamilton,
     "hamilton_2level": hamilton_2level,
     "direct": direct,
+    "groupcast": groupcast,
 }
 
 

@@ -57,6 +57,7 @@ class Routing:
     grad_route: str = "follow"  # how dK/dV come home: follow | direct | reverse
     buffer_budget: float = 2.0  # peak received KV held at once, in local shards
     comm: str = "p2p"  # p2p (batched isend/irecv) or a2a (all_to_all per step)
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,7 @@ def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Sch
         routing.grad_route,
         routing.buffer_budget,
         routing.comm,
+        routing.meta,
     )
     arrivals = _arrivals(pruned)
     compute_step = {(r, p): s for (r, p), s in arrivals.items() if needs(r, p)}
@@ -141,7 +142,7 @@ def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Sch
         routing.buffer_budget,
         routing.comm,
         routing.grad_route,
-        dict(meta or {}),
+        {**routing.meta, **(meta or {})},
     )
 
 

@@ -165,6 +165,8 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
                 f"{local_len} ({allowed} tokens in whole pieces)"
             )
     redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and (r, p) not in last_use)
+    if schedule.meta.get("zero_redundancy"):
+        _prove_zero_redundancy(schedule, needs, computed, last_use, held)
     return ScheduleReport(
         steps=len(schedule.steps),
         sent_tokens=sent,
@@ -177,6 +179,41 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
         redundant_transfers=redundant,
         per_step_max_link_tokens=step_max_link,
     )
+
+
+def _prove_zero_redundancy(schedule: Schedule, needs: Needs, computed, last_use, held) -> None:
+    """A zero-redundancy schedule delivers a piece only to a rank that computes on it
+    (its queries need it) or forwards it, and (with ``meta["node_size"]``) lets each
+    piece enter each other node once."""
+    w = schedule.world_size
+    for r in range(w):
+        for p in held[r]:
+            if p.owner == r:
+                continue
+            if not (computed[(r, p)] or (r, p) in last_use):
+                raise ScheduleError(
+                    f"{schedule.name}: rank {r} receives {p} and neither computes on it "
+                    "nor forwards it (not zero-redundancy)"
+                )
+            if computed[(r, p)] and not needs(r, p):
+                raise ScheduleError(
+                    f"{schedule.name}: rank {r} receives {p} but none of its queries "
+                    "attend to it (not zero-redundancy)"
+                )
+    k = schedule.meta.get("node_size")
+    if k:
+        entered: Counter = Counter()
+        for step in schedule.steps:
+            for t in step.transfers:
+                if t.src // k != t.dst // k:
+                    entered[(t.dst // k, t.piece)] += 1
+        twice = [key for key, n in entered.items() if n > 1]
+        if twice:
+            node, p = twice[0]
+            raise ScheduleError(
+                f"{schedule.name}: {p} enters node {node} {entered[twice[0]]} times "
+                "(hierarchical transfers must cross once per node)"
+            )
 
 
 def verify_backward(schedule: Schedule, needs: Needs) -> None:
