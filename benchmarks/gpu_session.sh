@@ -3,6 +3,8 @@
 #   kernel correctness + rates (issue "Core"), `demo --device cuda` on 2 NCCL ranks
 #   (issue "Context-parallel engine"), and the side-by-side bench with a profiler trace.
 # Usage on the device: bash benchmarks/gpu_session.sh   (results land in $OUT, or ./gpu_out)
+# Session 2 (groupcast, minheap, MagiAttention examples, one-merge forward):
+#   STAGES="magi:120 demo_gc:120 bench_gc:330" bash benchmarks/gpu_session.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The device returns at most 8 files from $OUT: work in a folder, tar it at the end.
@@ -24,6 +26,14 @@ for item in $STAGES; do
                --dispatches zigzag contiguous --backward replay reverse --out "$OUT" --name bench_H200_W2 \
                --plot "$OUT/bench_H200_W2.png" ;;
     trace)   run trace "$limit" python benchmarks/trace_run.py --out "$OUT" ;;
+    magi)    run magi "$limit" bash -c 'for ex in varlen flex; do echo "--- examples/magi_$ex.py"; \
+               torchrun --nproc_per_node 2 examples/magi_$ex.py || echo "FAILED magi_$ex"; done' ;;
+    demo_gc) run demo_groupcast "$limit" python -m hamilton_attn demo --device cuda --seqlen 8192 \
+               --schedules groupcast ring ;;
+    bench_gc) run bench_gc "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks causal full docs --schedules ring groupcast --dispatches zigzag minheap \
+               --backward replay reverse --repeats 10 --out "$OUT" --name bench_H200_W2_groupcast \
+               --plot "$OUT/bench_H200_W2_groupcast.png" ;;
   esac
 done
 ls -la "$OUT"

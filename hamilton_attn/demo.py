@@ -13,7 +13,11 @@ from .schedule import BUILDERS
 from .testing.oracle import dense_attention, error_bound, max_err
 from .verify_cli import format_table
 
-DEMO_DISPATCH = {"allgather": ["contiguous"], "line": ["zigzag"]}
+DEMO_DISPATCH = {
+    "allgather": ["contiguous"],
+    "line": ["zigzag"],
+    "groupcast": ["minheap", "zigzag"],
+}
 
 
 def demo_masks(seqlen: int) -> dict[str, Mask]:

@@ -48,8 +48,10 @@ def merge(
 
 
 def _merge_into(acc_out, acc_lse, out, lse) -> None:
-    new_lse, wa, wb = _weights(acc_lse, lse.to(acc_lse.dtype))
-    acc_out.copy_(acc_out * wa.unsqueeze(-1) + out.to(acc_out.dtype) * wb.unsqueeze(-1))
+    # The math runs in acc_lse's dtype (float32 or float64) whatever acc_out's dtype.
+    dt = acc_lse.dtype
+    new_lse, wa, wb = _weights(acc_lse, lse.to(dt))
+    acc_out.copy_(acc_out.to(dt) * wa.unsqueeze(-1) + out.to(dt) * wb.unsqueeze(-1))
     acc_lse.copy_(new_lse)
 
 
@@ -97,6 +99,24 @@ def merge_(
     acc_lse.copy_(new_lse)
 
 
+def merge_last_(
+    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Like :func:`merge_`, for an ``acc_out`` in the inputs' own dtype (say bfloat16)
+    that holds one block's unmerged output: the merge is computed in float32 and
+    rounded once into ``acc_out``. This gives the same numbers as converting to a
+    float32 accumulator, merging and rounding at the end, without the float32 passes
+    (the executor uses it for a rank's last merge when nothing was merged before)."""
+    if acc_lse.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"acc_lse: expected float32 (or float64), got {acc_lse.dtype}")
+    if acc_out.is_cuda and _fused_merge(acc_out, acc_lse, out, lse):
+        return
+    new_lse, wa, wb = _weights(acc_lse, lse.to(acc_lse.dtype))
+    dt = acc_lse.dtype
+    acc_out.copy_(acc_out.to(dt) * wa.unsqueeze(-1) + out.to(dt) * wb.unsqueeze(-1))
+    acc_lse.copy_(new_lse)
+
+
 def merge_many(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine any number of partial results at once (one exp per part)."""
     if not parts:
@@ -112,4 +132,4 @@ def merge_many(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
     return out, safe_max + torch.log(total)
 
 
-__all__ = ["acc_dtype", "merge", "merge_", "merge_many"]
+__all__ = ["acc_dtype", "merge", "merge_", "merge_last_", "merge_many"]

@@ -20,7 +20,7 @@ import torch
 from .. import profile
 from ..comm import start_p2p
 from ..kernels import select_kernel
-from ..merge import acc_dtype, merge_
+from ..merge import acc_dtype, merge_, merge_last_
 from ..plans import Plan
 from ..schedule import PieceId
 
@@ -124,14 +124,22 @@ def _finish_step(rec, pending, device) -> None:
 
 def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None = None):
     """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32) for the local queries.
-    Received pieces the schedule's backward keeps (``retain``) go into ``kept``."""
+    Received pieces the schedule's backward keeps (``retain``) go into ``kept``.
+
+    The output accumulates in float32; until a second block arrives it is the first
+    block's own output (q's dtype, no copy), and when the second block is also this
+    rank's last, the one merge is computed in float32 and rounded once into it: the
+    same numbers without the float32 passes (W = 2)."""
     r = plan.rank
     q = q_BSHD.transpose(1, 2)
     held = _own_pieces(plan, k_BSHD, v_BSHD)
     steps = plan.schedule.forward_steps()
     last = _last_use(plan, steps)
+    last_compute = max((s for s, st in enumerate(steps) if st.compute[r]), default=-1)
     keep = set(plan.schedule.retain[r]) if plan.schedule.retain else set()
+    dt = acc_dtype(q.dtype)
     acc_out = acc_lse = None
+    low = False  # acc_out holds one unmerged block in the kernel's dtype
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
     for s, step in enumerate(steps):
@@ -147,16 +155,20 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
             kernel = select_kernel(plan.backend, qb_, k, v, m)
             o, l = kernel.forward(qb_, k, v, m, scale)
             if acc_out is None:
-                dt = acc_dtype(q.dtype)
                 b, hq, sq, _ = q.shape
-                if (qa, qb) == (0, sq):  # covers every row: one conversion, no fill
-                    acc_out, acc_lse = o.to(dt), l.to(dt, copy=True)
+                if (qa, qb) == (0, sq):  # covers every row: no fill, no copy
+                    acc_out, acc_lse = o, l.to(dt, copy=True)
                 else:
-                    acc_out = torch.zeros(b, hq, sq, v.shape[-1], dtype=dt, device=q.device)
+                    acc_out = o.new_zeros(b, hq, sq, o.shape[-1])
                     acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
                     acc_out[:, :, qa:qb] = o
                     acc_lse[:, :, qa:qb] = l
+                low = acc_out.dtype != dt
+            elif low and s == last_compute:
+                merge_last_(acc_out[:, :, qa:qb], acc_lse[:, :, qa:qb], o, l)
             else:
+                if low:
+                    acc_out, low = acc_out.to(dt), False
                 merge_(acc_out[:, :, qa:qb], acc_lse[:, :, qa:qb], o, l)
         _finish_step(rec, pending, q.device)
         held.update(received)
@@ -166,8 +178,8 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
             del held[p]
     if acc_out is None:  # this rank's queries see nothing at all
         b, hq, sq, _ = q.shape
-        acc_out = q.new_zeros(b, hq, sq, v_BSHD.shape[-1], dtype=acc_dtype(q.dtype))
-        acc_lse = torch.full((b, hq, sq), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
+        acc_out = q.new_zeros(b, hq, sq, v_BSHD.shape[-1])
+        acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
     lse = acc_lse if q.dtype == torch.float64 else acc_lse.float()
     return acc_out.to(q.dtype).transpose(1, 2), lse
 
