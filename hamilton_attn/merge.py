@@ -109,12 +109,8 @@ def merge_last_(
     (the executor uses it for a rank's last merge when nothing was merged before)."""
     if acc_lse.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"acc_lse: expected float32 (or float64), got {acc_lse.dtype}")
-    if acc_out.is_cuda and _fused_merge(acc_out, acc_lse, out, lse):
-        return
-    new_lse, wa, wb = _weights(acc_lse, lse.to(acc_lse.dtype))
-    dt = acc_lse.dtype
-    acc_out.copy_(acc_out.to(dt) * wa.unsqueeze(-1) + out.to(dt) * wb.unsqueeze(-1))
-    acc_lse.copy_(new_lse)
+    if not (acc_out.is_cuda and _fused_merge(acc_out, acc_lse, out, lse)):
+        _merge_into(acc_out, acc_lse, out, lse)
 
 
 def merge_many(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

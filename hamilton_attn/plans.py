@@ -20,6 +20,7 @@ from .schedule import (
     build_routing,
     finalize,
     reverse_backward,
+    split_even,
     verify,
     verify_backward,
 )
@@ -254,13 +255,21 @@ def _cached_plan(
             kv_dispatch, mask, w, chunk_size, dispatch_seed, keys=True, slack=balance_slack
         )
     padded = Mask(mask.bands, placement.padded_len, kv_placement.padded_len, _canonical=True)
+    opts = dict(options)
+    accepts = inspect.signature(BUILDERS[schedule]).parameters
+    if "chunk" in accepts:  # builders that cut pieces by chunk: the dispatch's chunk
+        size = kv_placement.chunk_size
+        opts.setdefault("chunk", size if kv_placement.local_len % size == 0 else None)
+    # The pieces' cut that mask-aware builders ask about (read by block() at call time;
+    # replaced below if the builder cuts differently).
+    chunk = opts.get("chunk")
+    cut = split_even(kv_placement.local_len, kv_placement.local_len // chunk if chunk else 1)
     holder: dict = {}
-    parts_box: list = []
 
     def block(r: int, p: PieceId) -> Mask:
         key = (r, p)
         if key not in holder:
-            kr = kv_placement.local_to_global(p.owner, parts_box[0][p.part])
+            kr = kv_placement.local_to_global(p.owner, cut[p.part])
             holder[key] = padded.gather(placement.rank_ranges[r], kr)
         return holder[key]
 
@@ -270,24 +279,12 @@ def _cached_plan(
     def cost(r: int, p: PieceId) -> float:
         return float(block(r, p).area())
 
-    opts = dict(options)
-    builder = BUILDERS[schedule]
-    accepts = inspect.signature(builder).parameters
-    if schedule == "groupcast":
-        size = kv_placement.chunk_size
-        opts.setdefault("chunk", size if kv_placement.local_len % size == 0 else None)
-    if "needs" in accepts or "cost" in accepts:
-        # Mask-aware builders need the pieces' cut before they can ask about blocks.
-        from .schedule.ir import split_even
-
-        chunk = opts.get("chunk")
-        n_parts = kv_placement.local_len // chunk if chunk else 1
-        parts_box.append(split_even(kv_placement.local_len, n_parts))
+    if "needs" in accepts:
         opts.update(needs=needs, cost=cost)
     routing = build_routing(schedule, w, kv_placement.local_len, **opts)
-    if parts_box and routing.parts != parts_box[0]:
-        holder.clear()  # the builder cut the pieces differently: ask again
-    parts_box[:] = [routing.parts]
+    if routing.parts != cut:
+        cut = routing.parts
+        holder.clear()
     sched = finalize(routing, needs)
     report = verify(sched, needs, local_len=kv_placement.local_len)
     if backward == "reverse":
