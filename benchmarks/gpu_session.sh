@@ -5,6 +5,9 @@
 # Usage on the device: bash benchmarks/gpu_session.sh   (results land in $OUT, or ./gpu_out)
 # Session 2 (groupcast, minheap, MagiAttention examples, one-merge forward):
 #   STAGES="magi:120 demo_gc:120 bench_gc:330" bash benchmarks/gpu_session.sh
+# Session 3 (one causal call per own block, exact bf16 gradient sums, NCCL beside compute):
+#   STAGES="overlap:120 opprof:150" bash benchmarks/gpu_session.sh (probes), then
+#   STAGES="bench3:300 bench3gc:200 trace:60" bash benchmarks/gpu_session.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The device returns at most 8 files from $OUT: work in a folder, tar it at the end.
@@ -34,6 +37,16 @@ for item in $STAGES; do
                --masks causal full docs --schedules ring groupcast --dispatches zigzag minheap \
                --backward replay reverse --repeats 10 --out "$OUT" --name bench_H200_W2_groupcast \
                --plot "$OUT/bench_H200_W2_groupcast.png" ;;
+    overlap) run overlap "$limit" python benchmarks/gpu_overlap.py --out "$OUT" ;;
+    bench3)  run bench3 "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks causal full docs --schedules ring --dispatches zigzag minheap balanced_zigzag \
+               --backward replay reverse --repeats 10 --inner 3 --out "$OUT" --name bench_H200_W2_session3 \
+               --plot "$OUT/bench_H200_W2_session3.png" ;;
+    bench3gc) run bench3gc "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks causal full docs --schedules groupcast --dispatches zigzag minheap \
+               --backward replay --repeats 10 --inner 3 --out "$OUT" --name bench_H200_W2_session3_groupcast ;;
+    opprof)  run op_profile "$limit" bash -c "python benchmarks/gpu_op_profile.py --out $OUT --mask causal; \
+               python benchmarks/gpu_op_profile.py --out $OUT --mask docs --schedule ring --dispatch balanced_zigzag" ;;
   esac
 done
 ls -la "$OUT"

@@ -4,8 +4,8 @@ For each mask x tokens-per-device, in one run on W ranks: (a) ``attention`` on o
 device over the whole problem, (b) PyTorch's ``context_parallel`` (cuDNN SDPA, load
 balancing on for causal, off for full) where it applies, (c) each schedule x dispatch.
 Forward and forward+backward, timed with device events after warm-up, median of
-repeats, slowest rank. Reports TF/s per device (visible pairs only: 4*B*H*D*area,
-x2.5 for backward), efficiency = T(one device) / (W x T(W devices)), the ratio to
+repeats (each sample ``inner`` back-to-back calls), slowest rank. Reports TF/s per
+device (visible pairs only: 4*B*H*D*area, x2.5 for backward), efficiency = T(one device) / (W x T(W devices)), the ratio to
 PyTorch's time, and peak forward memory per device against the ideal (local q, k, v,
 out, lse and two KV buffers).
 """
@@ -56,8 +56,10 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def time_fn(fn, dev, *, warmup: int, repeats: int, group=None) -> float:
-    """Median milliseconds of ``fn`` on this rank (slowest rank if ``group``)."""
+def time_fn(fn, dev, *, warmup: int, repeats: int, group=None, inner: int = 1) -> float:
+    """Median milliseconds of ``fn`` on this rank (slowest rank if ``group``). Each sample
+    times ``inner`` back-to-back calls and divides: steady state, as layers run in a
+    model, and the ranks' skew leaving the barrier is spread over the calls."""
     import torch.distributed as dist
 
     for _ in range(warmup):
@@ -70,14 +72,16 @@ def time_fn(fn, dev, *, warmup: int, repeats: int, group=None) -> float:
         if dev.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            fn()
+            for _ in range(inner):
+                fn()
             b.record()
             b.synchronize()
-            times.append(a.elapsed_time(b))
+            times.append(a.elapsed_time(b) / inner)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
     med = statistics.median(times)
     if group is not None:
         t = torch.tensor([med], dtype=torch.float64, device=dev)
@@ -86,7 +90,7 @@ def time_fn(fn, dev, *, warmup: int, repeats: int, group=None) -> float:
     return med
 
 
-def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats):
+def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1):
     """PyTorch's context_parallel (cuDNN), or None where it does not apply."""
     import torch.nn.functional as F
     from torch.distributed.device_mesh import DeviceMesh
@@ -116,8 +120,9 @@ def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats):
                 a, b, c = (t.detach().requires_grad_() for t in (qq, kk, vv))
                 F.scaled_dot_product_attention(a, b, c, is_causal=causal).backward(gg)
 
-        res["fwd"] = time_fn(fwd, dev, warmup=warmup, repeats=repeats, group=ctx.group)
-        res["fwd_bwd"] = time_fn(fwd_bwd, dev, warmup=warmup, repeats=repeats, group=ctx.group)
+        kw = dict(warmup=warmup, repeats=repeats, group=ctx.group, inner=inner)
+        res["fwd"] = time_fn(fwd, dev, **kw)
+        res["fwd_bwd"] = time_fn(fwd_bwd, dev, **kw)
     return res
 
 
@@ -130,7 +135,7 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
     dtype = getattr(torch, cfg["dtype"])
     w = ctx.world_size
     hq, hk, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    warmup, repeats = cfg["warmup"], cfg["repeats"]
+    warmup, repeats, inner = cfg["warmup"], cfg["repeats"], cfg.get("inner", 1)
     rows = []
     cases = [(n, mname) for n in cfg["tokens_per_device"] for mname in cfg["masks"]]
     total = len(cases) * (
@@ -166,8 +171,9 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                 a, b, c = (t.detach().requires_grad_() for t in (q, k, v))
                 ha.attention(a, b, c, mask).backward(g)
 
-            one["fwd"] = time_fn(one_fwd, dev, warmup=warmup, repeats=repeats)
-            one["fwd_bwd"] = time_fn(one_fwd_bwd, dev, warmup=warmup, repeats=repeats)
+            kw = dict(warmup=warmup, repeats=repeats, inner=inner)
+            one["fwd"] = time_fn(one_fwd, dev, **kw)
+            one["fwd_bwd"] = time_fn(one_fwd_bwd, dev, **kw)
         t1 = torch.tensor(
             [one.get("fwd", 0.0), one.get("fwd_bwd", 0.0)], dtype=torch.float64, device=dev
         )
@@ -188,7 +194,9 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
         tcp = None
         if mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
             try:
-                tcp = _torch_cp_times(ctx, dev, q, k, v, g, mname == "causal", warmup, repeats)
+                tcp = _torch_cp_times(
+                    ctx, dev, q, k, v, g, mname == "causal", warmup, repeats, inner
+                )
                 rows.append(
                     dict(
                         base,
@@ -246,12 +254,8 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                     a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
                     ha.calc_attn(a, b, c, p).backward(gl)
 
-                ours = {
-                    "fwd": time_fn(fwd, dev, warmup=warmup, repeats=repeats, group=ctx.group),
-                    "fwd_bwd": time_fn(
-                        fwd_bwd, dev, warmup=warmup, repeats=repeats, group=ctx.group
-                    ),
-                }
+                kw = dict(warmup=warmup, repeats=repeats, group=ctx.group, inner=inner)
+                ours = {"fwd": time_fn(fwd, dev, **kw), "fwd_bwd": time_fn(fwd_bwd, dev, **kw)}
                 mem = _peak_mem_ratio(fwd, dev, ql, kl, vl, p) if dev.type == "cuda" else None
                 row = dict(
                     base,
@@ -379,6 +383,7 @@ def main(args, printer=print) -> int:
         "dispatches": args.dispatches,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "inner": args.inner,
         "torch_cp": not args.no_torch_cp,
         "backwards": args.backward,
         "node_size": args.node_size,

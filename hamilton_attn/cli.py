@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default=None)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeats", type=int, default=10)
+    b.add_argument(
+        "--inner", type=int, default=3, help="back-to-back calls per timed sample (default 3)"
+    )
     b.add_argument("--node-size", type=int, default=None, help="for hamilton_2level")
     b.add_argument("--no-torch-cp", action="store_true")
     b.add_argument(

@@ -47,17 +47,22 @@ def group_info(group=None) -> tuple[int, int, tuple[int, ...]]:
 
 
 class PendingOps:
-    """Started point-to-point operations; ``wait`` blocks the host at most ``timeout``
-    (on NCCL it only orders the current stream after them)."""
+    """Started operations. ``wait`` on CPU tensors (gloo) blocks the host at most
+    ``timeout``. On CUDA tensors it only orders the current stream after the transfers
+    and returns at once: handing NCCL's ``wait`` a timeout would block the host until
+    the transfer ends, polling in 1 ms sleeps, which leaves the GPU idle at every step
+    boundary. There the process group's own timeout (its watchdog, set by
+    ``init_process_group(timeout=...)``) is what bounds a hung transfer."""
 
-    def __init__(self, works, timeout: timedelta):
+    def __init__(self, works, timeout: timedelta, device_ordered: bool = False):
         self._works = works
         self._timeout = timeout
+        self._device_ordered = device_ordered
 
     def wait(self) -> None:
         for work in self._works:
             try:
-                ok = work.wait(self._timeout)
+                ok = work.wait() if self._device_ordered else work.wait(self._timeout)
             except RuntimeError as err:
                 raise TimeoutError(
                     f"hamilton_attn: a transfer did not finish within {self._timeout} ({err})"
@@ -81,7 +86,8 @@ def start_p2p(
     ops = [dist.P2POp(dist.isend, t, global_ranks[p], group) for t, p in sends]
     ops += [dist.P2POp(dist.irecv, t, global_ranks[p], group) for t, p in recvs]
     works = dist.batch_isend_irecv(ops) if ops else []
-    return PendingOps(works, timeout or default_timeout())
+    on_device = any(t.is_cuda for t, _ in (*sends, *recvs))
+    return PendingOps(works, timeout or default_timeout(), device_ordered=on_device)
 
 
 class RingComm:
@@ -151,7 +157,7 @@ class A2AComm:
                 group=self._group,
                 async_op=True,
             )
-            pending = PendingOps([work], default_timeout())
+            pending = PendingOps([work], default_timeout(), device_ordered=True)
         if async_op:
             return pending
         pending.wait()

@@ -16,6 +16,7 @@ from .verify_cli import format_table
 DEMO_DISPATCH = {
     "allgather": ["contiguous"],
     "line": ["zigzag"],
+    "ring": ["zigzag", "contiguous", "balanced_zigzag"],
     "groupcast": ["minheap", "zigzag"],
 }
 

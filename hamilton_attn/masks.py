@@ -293,7 +293,7 @@ class Mask:
     :meth:`from_ranges`. ``bands`` are disjoint and sorted by (q0, k0).
     """
 
-    __slots__ = ("seqlen_q", "seqlen_k", "bands", "_digest", "__weakref__")
+    __slots__ = ("seqlen_q", "seqlen_k", "bands", "_digest", "_dense", "__weakref__")
 
     def __init__(
         self,
@@ -324,6 +324,7 @@ class Mask:
         bs.sort(key=lambda b: (b.q0, b.k0, b.q1, b.k1))
         self.bands: tuple[Band, ...] = tuple(bs)
         self._digest: bytes | None = None
+        self._dense: list | None = None
 
     # -- builders -----------------------------------------------------------------------
     @classmethod
@@ -517,22 +518,82 @@ class Mask:
     def dense_pieces(self) -> list[tuple[int, int, int, int, bool]] | None:
         """Disjoint ``(q0, q1, k0, k1, causal)`` pieces, each FULL or bottom-right CAUSAL
         with ``k1 - k0 >= q1 - q0``, covering the mask; None if some band has a lower
-        diagonal bound (sliding window, inv_causal), which dense kernels cannot run."""
-        pieces = []
+        diagonal bound (sliding window, inv_causal), which dense kernels cannot run.
+
+        Pieces that continue one another (rows back to back, same first key, and the same
+        last key per row: equal columns if FULL, equal diagonal if CAUSAL) are joined, so
+        a block that is one causal square, however its bands cut it (a zigzag rank's own
+        block, say), is one piece and one kernel call. Where bands still leave several
+        pieces, the mask is cut again from its rows' key intervals (touching intervals
+        joined, :meth:`_pieces_from_rows`), which also joins pieces side by side (a
+        causal square cut into column strips, as groupcast's pieces cut a rank's own
+        block); the fewer pieces win. Cached on the mask."""
+        if self._dense is None:
+            self._dense = self._dense_pieces()
+        return None if self._dense is False else list(self._dense)
+
+    def _dense_pieces(self):
+        pieces: list[tuple[int, int, int, int, bool]] = []
+        ends: dict[tuple, int] = {}  # (q1, k0, causal, last-key rule) -> index in pieces
+
+        def add(q0: int, q1: int, k0: int, k1: int, causal: bool) -> None:
+            rule = k1 - q1 if causal else k1
+            i = ends.pop((q0, k0, causal, rule), None)
+            if i is not None:
+                q0 = pieces[i][0]
+                pieces[i] = (q0, q1, k0, k1, causal)
+            else:
+                i = len(pieces)
+                pieces.append((q0, q1, k0, k1, causal))
+            ends[(q1, k0, causal, rule)] = i
+
         for b in self.bands:
             if b.lo_is_bound:
-                return None
+                return False
             if not b.hi_is_bound:
-                pieces.append((b.q0, b.q1, b.k0, b.k1, False))
+                add(b.q0, b.q1, b.k0, b.k1, False)
                 continue
             # Rows up to k1 - 1 - hi fit one bottom-right causal piece (the last of them
             # sees every key); rows after it see the whole column range.
             qc = min(b.q1, b.k1 - b.hi)
             if qc > b.q0:
-                pieces.append((b.q0, qc, b.k0, qc + b.hi, True))
+                add(b.q0, qc, b.k0, qc + b.hi, True)
             if qc < b.q1:
-                pieces.append((qc, b.q1, b.k0, b.k1, False))
+                add(qc, b.q1, b.k0, b.k1, False)
+        if len(pieces) > 1:
+            again = self._pieces_from_rows()
+            if len(again) < len(pieces):
+                return again
         return pieces
+
+    def _pieces_from_rows(self) -> list[tuple[int, int, int, int, bool]]:
+        """Dense pieces from the rows' maximal key intervals (the k-th interval of each
+        row forms track k): a run of consecutive rows of one track whose intervals share
+        their first key and whose last key stays put (FULL) or moves one per row
+        (bottom-right CAUSAL) is one piece. Only for masks without lower diagonal
+        bounds, whose rows' intervals all start at a band's first column."""
+        rows, lo, hi = (t.tolist() for t in self._row_table())
+        tracks: dict[int, list[tuple[int, int, int]]] = {}
+        k, prev = 0, None
+        for r, a, b in zip(rows, lo, hi):
+            k = k + 1 if r == prev else 0
+            prev = r
+            tracks.setdefault(k, []).append((r, a, b))
+        pieces = []
+        for track in tracks.values():
+            q0, q_last, a0, b_prev, kind = None, -2, 0, 0, None
+            for r, a, b in track + [(-1, 0, 0)]:
+                if q0 is not None and r == q_last + 1 and a == a0:
+                    if kind in (None, "full") and b == b_prev:
+                        kind, q_last, b_prev = "full", r, b
+                        continue
+                    if kind in (None, "causal") and b == b_prev + 1:
+                        kind, q_last, b_prev = "causal", r, b
+                        continue
+                if q0 is not None:
+                    pieces.append((q0, q_last + 1, a0, b_prev + 1, kind == "causal"))
+                q0, q_last, a0, b_prev, kind = r, r, a, b, None
+        return sorted(pieces)
 
     def kind(self) -> AttnMaskType | None:
         """FULL or CAUSAL if the whole grid is exactly that, else None."""

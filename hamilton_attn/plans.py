@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .comm import group_info
 from .dispatch import BALANCED, DISPATCHES, Placement, make_placement
+from .dispatch.placement import DEFAULT_CHUNKS_PER_RANK
 from .kernels import BACKENDS
 from .masks import Mask
 from .schedule import (
@@ -257,9 +258,14 @@ def _cached_plan(
     padded = Mask(mask.bands, placement.padded_len, kv_placement.padded_len, _canonical=True)
     opts = dict(options)
     accepts = inspect.signature(BUILDERS[schedule]).parameters
-    if "chunk" in accepts:  # builders that cut pieces by chunk: the dispatch's chunk
-        size = kv_placement.chunk_size
-        opts.setdefault("chunk", size if kv_placement.local_len % size == 0 else None)
+    if "chunk" in accepts:  # builders that cut pieces by chunk: the dispatch's chunk,
+        # joined into pieces of several chunks where a rank has more than the default
+        # count (balanced_zigzag's fine grid): fewer, larger messages and blocks.
+        size, n = kv_placement.chunk_size, kv_placement.local_len
+        if n % size == 0:
+            while n // size > DEFAULT_CHUNKS_PER_RANK and n % (2 * size) == 0:
+                size *= 2
+        opts.setdefault("chunk", size if n % size == 0 else None)
     # The pieces' cut that mask-aware builders ask about (read by block() at call time;
     # replaced below if the builder cuts differently).
     chunk = opts.get("chunk")
@@ -348,10 +354,13 @@ def plan(
         dispatch: which query tokens each rank holds: ``contiguous``, ``zigzag``,
             ``stripe``, ``auto`` (contiguous for full masks, else zigzag), or a
             work-balanced dispatch over chunks of ``chunk_size`` tokens costed by the
-            mask's area: ``minheap`` (greedy, largest first), ``exact`` (optimal, at
-            most 16 chunks), and the baselines ``sequential`` and ``random``.
+            mask's area: ``minheap`` (greedy, largest first), ``balanced_zigzag`` (two
+            runs of consecutive tokens per rank, lengths balanced: documents stay
+            whole), ``exact`` (optimal, at most 16 chunks), and the baselines
+            ``sequential`` and ``random``.
         chunk_size: chunk sizes are a multiple of this (padding added as needed); for
-            the balanced dispatches, the chunk size itself (default: 16 chunks per rank).
+            the balanced dispatches, the chunk size itself (default: 16 chunks per rank,
+            64 for ``balanced_zigzag``).
         kv_dispatch: None (self-attention: keys and values are the queries' tokens, the
             mask is square), or a dispatch for keys and values of their own
             (cross-attention, any ``Sq x Sk`` mask; balanced kinds cost columns).

@@ -316,6 +316,81 @@ def test_result_independent_of_schedule_and_dispatch(pool, w, mask, dtype, s):
         assert not bad, f"results differ beyond rounding ({bound:.2e}): {bad}"
 
 
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_balanced_zigzag_forward_backward(pool, w):
+    cases = [
+        case(sch, "balanced_zigzag", m, S=s)
+        for sch in ("ring", "bidi_ring")
+        for m, s in (("causal", 61), ("docs", 64), ("window", 50))
+    ]
+    assert_cases_ok(cases, pool.run(_w_cases, w, cases), w)
+
+
+def _w_low_precision_sums_are_exact(ctx, schedule, dispatch, mask, s, opts):
+    """bfloat16 gradients with the executor's low-precision sums and messages, and with
+    every sum forced to float32: they must be the same bits."""
+    from hamilton_attn.runtime import executor
+
+    c = case(schedule, dispatch, mask, S=s, dtype="bfloat16")
+    q, k, v, g = make_inputs(c)
+    p = ha.plan(
+        make_mask(mask, s),
+        ctx.group,
+        schedule=schedule,
+        dispatch=dispatch,
+        backend="reference",
+        **opts,
+    )
+    steps = p.schedule.backward_steps or p.schedule.steps
+    acc_low, msg_low, n_dq = executor.grad_precision(p, steps)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        loc = [ha.dispatch(t, p) for t in leaves]
+        out = ha.undispatch(ha.calc_attn(*loc, p), p)
+        return (out.detach(), *torch.autograd.grad((out * g).sum(), leaves))
+
+    got = run()
+    real = executor.grad_precision
+    executor.grad_precision = lambda plan, st: (
+        {},
+        dict.fromkeys(real(plan, st)[1], False),
+        1 << 30,
+    )
+    try:
+        want = run()
+    finally:
+        executor.grad_precision = real
+    return {
+        "same": [bool(torch.equal(a, b)) for a, b in zip(got, want)],
+        "dtypes": [str(t.dtype) for t in got],
+        "low_accs": sum(acc_low.values()),
+        "low_msgs": sum(msg_low.values()),
+        "msgs": len(msg_low),
+        "dq_low": n_dq <= 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("w", "schedule", "dispatch", "mask", "opts"),
+    [
+        (2, "ring", "zigzag", "causal", {}),
+        (2, "ring", "zigzag", "causal", {"backward": "reverse"}),
+        (3, "ring", "contiguous", "docs", {}),
+        (4, "groupcast", "minheap", "docs", {"node_size": 2}),
+        (4, "bidi_ring", "stripe", "full", {}),
+    ],
+)
+def test_low_precision_gradient_sums_are_bit_exact(pool, w, schedule, dispatch, mask, opts):
+    per_rank = pool.run(_w_low_precision_sums_are_exact, w, schedule, dispatch, mask, 48, opts)
+    for rank, res in enumerate(per_rank):
+        assert res["dtypes"] == ["torch.bfloat16"] * 4, f"rank {rank}"
+        assert all(res["same"]), f"rank {rank}: out, dq, dk, dv bitwise equal? {res['same']}"
+    if w == 2:  # every sum may stay in bfloat16, every dK/dV message travels in it
+        assert all(r["dq_low"] and r["low_accs"] > 0 for r in per_rank)
+        assert all(r["low_msgs"] == r["msgs"] > 0 for r in per_rank)
+
+
 def _expected_positions(kind, s, w, r):
     """Global positions rank r holds, from the placement definitions alone."""
     chunks = {"contiguous": 1, "zigzag": 2, "stripe": 4}[kind] * w

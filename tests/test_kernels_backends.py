@@ -209,6 +209,28 @@ def test_backward_with_merged_out_lse(backend, mask_name):
         _assert_close(got, want, 1e-9, name)
 
 
+def test_auto_choice_cost_model():
+    """Few large pieces go to cuDNN calls, many small ones to one flex call; the
+    estimates reproduce the H200 measurements' ordering (gpu_block_choice.md)."""
+    from hamilton_attn.kernels import choice
+    from hamilton_attn.kernels.sdpa import Call
+
+    per_pair = 4.0 * 32 * 128
+    one = (Call(0, 16384, 0, 16384, True, "cudnn"),)
+    causal = Mask.causal(16384)
+    assert choice.prefer_sdpa(causal, one, per_pair)
+    assert choice.sdpa_seconds(one, per_pair) < choice.flex_seconds(causal, per_pair) / 1.5
+    # 40 documents of 128 tokens: 40 calls cost the host more than one flex call.
+    bounds = list(range(0, 5121, 128))
+    docs = Mask.varlen(bounds, causal=True)
+    calls = tuple(Call(a, b, a, b, True, "cudnn") for a, b in zip(bounds, bounds[1:]))
+    assert not choice.prefer_sdpa(docs, calls, per_pair)
+    # Calls that share rows pay a merge each on the host.
+    shared = (Call(0, 512, 0, 512, False, "cudnn"), Call(0, 512, 512, 1024, True, "cudnn"))
+    disjoint = (Call(0, 512, 0, 512, False, "cudnn"), Call(512, 1024, 0, 512, True, "cudnn"))
+    assert choice.sdpa_seconds(shared, 1.0) > choice.sdpa_seconds(disjoint, 1.0)
+
+
 # ---------------------------------------------------------------------------------------
 # unsupported_reason, op choice, call planning
 # ---------------------------------------------------------------------------------------
@@ -221,7 +243,8 @@ def test_sdpa_unsupported_reasons():
     window = Mask.sliding_window(59, (4, 0))
     assert "lower diagonal" in SDPA.unsupported_reason(q, k, v, window)
     many_docs = Mask.varlen(list(range(0, 60, 5)) + [59], causal=True)  # 12 documents
-    assert "pieces" in SDPA.unsupported_reason(q, k, v, many_docs)
+    assert SDPA.unsupported_reason(q, k, v, many_docs) is None
+    assert "pieces" in SdpaKernel(max_pieces=11).unsupported_reason(q, k, v, many_docs)
     assert SdpaKernel(max_pieces=12).unsupported_reason(q, k, v, many_docs) is None
     v_wide = torch.randn(2, 2, 59, 24, dtype=torch.float64)
     assert "head dim" in SDPA.unsupported_reason(q, k, v_wide, causal)

@@ -400,8 +400,8 @@ def test_row_intervals_single_slot_for_simple_builders():
         assert lo.shape == (1, m.seqlen_q), repr(m)
 
 
-def _check_dense_pieces(m: Mask, tag: str):
-    pieces = m.dense_pieces()
+def _check_dense_pieces(m: Mask, tag: str, pieces=None):
+    pieces = m.dense_pieces() if pieces is None else pieces
     assert pieces is not None, tag
     sq, sk = m.shape
     rebuilt = torch.zeros(sq, sk, dtype=torch.int64)
@@ -448,8 +448,53 @@ def test_dense_pieces_random_full_causal_rectangles():
             assert any(b.lo_is_bound for b in m.bands), f"seed {seed}"
             continue
         _check_dense_pieces(m, f"seed {seed}: {qr} {kr} {ty}")
+        # The row-interval cut (joins pieces side by side) covers the mask exactly too,
+        # and dense_pieces never keeps more pieces than it.
+        rows = m._pieces_from_rows()
+        _check_dense_pieces(m, f"seed {seed} (rows): {qr} {kr} {ty}", rows)
+        assert len(pieces) <= len(rows)
         checked += 1
     assert checked > 100
+
+
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_dense_pieces_join_cut_causal_blocks(w):
+    """A rank's own zigzag block of a causal mask is one causal square, however the
+    bands cut it: one piece, so one kernel call and no merge."""
+    import hamilton_attn as ha
+
+    n = 2 * w * 7
+    for r in range(w):
+        p = ha.plan(Mask.causal(n), ha.SimulatedGroup(w, r), schedule="ring", dispatch="zigzag")
+        step = p.schedule.forward_steps()[0]
+        m, (qa, qb), (ka, kb) = p.fused_block(r, step.compute[r])
+        assert m.dense_pieces() == [(0, n // w, 0, n // w, True)], f"rank {r}"
+        _check_dense_pieces(m, f"w {w} rank {r}")
+    # Back-to-back bands of one diagonal (and of one column range) join as well.
+    cut = Mask.from_ranges(
+        [(0, 5), (5, 9), (9, 20), (20, 26)],
+        [(0, 5), (0, 9), (0, 20), (0, 20)],
+        ["causal", "causal", "causal", "full"],
+        26,
+        20,
+    )
+    assert cut.dense_pieces() == [(0, 20, 0, 20, True), (20, 26, 0, 20, False)]
+    _check_dense_pieces(cut, "cut bands")
+
+
+@pytest.mark.parametrize("dispatch", ["zigzag", "balanced_zigzag", "minheap"])
+def test_groupcast_own_block_of_a_causal_mask_is_one_piece(dispatch):
+    """groupcast cuts a rank's KV into 16 column pieces; its own block is still one
+    causal square for the kernels."""
+    import hamilton_attn as ha
+
+    m = Mask.causal(2048)
+    for r in range(2):
+        p = ha.plan(m, ha.SimulatedGroup(2, r), schedule="groupcast", dispatch=dispatch)
+        step = p.schedule.forward_steps()[0]
+        fused = p.fused_block(r, step.compute[r])[0]
+        assert len(step.compute[r]) > 1
+        assert fused.dense_pieces() == [(0, 1024, 0, 1024, True)], f"rank {r}"
 
 
 @pytest.mark.parametrize(

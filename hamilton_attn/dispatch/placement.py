@@ -15,10 +15,22 @@ import random as _random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-DISPATCHES = ("contiguous", "zigzag", "stripe", "minheap", "sequential", "random", "exact")
+DISPATCHES = (
+    "contiguous",
+    "zigzag",
+    "stripe",
+    "minheap",
+    "balanced_zigzag",
+    "sequential",
+    "random",
+    "exact",
+)
 # Dispatches that cost chunks by the mask (the plan hands them the mask's chunk costs).
-BALANCED = ("minheap", "sequential", "random", "exact")
+BALANCED = ("minheap", "balanced_zigzag", "sequential", "random", "exact")
 DEFAULT_CHUNKS_PER_RANK = 16
+# balanced_zigzag keeps each rank's tokens in two runs whatever the chunk count, so it
+# balances on a finer grid by default.
+RUNS_CHUNKS_PER_RANK = 64
 EXACT_MAX_CHUNKS = 16
 # minheap with locality may pick a rank up to this fraction of the mean per-rank work
 # heavier than the lightest one, when that rank needs fewer KV chunks fetched.
@@ -207,6 +219,67 @@ def _assign_local(
     return owner
 
 
+def _assign_runs(costs: Sequence[float], world_size: int, per_rank: int) -> list[int]:
+    """Each rank a run from the front and a run from the back of what is left (zigzag
+    with run lengths chosen for balance); the last rank takes the middle, one run. The
+    split of each rank's ``per_rank`` chunks minimises the heaviest rank's work, by
+    dynamic programming over (rank, front chunks used) when that is small enough
+    (``W^2 * per_rank^2 <= 4e6``), else greedily rank by rank (each nearest an even
+    share of the work left). Ties go to the split nearest half and half. Few runs per
+    rank keep documents whole, so a rank's own block has few dense pieces."""
+    n, w, per = len(costs), world_size, per_rank
+    pre = [0.0]
+    for c in costs:
+        pre.append(pre[-1] + c)
+
+    def work(r: int, lo: int, f: int) -> float:
+        hi = n - (r * per - lo)
+        return pre[lo + f] - pre[lo] + pre[hi] - pre[hi - per + f]
+
+    fronts: list[int] = []
+    if w * w * per * per <= 4_000_000:
+        # best[lo] = lightest possible heaviest rank among ranks r.. given lo front
+        # chunks used by ranks 0..r-1; choice[r][lo] = that rank's front run length.
+        best = [pre[n - (w - 1) * per + lo] - pre[lo] for lo in range((w - 1) * per + 1)]
+        choice: list[list[int]] = [[] for _ in range(w - 1)]
+        for r in range(w - 2, -1, -1):
+            nxt, best = best, []
+            for lo in range(r * per + 1):
+                key = lambda f, lo=lo, r=r, nxt=nxt: (  # noqa: E731
+                    max(work(r, lo, f), nxt[lo + f]),
+                    abs(2 * f - per),
+                    f,
+                )
+                f = min(range(per + 1), key=key)
+                choice[r].append(f)
+                best.append(key(f)[0])
+        lo = 0
+        for r in range(w - 1):
+            fronts.append(choice[r][lo])
+            lo += fronts[-1]
+    else:
+        lo = 0
+        for r in range(w - 1):
+            share = (pre[n - (r * per - lo)] - pre[lo]) / (w - r)
+            f = min(
+                range(per + 1),
+                key=lambda f, lo=lo, r=r, share=share: (
+                    abs(work(r, lo, f) - share),
+                    abs(2 * f - per),
+                    f,
+                ),
+            )
+            fronts.append(f)
+            lo += f
+    owner = [w - 1] * n
+    lo, hi = 0, n
+    for r, f in enumerate(fronts):
+        for c in [*range(lo, lo + f), *range(hi - per + f, hi)]:
+            owner[c] = r
+        lo, hi = lo + f, hi - (per - f)
+    return owner
+
+
 def _assign_exact(costs: Sequence[float], world_size: int, per_rank: int) -> list[int]:
     """The assignment minimising the largest per-rank cost (branch and bound, seeded
     with min-heap's answer); for at most ``EXACT_MAX_CHUNKS`` chunks."""
@@ -260,9 +333,12 @@ def balanced(
 ) -> Placement:
     """Cut the padded sequence into equal chunks, give every rank the same number, and
     balance the work ``chunk_cost(start, end)`` (the mask's area in those rows):
-    ``minheap`` (greedy, largest first), ``exact`` (optimal, small cases),
+    ``minheap`` (greedy, largest first), ``balanced_zigzag`` (two runs per rank,
+    lengths balanced), ``exact`` (optimal, small cases),
     ``sequential`` (rank r takes the r-th run of consecutive chunks) or ``random``
     (a permutation seeded by ``seed``)."""
+    if kind == "balanced_zigzag" and chunk_size is None:
+        chunk_size = max(1, math.ceil(seqlen / (world_size * RUNS_CHUNKS_PER_RANK)))
     size, cpr = chunk_grid(seqlen, world_size, chunk_size)
     n = world_size * cpr
     padded = n * size
@@ -289,8 +365,8 @@ def balanced(
                 wants.append(frozenset(got))
             owner = _assign_local(costs, world_size, cpr, wants, slack)
         else:
-            assign = _assign_exact if kind == "exact" else _assign_minheap
-            owner = assign(costs, world_size, cpr)
+            assign = {"exact": _assign_exact, "balanced_zigzag": _assign_runs}
+            owner = assign.get(kind, _assign_minheap)(costs, world_size, cpr)
     per_rank: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
     for c in range(n):
         per_rank[owner[c]].append((c * size, (c + 1) * size))

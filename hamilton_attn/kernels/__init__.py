@@ -38,8 +38,9 @@ def select_kernel(
     backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
 ) -> AttentionKernel:
     """The kernel that runs this block: ``backend`` itself, or for ``auto`` the fastest
-    that supports it (sdpa for FULL / CAUSAL pieces, else flex on GPU, else reference).
-    Raises ValueError if a named backend cannot run the block."""
+    that supports it: on GPU, where both sdpa (FULL / CAUSAL pieces) and flex can run
+    it, the one :mod:`.choice`'s cost model expects to finish first; else sdpa, flex,
+    reference in that order. Raises ValueError if a named backend cannot run it."""
     if backend != "auto":
         kernel = get_kernel(backend)
         if not kernel.available(q.device):
@@ -48,6 +49,18 @@ def select_kernel(
         if reason is not None:
             raise ValueError(f"backend: {backend!r} cannot run this block: {reason}")
         return kernel
+    if q.is_cuda:
+        sdpa, flex = get_kernel("sdpa"), get_kernel("flex")
+        if (
+            sdpa.available(q.device)
+            and sdpa.unsupported_reason(q, k, v, mask) is None
+            and flex.available(q.device)
+            and flex.unsupported_reason(q, k, v, mask) is None
+        ):
+            from .choice import prefer_sdpa
+
+            per_pair = 4.0 * q.shape[0] * q.shape[1] * q.shape[-1]
+            return sdpa if prefer_sdpa(mask, sdpa.calls(q, k, v, mask), per_pair) else flex
     order = ("sdpa", "flex", "reference") if q.is_cuda else ("sdpa", "reference")
     for name in order:
         kernel = get_kernel(name)

@@ -76,10 +76,22 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def zeros_bhsd(like: torch.Tensor, d: int | None = None, dtype=None) -> torch.Tensor:
+    """Zeros shaped like ``like`` ``[B, H, S, D]`` (last dim ``d``, dtype ``dtype``) in
+    ``like``'s memory order: ``bshd`` memory when its heads are inner to its tokens (the
+    shards, and the kernels' outputs for them). Adds between such tensors stay
+    contiguous, and results hand back to ``bshd`` without a copy."""
+    b, h, s, d0 = like.shape
+    d, dtype = d0 if d is None else d, like.dtype if dtype is None else dtype
+    if like.stride(1) < like.stride(2):
+        return torch.zeros(b, s, h, d, dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.zeros(b, h, s, d, dtype=dtype, device=like.device)
+
+
 def empty_result(q: torch.Tensor, v: torch.Tensor):
     """The result of a block in which no query sees any key."""
     b, h, s, _ = q.shape
-    out = q.new_zeros(b, h, s, v.shape[-1])
+    out = zeros_bhsd(q, v.shape[-1])
     lse = torch.full((b, h, s), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     return out, lse
 

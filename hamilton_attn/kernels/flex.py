@@ -19,9 +19,13 @@ partial, never the reverse), which costs speed, not correctness. Block masks are
 cached per (mask, device, block size).
 
 **Compilation.** On CUDA flex runs through ``torch.compile(flex_attention,
-dynamic=False)`` (compiled once, lazily, shared by every kernel instance; each new
-block shape compiles once more, within torch's dynamo recompile limit). On CPU it runs
-eagerly; that path materialises the scores and exists for tests.
+dynamic=None)`` (compiled once, lazily, shared by every kernel instance). The first
+block shape compiles a static kernel; the first *other* shape recompiles once with
+symbolic sequence lengths, which then serves every later shape. With ``dynamic=False``
+every new shape (a plan has a few per rank, packed documents many) recompiled, and
+past dynamo's recompile limit flex silently fell back to its eager path, which
+materialises the scores. On CPU it runs eagerly; that path materialises the scores
+and exists for tests.
 
 **lse.** ``flex_attention`` returns natural-log lse (it converts its internal log2),
 float32 for half inputs; rows that see no key give lse -inf and out 0. Those rows are
@@ -79,10 +83,10 @@ _compiled = None
 
 
 def compiled_flex_attention():
-    """``torch.compile(flex_attention, dynamic=False)``, built on first use."""
+    """``torch.compile(flex_attention, dynamic=None)``, built on first use."""
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        _compiled = torch.compile(flex_attention, dynamic=None)
     return _compiled
 
 

@@ -27,7 +27,8 @@ runs at about twice flash's rate (GPU_FACTS) and the extra merge is one memory-b
 pass over the rows (not yet timed against one flash call).
 
 A mask runs here when ``mask.dense_pieces()`` is not None (every band is FULL or
-bottom-right CAUSAL) and has at most :data:`MAX_PIECES` pieces. One piece covering
+bottom-right CAUSAL) and has at most :data:`MAX_PIECES` pieces (the ``auto`` backend
+weighs sdpa against flex per block: :mod:`hamilton_attn.kernels.choice`). One piece covering
 every row (full, square causal, bottom-right causal on flash) is one op call with no
 copy and no merge; otherwise calls run on row/column slices, and calls that share rows
 are merged with :func:`hamilton_attn.merge.merge_` in float32
@@ -57,10 +58,18 @@ import torch
 
 from ..masks import Mask
 from ..merge import acc_dtype, merge_
-from .base import AttentionKernel, check_block, empty_result, expand_kv, lse_dtype, reduce_kv_grad
+from .base import (
+    AttentionKernel,
+    check_block,
+    empty_result,
+    expand_kv,
+    lse_dtype,
+    reduce_kv_grad,
+    zeros_bhsd,
+)
 
 MIN_TORCH = (2, 11)
-MAX_PIECES = 8
+MAX_PIECES = 64  # beyond this flex always wins (kernels/choice.py)
 
 CUDNN, FLASH, EFFICIENT, CPU_FLASH = "cudnn", "flash", "efficient", "cpu_flash"
 OPS = (CUDNN, FLASH, EFFICIENT, CPU_FLASH)
@@ -212,7 +221,7 @@ def plan_calls(
     if len(pieces) > max_pieces:
         return (
             f"the mask splits into {len(pieces)} dense pieces, more than {max_pieces} "
-            "(many packed documents belong to flex)"
+            "(that many belong to flex)"
         )
     calls: list[Call] = []
     for q0, q1, k0, k1, causal in pieces:
@@ -384,18 +393,19 @@ def _overlaps(r: tuple[int, int], seen: list[tuple[int, int]]) -> bool:
     return any(r[0] < b and a < r[1] for a, b in seen)
 
 
-def _gather(parts, shape, device, ranges, like_dtype):
-    """Place per-call gradients ``parts`` (slices ``ranges`` of dim 2) into one tensor:
-    copies if the ranges are disjoint, else a sum in the accumulator dtype."""
+def _gather(parts, like, ranges):
+    """Place per-call gradients ``parts`` (slices ``ranges`` of dim 2) into one tensor
+    shaped and laid out like ``like``: copies if the ranges are disjoint, else a sum in
+    the accumulator dtype."""
     if _disjoint(ranges):
-        buf = torch.zeros(shape, dtype=like_dtype, device=device)
+        buf = zeros_bhsd(like)
         for (a, b), g in zip(ranges, parts):
             buf[:, :, a:b] = g
         return buf
-    buf = torch.zeros(shape, dtype=acc_dtype(like_dtype), device=device)
+    buf = zeros_bhsd(like, dtype=acc_dtype(like.dtype))
     for (a, b), g in zip(ranges, parts):
         buf[:, :, a:b] += g.to(buf.dtype)
-    return buf.to(like_dtype)
+    return buf.to(like.dtype)
 
 
 class SdpaKernel(AttentionKernel):
@@ -473,14 +483,14 @@ class SdpaKernel(AttentionKernel):
             return run[0][1]  # fast path: one op call, no copy
         rows = [(c.q0, c.q1) for c in calls]
         if _disjoint(rows):
-            out = q.new_zeros(b, h, sq, v.shape[-1])
+            out = zeros_bhsd(q, v.shape[-1])
             lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
             for c, (o, l) in run:
                 out[:, :, c.q0 : c.q1] = o
                 lse[:, :, c.q0 : c.q1] = l
             return out, lse
         adt = acc_dtype(q.dtype)
-        acc_out = torch.zeros(b, h, sq, v.shape[-1], dtype=adt, device=q.device)
+        acc_out = zeros_bhsd(q, v.shape[-1], adt)
         acc_lse = torch.full((b, h, sq), float("-inf"), dtype=adt, device=q.device)
         seen: list[tuple[int, int]] = []
         for c, (o, l) in run:
@@ -530,9 +540,9 @@ class SdpaKernel(AttentionKernel):
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
         rows = [(c.q0, c.q1) for c in calls]
         cols = [(c.k0, c.k1) for c in calls]
-        dq = _gather([g[0] for g in grads], q.shape, q.device, rows, q.dtype)
-        dk = _gather([g[1] for g in grads], k.shape, k.device, cols, k.dtype)
-        dv = _gather([g[2] for g in grads], v.shape, v.device, cols, v.dtype)
+        dq = _gather([g[0] for g in grads], q, rows)
+        dk = _gather([g[1] for g in grads], k, cols)
+        dv = _gather([g[2] for g in grads], v, cols)
         return dq, dk, dv
 
 

@@ -20,6 +20,7 @@ import torch
 from .. import profile
 from ..comm import start_p2p
 from ..kernels import select_kernel
+from ..kernels.base import zeros_bhsd
 from ..merge import acc_dtype, merge_, merge_last_
 from ..plans import Plan
 from ..schedule import PieceId
@@ -76,6 +77,14 @@ def _step_kv(plan: Plan, held, pieces, k_BSHD, v_BSHD):
         torch.cat([held[p][0] for p in pieces], dim=1),
         torch.cat([held[p][1] for p in pieces], dim=1),
     )
+
+
+def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a contiguous tensor of ``dtype``: ``x`` itself when it already is (a
+    kernel's own output, no copy), else one copy."""
+    if x.dtype == dtype:
+        return x.contiguous()
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
 def _bhsd(kv, i: int) -> torch.Tensor:
@@ -159,7 +168,7 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
                 if (qa, qb) == (0, sq):  # covers every row: no fill, no copy
                     acc_out, acc_lse = o, l.to(dt, copy=True)
                 else:
-                    acc_out = o.new_zeros(b, hq, sq, o.shape[-1])
+                    acc_out = zeros_bhsd(q, o.shape[-1], o.dtype)
                     acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
                     acc_out[:, :, qa:qb] = o
                     acc_lse[:, :, qa:qb] = l
@@ -178,10 +187,58 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
             del held[p]
     if acc_out is None:  # this rank's queries see nothing at all
         b, hq, sq, _ = q.shape
-        acc_out = q.new_zeros(b, hq, sq, v_BSHD.shape[-1])
+        acc_out = zeros_bhsd(q, v_BSHD.shape[-1])
         acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
     lse = acc_lse if q.dtype == torch.float64 else acc_lse.float()
     return acc_out.to(q.dtype).transpose(1, 2), lse
+
+
+def grad_precision(plan: Plan, steps) -> tuple[dict, dict, int]:
+    """Which gradient sums may stay in the inputs' dtype (say bfloat16) at no loss.
+
+    A kernel returns its share of dQ/dK/dV in the inputs' dtype, so a sum of at most two
+    such shares, added once in the inputs' dtype (the add runs in float32 and rounds
+    once), equals the float32 sum rounded at the end: bit for bit. So an accumulator is
+    kept "low" when it will take at most two contributions, each one kernel share or a
+    low message, and is not sent on; a message is low when its accumulator took exactly
+    one. Everything else sums in float32 as before. At W = 2 every accumulator is low
+    and every dK/dV message is half the bytes.
+
+    Returns ``(acc_low, msg_low, n_dq)``: ``acc_low[(piece, epoch)]`` for this rank's
+    accumulators (an epoch ends when the accumulator is sent), ``msg_low[(step, src,
+    piece)]`` for every message of the group (a receiver must know the sender's dtype),
+    and the number of steps in which this rank computes (its dQ contributions)."""
+    epoch: dict = {}
+    parts: dict = {}  # (rank, piece, epoch) -> contributions: None (a kernel share) or a message key
+    sent: set = set()
+    msgs: dict = {}  # (step, src, piece) -> the sender's (rank, piece, epoch)
+    for s, step in enumerate(steps):
+        for t in step.grad_transfers:
+            key = (t.src, t.piece, epoch.get((t.src, t.piece), 0))
+            msgs[(s, t.src, t.piece)] = key
+            sent.add(key)
+            epoch[(t.src, t.piece)] = key[2] + 1
+        for r, pieces in enumerate(step.compute):
+            for piece in pieces:
+                parts.setdefault((r, piece, epoch.get((r, piece), 0)), []).append(None)
+        for t in step.grad_transfers:
+            key = (t.dst, t.piece, epoch.get((t.dst, t.piece), 0))
+            parts.setdefault(key, []).append((s, t.src, t.piece))
+    memo: dict = {}
+
+    def low(key) -> bool:
+        if key not in memo:
+            got = parts.get(key, [])
+            memo[key] = len(got) <= (1 if key in sent else 2) and all(
+                m is None or low(msgs[m]) for m in got
+            )
+        return memo[key]
+
+    msg_low = {m: low(key) and len(parts.get(key, [])) == 1 for m, key in msgs.items()}
+    r = plan.rank
+    acc_low = {(piece, e): low((rr, piece, e)) for (rr, piece, e) in parts if rr == r}
+    n_dq = sum(1 for step in steps if step.compute[r])
+    return acc_low, msg_low, n_dq
 
 
 def backward(
@@ -197,16 +254,26 @@ def backward(
 ):
     """Returns ``dq, dk, dv`` for the local shards, in the inputs' dtypes. Runs the
     schedule's own backward (with the pieces ``kept`` from the forward) if it has one,
-    else replays the forward steps with their grad transfers."""
+    else replays the forward steps with their grad transfers. Sums accumulate in float32
+    (float64 for float64) except where :func:`grad_precision` shows the inputs' dtype
+    gives the same bits."""
     r = plan.rank
     q, dout, out = q_BSHD.transpose(1, 2), dout_BSHD.transpose(1, 2), out_BSHD.transpose(1, 2)
     held = _own_pieces(plan, k_BSHD, v_BSHD)
     steps = plan.schedule.backward_steps or plan.schedule.steps
     held.update(kept or {})
     last = _last_use(plan, steps)
-    gdt = acc_dtype(q.dtype)  # dQ and dK/dV accumulate in float32 (float64 for float64)
-    dq = torch.zeros(q.shape, dtype=gdt, device=q.device)
-    grad_acc: dict[PieceId, torch.Tensor] = {}
+    gdt = acc_dtype(q.dtype)
+    acc_low, msg_low, n_dq = grad_precision(plan, steps)
+    dq_dt = q.dtype if n_dq <= 2 else gdt
+    dq = None
+    # Per piece, its dK and dV sums ([B, n, Hk, D] each, contiguous: they travel as is).
+    grad_acc: dict[PieceId, tuple[torch.Tensor, torch.Tensor]] = {}
+    epoch: dict[PieceId, int] = {}
+
+    def acc_dt(p: PieceId) -> torch.dtype:
+        return k_BSHD.dtype if acc_low.get((p, epoch.get(p, 0)), False) else gdt
+
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
     for s, step in enumerate(steps):
@@ -215,14 +282,15 @@ def backward(
         grads_in = []
         for t in step.grad_transfers:
             if t.src == r:
-                sends.append((grad_acc.pop(t.piece), t.dst))
+                sends += [(g, t.dst) for g in grad_acc.pop(t.piece)]
+                epoch[t.piece] = epoch.get(t.piece, 0) + 1
             elif t.dst == r:
                 ref = held[PieceId(r, 0)][0]
                 n = plan.schedule.part_len(t.piece.part)
-                buf = torch.empty(
-                    (2, ref.shape[0], n) + tuple(ref.shape[2:]), dtype=gdt, device=ref.device
-                )
-                recvs.append((buf, t.src))
+                dt = ref.dtype if msg_low[(s, t.src, t.piece)] else gdt
+                shape = (ref.shape[0], n) + tuple(ref.shape[2:])
+                buf = tuple(torch.empty(shape, dtype=dt, device=ref.device) for _ in range(2))
+                recvs += [(g, t.src) for g in buf]
                 grads_in.append((t.piece, buf))
         rec = None if prof is None else _record(prof, call, "bwd", s, plan, step, q, sends, recvs)
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
@@ -243,39 +311,69 @@ def backward(
                 m,
                 scale,
             )
-            dq[:, :, rows] += dq_b
+            if dq is None and (qa, qb) == (0, q.shape[2]) and dq_b.dtype == dq_dt:
+                dq = dq_b  # the first share covers every row: no fill, no copy
+            else:
+                if dq is None:
+                    dq = zeros_bhsd(q, dtype=dq_dt)
+                dq[:, :, rows] += dq_b
             off = 0
             for p in group:  # each piece's share of the step's dK/dV
                 n = held[p][0].shape[1]
                 a, b = max(ka, off), min(kb, off + n)
                 if a < b:
+                    dk_p = dk_b[:, :, a - ka : b - ka].transpose(1, 2)
+                    dv_p = dv_b[:, :, a - ka : b - ka].transpose(1, 2)
                     acc = grad_acc.get(p)
-                    if acc is None:
-                        acc = grad_acc[p] = torch.zeros(
-                            (2,) + tuple(held[p][0].shape), dtype=gdt, device=q.device
-                        )
-                    acc[0][:, a - off : b - off] += dk_b[:, :, a - ka : b - ka].transpose(1, 2)
-                    acc[1][:, a - off : b - off] += dv_b[:, :, a - ka : b - ka].transpose(1, 2)
+                    if acc is None and b - a == n:  # the first share covers the piece
+                        grad_acc[p] = tuple(_contiguous(g, acc_dt(p)) for g in (dk_p, dv_p))
+                    else:
+                        if acc is None:
+                            shape = tuple(held[p][0].shape)
+                            acc = grad_acc[p] = tuple(
+                                torch.zeros(shape, dtype=acc_dt(p), device=q.device)
+                                for _ in range(2)
+                            )
+                        acc[0][:, a - off : b - off] += dk_p
+                        acc[1][:, a - off : b - off] += dv_p
                 off += n
         _finish_step(rec, pending, q.device)
         held.update(received)
         for p, buf in grads_in:
             acc = grad_acc.get(p)
-            grad_acc[p] = buf if acc is None else acc.add_(buf)
+            if acc is None:
+                grad_acc[p] = tuple(g.to(acc_dt(p)) for g in buf)
+            else:
+                acc[0].add_(buf[0])
+                acc[1].add_(buf[1])
         for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
             del held[p]
-    dk = torch.zeros(k_BSHD.shape, dtype=gdt, device=k_BSHD.device)
-    dv = torch.zeros(v_BSHD.shape, dtype=gdt, device=v_BSHD.device)
-    for part, rr in enumerate(plan.schedule.parts):
-        acc = grad_acc.get(PieceId(r, part))
-        if acc is None:
-            continue
-        pos = 0
-        for a, b in rr:
-            dk[:, a:b] = acc[0][:, pos : pos + b - a]
-            dv[:, a:b] = acc[1][:, pos : pos + b - a]
-            pos += b - a
-    return (dq.to(q_BSHD.dtype).transpose(1, 2), dk.to(k_BSHD.dtype), dv.to(v_BSHD.dtype))
+    if dq is None:
+        dq = zeros_bhsd(q)
+    parts = plan.schedule.parts
+    own = grad_acc.get(PieceId(r, 0))
+    if (
+        len(parts) == 1
+        and [tuple(x) for x in parts[0]] == [(0, k_BSHD.shape[1])]
+        and own is not None
+        and own[0].dtype == k_BSHD.dtype
+        and own[1].dtype == v_BSHD.dtype
+    ):
+        dk, dv = own[0], own[1]  # one piece, the whole shard: its sum is the answer
+    else:
+        # Rounded once, on the copy, from whatever the accumulators hold.
+        dk = torch.zeros_like(k_BSHD)
+        dv = torch.zeros_like(v_BSHD)
+        for part, rr in enumerate(parts):
+            acc = grad_acc.get(PieceId(r, part))
+            if acc is None:
+                continue
+            pos = 0
+            for a, b in rr:
+                dk[:, a:b] = acc[0][:, pos : pos + b - a]
+                dv[:, a:b] = acc[1][:, pos : pos + b - a]
+                pos += b - a
+    return dq.to(q_BSHD.dtype).transpose(1, 2), dk, dv
 
 
 class ContextParallelFunction(torch.autograd.Function):
