@@ -5,9 +5,9 @@ device over the whole problem, (b) PyTorch's ``context_parallel`` (cuDNN SDPA, l
 balancing on for causal, off for full) where it applies, (c) each schedule x dispatch.
 Forward and forward+backward, timed with device events after warm-up, median of
 repeats (each sample ``inner`` back-to-back calls), slowest rank. Reports TF/s per
-device (visible pairs only: 4*B*H*D*area, x2.5 for backward), efficiency = T(one device) / (W x T(W devices)), the ratio to
-PyTorch's time, and peak forward memory per device against the ideal (local q, k, v,
-out, lse and two KV buffers).
+device (visible pairs only: 4*B*H*D*area, x2.5 for backward), efficiency = T(one
+device) / (W x T(W devices)), the ratio to PyTorch's time, and peak forward memory per
+device against the ideal (local q, k, v, out, lse and two KV buffers).
 """
 
 from __future__ import annotations

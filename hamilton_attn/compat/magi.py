@@ -949,7 +949,7 @@ def _build_key(
         kv_pad = pad_size
     else:
         kv_pad = 0 if chunk_size is None else compute_pad_size(total_seqlen_k, w, None, chunk_size)
-    mask = Mask.from_ranges(
+    mask = _mask_from_ranges(
         tuple(qr), tuple(kr), tuple(types), total_seqlen_q + pad_size, total_seqlen_k + kv_pad
     )
 
@@ -987,6 +987,11 @@ def _build_key(
 
 
 @functools.lru_cache(maxsize=256)
+def _mask_from_ranges(qr, kr, types, seqlen_q, seqlen_k) -> Mask:
+    """``Mask.from_ranges``, cached: the compat calls rebuild the same ranges per step."""
+    return Mask.from_ranges(qr, kr, types, seqlen_q, seqlen_k)
+
+
 def _pad_along(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
     if pad == 0:
         return x
@@ -1371,7 +1376,7 @@ def flex_flash_attn_func(
     if len(qr) != len(kr):
         raise ValueError(f"k_ranges: expected {len(qr)} ranges like q_ranges, got {len(kr)}")
     types = _as_types(0 if attn_type_map is None else attn_type_map, len(qr), "attn_type_map")
-    mask = Mask.from_ranges(tuple(qr), tuple(kr), tuple(types), q.shape[0], k.shape[0])
+    mask = _mask_from_ranges(tuple(qr), tuple(kr), tuple(types), q.shape[0], k.shape[0])
     out, lse = attention(
         q.unsqueeze(0),
         k.unsqueeze(0),

@@ -51,16 +51,16 @@ def select_kernel(
         return kernel
     if q.is_cuda:
         sdpa, flex = get_kernel("sdpa"), get_kernel("flex")
+        calls = sdpa._plan(q, k, v, mask) if sdpa.available(q.device) else ""
         if (
-            sdpa.available(q.device)
-            and sdpa.unsupported_reason(q, k, v, mask) is None
+            not isinstance(calls, str)
             and flex.available(q.device)
             and flex.unsupported_reason(q, k, v, mask) is None
         ):
             from .choice import prefer_sdpa
 
             per_pair = 4.0 * q.shape[0] * q.shape[1] * q.shape[-1]
-            return sdpa if prefer_sdpa(mask, sdpa.calls(q, k, v, mask), per_pair) else flex
+            return sdpa if prefer_sdpa(mask, calls, per_pair) else flex
     order = ("sdpa", "flex", "reference") if q.is_cuda else ("sdpa", "reference")
     for name in order:
         kernel = get_kernel(name)

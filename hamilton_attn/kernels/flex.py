@@ -331,6 +331,7 @@ class FlexKernel(AttentionKernel):
         return share_of_gradient(fwd, dout, q, k, v, out, lse)
 
 
+@functools.lru_cache(maxsize=4096)
 def _slots(mask: Mask) -> int:
     """Most bands covering one row (= R of ``row_intervals``), from the bands alone."""
     events = sorted([(b.q0, 1) for b in mask.bands] + [(b.q1, -1) for b in mask.bands])

@@ -14,6 +14,7 @@ way in float32.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -207,7 +208,11 @@ def grad_precision(plan: Plan, steps) -> tuple[dict, dict, int]:
     Returns ``(acc_low, msg_low, n_dq)``: ``acc_low[(piece, epoch)]`` for this rank's
     accumulators (an epoch ends when the accumulator is sent), ``msg_low[(step, src,
     piece)]`` for every message of the group (a receiver must know the sender's dtype),
-    and the number of steps in which this rank computes (its dQ contributions)."""
+    and the number of steps in which this rank computes (its dQ contributions). Cached
+    per plan (the answer depends on the schedule alone)."""
+    hit = _GRAD_PRECISION.get(plan)
+    if hit is not None and hit[0] is steps:
+        return hit[1]
     epoch: dict = {}
     parts: dict = {}  # (rank, piece, epoch) -> contributions: None (a kernel share) or a message key
     sent: set = set()
@@ -238,7 +243,11 @@ def grad_precision(plan: Plan, steps) -> tuple[dict, dict, int]:
     r = plan.rank
     acc_low = {(piece, e): low((rr, piece, e)) for (rr, piece, e) in parts if rr == r}
     n_dq = sum(1 for step in steps if step.compute[r])
+    _GRAD_PRECISION[plan] = (steps, (acc_low, msg_low, n_dq))
     return acc_low, msg_low, n_dq
+
+
+_GRAD_PRECISION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def backward(
