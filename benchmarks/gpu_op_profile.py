@@ -16,7 +16,7 @@ import os
 import torch
 
 
-def rank_fn(ctx, tokens, mask_name, schedule, dispatch, backwards, iters):
+def rank_fn(ctx, tokens, mask_name, schedule, dispatch, backwards, iters, fwd_only=False):
     import hamilton_attn as ha
     from hamilton_attn.bench import bench_masks, time_fn
 
@@ -34,6 +34,9 @@ def rank_fn(ctx, tokens, mask_name, schedule, dispatch, backwards, iters):
         ql, kl, vl, gl = (ha.dispatch(t, p) for t in (q, k, v, g))
 
         def step(p=p, ql=ql, kl=kl, vl=vl, gl=gl):
+            if fwd_only:
+                ha.calc_attn(ql, kl, vl, p)
+                return
             a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
             ha.calc_attn(a, b, c, p).backward(gl)
 
@@ -48,7 +51,7 @@ def rank_fn(ctx, tokens, mask_name, schedule, dispatch, backwards, iters):
         )
         report.append(
             f"=== rank {ctx.rank} {mask_name} {schedule}/{dispatch} backward={bw}: "
-            f"f+b median {median:.2f} ms over {iters}\n{table}"
+            f"{'fwd' if fwd_only else 'f+b'} median {median:.2f} ms over {iters}\n{table}"
         )
     return "\n".join(report)
 
@@ -62,6 +65,7 @@ def main():
     ap.add_argument("--dispatch", default="zigzag")
     ap.add_argument("--backward", nargs="+", default=["replay", "reverse"])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--fwd-only", action="store_true")
     args = ap.parse_args()
     from hamilton_attn.testing import GlooPool
 
@@ -75,11 +79,13 @@ def main():
             args.dispatch,
             args.backward,
             args.iters,
+            args.fwd_only,
         )
     text = "\n".join(res)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"op_profile_{args.mask}.txt"), "w") as f:
+    tag = f"{args.mask}_{args.schedule}_{args.dispatch}" + ("_fwd" if args.fwd_only else "")
+    with open(os.path.join(args.out, f"op_profile_{tag}.txt"), "w") as f:
         f.write(text)
 
 

@@ -6,9 +6,12 @@ can steal compute from it. Per rank, timed with CUDA events (median of repeats):
 - the kernel alone (cuDNN causal 16K x 16K forward, and its backward);
 - the transfer alone (K and V of 16K tokens, 256 MiB, to the peer and back);
 - both at once, on the default NCCL group and on groups limited to a few CTAs
-  (``ProcessGroupNCCL.Options().config.max_ctas``), where torch offers it.
+  (``ProcessGroupNCCL.Options().config.max_ctas``), where torch offers it;
+- with ``--head-start-us``: both at once after the executor's transfer head start
+  (``comm.TRANSFER_HEAD_START_US``) of each given length.
 
-    python benchmarks/gpu_overlap.py --out DIR      (needs 2 GPUs; prints a table, writes JSON)
+    python benchmarks/gpu_overlap.py --out DIR [--ctas 1 2 4 8] [--head-start-us 0 5 20]
+    (needs 2 GPUs; prints a table, writes JSON)
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ def _median_ms(fn, repeats=10, warmup=3):
     return time_fn(fn, torch.device("cuda"), warmup=warmup, repeats=repeats)
 
 
-def rank_fn(ctx, tokens, ctas_list):
+def rank_fn(ctx, tokens, ctas_list, head_starts=()):
     import torch.distributed as dist
 
     import hamilton_attn as ha
+    from hamilton_attn import comm
     from hamilton_attn.kernels.sdpa import SdpaKernel
 
     dev = torch.device("cuda", ctx.rank)
@@ -59,9 +63,11 @@ def rank_fn(ctx, tokens, ctas_list):
         ]
         return dist.batch_isend_irecv(ops)
 
-    def both(kernel, group):
+    def both(kernel, group, head_start=False):
         def run():
             works = transfer(group)
+            if head_start:
+                comm._head_start(dev)
             kernel()
             for w in works:
                 w.wait()
@@ -107,7 +113,20 @@ def rank_fn(ctx, tokens, ctas_list):
         row["fwd_both_ms"] = _median_ms(both(fwd, grp))
         row["bwd_alone_ms"] = _median_ms(bwd)
         row["bwd_beside_ms"] = kernel_during(bwd, grp)
+        row["bwd_both_ms"] = _median_ms(both(bwd, grp))
         rows.append(row)
+    for us in head_starts:
+        # The executor's fix: a short spin on the compute stream after starting the
+        # transfer, so NCCL's CTAs are resident before the attention kernel fills the GPU.
+        comm.TRANSFER_HEAD_START_US = us
+        grp = dist.group.WORLD
+        row = {"group": f"head start {us:g} us", "transfer_ms": float("nan")}
+        row["fwd_alone_ms"] = row["bwd_alone_ms"] = float("nan")
+        row["fwd_beside_ms"] = row["bwd_beside_ms"] = float("nan")
+        row["fwd_both_ms"] = _median_ms(both(fwd, grp, head_start=True))
+        row["bwd_both_ms"] = _median_ms(both(bwd, grp, head_start=True))
+        rows.append(row)
+    comm.TRANSFER_HEAD_START_US = 0.0
     return {"rows": rows, "notes": notes}
 
 
@@ -116,13 +135,16 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--ctas", type=int, nargs="*", default=[1, 2, 4, 8])
+    ap.add_argument(
+        "--head-start-us", type=float, nargs="*", default=[], help="compute-stream spins to try"
+    )
     args = ap.parse_args()
     from hamilton_attn.testing import GlooPool
 
     with GlooPool(2, backend="nccl", timeout_s=600) as pool:
-        res = pool.run(rank_fn, 2, args.tokens, args.ctas)
+        res = pool.run(rank_fn, 2, args.tokens, args.ctas, args.head_start_us)
     cols = ["group", "transfer_ms", "fwd_alone_ms", "fwd_beside_ms", "fwd_both_ms"]
-    cols += ["bwd_alone_ms", "bwd_beside_ms"]
+    cols += ["bwd_alone_ms", "bwd_beside_ms", "bwd_both_ms"]
     lines = [" | ".join(["rank", *cols])]
     for r, item in enumerate(res):
         for row in item["rows"]:
@@ -141,9 +163,10 @@ def main():
         "command": "python benchmarks/gpu_overlap.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
     }
-    with open(os.path.join(args.out, "gpu_overlap.json"), "w") as f:
+    stem = "gpu_overlap" + ("_head_start" if args.head_start_us else "")
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "ranks": res}, f, indent=1)
-    with open(os.path.join(args.out, "gpu_overlap.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"# KV transfer beside attention\n\n{json.dumps(meta)}\n\n```\n{text}\n```\n")
 
 

@@ -8,6 +8,13 @@
 # Session 3 (one causal call per own block, exact bf16 gradient sums, NCCL beside compute):
 #   STAGES="overlap:120 opprof:150" bash benchmarks/gpu_session.sh (probes), then
 #   STAGES="bench3:300 bench3gc:200 trace:60" bash benchmarks/gpu_session.sh
+# Session 4 (CUDA-graph forward replay, transfer head start):
+#   STAGES="graphs:150 bench4docs:150 overlap4:90 bench4hs:200" bash benchmarks/gpu_session.sh, then
+#   STAGES="headstart:150 opprof4:120 bench4docs:200" HEAD_STARTS="0 20" DISPATCHES="balanced_zigzag minheap" \
+#     bash benchmarks/gpu_session.sh, then (default 5 us head start, call-cost balance, one receive
+#   buffer per step): STAGES="graphs:150 bench4:330 trace:90" bash benchmarks/gpu_session.sh, then
+#   (sdpa joins tiled outputs in one cat; graph bar = faster one-device run):
+#   STAGES="graphs:100 verify:100 final4:300" bash benchmarks/gpu_session.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The device returns at most 8 files from $OUT: work in a folder, tar it at the end.
@@ -45,6 +52,32 @@ for item in $STAGES; do
     bench3gc) run bench3gc "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
                --masks causal full docs --schedules groupcast --dispatches zigzag minheap \
                --backward replay --repeats 10 --inner 3 --out "$OUT" --name bench_H200_W2_session3_groupcast ;;
+    graphs)  run graphs_check "$limit" python benchmarks/gpu_graphs_check.py --out "$OUT" ;;
+    overlap4) run overlap_head_start "$limit" python benchmarks/gpu_overlap.py --out "$OUT" --ctas \
+               --head-start-us 0 5 20 50 ;;
+    bench4hs) for hs in ${HEAD_STARTS:-0 20}; do
+               run "bench4_hs$hs" "$((limit / 2))" env HAMILTON_ATTN_TRANSFER_HEAD_START_US=$hs python -m hamilton_attn bench \
+               --device cuda --tokens-per-device 16384 --masks causal full --schedules ring \
+               --dispatches zigzag --backward reverse --repeats 10 --inner 3 --out "$OUT" \
+               --name "bench_H200_W2_session4_head_start_$hs"; done ;;
+    bench4docs) for hs in ${HEAD_STARTS:-0}; do
+               run "bench4docs_hs$hs" "$limit" env HAMILTON_ATTN_TRANSFER_HEAD_START_US=$hs python -m hamilton_attn bench \
+               --device cuda --tokens-per-device 16384 --masks docs --schedules ring groupcast \
+               --dispatches ${DISPATCHES:-zigzag balanced_zigzag minheap} --fwd-only --graphs --repeats 10 --inner 3 \
+               --out "$OUT" --name "bench_H200_W2_session4_docs_graphs_hs$hs"; done ;;
+    bench4)  run bench4 "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks causal full docs --schedules ring groupcast --dispatches zigzag balanced_zigzag \
+               --backward reverse --graphs --repeats 10 --inner 3 --out "$OUT" --name bench_H200_W2_session4 \
+               --plot "$OUT/bench_H200_W2_session4.png" ;;
+    final4)  for i in 1 2; do run "final4_docs_$i" "$((limit / 3))" python -m hamilton_attn bench --device cuda \
+               --tokens-per-device 16384 --masks docs --schedules ring groupcast --dispatches zigzag balanced_zigzag \
+               --fwd-only --graphs --repeats 10 --inner 3 --out "$OUT" --name "bench_H200_W2_session4_final_docs_$i"; done
+             run final4_dense "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks causal full --schedules ring groupcast --dispatches zigzag --backward reverse replay --graphs \
+               --repeats 10 --inner 3 --out "$OUT" --name bench_H200_W2_session4_final_dense ;;
+    headstart) run head_start "$limit" python benchmarks/gpu_head_start.py --out "$OUT" --us 0 5 10 20 40 --rounds 4 ;;
+    opprof4) run op_profile4 "$limit" bash -c "for sc in groupcast ring; do python benchmarks/gpu_op_profile.py \
+               --out $OUT --mask docs --schedule \$sc --dispatch balanced_zigzag --fwd-only --backward replay; done" ;;
     opprof)  run op_profile "$limit" bash -c "python benchmarks/gpu_op_profile.py --out $OUT --mask causal; \
                python benchmarks/gpu_op_profile.py --out $OUT --mask docs --schedule ring --dispatch balanced_zigzag" ;;
   esac

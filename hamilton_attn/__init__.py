@@ -16,6 +16,7 @@ from .api import (
 from .attention import attention
 from .comm import SimulatedGroup
 from .dispatch import compute_pad_size
+from .graphs import CudaGraphed, cuda_graph
 from .masks import AttnMaskType, Band, Mask
 from .merge import merge, merge_, merge_many
 
@@ -25,12 +26,14 @@ __all__ = [
     "AttnMaskType",
     "Band",
     "ContextParallelAttention",
+    "CudaGraphed",
     "Mask",
     "Plan",
     "SimulatedGroup",
     "attention",
     "calc_attn",
     "compute_pad_size",
+    "cuda_graph",
     "dispatch",
     "get_position_ids",
     "merge",

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from .graphs import cuda_graph
 from .masks import Mask
 
 
@@ -49,6 +50,11 @@ def doc_boundaries(seqlen: int, seed: int = 0) -> list[int]:
         n = int(torch.empty(1).log_normal_(mean=0.0, std=1.0, generator=g).item() * seqlen / 20)
         cu.append(min(seqlen, cu[-1] + max(16, n)))
     return cu
+
+
+# Replay alone: the graph reads the inputs in place and hands out its own outputs, as
+# in a model whose layers are all in one graph (no copies in or out).
+GRAPH_OPTIONS = dict(static_inputs=True, clone_outputs=False)
 
 
 def _sync(dev):
@@ -90,7 +96,7 @@ def time_fn(fn, dev, *, warmup: int, repeats: int, group=None, inner: int = 1) -
     return med
 
 
-def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1):
+def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1, fwd_only=False):
     """PyTorch's context_parallel (cuDNN), or None where it does not apply."""
     import torch.nn.functional as F
     from torch.distributed.device_mesh import DeviceMesh
@@ -122,7 +128,7 @@ def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1
 
         kw = dict(warmup=warmup, repeats=repeats, group=ctx.group, inner=inner)
         res["fwd"] = time_fn(fwd, dev, **kw)
-        res["fwd_bwd"] = time_fn(fwd_bwd, dev, **kw)
+        res["fwd_bwd"] = None if fwd_only else time_fn(fwd_bwd, dev, **kw)
     return res
 
 
@@ -173,12 +179,17 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
 
             kw = dict(warmup=warmup, repeats=repeats, inner=inner)
             one["fwd"] = time_fn(one_fwd, dev, **kw)
-            one["fwd_bwd"] = time_fn(one_fwd_bwd, dev, **kw)
-        t1 = torch.tensor(
-            [one.get("fwd", 0.0), one.get("fwd_bwd", 0.0)], dtype=torch.float64, device=dev
-        )
+            one["fwd_bwd"] = 0.0 if cfg.get("fwd_only") else time_fn(one_fwd_bwd, dev, **kw)
+            if cfg.get("graphs"):
+                g_one = cuda_graph(lambda a, b, c: ha.attention(a, b, c, mask), **GRAPH_OPTIONS)
+                one["fwd_graph"] = time_fn(lambda: g_one(q, k, v), dev, **kw)
+                g_one = None
+        keys = ("fwd", "fwd_bwd", "fwd_graph")
+        t1 = torch.tensor([one.get(x, 0.0) for x in keys], dtype=torch.float64, device=dev)
         dist.broadcast(t1, dist.get_global_rank(ctx.group, 0), group=ctx.group)
-        one = {"fwd": t1[0].item(), "fwd_bwd": t1[1].item()}
+        one = {x: t1[i].item() for i, x in enumerate(keys) if x != "fwd_graph" or cfg.get("graphs")}
+        if cfg.get("fwd_only"):
+            one["fwd_bwd"] = None
         progress(f"{mname} {n}: one device")
         rows.append(
             dict(
@@ -195,7 +206,17 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
         if mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
             try:
                 tcp = _torch_cp_times(
-                    ctx, dev, q, k, v, g, mname == "causal", warmup, repeats, inner
+                    ctx,
+                    dev,
+                    q,
+                    k,
+                    v,
+                    g,
+                    mname == "causal",
+                    warmup,
+                    repeats,
+                    inner,
+                    cfg.get("fwd_only", False),
                 )
                 rows.append(
                     dict(
@@ -255,7 +276,16 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                     ha.calc_attn(a, b, c, p).backward(gl)
 
                 kw = dict(warmup=warmup, repeats=repeats, group=ctx.group, inner=inner)
-                ours = {"fwd": time_fn(fwd, dev, **kw), "fwd_bwd": time_fn(fwd_bwd, dev, **kw)}
+                ours = {
+                    "fwd": time_fn(fwd, dev, **kw),
+                    "fwd_bwd": None if cfg.get("fwd_only") else time_fn(fwd_bwd, dev, **kw),
+                }
+                if cfg.get("graphs"):
+                    g_fwd = cuda_graph(
+                        lambda a, b, c, p=p: ha.calc_attn(a, b, c, p), **GRAPH_OPTIONS
+                    )
+                    ours["fwd_graph"] = time_fn(lambda: g_fwd(ql, kl, vl), dev, **kw)
+                    g_fwd = None
                 mem = _peak_mem_ratio(fwd, dev, ql, kl, vl, p) if dev.type == "cuda" else None
                 row = dict(
                     base,
@@ -268,7 +298,8 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                 )
                 if tcp:
                     row["vs_torch_fwd"] = tcp["fwd"] / ours["fwd"]
-                    row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / ours["fwd_bwd"]
+                    if ours["fwd_bwd"]:
+                        row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / ours["fwd_bwd"]
                 rows.append(row)
                 progress(label)
         q = k = v = g = None  # free the inputs before the next size
@@ -278,13 +309,24 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
 
 
 def _rates(t: dict, one: dict, flops_f: float, w: int) -> dict:
-    return {
+    fb = t["fwd_bwd"]
+    # Graph replay is measured against the faster of one device's eager and replayed
+    # forward: the fastest one-device run is the bar.
+    graphed = (
+        {
+            "fwd_graph_ms": t["fwd_graph"],
+            "eff_fwd_graph": min(one["fwd"], one["fwd_graph"]) / (w * t["fwd_graph"]),
+        }
+        if "fwd_graph" in t
+        else {}
+    )
+    return graphed | {
         "fwd_ms": t["fwd"],
-        "fwd_bwd_ms": t["fwd_bwd"],
+        "fwd_bwd_ms": fb,
         "tflops_fwd": flops_f / (w * t["fwd"] * 1e-3) / 1e12,
-        "tflops_fwd_bwd": 3.5 * flops_f / (w * t["fwd_bwd"] * 1e-3) / 1e12,
+        "tflops_fwd_bwd": None if fb is None else 3.5 * flops_f / (w * fb * 1e-3) / 1e12,
         "eff_fwd": one["fwd"] / (w * t["fwd"]),
-        "eff_fwd_bwd": one["fwd_bwd"] / (w * t["fwd_bwd"]),
+        "eff_fwd_bwd": None if fb is None else one["fwd_bwd"] / (w * fb),
     }
 
 
@@ -329,6 +371,9 @@ HEADER = (
 def table(rows) -> str:
     from .verify_cli import format_table
 
+    graphs = any("fwd_graph_ms" in r for r in rows)
+    header = HEADER + (("fwd ms graph", "eff fwd graph") if graphs else ())
+
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
@@ -343,7 +388,7 @@ def table(rows) -> str:
                     r["schedule"],
                     r["dispatch"],
                     "error: " + r["error"][:60],
-                    *["-"] * 8,
+                    *["-"] * (len(header) - 6),
                 )
             )
             continue
@@ -355,17 +400,22 @@ def table(rows) -> str:
                 r["schedule"],
                 r["dispatch"],
                 f(r["fwd_ms"], ".2f"),
-                f(r["fwd_bwd_ms"], ".2f"),
+                f(r.get("fwd_bwd_ms"), ".2f"),
                 f(r["tflops_fwd"], ".0f"),
-                f(r["tflops_fwd_bwd"], ".0f"),
+                f(r.get("tflops_fwd_bwd"), ".0f"),
                 f(r["eff_fwd"], ".3f"),
-                f(r["eff_fwd_bwd"], ".3f"),
+                f(r.get("eff_fwd_bwd"), ".3f"),
                 f(r.get("vs_torch_fwd"), ".2f"),
                 f(r.get("vs_torch_fwd_bwd"), ".2f"),
                 f(r.get("peak_mem_ratio"), ".2f"),
+                *(
+                    (f(r.get("fwd_graph_ms"), ".2f"), f(r.get("eff_fwd_graph"), ".3f"))
+                    if graphs
+                    else ()
+                ),
             )
         )
-    return format_table(HEADER, body)
+    return format_table(header, body)
 
 
 def main(args, printer=print) -> int:
@@ -387,6 +437,8 @@ def main(args, printer=print) -> int:
         "torch_cp": not args.no_torch_cp,
         "backwards": args.backward,
         "node_size": args.node_size,
+        "graphs": bool(getattr(args, "graphs", False)),
+        "fwd_only": bool(getattr(args, "fwd_only", False)),
     }
     w = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)
     backend = "nccl" if args.device == "cuda" else "gloo"
@@ -417,7 +469,15 @@ def main(args, printer=print) -> int:
                 f"- torch {meta['torch']}, {cfg['dtype']}, heads {cfg['heads']}/"
                 f"{cfg['kv_heads']}, head dim {cfg['head_dim']}, batch 1\n"
                 f"- efficiency = T(one device) / (W x T); TF/s count visible pairs only; "
-                f"peak mem = forward peak / (local q,k,v,out,lse + 2 KV buffers)\n\n"
+                f"peak mem = forward peak / (local q,k,v,out,lse + 2 KV buffers)\n"
+                + (
+                    "- graph: the forward replayed as a CUDA graph (inputs read in place, no "
+                    "copies); eff fwd graph = min(one device eager, one device graph) / "
+                    "(W x T graph)\n"
+                    if cfg.get("graphs")
+                    else ""
+                )
+                + "\n"
             )
             f.write(text + "\n")
         printer(f"wrote {stem}.json and {stem}.md")
@@ -449,7 +509,7 @@ def plot_efficiency(rows, path: str) -> None:
     for ax, key in zip(axes, ("eff_fwd", "eff_fwd_bwd")):
         series: dict[str, list] = {}
         for r in rows:
-            if "error" in r or r["impl"] == "one device":
+            if "error" in r or r["impl"] == "one device" or r.get(key) is None:
                 continue
             label = f"{r['mask']} {r['schedule']}/{r['dispatch']}"
             series.setdefault(label, []).append((r["seqlen"], r[key]))

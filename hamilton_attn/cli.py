@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--node-size", type=int, default=None, help="for hamilton_2level")
     b.add_argument("--no-torch-cp", action="store_true")
     b.add_argument(
+        "--fwd-only", action="store_true", help="time the forward only (no forward+backward)"
+    )
+    b.add_argument(
+        "--graphs",
+        action="store_true",
+        help="also time the forward replayed as CUDA graphs (ours and one device alike)",
+    )
+    b.add_argument(
         "--backward",
         nargs="+",
         default=["replay"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 import os
@@ -182,11 +183,29 @@ def _pick_schedule(mask: Mask, world_size: int, topology: str | None) -> str:
         return "ring"
 
 
+#: A kernel call's fixed cost in visible pairs, added per dense piece of the mask (a
+#: packed document, say) to the rows where the piece starts when balanced dispatches
+#: weigh chunks. A rank given many short documents makes as many kernel calls, each
+#: with a launch, ramp and tail that the pair count misses: on one H200, 25 us per
+#: cuDNN call beyond its pairs at 620 TF/s (``benchmarks/results/op_profile_docs_*``),
+#: which at 32 heads of dimension 128 (4 * 32 * 128 flops per pair) is about 2**20 pairs.
+CALL_COST_PAIRS = 2**20
+
+
 def _make_placement(
-    kind, mask: Mask, w: int, chunk_size, seed: int, keys: bool, slack: float
+    kind,
+    mask: Mask,
+    w: int,
+    chunk_size,
+    seed: int,
+    keys: bool,
+    slack: float,
+    call_cost: float = 0.0,
 ) -> Placement:
     """Queries' (``keys=False``) or keys' placement; balanced kinds cost a chunk by the
-    mask's area in its rows (or columns)."""
+    mask's area in its rows (or columns), plus ``call_cost`` pairs for each dense piece
+    that starts in its rows (queries' placement of a mask of several pieces; see
+    :func:`~hamilton_attn.dispatch.placement.balanced`)."""
     if kind in BALANCED:
         if keys:
 
@@ -204,6 +223,14 @@ def _make_placement(
             def chunk_keys(a, b):  # self-attention: the keys rows a..b attend to
                 return [(bd.k0, bd.k1) for bd in mask.slice((a, b), (0, mask.seqlen_k)).bands]
 
+        chunk_calls = None
+        pieces = None if keys or not call_cost else mask.dense_pieces()
+        if pieces is not None and len(pieces) > 1:
+            starts = sorted(p[0] for p in pieces)
+
+            def chunk_calls(a, b):  # dense pieces (kernel calls) starting in rows a..b
+                return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+
         return make_placement(
             kind,
             n,
@@ -213,6 +240,8 @@ def _make_placement(
             chunk_keys=chunk_keys,
             seed=seed,
             slack=slack,
+            chunk_calls=chunk_calls,
+            call_cost=call_cost,
         )
     return make_placement(kind, mask.seqlen_k if keys else mask.seqlen_q, w, chunk_size=chunk_size)
 
@@ -231,6 +260,7 @@ def _cached_plan(
     kv_dispatch,
     dispatch_seed,
     balance_slack,
+    call_cost,
     options,
 ):
     rank, w, ranks = group_info(group)
@@ -246,7 +276,14 @@ def _cached_plan(
         if schedule == "hamilton_2level" and "node_size" not in dict(options):
             schedule = "ring"  # two-level needs the node size the user did not give
     placement = _make_placement(
-        dispatch, mask, w, chunk_size, dispatch_seed, keys=False, slack=balance_slack
+        dispatch,
+        mask,
+        w,
+        chunk_size,
+        dispatch_seed,
+        keys=False,
+        slack=balance_slack,
+        call_cost=call_cost,
     )
     if kv_dispatch is None:
         kv_placement = placement
@@ -339,6 +376,7 @@ def plan(
     kv_dispatch: str | None = None,
     dispatch_seed: int = 0,
     balance_slack: float | None = None,
+    call_cost: float | None = None,
     **schedule_options,
 ) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
@@ -369,6 +407,12 @@ def plan(
             give a chunk to a rank up to this fraction of the mean per-rank work heavier
             than the lightest, when that rank then fetches fewer KV chunks (default
             0.02; 0 is the plain greedy).
+        call_cost: what one kernel call costs beyond its pairs, in pairs, when the
+            balanced dispatches weigh chunks: each dense piece of the mask (a packed
+            document) adds it to the chunk where it starts, so a rank handed many
+            short documents gets fewer tokens. Default :data:`CALL_COST_PAIRS`
+            (about 25 us on an H200 at 32 heads of dimension 128); 0 balances pairs
+            alone.
         backend: local kernel for every block (``auto`` picks per block).
         check: cross-rank consistency check of inputs and plan before communication:
             ``first`` (once per input signature), ``always``, or ``never``.
@@ -409,6 +453,9 @@ def plan(
         from .dispatch.placement import LOCALITY_SLACK as balance_slack
     if not isinstance(balance_slack, (int, float)) or not 0 <= balance_slack <= 1:
         raise ValueError(f"balance_slack: expected a number in [0, 1], got {balance_slack!r}")
+    call_cost = CALL_COST_PAIRS if call_cost is None else call_cost
+    if isinstance(call_cost, bool) or not isinstance(call_cost, (int, float)) or call_cost < 0:
+        raise ValueError(f"call_cost: expected a number >= 0 (pairs), got {call_cost!r}")
     return _cached_plan(
         mask,
         group,
@@ -422,5 +469,6 @@ def plan(
         kv_dispatch,
         dispatch_seed,
         float(balance_slack),
+        float(call_cost),
         tuple(sorted(schedule_options.items())),
     )

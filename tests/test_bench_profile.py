@@ -106,6 +106,23 @@ def test_bench_smoke_writes_tables(tmp_path):
     assert "hamilton-attn" in table(data["rows"])
 
 
+def test_bench_smoke_graphs_forward_only(tmp_path):
+    """--fwd-only skips forward+backward; --graphs adds replay columns (eager off CUDA)."""
+    cmd = [sys.executable, "-m", "hamilton_attn", "bench", "--device", "cpu"]
+    cmd += ["--world-size", "2", "--tokens-per-device", "32", "--heads", "2", "--head-dim", "8"]
+    cmd += ["--repeats", "1", "--warmup", "0", "--inner", "1", "--masks", "docs"]
+    cmd += ["--schedules", "ring", "--dispatches", "balanced_zigzag", "--no-torch-cp"]
+    cmd += ["--fwd-only", "--graphs", "--out", str(tmp_path), "--name", "g"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    ours = [r for r in rows if r["impl"] == "hamilton-attn"]
+    assert len(ours) == 1 and ours[0]["fwd_bwd_ms"] is None and ours[0]["eff_fwd_bwd"] is None
+    assert ours[0]["fwd_graph_ms"] > 0 and ours[0]["eff_fwd_graph"] > 0
+    md = (tmp_path / "g.md").read_text()
+    assert "eff fwd graph" in md and "CUDA graph" in md
+
+
 def test_doc_boundaries_cover_the_sequence():
     cu = doc_boundaries(4096)
     assert cu[0] == 0 and cu[-1] == 4096 and all(b > a for a, b in zip(cu, cu[1:]))

@@ -112,7 +112,14 @@ CROSS_MASKS = ("cross_rects", "cross_varlen")
 
 def test_minheap_gives_equal_counts_and_balances_packed_documents():
     m = ha.Mask.varlen(docs(4096, 5), causal=True)
-    p = ha.plan(m, ha.SimulatedGroup(8), schedule="groupcast", dispatch="minheap", chunk_size=32)
+    p = ha.plan(
+        m,
+        ha.SimulatedGroup(8),
+        schedule="groupcast",
+        dispatch="minheap",
+        chunk_size=32,
+        call_cost=0,  # balance pairs alone
+    )
     counts = {sum(b - a for a, b in rr) for rr in p.placement.rank_ranges}
     assert counts == {p.local_len}
     assert p.local_len == 16 * 32
@@ -123,6 +130,52 @@ def test_minheap_gives_equal_counts_and_balances_packed_documents():
     )
     assert seq.imbalance > p.imbalance
     assert seq.placement.rank_ranges[0] == ((0, 512),)
+
+
+def _calls_and_pairs(m, w, call_cost):
+    """Per rank of ring/balanced_zigzag: (dense pieces over all its blocks, which are its
+    cuDNN calls, and its visible pairs)."""
+    out = []
+    for r in range(w):
+        p = ha.plan(
+            m,
+            ha.SimulatedGroup(w, r),
+            schedule="ring",
+            dispatch="balanced_zigzag",
+            call_cost=call_cost,
+        )
+        calls = pairs = 0
+        for step in p.schedule.forward_steps():
+            if step.compute[r]:
+                bm = p.fused_block(r, step.compute[r])[0]
+                calls += len(bm.dense_pieces())
+                pairs += bm.area()
+        out.append((calls, pairs))
+    return out
+
+
+@pytest.mark.parametrize("w", [2, 4])
+def test_call_cost_evens_out_kernel_calls(w):
+    """Packed documents: counting a fixed cost per kernel call (per document piece) in
+    the balance gives the rank with more calls fewer pairs, so the modelled time
+    (pairs + cost x calls) of the slowest rank drops; call_cost=0 balances pairs alone.
+    Bad values are refused."""
+    from hamilton_attn.bench import bench_masks
+    from hamilton_attn.plans import CALL_COST_PAIRS
+
+    m = bench_masks(32768, ["docs"])["docs"]
+    per_call = min(CALL_COST_PAIRS, m.area() / (w * 64))
+    worst = {}
+    for cost in (0, None):
+        ranks = _calls_and_pairs(m, w, cost)
+        assert sum(pairs for _, pairs in ranks) == m.area()
+        worst[cost] = max(pairs + per_call * calls for calls, pairs in ranks)
+    assert worst[None] <= worst[0], worst
+    if w == 2:  # the bench's case: rank 1 had 12 calls to rank 0's 9
+        assert worst[None] < 0.99 * worst[0], worst
+    for bad in (-1, "x", True):
+        with pytest.raises(ValueError, match="call_cost"):
+            ha.plan(m, ha.SimulatedGroup(w), dispatch="balanced_zigzag", call_cost=bad)
 
 
 @pytest.mark.parametrize("w", [2, 3, 4, 8])

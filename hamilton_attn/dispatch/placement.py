@@ -330,9 +330,14 @@ def balanced(
     seed: int = 0,
     chunk_keys: Callable[[int, int], Sequence[tuple[int, int]]] | None = None,
     slack: float = LOCALITY_SLACK,
+    chunk_calls: Callable[[int, int], int] | None = None,
+    call_cost: float = 0.0,
 ) -> Placement:
     """Cut the padded sequence into equal chunks, give every rank the same number, and
-    balance the work ``chunk_cost(start, end)`` (the mask's area in those rows):
+    balance the work ``chunk_cost(start, end)`` (the mask's area in those rows), plus
+    ``call_cost`` per kernel call ``chunk_calls(start, end)`` says starts there; a call
+    counts at most a mean chunk's area, so on short sequences, where every call is
+    mostly fixed cost, the count cannot outweigh the pairs by more than a chunk each:
     ``minheap`` (greedy, largest first), ``balanced_zigzag`` (two runs per rank,
     lengths balanced), ``exact`` (optimal, small cases),
     ``sequential`` (rank r takes the r-th run of consecutive chunks) or ``random``
@@ -355,6 +360,14 @@ def balanced(
             float(chunk_cost(c * size, min((c + 1) * size, seqlen))) if c * size < seqlen else 0.0
             for c in range(n)
         ]
+        if chunk_calls is not None and call_cost > 0:
+            per_call = min(call_cost, sum(costs) / n)
+            costs = [
+                x + per_call * chunk_calls(c * size, min((c + 1) * size, seqlen))
+                if c * size < seqlen
+                else x
+                for c, x in enumerate(costs)
+            ]
         if kind == "minheap" and chunk_keys is not None and slack > 0:
             wants = []
             for c in range(n):
@@ -384,6 +397,8 @@ def make_placement(
     chunk_keys: Callable[[int, int], Sequence[tuple[int, int]]] | None = None,
     seed: int = 0,
     slack: float = LOCALITY_SLACK,
+    chunk_calls: Callable[[int, int], int] | None = None,
+    call_cost: float = 0.0,
 ) -> Placement:
     if kind in BALANCED:
         cost = chunk_cost or (lambda a, b: b - a)
@@ -396,6 +411,8 @@ def make_placement(
             seed=seed,
             chunk_keys=chunk_keys,
             slack=slack,
+            chunk_calls=chunk_calls,
+            call_cost=call_cost,
         )
     if kind == "contiguous":
         return contiguous(seqlen, world_size, chunk_size=chunk_size or 1)

@@ -76,16 +76,20 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def zeros_bhsd(like: torch.Tensor, d: int | None = None, dtype=None) -> torch.Tensor:
+def zeros_bhsd(
+    like: torch.Tensor, d: int | None = None, dtype=None, *, fill: bool = True
+) -> torch.Tensor:
     """Zeros shaped like ``like`` ``[B, H, S, D]`` (last dim ``d``, dtype ``dtype``) in
     ``like``'s memory order: ``bshd`` memory when its heads are inner to its tokens (the
     shards, and the kernels' outputs for them). Adds between such tensors stay
-    contiguous, and results hand back to ``bshd`` without a copy."""
+    contiguous, and results hand back to ``bshd`` without a copy. ``fill=False`` leaves
+    the memory uninitialised, for a caller that writes every element."""
     b, h, s, d0 = like.shape
     d, dtype = d0 if d is None else d, like.dtype if dtype is None else dtype
+    new = torch.zeros if fill else torch.empty
     if like.stride(1) < like.stride(2):
-        return torch.zeros(b, s, h, d, dtype=dtype, device=like.device).transpose(1, 2)
-    return torch.zeros(b, h, s, d, dtype=dtype, device=like.device)
+        return new(b, s, h, d, dtype=dtype, device=like.device).transpose(1, 2)
+    return new(b, h, s, d, dtype=dtype, device=like.device)
 
 
 def empty_result(q: torch.Tensor, v: torch.Tensor):

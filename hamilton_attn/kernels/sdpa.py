@@ -483,8 +483,22 @@ class SdpaKernel(AttentionKernel):
             return run[0][1]  # fast path: one op call, no copy
         rows = [(c.q0, c.q1) for c in calls]
         if _disjoint(rows):
-            out = zeros_bhsd(q, v.shape[-1])
-            lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+            # Calls that tile every row write every element: no fill first.
+            tiled = sum(b1 - a1 for a1, b1 in rows) == sq
+            if tiled and rows == sorted(rows):
+                # In order: one concatenation each (two launches, not two per call),
+                # into bshd memory like the shards.
+                outs = [o.transpose(1, 2) for _, (o, _) in run]
+                return (
+                    torch.cat(outs, dim=1).transpose(1, 2),
+                    torch.cat([l for _, (_, l) in run], dim=2).to(lse_dtype(q.dtype)),
+                )
+            out = zeros_bhsd(q, v.shape[-1], fill=not tiled)
+            lse_dt = lse_dtype(q.dtype)
+            if tiled:
+                lse = torch.empty((b, h, sq), dtype=lse_dt, device=q.device)
+            else:
+                lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dt, device=q.device)
             for c, (o, l) in run:
                 out[:, :, c.q0 : c.q1] = o
                 lse[:, :, c.q0 : c.q1] = l

@@ -74,10 +74,27 @@ def _step_kv(plan: Plan, held, pieces, k_BSHD, v_BSHD):
         and all(len(x) == 1 for x in parts)
     ):
         return k_BSHD, v_BSHD
+    ks, vs = [held[p][0] for p in pieces], [held[p][1] for p in pieces]
+    k, v = _adjacent(ks), _adjacent(vs)
     return (
-        torch.cat([held[p][0] for p in pieces], dim=1),
-        torch.cat([held[p][1] for p in pieces], dim=1),
+        torch.cat(ks, dim=1) if k is None else k,
+        torch.cat(vs, dim=1) if v is None else v,
     )
+
+
+def _adjacent(xs: list[torch.Tensor]) -> torch.Tensor | None:
+    """``cat(xs, dim=1)`` as a view when the ``[1, n, H, D]`` tensors lie back to back in
+    one contiguous buffer (pieces received together, in order), else None."""
+    if xs[0].shape[0] != 1 or not all(x.is_contiguous() for x in xs):
+        return None
+    step = xs[0].stride(1) * xs[0].element_size()
+    for x, y in zip(xs, xs[1:]):
+        if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
+            return None
+        if x.data_ptr() + x.shape[1] * step != y.data_ptr():
+            return None
+    n = sum(x.shape[1] for x in xs)
+    return xs[0].as_strided((1, n) + tuple(xs[0].shape[2:]), xs[0].stride())
 
 
 def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -93,19 +110,40 @@ def _bhsd(kv, i: int) -> torch.Tensor:
     return kv[i].transpose(1, 2)
 
 
-def _kv_transfers(plan: Plan, step, held, sends, recvs, received) -> None:
+def _kv_transfers(plan: Plan, step, held, sends, recvs, received, together=None) -> None:
+    """This step's messages. Pieces received in one step go into one K and one V buffer
+    (views back to back along the tokens) when the batch is 1 and ``together(pieces)``
+    says they live and die together, so a later step computing several of them in
+    order reads one view instead of concatenating (:func:`_step_kv`)."""
     r = plan.rank
+    incoming = [t for t in step.transfers if t.dst == r]
     for t in step.transfers:
         if t.src == r:
             k, v = held[t.piece]
             sends += [(k, t.dst), (v, t.dst)]
-        elif t.dst == r:
-            ref = next(iter(held.values()))[0]
-            n = plan.schedule.part_len(t.piece.part)
-            shape = (ref.shape[0], n) + tuple(ref.shape[2:])
+    if not incoming:
+        return
+    ref = next(iter(held.values()))[0]
+    lens = [plan.schedule.part_len(t.piece.part) for t in incoming]
+    rest = tuple(ref.shape[2:])
+    shared = (
+        len(incoming) > 1
+        and ref.shape[0] == 1
+        and (together is None or together([t.piece for t in incoming]))
+    )
+    if shared:
+        kb = ref.new_empty((1, sum(lens)) + rest)
+        vb = ref.new_empty((1, sum(lens)) + rest)
+    off = 0
+    for t, n in zip(incoming, lens):
+        if shared:
+            buf = (kb[:, off : off + n], vb[:, off : off + n])
+        else:
+            shape = (ref.shape[0], n) + rest
             buf = (ref.new_empty(shape), ref.new_empty(shape))
-            recvs += [(buf[0], t.src), (buf[1], t.src)]
-            received.append((t.piece, buf))
+        off += n
+        recvs += [(buf[0], t.src), (buf[1], t.src)]
+        received.append((t.piece, buf))
 
 
 def _record(prof, call, phase, s, plan, step, q, sends, recvs):
@@ -152,9 +190,13 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
     low = False  # acc_out holds one unmerged block in the kernel's dtype
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
+
+    def together(ps) -> bool:  # freed at one step, and kept for the backward alike
+        return len({last.get(p, -1) for p in ps}) == 1 and len({p in keep for p in ps}) == 1
+
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
-        _kv_transfers(plan, step, held, sends, recvs, received)
+        _kv_transfers(plan, step, held, sends, recvs, received, together)
         rec = None if prof is None else _record(prof, call, "fwd", s, plan, step, q, sends, recvs)
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
         pieces = step.compute[r]
@@ -285,9 +327,13 @@ def backward(
 
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
+
+    def together(ps) -> bool:  # freed at one step
+        return len({last.get(p, -1) for p in ps}) == 1
+
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
-        _kv_transfers(plan, step, held, sends, recvs, received)
+        _kv_transfers(plan, step, held, sends, recvs, received, together)
         grads_in = []
         for t in step.grad_transfers:
             if t.src == r:
