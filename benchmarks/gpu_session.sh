@@ -14,7 +14,8 @@
 #     bash benchmarks/gpu_session.sh, then (default 5 us head start, call-cost balance, one receive
 #   buffer per step): STAGES="graphs:150 bench4:330 trace:90" bash benchmarks/gpu_session.sh, then
 #   (sdpa joins tiled outputs in one cat; graph bar = faster one-device run):
-#   STAGES="graphs:100 verify:100 final4:300" bash benchmarks/gpu_session.sh
+#   STAGES="graphs:100 verify:100 final4:300" bash benchmarks/gpu_session.sh, then (own pieces to one
+#   peer as one message): STAGES="final4b:150" bash benchmarks/gpu_session.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The device returns at most 8 files from $OUT: work in a folder, tar it at the end.
@@ -75,6 +76,11 @@ for item in $STAGES; do
              run final4_dense "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
                --masks causal full --schedules ring groupcast --dispatches zigzag --backward reverse replay --graphs \
                --repeats 10 --inner 3 --out "$OUT" --name bench_H200_W2_session4_final_dense ;;
+    final4b) run demo_groupcast4 "$limit" python -m hamilton_attn demo --device cuda --seqlen 8192 \
+               --schedules groupcast ring
+             run final4b_docs "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks docs causal --schedules ring groupcast --dispatches zigzag balanced_zigzag --fwd-only --graphs \
+               --repeats 10 --inner 3 --out "$OUT" --name bench_H200_W2_session4_final_grouped ;;
     headstart) run head_start "$limit" python benchmarks/gpu_head_start.py --out "$OUT" --us 0 5 10 20 40 --rounds 4 ;;
     opprof4) run op_profile4 "$limit" bash -c "for sc in groupcast ring; do python benchmarks/gpu_op_profile.py \
                --out $OUT --mask docs --schedule \$sc --dispatch balanced_zigzag --fwd-only --backward replay; done" ;;

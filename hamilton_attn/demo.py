@@ -17,7 +17,7 @@ DEMO_DISPATCH = {
     "allgather": ["contiguous"],
     "line": ["zigzag"],
     "ring": ["zigzag", "contiguous", "balanced_zigzag"],
-    "groupcast": ["minheap", "zigzag"],
+    "groupcast": ["minheap", "zigzag", "balanced_zigzag"],
 }
 
 

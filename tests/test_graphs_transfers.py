@@ -93,6 +93,36 @@ def test_adjacent_views_replace_concatenation():
     assert _adjacent([batch2[:, :3], batch2[:, 3:]]) is None  # B > 1: not contiguous
 
 
+def test_message_runs_join_consecutive_own_pieces():
+    """groupcast with balanced_zigzag cuts a rank's shard into many pieces; those a
+    rank sends to one peer in one step, back to back in its shard, go as one message.
+    Both ends cut the same runs; batches above 1 keep one message per piece."""
+    from hamilton_attn.runtime.executor import _message_runs
+
+    p = ha.plan(
+        ha.Mask.causal(4096), ha.SimulatedGroup(2), schedule="groupcast", dispatch="balanced_zigzag"
+    )
+    parts = p.schedule.parts
+    joined = 0
+    for step in p.schedule.forward_steps():
+        ts = list(step.transfers)
+        if not ts:
+            continue
+        runs = _message_runs(p, ts, 1)
+        assert sorted(map(repr, (t for run in runs for t in run))) == sorted(map(repr, ts))
+        for run in runs:
+            assert len({(t.src, t.dst) for t in run}) == 1
+            for a, b in zip(run, run[1:]):
+                assert a.piece.owner == b.piece.owner == a.src and b.piece.part == a.piece.part + 1
+                assert parts[a.piece.part][-1][1] == parts[b.piece.part][0][0]
+        joined += len(ts) - len(runs)
+        assert all(len(run) == 1 for run in _message_runs(p, ts, 2))
+        # each end sees the same runs for a pair
+        mine = [r for r in runs if r[0].src == 0]
+        assert mine == [r for r in _message_runs(p, [t for t in ts if t.src == 0], 1)]
+    assert joined > 0
+
+
 def _groupcast_docs(ctx):
     """groupcast on packed documents: a step computes several pieces received together;
     result and gradients against the one-device reference (float64)."""

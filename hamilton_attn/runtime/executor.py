@@ -110,40 +110,80 @@ def _bhsd(kv, i: int) -> torch.Tensor:
     return kv[i].transpose(1, 2)
 
 
+def _message_runs(plan: Plan, transfers, batch: int) -> list[list]:
+    """``transfers`` grouped into messages: per (src, dst) pair, in list order, a run of
+    the sender's own pieces with consecutive part numbers whose token ranges touch is
+    one message (they lie back to back in the sender's shard), at batch 1. Sender and
+    receiver see the same transfer list, so both cut the same runs in the same order."""
+    parts = plan.schedule.parts
+    pairs: dict[tuple[int, int], list] = {}
+    for t in transfers:
+        pairs.setdefault((t.src, t.dst), []).append(t)
+    runs: list[list] = []
+    for ts in pairs.values():
+        run = [ts[0]]
+        for t in ts[1:]:
+            a, b = run[-1].piece, t.piece
+            if (
+                batch == 1
+                and a.owner == b.owner == t.src
+                and b.part == a.part + 1
+                and len(parts[a.part]) == len(parts[b.part]) == 1
+                and parts[a.part][0][1] == parts[b.part][0][0]
+            ):
+                run.append(t)
+            else:
+                runs.append(run)
+                run = [t]
+        runs.append(run)
+    return runs
+
+
 def _kv_transfers(plan: Plan, step, held, sends, recvs, received, together=None) -> None:
-    """This step's messages. Pieces received in one step go into one K and one V buffer
-    (views back to back along the tokens) when the batch is 1 and ``together(pieces)``
-    says they live and die together, so a later step computing several of them in
-    order reads one view instead of concatenating (:func:`_step_kv`)."""
+    """This step's messages: K and V of each run of :func:`_message_runs` (one piece, or
+    several own pieces back to back, sent as one view of the shard). Pieces received in
+    one step go into one K and one V buffer (views back to back along the tokens) when
+    the batch is 1 and ``together(pieces)`` says they live and die together, so a later
+    step computing several of them in order reads one view instead of concatenating
+    (:func:`_step_kv`)."""
     r = plan.rank
-    incoming = [t for t in step.transfers if t.dst == r]
-    for t in step.transfers:
-        if t.src == r:
-            k, v = held[t.piece]
-            sends += [(k, t.dst), (v, t.dst)]
+    ref = next(iter(held.values()))[0]
+    batch = ref.shape[0]
+    for run in _message_runs(plan, [t for t in step.transfers if t.src == r], batch):
+        ks, vs = [held[t.piece][0] for t in run], [held[t.piece][1] for t in run]
+        k = ks[0] if len(run) == 1 else _adjacent(ks)
+        v = vs[0] if len(run) == 1 else _adjacent(vs)
+        k = torch.cat(ks, dim=1) if k is None else k  # not back to back: one copy
+        v = torch.cat(vs, dim=1) if v is None else v
+        sends += [(k, run[0].dst), (v, run[0].dst)]
+    runs = _message_runs(plan, [t for t in step.transfers if t.dst == r], batch)
+    incoming = [t for run in runs for t in run]
     if not incoming:
         return
-    ref = next(iter(held.values()))[0]
-    lens = [plan.schedule.part_len(t.piece.part) for t in incoming]
     rest = tuple(ref.shape[2:])
+    lens = [sum(plan.schedule.part_len(t.piece.part) for t in run) for run in runs]
     shared = (
         len(incoming) > 1
-        and ref.shape[0] == 1
+        and batch == 1
         and (together is None or together([t.piece for t in incoming]))
     )
     if shared:
         kb = ref.new_empty((1, sum(lens)) + rest)
         vb = ref.new_empty((1, sum(lens)) + rest)
     off = 0
-    for t, n in zip(incoming, lens):
+    for run, n in zip(runs, lens):
         if shared:
             buf = (kb[:, off : off + n], vb[:, off : off + n])
         else:
-            shape = (ref.shape[0], n) + rest
+            shape = (batch, n) + rest
             buf = (ref.new_empty(shape), ref.new_empty(shape))
         off += n
-        recvs += [(buf[0], t.src), (buf[1], t.src)]
-        received.append((t.piece, buf))
+        recvs += [(buf[0], run[0].src), (buf[1], run[0].src)]
+        at = 0
+        for t in run:
+            m = plan.schedule.part_len(t.piece.part)
+            received.append((t.piece, (buf[0][:, at : at + m], buf[1][:, at : at + m])))
+            at += m
 
 
 def _record(prof, call, phase, s, plan, step, q, sends, recvs):
