@@ -31,7 +31,11 @@ def _head_start(device: torch.device) -> None:
     if rate is None:
         khz = getattr(torch.cuda.get_device_properties(idx), "clock_rate", 0) or 1_980_000
         rate = _CYCLES_PER_US[idx] = khz / 1e3
-    torch.cuda._sleep(int(us * rate))
+    if idx == torch.cuda.current_device():
+        torch.cuda._sleep(int(us * rate))
+    else:
+        with torch.cuda.device(idx):  # spin the stream of the transfer's device
+            torch.cuda._sleep(int(us * rate))
 
 
 def default_timeout() -> timedelta:

@@ -21,26 +21,51 @@ first-call check across ranks runs during the eager warm-up, so plans with
 
 Forward only: a call with inputs that require grad while grad mode is on raises
 ValueError. Off CUDA (a laptop, CI) the function simply runs eagerly, so the same code
-runs everywhere.
+runs everywhere. Errors found here (a refused argument) are raised on the calling rank
+only, before its replay; its peers then wait in their transfers until NCCL's watchdog
+timeout, so call it with the same arguments everywhere, as ``calc_attn`` itself.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+_BY_VALUE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
 
 def _signature(args) -> tuple:
+    """Tensors by shape, strides, dtype and device; numbers, strings and None by value;
+    any other object by identity. Tensors nested in containers are refused: the graph
+    could not see a new one put in the same container."""
     sig = []
-    for a in args:
+    for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             sig.append(("t", tuple(a.shape), a.stride(), a.dtype, a.device))
+        elif isinstance(a, _BY_VALUE):
+            sig.append(("v", type(a), a))
+        elif isinstance(a, (tuple, list, dict)) and _has_tensor(a):
+            raise ValueError(
+                f"args[{i}]: tensors inside a {type(a).__name__} are not supported; pass "
+                "every tensor as an argument of its own"
+            )
         else:
             sig.append(("o", id(a)))
     return tuple(sig)
+
+
+def _has_tensor(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, dict):
+        return any(_has_tensor(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return any(_has_tensor(v) for v in x)
+    return False
 
 
 def _map_tensors(x, fn):
@@ -69,6 +94,7 @@ class CudaGraphed:
         warmup: int = 2,
         clone_outputs: bool = True,
         static_inputs: bool = False,
+        max_graphs: int = 8,
     ):
         if not callable(fn):
             raise ValueError(f"fn: expected a callable, got {type(fn).__name__}")
@@ -76,16 +102,23 @@ class CudaGraphed:
             raise ValueError(
                 f"warmup: expected an int >= 1 (eager calls before capture), got {warmup!r}"
             )
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs: expected an int >= 1, got {max_graphs!r}")
         self.fn = fn
         self.warmup = warmup
+        self.max_graphs = max_graphs
         self.clone_outputs = clone_outputs
         self.static_inputs = static_inputs
-        self._graphs: dict[tuple, _Entry] = {}
+        self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
 
     @property
     def num_graphs(self) -> int:
-        """How many signatures have been captured."""
+        """How many signatures are captured and held."""
         return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every captured graph (and the memory its pool holds)."""
+        self._graphs.clear()
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -99,13 +132,20 @@ class CudaGraphed:
                 "args: cuda_graph replays the forward only; call it under torch.no_grad() "
                 "or with tensors that do not require grad"
             )
+        key = _signature(args)  # refuses what a graph could not replay, on any device
         if not all(on_cuda):
             with torch.no_grad():
                 return self.fn(*args)
-        key = _signature(args)
+        device = tensors[0].device
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(args)
+            with torch.cuda.device(device):
+                entry = self._capture(args)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:  # least recently used goes
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
         for i, (dst, a) in enumerate(zip(entry.static_in, args)):
             if isinstance(a, torch.Tensor) and dst.data_ptr() != a.data_ptr():
                 if self.static_inputs:
@@ -114,7 +154,8 @@ class CudaGraphed:
                         "first call (fill them in place); got another tensor"
                     )
                 dst.copy_(a)
-        entry.graph.replay()
+        with torch.cuda.device(device):
+            entry.graph.replay()
         if self.clone_outputs:
             return _map_tensors(entry.static_out, torch.clone)
         return entry.static_out
@@ -143,7 +184,12 @@ class CudaGraphed:
 
 
 def cuda_graph(
-    fn: Callable, *, warmup: int = 2, clone_outputs: bool = True, static_inputs: bool = False
+    fn: Callable,
+    *,
+    warmup: int = 2,
+    clone_outputs: bool = True,
+    static_inputs: bool = False,
+    max_graphs: int = 8,
 ) -> CudaGraphed:
     """``fn`` (say ``lambda q, k, v: calc_attn(q, k, v, plan)``) replayed as CUDA graphs.
 
@@ -152,11 +198,18 @@ def cuda_graph(
     the recorded inputs and replay. Returns what ``fn`` returns (tensors cloned unless
     ``clone_outputs=False``; they are then overwritten by the next replay). With
     ``static_inputs=True`` no input is copied: the graph reads the first call's tensors,
-    and later calls must pass those same tensors. Non-tensor arguments are matched by
-    identity, so pass the same plan or mask object each call. Forward only; eager off
-    CUDA.
+    and later calls must pass those same tensors. Numbers, strings and None match by
+    value, other non-tensor arguments (a plan, a mask) by identity: pass the same object
+    each call. At most ``max_graphs`` signatures are held, the least recently used
+    dropped first (``reset()`` drops all). Forward only; eager off CUDA.
     """
-    return CudaGraphed(fn, warmup=warmup, clone_outputs=clone_outputs, static_inputs=static_inputs)
+    return CudaGraphed(
+        fn,
+        warmup=warmup,
+        clone_outputs=clone_outputs,
+        static_inputs=static_inputs,
+        max_graphs=max_graphs,
+    )
 
 
 __all__ = ["CudaGraphed", "cuda_graph"]

@@ -55,6 +55,7 @@ def test_cuda_graph_static_inputs_refuse_other_tensors():
 def test_head_start_spins_the_stream_for_the_configured_time(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "_sleep", calls.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setitem(comm._CYCLES_PER_US, 0, 1500.0)  # a 1.5 GHz clock
     monkeypatch.setattr(comm, "TRANSFER_HEAD_START_US", 5.0)
     comm._head_start(torch.device("cuda", 0))
@@ -117,10 +118,60 @@ def test_message_runs_join_consecutive_own_pieces():
                 assert parts[a.piece.part][-1][1] == parts[b.piece.part][0][0]
         joined += len(ts) - len(runs)
         assert all(len(run) == 1 for run in _message_runs(p, ts, 2))
-        # each end sees the same runs for a pair
-        mine = [r for r in runs if r[0].src == 0]
-        assert mine == [r for r in _message_runs(p, [t for t in ts if t.src == 0], 1)]
+        # each end of a pair cuts the same runs: the sender from the transfers it
+        # sends, the receiver from those it receives
+        for src, dst in {(t.src, t.dst) for t in ts}:
+            sent = _message_runs(p, [t for t in ts if t.src == src], 1)
+            got = _message_runs(p, [t for t in ts if t.dst == dst], 1)
+            pair = lambda rs: [r for r in rs if (r[0].src, r[0].dst) == (src, dst)]  # noqa: B023,E731
+            assert pair(sent) == pair(got) and pair(sent)
     assert joined > 0
+
+
+def test_adjacent_refuses_one_token_slices_of_packed_kv():
+    """A one-token piece of a packed KV tensor passes is_contiguous() whatever its row
+    stride; joining such pieces must not yield a strided view (a send would refuse it)."""
+    k = torch.randn(1, 8, 2, 2, 4)[:, :, 0]  # K of a packed [B, S, 2, H, D] tensor
+    pieces = [k[:, i : i + 1].contiguous() for i in range(3)]
+    assert _adjacent(pieces) is None
+
+
+def _packed_kv_one_token_pieces(ctx):
+    m = ha.Mask.causal(8)
+    p = ha.plan(m, ctx.group, schedule="groupcast", dispatch="minheap", chunk_size=1)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = ha.attention(q, k, v, m)
+    ql, kl, vl = (ha.dispatch(t, p) for t in (q, k, v))
+    kv = torch.stack([kl, vl], dim=2)  # K and V as strided views of one packed tensor
+    out = ha.calc_attn(ql, kv[:, :, 0], kv[:, :, 1], p)
+    return (out - ha.dispatch(ref, p)).abs().max().item()
+
+
+def test_packed_kv_with_one_token_pieces_is_exact():
+    with GlooPool(2) as pool:
+        assert max(pool.run(_packed_kv_one_token_pieces, 2)) < 1e-12
+
+
+def test_graph_signature_keys_values_by_value_and_refuses_nested_tensors():
+    from hamilton_attn.graphs import _signature
+
+    x = torch.randn(2, 3)
+    plan_like = object()
+    assert _signature((x, 0.5, "a", None)) == _signature((torch.randn(2, 3), 0.5, "a", None))
+    assert _signature((x, 0.5)) != _signature((x, 0.25))
+    assert _signature((x, plan_like)) != _signature((x, object()))
+    assert _signature((x,)) != _signature((x.t(),))  # strides count
+    with pytest.raises(ValueError, match=r"args\[1\]: tensors inside a list"):
+        _signature((x, [x]))
+    f = ha.cuda_graph(lambda a, b: a + b[0])
+    with pytest.raises(ValueError, match="tensors inside a tuple"):
+        f(x, (x,))  # refused off CUDA too, as on it
+    with pytest.raises(ValueError, match="max_graphs"):
+        ha.cuda_graph(lambda a: a, max_graphs=0)
+    g = ha.cuda_graph(lambda a: a)
+    g.reset()
+    assert g.num_graphs == 0
 
 
 def _groupcast_docs(ctx):

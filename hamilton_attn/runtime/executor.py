@@ -38,6 +38,9 @@ def _take(x_BSHD: torch.Tensor, ranges) -> torch.Tensor:
 def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> dict[PieceId, tuple[torch.Tensor, torch.Tensor]]:
     # K and V travel as two messages, so an own piece is a view (no copy) when its
     # tokens are one contiguous range, as they are for every built-in schedule at B = 1.
+    # A shard that is not contiguous (a slice of packed KV, say) is copied once here,
+    # so pieces stay back to back and one message can carry several (_message_runs).
+    k_BSHD, v_BSHD = k_BSHD.contiguous(), v_BSHD.contiguous()
     return {
         PieceId(plan.rank, part): (
             _take(k_BSHD, rr).contiguous(),
@@ -47,9 +50,9 @@ def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> dict[PieceId, tuple[torch.Tensor,
     }
 
 
-def _last_use(plan: Plan, steps) -> dict[PieceId, int]:
-    """Last step at which this rank computes on or sends each received piece."""
-    r = plan.rank
+def _last_use(plan: Plan, steps, r: int | None = None) -> dict[PieceId, int]:
+    """Last step at which rank ``r`` (default this rank) computes on or sends each piece."""
+    r = plan.rank if r is None else r
     last: dict[PieceId, int] = {}
     for s, step in enumerate(steps):
         for p in step.compute[r]:
@@ -85,8 +88,9 @@ def _step_kv(plan: Plan, held, pieces, k_BSHD, v_BSHD):
 def _adjacent(xs: list[torch.Tensor]) -> torch.Tensor | None:
     """``cat(xs, dim=1)`` as a view when the ``[1, n, H, D]`` tensors lie back to back in
     one contiguous buffer (pieces received together, in order), else None."""
-    if xs[0].shape[0] != 1 or not all(x.is_contiguous() for x in xs):
-        return None
+    row = math.prod(xs[0].shape[2:])
+    if xs[0].shape[0] != 1 or not all(x.is_contiguous() and x.stride(1) == row for x in xs):
+        return None  # (a one-token slice is "contiguous" whatever its row stride)
     step = xs[0].stride(1) * xs[0].element_size()
     for x, y in zip(xs, xs[1:]):
         if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
@@ -110,11 +114,33 @@ def _bhsd(kv, i: int) -> torch.Tensor:
     return kv[i].transpose(1, 2)
 
 
-def _message_runs(plan: Plan, transfers, batch: int) -> list[list]:
+_FATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fates(plan: Plan, steps, phase: str) -> dict[int, dict[PieceId, tuple[int, bool]]]:
+    """Per rank, per piece: (last step it is used there, kept for the backward there).
+    Pieces with one fate may share a receive buffer; every rank computes the same table
+    (cached per plan and phase)."""
+    per_plan = _FATES.setdefault(plan, {})
+    if phase not in per_plan:
+        retain = plan.schedule.retain if phase == "fwd" else None
+        per_plan[phase] = {
+            r: {
+                p: (s, bool(retain) and p in set(retain[r]))
+                for p, s in _last_use(plan, steps, r).items()
+            }
+            for r in range(plan.world_size)
+        }
+    return per_plan[phase]
+
+
+def _message_runs(plan: Plan, transfers, batch: int, fates=None) -> list[list]:
     """``transfers`` grouped into messages: per (src, dst) pair, in list order, a run of
     the sender's own pieces with consecutive part numbers whose token ranges touch is
-    one message (they lie back to back in the sender's shard), at batch 1. Sender and
-    receiver see the same transfer list, so both cut the same runs in the same order."""
+    one message (they lie back to back in the sender's shard), at batch 1, if they
+    share their fate at the receiver (``fates``: freed at one step, kept alike; one
+    message is one buffer there). Sender and receiver see the same transfer list and
+    table, so both cut the same runs in the same order."""
     parts = plan.schedule.parts
     pairs: dict[tuple[int, int], list] = {}
     for t in transfers:
@@ -130,6 +156,7 @@ def _message_runs(plan: Plan, transfers, batch: int) -> list[list]:
                 and b.part == a.part + 1
                 and len(parts[a.part]) == len(parts[b.part]) == 1
                 and parts[a.part][0][1] == parts[b.part][0][0]
+                and (fates is None or fates[t.dst].get(a) == fates[t.dst].get(b))
             ):
                 run.append(t)
             else:
@@ -139,24 +166,24 @@ def _message_runs(plan: Plan, transfers, batch: int) -> list[list]:
     return runs
 
 
-def _kv_transfers(plan: Plan, step, held, sends, recvs, received, together=None) -> None:
+def _kv_transfers(plan: Plan, step, held, sends, recvs, received, fates=None) -> None:
     """This step's messages: K and V of each run of :func:`_message_runs` (one piece, or
     several own pieces back to back, sent as one view of the shard). Pieces received in
     one step go into one K and one V buffer (views back to back along the tokens) when
-    the batch is 1 and ``together(pieces)`` says they live and die together, so a later
-    step computing several of them in order reads one view instead of concatenating
-    (:func:`_step_kv`)."""
+    the batch is 1 and they share their fate here (``fates``, :func:`_fates`), so a
+    later step computing several of them in order reads one view instead of
+    concatenating (:func:`_step_kv`)."""
     r = plan.rank
     ref = next(iter(held.values()))[0]
     batch = ref.shape[0]
-    for run in _message_runs(plan, [t for t in step.transfers if t.src == r], batch):
+    for run in _message_runs(plan, [t for t in step.transfers if t.src == r], batch, fates):
         ks, vs = [held[t.piece][0] for t in run], [held[t.piece][1] for t in run]
         k = ks[0] if len(run) == 1 else _adjacent(ks)
         v = vs[0] if len(run) == 1 else _adjacent(vs)
         k = torch.cat(ks, dim=1) if k is None else k  # not back to back: one copy
         v = torch.cat(vs, dim=1) if v is None else v
         sends += [(k, run[0].dst), (v, run[0].dst)]
-    runs = _message_runs(plan, [t for t in step.transfers if t.dst == r], batch)
+    runs = _message_runs(plan, [t for t in step.transfers if t.dst == r], batch, fates)
     incoming = [t for run in runs for t in run]
     if not incoming:
         return
@@ -165,7 +192,7 @@ def _kv_transfers(plan: Plan, step, held, sends, recvs, received, together=None)
     shared = (
         len(incoming) > 1
         and batch == 1
-        and (together is None or together([t.piece for t in incoming]))
+        and (fates is None or len({fates[r].get(t.piece) for t in incoming}) == 1)
     )
     if shared:
         kb = ref.new_empty((1, sum(lens)) + rest)
@@ -231,12 +258,10 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
 
-    def together(ps) -> bool:  # freed at one step, and kept for the backward alike
-        return len({last.get(p, -1) for p in ps}) == 1 and len({p in keep for p in ps}) == 1
-
+    fates = _fates(plan, steps, "fwd")
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
-        _kv_transfers(plan, step, held, sends, recvs, received, together)
+        _kv_transfers(plan, step, held, sends, recvs, received, fates)
         rec = None if prof is None else _record(prof, call, "fwd", s, plan, step, q, sends, recvs)
         pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
         pieces = step.compute[r]
@@ -368,12 +393,10 @@ def backward(
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
 
-    def together(ps) -> bool:  # freed at one step
-        return len({last.get(p, -1) for p in ps}) == 1
-
+    fates = _fates(plan, steps, "bwd")
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
-        _kv_transfers(plan, step, held, sends, recvs, received, together)
+        _kv_transfers(plan, step, held, sends, recvs, received, fates)
         grads_in = []
         for t in step.grad_transfers:
             if t.src == r:
