@@ -35,19 +35,34 @@ def _take(x_BSHD: torch.Tensor, ranges) -> torch.Tensor:
     return torch.cat([x_BSHD[:, a:b] for a, b in ranges], dim=1)
 
 
-def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> dict[PieceId, tuple[torch.Tensor, torch.Tensor]]:
-    # K and V travel as two messages, so an own piece is a view (no copy) when its
-    # tokens are one contiguous range, as they are for every built-in schedule at B = 1.
-    # A shard that is not contiguous (a slice of packed KV, say) is copied once here,
-    # so pieces stay back to back and one message can carry several (_message_runs).
-    k_BSHD, v_BSHD = k_BSHD.contiguous(), v_BSHD.contiguous()
-    return {
-        PieceId(plan.rank, part): (
-            _take(k_BSHD, rr).contiguous(),
-            _take(v_BSHD, rr).contiguous(),
-        )
-        for part, rr in enumerate(plan.schedule.parts)
-    }
+class _Held(dict):
+    """Pieces held by this rank: received ones as stored, own ones cut from the local
+    shard when first asked for (a step that computes all of them in order reads the
+    shard itself, so most are never cut: groupcast holds 16-64 own pieces per rank)."""
+
+    def __init__(self, plan: Plan, k_BSHD, v_BSHD):
+        super().__init__()
+        # K and V travel as two messages, so an own piece is a view (no copy) when its
+        # tokens are one contiguous range, as they are for every built-in schedule at
+        # B = 1. A shard that is not contiguous (a slice of packed KV, say) is copied
+        # once, so pieces stay back to back and one message can carry several.
+        self._k, self._v = k_BSHD.contiguous(), v_BSHD.contiguous()
+        self._rank, self._parts = plan.rank, plan.schedule.parts
+
+    def __missing__(self, p: PieceId):
+        if p.owner != self._rank or not 0 <= p.part < len(self._parts):
+            raise KeyError(p)
+        rr = self._parts[p.part]
+        kv = self[p] = (_take(self._k, rr).contiguous(), _take(self._v, rr).contiguous())
+        return kv
+
+    def ref(self) -> torch.Tensor:
+        """A held K tensor, for shapes and dtype."""
+        return self._k
+
+
+def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> _Held:
+    return _Held(plan, k_BSHD, v_BSHD)
 
 
 def _last_use(plan: Plan, steps, r: int | None = None) -> dict[PieceId, int]:
@@ -174,7 +189,7 @@ def _kv_transfers(plan: Plan, step, held, sends, recvs, received, fates=None) ->
     later step computing several of them in order reads one view instead of
     concatenating (:func:`_step_kv`)."""
     r = plan.rank
-    ref = next(iter(held.values()))[0]
+    ref = held.ref()
     batch = ref.shape[0]
     for run in _message_runs(plan, [t for t in step.transfers if t.src == r], batch, fates):
         ks, vs = [held[t.piece][0] for t in run], [held[t.piece][1] for t in run]
@@ -403,7 +418,7 @@ def backward(
                 sends += [(g, t.dst) for g in grad_acc.pop(t.piece)]
                 epoch[t.piece] = epoch.get(t.piece, 0) + 1
             elif t.dst == r:
-                ref = held[PieceId(r, 0)][0]
+                ref = held.ref()
                 n = plan.schedule.part_len(t.piece.part)
                 dt = ref.dtype if msg_low[(s, t.src, t.piece)] else gdt
                 shape = (ref.shape[0], n) + tuple(ref.shape[2:])
