@@ -14,9 +14,7 @@ choice (:mod:`hamilton_attn.kernels.choice`), which is printed beside them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import time
 
@@ -47,7 +45,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
     import hamilton_attn as ha
-    from hamilton_attn.bench import bench_masks
+    from hamilton_attn.bench import bench_masks, save_probe
     from hamilton_attn.kernels import get_kernel, select_kernel
     from hamilton_attn.kernels.sdpa import SdpaKernel
 
@@ -113,19 +111,11 @@ def main():
     fmt = lambda x: "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))  # noqa: E731
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(fmt(r[c]) for c in cols) for r in rows]
-    meta = {
-        "hardware": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/gpu_block_choice.py --tokens {args.tokens}",
-    }
     text = "\n".join(lines)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_block_choice.md"), "w") as f:
-        f.write(f"# Local kernel per block: sdpa vs flex\n\n{json.dumps(meta)}\n\n{text}\n")
-    with open(os.path.join(args.out, "gpu_block_choice.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    save_probe(
+        args.out, "gpu_block_choice", "Local kernel per block: sdpa vs flex", text, {"rows": rows}
+    )
 
 
 if __name__ == "__main__":

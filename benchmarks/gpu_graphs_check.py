@@ -14,9 +14,6 @@ eager against replay (median of CUDA-event samples, 3 calls each).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 
 import torch
 
@@ -119,6 +116,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (eager)")
     args = ap.parse_args()
+    from hamilton_attn.bench import save_probe
     from hamilton_attn.testing import GlooPool
 
     backend = "nccl" if args.device == "cuda" else "gloo"
@@ -136,21 +134,13 @@ def main():
             lines.append(" | ".join([str(r), *cells]))
     text = "\n".join(lines)
     print(text)
-    meta = {
-        "hardware": f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
-        if args.device == "cuda"
-        else "cpu",
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/gpu_graphs_check.py --tokens {args.tokens}",
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_graphs_check.json"), "w") as f:
-        json.dump({"meta": meta, "ranks": res}, f, indent=1)
-    with open(os.path.join(args.out, "gpu_graphs_check.md"), "w") as f:
-        f.write(
-            f"# CUDA-graph forward replay, checked and timed\n\n{json.dumps(meta)}\n\n```\n{text}\n```\n"
-        )
+    save_probe(
+        args.out,
+        "gpu_graphs_check",
+        "CUDA-graph forward replay, checked and timed",
+        text,
+        {"ranks": res},
+    )
     failed = [row["case"] for rows in res for row in rows if not row["ok"]]
     print("FAILED: " + ", ".join(failed) if failed else "all graph checks passed")
     return 1 if failed else 0

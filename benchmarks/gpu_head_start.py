@@ -13,9 +13,6 @@ alike, and prints the median over rounds of each value's efficiency against one 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
 
 import torch
@@ -97,6 +94,7 @@ def main():
     ap.add_argument("--dispatch", default="zigzag")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
     args = ap.parse_args()
+    from hamilton_attn.bench import save_probe
     from hamilton_attn.testing import GlooPool
 
     backend = "nccl" if args.device == "cuda" else "gloo"
@@ -111,24 +109,15 @@ def main():
             lines.append(f"{name} | {us} | {cell(d['fwd'])} | {cell(d['fwd_bwd'])}")
     text = "\n".join(lines)
     print(text)
-    meta = {
-        "hardware": f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
-        if args.device == "cuda"
-        else "cpu",
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/gpu_head_start.py "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        "note": "ring, backward reverse, bf16, 32 heads, D 128, B 1; efficiency = "
+    save_probe(
+        args.out,
+        "gpu_head_start",
+        "Transfer head start, ring on 2 GPUs",
+        text,
+        {"masks": res},
+        note="ring, backward reverse, bf16, 32 heads, D 128, B 1; efficiency = "
         "T(one GPU) / (2 x T); each sample = median of 3 x 3 back-to-back calls",
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_head_start.json"), "w") as f:
-        json.dump({"meta": meta, "masks": res}, f, indent=1)
-    with open(os.path.join(args.out, "gpu_head_start.md"), "w") as f:
-        f.write(
-            f"# Transfer head start, ring on 2 GPUs\n\n{json.dumps(meta)}\n\n```\n{text}\n```\n"
-        )
+    )
 
 
 if __name__ == "__main__":

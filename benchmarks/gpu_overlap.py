@@ -17,9 +17,6 @@ can steal compute from it. Per rank, timed with CUDA events (median of repeats):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
 
 import torch
@@ -139,6 +136,7 @@ def main():
         "--head-start-us", type=float, nargs="*", default=[], help="compute-stream spins to try"
     )
     args = ap.parse_args()
+    from hamilton_attn.bench import save_probe
     from hamilton_attn.testing import GlooPool
 
     with GlooPool(2, backend="nccl", timeout_s=600) as pool:
@@ -155,19 +153,8 @@ def main():
             lines.append(f"rank {r} {k}: {v}")
     text = "\n".join(lines)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    meta = {
-        "hardware": f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}",
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/gpu_overlap.py "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-    }
     stem = "gpu_overlap" + ("_head_start" if args.head_start_us else "")
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"meta": meta, "ranks": res}, f, indent=1)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(f"# KV transfer beside attention\n\n{json.dumps(meta)}\n\n```\n{text}\n```\n")
+    save_probe(args.out, stem, "KV transfer beside attention", text, {"ranks": res})
 
 
 if __name__ == "__main__":

@@ -489,6 +489,25 @@ def main(args, printer=print) -> int:
     return 0 if all("error" not in r for r in rows if r["impl"] == "hamilton-attn") else 1
 
 
+def save_probe(out_dir: str, stem: str, title: str, text: str, data: dict, **meta_extra) -> None:
+    """Write a GPU probe's table as ``stem.md`` and its data as ``stem.json`` under
+    ``out_dir``, both with hardware, torch version, date and the command line."""
+    meta = {
+        "hardware": f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+        if torch.cuda.is_available()
+        else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        **meta_extra,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, **data}, f, indent=1)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(f"# {title}\n\n{json.dumps(meta)}\n\n```\n{text}\n```\n")
+
+
 def _hardware(ctx, device):
     if device == "cuda":
         name = torch.cuda.get_device_name(0)

@@ -3,6 +3,7 @@ with runtime/). Names follow the Hamilton Attention docs: RingComm, A2AComm."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,11 +32,11 @@ def _head_start(device: torch.device) -> None:
     if rate is None:
         khz = getattr(torch.cuda.get_device_properties(idx), "clock_rate", 0) or 1_980_000
         rate = _CYCLES_PER_US[idx] = khz / 1e3
-    if idx == torch.cuda.current_device():
+    # On the transfer's device's current stream (entering a device context only if it
+    # is not the current device).
+    here = idx == torch.cuda.current_device()
+    with contextlib.nullcontext() if here else torch.cuda.device(idx):
         torch.cuda._sleep(int(us * rate))
-    else:
-        with torch.cuda.device(idx):  # spin the stream of the transfer's device
-            torch.cuda._sleep(int(us * rate))
 
 
 def default_timeout() -> timedelta:

@@ -356,23 +356,20 @@ def balanced(
         for i, c in enumerate(perm):
             owner[c] = i // cpr
     else:
-        costs = [
-            float(chunk_cost(c * size, min((c + 1) * size, seqlen))) if c * size < seqlen else 0.0
-            for c in range(n)
-        ]
+        # Chunks past the sequence (padding) cost nothing and are never asked about.
+        spans = [(c * size, min((c + 1) * size, seqlen)) for c in range(n)]
+        costs = [float(chunk_cost(a, b)) if a < seqlen else 0.0 for a, b in spans]
         if chunk_calls is not None and call_cost > 0:
             per_call = min(call_cost, sum(costs) / n)
             costs = [
-                x + per_call * chunk_calls(c * size, min((c + 1) * size, seqlen))
-                if c * size < seqlen
-                else x
-                for c, x in enumerate(costs)
+                x + per_call * chunk_calls(a, b) if a < seqlen else x
+                for x, (a, b) in zip(costs, spans)
             ]
         if kind == "minheap" and chunk_keys is not None and slack > 0:
             wants = []
-            for c in range(n):
+            for c, (a, b) in enumerate(spans):
                 got: set[int] = set()
-                for ka, kb in chunk_keys(c * size, min((c + 1) * size, seqlen)) if costs[c] else ():
+                for ka, kb in chunk_keys(a, b) if costs[c] else ():
                     got.update(range(ka // size, (kb - 1) // size + 1))
                 got.discard(c)
                 wants.append(frozenset(got))

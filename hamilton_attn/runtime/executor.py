@@ -61,10 +61,6 @@ class _Held(dict):
         return self._k
 
 
-def _own_pieces(plan: Plan, k_BSHD, v_BSHD) -> _Held:
-    return _Held(plan, k_BSHD, v_BSHD)
-
-
 def _last_use(plan: Plan, steps, r: int | None = None) -> dict[PieceId, int]:
     """Last step at which rank ``r`` (default this rank) computes on or sends each piece."""
     r = plan.rank if r is None else r
@@ -139,13 +135,11 @@ def _fates(plan: Plan, steps, phase: str) -> dict[int, dict[PieceId, tuple[int, 
     per_plan = _FATES.setdefault(plan, {})
     if phase not in per_plan:
         retain = plan.schedule.retain if phase == "fwd" else None
-        per_plan[phase] = {
-            r: {
-                p: (s, bool(retain) and p in set(retain[r]))
-                for p, s in _last_use(plan, steps, r).items()
-            }
-            for r in range(plan.world_size)
-        }
+        table = {}
+        for r in range(plan.world_size):
+            kept = set(retain[r]) if retain else set()
+            table[r] = {p: (s, p in kept) for p, s in _last_use(plan, steps, r).items()}
+        per_plan[phase] = table
     return per_plan[phase]
 
 
@@ -262,7 +256,7 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
     same numbers without the float32 passes (W = 2)."""
     r = plan.rank
     q = q_BSHD.transpose(1, 2)
-    held = _own_pieces(plan, k_BSHD, v_BSHD)
+    held = _Held(plan, k_BSHD, v_BSHD)
     steps = plan.schedule.forward_steps()
     last = _last_use(plan, steps)
     last_compute = max((s for s, st in enumerate(steps) if st.compute[r]), default=-1)
@@ -272,7 +266,6 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
     low = False  # acc_out holds one unmerged block in the kernel's dtype
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
-
     fates = _fates(plan, steps, "fwd")
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
@@ -390,7 +383,7 @@ def backward(
     gives the same bits."""
     r = plan.rank
     q, dout, out = q_BSHD.transpose(1, 2), dout_BSHD.transpose(1, 2), out_BSHD.transpose(1, 2)
-    held = _own_pieces(plan, k_BSHD, v_BSHD)
+    held = _Held(plan, k_BSHD, v_BSHD)
     steps = plan.schedule.backward_steps or plan.schedule.steps
     held.update(kept or {})
     last = _last_use(plan, steps)
@@ -407,7 +400,6 @@ def backward(
 
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
-
     fates = _fates(plan, steps, "bwd")
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
@@ -452,7 +444,7 @@ def backward(
                 dq[:, :, rows] += dq_b
             off = 0
             for p in group:  # each piece's share of the step's dK/dV
-                n = held[p][0].shape[1]
+                n = plan.schedule.part_len(p.part)
                 a, b = max(ka, off), min(kb, off + n)
                 if a < b:
                     dk_p = dk_b[:, :, a - ka : b - ka].transpose(1, 2)
@@ -462,7 +454,7 @@ def backward(
                         grad_acc[p] = tuple(_contiguous(g, acc_dt(p)) for g in (dk_p, dv_p))
                     else:
                         if acc is None:
-                            shape = tuple(held[p][0].shape)
+                            shape = (k_BSHD.shape[0], n) + tuple(k_BSHD.shape[2:])
                             acc = grad_acc[p] = tuple(
                                 torch.zeros(shape, dtype=acc_dt(p), device=q.device)
                                 for _ in range(2)
