@@ -16,6 +16,8 @@
 #   (sdpa joins tiled outputs in one cat; graph bar = faster one-device run):
 #   STAGES="graphs:100 verify:100 final4:300" bash benchmarks/gpu_session.sh, then (own pieces to one
 #   peer as one message): STAGES="final4b:150" bash benchmarks/gpu_session.sh
+# Session 5 (copy-engine transfers, lead-in call, rounds): STAGES="ceprobe:150 timeline:150" (probes),
+#   then STAGES="cecheck:120 graphs:100 dense5:330", then STAGES="verify:120 docs5:250 timeline:100"
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The device returns at most 8 files from $OUT: work in a folder, tar it at the end.
@@ -84,6 +86,17 @@ for item in $STAGES; do
     headstart) run head_start "$limit" python benchmarks/gpu_head_start.py --out "$OUT" --us 0 5 10 20 40 --rounds 4 ;;
     opprof4) run op_profile4 "$limit" bash -c "for sc in groupcast ring; do python benchmarks/gpu_op_profile.py \
                --out $OUT --mask docs --schedule \$sc --dispatch balanced_zigzag --fwd-only --backward replay; done" ;;
+    cecheck) run ce_check "$limit" python benchmarks/gpu_ce_check.py --out "$OUT" ;;
+    dense5)  run dense5 "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks causal full --schedules ring groupcast --dispatches zigzag --backward reverse \
+               --transports auto nccl --graphs --rounds ${ROUNDS:-3} --repeats 10 --inner 3 --out "$OUT" \
+               --name bench_H200_W2_session5_dense --plot "$OUT/bench_H200_W2_session5_dense.png" ;;
+    docs5)   run docs5 "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks docs --schedules ring groupcast --dispatches balanced_zigzag --fwd-only --graphs \
+               --transports auto nccl --rounds ${ROUNDS:-3} --repeats 10 --inner 3 --out "$OUT" \
+               --name bench_H200_W2_session5_docs ;;
+    timeline) run timeline "$limit" python benchmarks/gpu_timeline.py --out "$OUT" ;;
+    ceprobe) run ce_probe "$limit" python benchmarks/gpu_ce_probe.py --out "$OUT" ;;
     opprof)  run op_profile "$limit" bash -c "python benchmarks/gpu_op_profile.py --out $OUT --mask causal; \
                python benchmarks/gpu_op_profile.py --out $OUT --mask docs --schedule ring --dispatch balanced_zigzag" ;;
   esac

@@ -62,10 +62,25 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def _gpu_rendezvous(dev, group, sleep_ms: float = 3.0) -> None:
+    """Queue, on the current stream: a ``sleep_ms`` spin, then an all-reduce of one
+    element over ``group`` (the GPUs of all ranks leave it together)."""
+    import torch.distributed as dist
+
+    rate = getattr(torch.cuda.get_device_properties(dev), "clock_rate", 0) or 1_980_000
+    torch.cuda._sleep(int(sleep_ms * rate))  # kHz x ms = cycles
+    dist.all_reduce(torch.ones(1, device=dev), group=group)
+
+
 def time_fn(fn, dev, *, warmup: int, repeats: int, group=None, inner: int = 1) -> float:
     """Median milliseconds of ``fn`` on this rank (slowest rank if ``group``). Each sample
     times ``inner`` back-to-back calls and divides: steady state, as layers run in a
-    model, and the ranks' skew leaving the barrier is spread over the calls."""
+    model. With a ``group``, the ranks' GPUs start each sample together: hosts leave a
+    barrier up to milliseconds apart, and a rank that starts its calls early would time
+    its wait for the late one as attention (in a model the previous layer lines them
+    up). So after the barrier each rank queues a short GPU sleep (time for the host to
+    queue the calls behind it), a one-element all-reduce (the GPUs meet there), the start
+    event and the calls, with no host wait in between."""
     import torch.distributed as dist
 
     for _ in range(warmup):
@@ -77,6 +92,8 @@ def time_fn(fn, dev, *, warmup: int, repeats: int, group=None, inner: int = 1) -
             dist.barrier(group)
         if dev.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if group is not None:
+                _gpu_rendezvous(dev, group)
             a.record()
             for _ in range(inner):
                 fn()
@@ -132,10 +149,36 @@ def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1
     return res
 
 
+_KEY = ("mask", "tokens_per_device", "impl", "schedule", "dispatch")
+
+
 def run_rank(ctx, cfg: dict) -> list[dict]:
+    """Every configuration, ``cfg["rounds"]`` times over (one device, PyTorch's and ours
+    in turn each round, so the GPUs' clock drift as they warm falls on all alike);
+    each number is the median over rounds of that round's value, efficiencies and
+    ratios included (each against its own round's one-device time)."""
+    n = cfg.get("rounds", 1)
+    rounds = [_run_round(ctx, cfg, i, n) for i in range(n)]
+    if n == 1:
+        return rounds[0]
+    out = []
+    for row in rounds[0]:
+        key = tuple(row.get(x) for x in _KEY)
+        same = [r for rs in rounds for r in rs if tuple(r.get(x) for x in _KEY) == key]
+        merged = dict(row, rounds=len(same))
+        for f, val in row.items():
+            vals = [r.get(f) for r in same]
+            if isinstance(val, float) and all(isinstance(x, (int, float)) for x in vals):
+                merged[f] = statistics.median(vals)
+        out.append(merged)
+    return out
+
+
+def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
     import torch.distributed as dist
 
     import hamilton_attn as ha
+    from hamilton_attn import copy_engine
 
     dev = torch.device("cuda", ctx.rank) if cfg["device"] == "cuda" else torch.device("cpu")
     dtype = getattr(torch, cfg["dtype"])
@@ -144,10 +187,13 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
     warmup, repeats, inner = cfg["warmup"], cfg["repeats"], cfg.get("inner", 1)
     rows = []
     cases = [(n, mname) for n in cfg["tokens_per_device"] for mname in cfg["masks"]]
-    total = len(cases) * (
-        2 + len(cfg["schedules"]) * len(cfg["backwards"]) * len(cfg["dispatches"])
+    transport0 = copy_engine.TRANSPORT
+    transports = cfg.get("transports") or [transport0]
+    per_round = len(cases) * (
+        2 + len(cfg["schedules"]) * len(cfg["backwards"]) * len(cfg["dispatches"]) * len(transports)
     )
-    done = 0
+    total = per_round * n_rounds
+    done = per_round * round_i
 
     def progress(label):
         nonlocal done
@@ -241,69 +287,75 @@ def run_rank(ctx, cfg: dict) -> list[dict]:
                 )
         progress(f"{mname} {n}: torch context_parallel")
         # (c) our schedules.
-        for sched_spec in [(sc, bw) for sc in cfg["schedules"] for bw in cfg["backwards"]]:
-            for disp in cfg["dispatches"]:
-                sched, bw = sched_spec
-                label = f"{mname} {n}: {sched}/{disp}"
-                try:
-                    p = ha.plan(
-                        mask,
-                        ctx.group,
-                        schedule=sched,
-                        dispatch=disp,
-                        backward=bw,
-                        **({"node_size": cfg["node_size"]} if sched == "hamilton_2level" else {}),
-                    )
-                except ValueError as err:
-                    rows.append(
-                        dict(
-                            base,
-                            impl="hamilton-attn",
-                            schedule=sched,
-                            dispatch=disp,
-                            error=str(err)[:120],
-                        )
-                    )
-                    progress(label)
-                    continue
-                ql, kl, vl, gl = (ha.dispatch(t, p) for t in (q, k, v, g))
-                ha.calc_attn(ql, kl, vl, p)  # first call: cross-rank checks, warm caches
-
-                def fwd():
-                    ha.calc_attn(ql, kl, vl, p)
-
-                def fwd_bwd():
-                    a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
-                    ha.calc_attn(a, b, c, p).backward(gl)
-
-                kw = dict(warmup=warmup, repeats=repeats, group=ctx.group, inner=inner)
-                ours = {
-                    "fwd": time_fn(fwd, dev, **kw),
-                    "fwd_bwd": None if cfg.get("fwd_only") else time_fn(fwd_bwd, dev, **kw),
-                }
-                if cfg.get("graphs"):
-                    g_fwd = cuda_graph(
-                        lambda a, b, c, p=p: ha.calc_attn(a, b, c, p), **GRAPH_OPTIONS
-                    )
-                    g_fwd(ql, kl, vl)  # capture outside the timed samples
-                    ours["fwd_graph"] = time_fn(lambda: g_fwd(ql, kl, vl), dev, **kw)
-                    g_fwd = None
-                mem = _peak_mem_ratio(fwd, dev, ql, kl, vl, p) if dev.type == "cuda" else None
-                row = dict(
-                    base,
-                    impl="hamilton-attn",
-                    schedule=sched if bw == "replay" else f"{sched} (bwd {bw})",
+        combos = [
+            (sc, bw, disp, tr)
+            for sc in cfg["schedules"]
+            for bw in cfg["backwards"]
+            for disp in cfg["dispatches"]
+            for tr in transports
+        ]
+        for sched, bw, disp, tr in combos:
+            copy_engine.TRANSPORT = tr
+            label = f"{mname} {n}: {sched}/{disp}"
+            try:
+                p = ha.plan(
+                    mask,
+                    ctx.group,
+                    schedule=sched,
                     dispatch=disp,
-                    **_rates(ours, one, flops_f, w),
-                    peak_mem_ratio=mem,
-                    bytes_sent_per_rank=max(p.report.sent_tokens) * 2 * hk * d * q.element_size(),
+                    backward=bw,
+                    **({"node_size": cfg["node_size"]} if sched == "hamilton_2level" else {}),
                 )
-                if tcp:
-                    row["vs_torch_fwd"] = tcp["fwd"] / ours["fwd"]
-                    if ours["fwd_bwd"]:
-                        row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / ours["fwd_bwd"]
-                rows.append(row)
+            except ValueError as err:
+                rows.append(
+                    dict(
+                        base,
+                        impl="hamilton-attn",
+                        schedule=sched + (f" [{tr}]" if len(transports) > 1 else ""),
+                        dispatch=disp,
+                        error=str(err)[:120],
+                    )
+                )
                 progress(label)
+                continue
+            ql, kl, vl, gl = (ha.dispatch(t, p) for t in (q, k, v, g))
+            ha.calc_attn(ql, kl, vl, p)  # first call: cross-rank checks, warm caches
+
+            def fwd():
+                ha.calc_attn(ql, kl, vl, p)
+
+            def fwd_bwd():
+                a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
+                ha.calc_attn(a, b, c, p).backward(gl)
+
+            kw = dict(warmup=warmup, repeats=repeats, group=ctx.group, inner=inner)
+            ours = {
+                "fwd": time_fn(fwd, dev, **kw),
+                "fwd_bwd": None if cfg.get("fwd_only") else time_fn(fwd_bwd, dev, **kw),
+            }
+            if cfg.get("graphs"):
+                g_fwd = cuda_graph(lambda a, b, c, p=p: ha.calc_attn(a, b, c, p), **GRAPH_OPTIONS)
+                g_fwd(ql, kl, vl)  # capture outside the timed samples
+                ours["fwd_graph"] = time_fn(lambda: g_fwd(ql, kl, vl), dev, **kw)
+                g_fwd = None
+            mem = _peak_mem_ratio(fwd, dev, ql, kl, vl, p) if dev.type == "cuda" else None
+            row = dict(
+                base,
+                impl="hamilton-attn",
+                schedule=(sched if bw == "replay" else f"{sched} (bwd {bw})")
+                + (f" [{tr}]" if len(transports) > 1 else ""),
+                dispatch=disp,
+                **_rates(ours, one, flops_f, w),
+                peak_mem_ratio=mem,
+                bytes_sent_per_rank=max(p.report.sent_tokens) * 2 * hk * d * q.element_size(),
+            )
+            if tcp:
+                row["vs_torch_fwd"] = tcp["fwd"] / ours["fwd"]
+                if ours["fwd_bwd"]:
+                    row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / ours["fwd_bwd"]
+            rows.append(row)
+            progress(label)
+        copy_engine.TRANSPORT = transport0
         q = k = v = g = None  # free the inputs before the next size
     if ctx.rank == 0 and cfg.get("progress", True):
         print(file=sys.stderr)
@@ -333,14 +385,17 @@ def _rates(t: dict, one: dict, flops_f: float, w: int) -> dict:
 
 
 def _peak_mem_ratio(fwd, dev, ql, kl, vl, p) -> float:
-    """Peak memory of one forward (inputs included) over the ideal: local q, k, v, out,
-    lse and two KV buffers."""
+    """Peak memory of one forward (inputs included, and the copy engine's mailbox) over
+    the ideal: local q, k, v, out, lse and two KV buffers."""
+    from . import copy_engine
+
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
     fwd()
     torch.cuda.synchronize(dev)
-    extra = torch.cuda.max_memory_allocated(dev) - base
+    # The copy engine's mailbox lies outside the caching allocator: counted here.
+    extra = torch.cuda.max_memory_allocated(dev) - base + copy_engine.mailbox_bytes(dev)
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     inputs = nbytes(ql) + nbytes(kl) + nbytes(vl)
     ideal = (
@@ -441,6 +496,8 @@ def main(args, printer=print) -> int:
         "node_size": args.node_size,
         "graphs": bool(getattr(args, "graphs", False)),
         "fwd_only": bool(getattr(args, "fwd_only", False)),
+        "rounds": getattr(args, "rounds", 1),
+        "transports": getattr(args, "transports", None),
     }
     w = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)
     backend = "nccl" if args.device == "cuda" else "gloo"

@@ -57,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
         choices=["replay", "reverse"],
         help="backward modes to time (see plan(backward=...))",
     )
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every configuration this many times over, in turn; report medians",
+    )
+    b.add_argument(
+        "--transports",
+        nargs="+",
+        default=None,
+        choices=["auto", "nccl"],
+        help="GPU transfer paths to time side by side (auto: copy engine within a host)",
+    )
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--name", default=None, help="file stem under --out")
     b.add_argument("--plot", default=None, help="PNG of efficiency against sequence length")

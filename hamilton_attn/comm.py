@@ -82,12 +82,16 @@ class PendingOps:
     boundary. There the process group's own timeout (its watchdog, set by
     ``init_process_group(timeout=...)``) is what bounds a hung transfer."""
 
-    def __init__(self, works, timeout: timedelta, device_ordered: bool = False):
+    def __init__(self, works, timeout: timedelta, device_ordered: bool = False, streams=()):
         self._works = works
         self._timeout = timeout
         self._device_ordered = device_ordered
+        self._streams = list(streams)  # copy-engine transfers: order the current stream
 
     def wait(self) -> None:
+        for s in self._streams:
+            torch.cuda.current_stream(s.device).wait_stream(s)
+        self._streams = []
         for work in self._works:
             try:
                 ok = work.wait() if self._device_ordered else work.wait(self._timeout)
@@ -108,9 +112,14 @@ def start_p2p(
     group,
     global_ranks,
     timeout: timedelta | None = None,
+    mailbox=None,
 ) -> PendingOps:
     """Start sends ``(tensor, peer)`` and receives ``(buffer, peer)`` as one batch; peers
-    are ranks in ``group``. Both sides must list messages between a pair in one order."""
+    are ranks in ``group``. Both sides must list messages between a pair in one order.
+    With a ``mailbox`` (:mod:`.copy_engine`, CUDA tensors) the copy engine moves them."""
+    if mailbox is not None:
+        streams = mailbox.start(sends, recvs)
+        return PendingOps([], timeout or default_timeout(), device_ordered=True, streams=streams)
     ops = [dist.P2POp(dist.isend, t, global_ranks[p], group) for t, p in sends]
     ops += [dist.P2POp(dist.irecv, t, global_ranks[p], group) for t, p in recvs]
     works = dist.batch_isend_irecv(ops) if ops else []

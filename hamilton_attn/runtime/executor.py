@@ -18,8 +18,8 @@ import weakref
 
 import torch
 
-from .. import profile
-from ..comm import start_p2p
+from .. import copy_engine, profile
+from ..comm import default_timeout, start_p2p
 from ..kernels import select_kernel
 from ..kernels.base import zeros_bhsd
 from ..merge import acc_dtype, merge_, merge_last_
@@ -222,6 +222,17 @@ def _kv_transfers(plan: Plan, step, held, sends, recvs, received, fates=None) ->
             at += m
 
 
+def _mailbox(plan: Plan, k_BSHD: torch.Tensor):
+    """The copy-engine mailbox this call's transfers use (:mod:`..copy_engine`), or None
+    for NCCL/gloo. Every rank asks at the start of every call (its first set-up is
+    collective); slots fit the largest message: a whole shard's K, or its float32 dK."""
+    if not k_BSHD.is_cuda or plan.world_size == 1:
+        return None
+    b, _, hk, d = k_BSHD.shape
+    widest = b * plan.kv_local_len * hk * d * max(4, k_BSHD.element_size())
+    return copy_engine.mailbox(plan.group, k_BSHD.device, widest, default_timeout().total_seconds())
+
+
 def _record(prof, call, phase, s, plan, step, q, sends, recvs):
     nbytes = lambda items: sum(t.numel() * t.element_size() for t, _ in items)  # noqa: E731
     return prof.step(
@@ -267,11 +278,16 @@ def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None 
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
     fates = _fates(plan, steps, "fwd")
+    mb = _mailbox(plan, k_BSHD)
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
         _kv_transfers(plan, step, held, sends, recvs, received, fates)
         rec = None if prof is None else _record(prof, call, "fwd", s, plan, step, q, sends, recvs)
-        pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
+        pending = (
+            start_p2p(sends, recvs, plan.group, plan.group_ranks, mailbox=mb)
+            if sends or recvs
+            else None
+        )
         pieces = step.compute[r]
         for group in [pieces] if pieces else []:
             kv = _step_kv(plan, held, group, k_BSHD, v_BSHD)
@@ -401,6 +417,7 @@ def backward(
     prof = profile.current()
     call = prof.new_call() if prof is not None else 0
     fates = _fates(plan, steps, "bwd")
+    mb = _mailbox(plan, k_BSHD)
     for s, step in enumerate(steps):
         sends, recvs, received = [], [], []
         _kv_transfers(plan, step, held, sends, recvs, received, fates)
@@ -418,7 +435,11 @@ def backward(
                 recvs += [(g, t.src) for g in buf]
                 grads_in.append((t.piece, buf))
         rec = None if prof is None else _record(prof, call, "bwd", s, plan, step, q, sends, recvs)
-        pending = start_p2p(sends, recvs, plan.group, plan.group_ranks) if sends or recvs else None
+        pending = (
+            start_p2p(sends, recvs, plan.group, plan.group_ranks, mailbox=mb)
+            if sends or recvs
+            else None
+        )
         pieces = step.compute[r]
         for group in [pieces] if pieces else []:
             kv = _step_kv(plan, held, group, k_BSHD, v_BSHD)
