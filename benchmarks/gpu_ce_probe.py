@@ -229,11 +229,9 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
-    from hamilton_attn.bench import save_probe
-    from hamilton_attn.testing import GlooPool
+    from hamilton_attn.bench import run_two_gpus, save_probe
 
-    with GlooPool(2, backend="nccl", timeout_s=600) as pool:
-        res = pool.run(rank_fn, 2, args.tokens)
+    res = run_two_gpus(rank_fn, args.tokens)
     lines = ["times: [whole ms, inner events ms]"]
     for r, item in enumerate(res):
         for sec in ("notes", "times"):

@@ -17,7 +17,8 @@
 #   STAGES="graphs:100 verify:100 final4:300" bash benchmarks/gpu_session.sh, then (own pieces to one
 #   peer as one message): STAGES="final4b:150" bash benchmarks/gpu_session.sh
 # Session 5 (copy-engine transfers, lead-in call, rounds): STAGES="ceprobe:150 timeline:150" (probes),
-#   then STAGES="cecheck:120 graphs:100 dense5:330", then STAGES="verify:120 docs5:250 timeline:100"
+#   then STAGES="cecheck:150 timeline:100 dense5:330" (copy engine against NCCL; the GPU rendezvous
+#   that starts each timed sample), then STAGES="final5:330 docs5:200" (NCCL default)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The device returns at most 8 files from $OUT: work in a folder, tar it at the end.
@@ -89,12 +90,16 @@ for item in $STAGES; do
     cecheck) run ce_check "$limit" python benchmarks/gpu_ce_check.py --out "$OUT" ;;
     dense5)  run dense5 "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
                --masks causal full --schedules ring groupcast --dispatches zigzag --backward reverse \
-               --transports auto nccl --graphs --rounds ${ROUNDS:-3} --repeats 10 --inner 3 --out "$OUT" \
+               --transports nccl ce --graphs --rounds ${ROUNDS:-3} --repeats 10 --inner 3 --out "$OUT" \
                --name bench_H200_W2_session5_dense --plot "$OUT/bench_H200_W2_session5_dense.png" ;;
     docs5)   run docs5 "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
                --masks docs --schedules ring groupcast --dispatches balanced_zigzag --fwd-only --graphs \
-               --transports auto nccl --rounds ${ROUNDS:-3} --repeats 10 --inner 3 --out "$OUT" \
+               --transports nccl ce --rounds ${ROUNDS:-3} --repeats 10 --inner 3 --out "$OUT" \
                --name bench_H200_W2_session5_docs ;;
+    final5)  run final5_dense "$limit" python -m hamilton_attn bench --device cuda --tokens-per-device 16384 \
+               --masks causal full --schedules ring groupcast --dispatches zigzag --backward reverse replay \
+               --graphs --rounds ${ROUNDS:-3} --repeats 10 --inner 3 --out "$OUT" \
+               --name bench_H200_W2_session5_final_dense --plot "$OUT/bench_H200_W2_session5_final_dense.png" ;;
     timeline) run timeline "$limit" python benchmarks/gpu_timeline.py --out "$OUT" ;;
     ceprobe) run ce_probe "$limit" python benchmarks/gpu_ce_probe.py --out "$OUT" ;;
     opprof)  run op_profile "$limit" bash -c "python benchmarks/gpu_op_profile.py --out $OUT --mask causal; \

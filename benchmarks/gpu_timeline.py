@@ -37,14 +37,14 @@ def _summary(ks, calls):
     for e in ks:
         streams.setdefault(e["args"].get("stream"), []).append(e)
 
-    # The compute stream: the one with the most kernel time that is not NCCL's.
     def busy(lst):
         return sum(e["dur"] for e in lst)
 
-    comp = max(
-        (s for s, lst in streams.items() if not any("nccl" in e["name"].lower() for e in lst)),
-        key=lambda s: busy(streams[s]),
-    )
+    def attn_time(lst):
+        return sum(e["dur"] for e in lst if "sdpa" in e["name"] or "flash" in e["name"])
+
+    # The compute stream: the one with the most attention-kernel time.
+    comp = max(streams, key=lambda s: (attn_time(streams[s]), busy(streams[s])))
     lst = streams[comp]
     t0, t1 = lst[0]["ts"], max(e["ts"] + e["dur"] for e in lst)
     gaps = []
@@ -118,13 +118,9 @@ def main():
     ap.add_argument("--dispatch", default="zigzag")
     ap.add_argument("--inner", type=int, default=6)
     args = ap.parse_args()
-    from hamilton_attn.bench import save_probe
-    from hamilton_attn.testing import GlooPool
+    from hamilton_attn.bench import run_two_gpus, save_probe
 
-    with GlooPool(2, backend="nccl", timeout_s=600) as pool:
-        res = pool.run(
-            rank_fn, 2, args.tokens, args.masks, args.schedule, args.dispatch, args.inner
-        )
+    res = run_two_gpus(rank_fn, args.tokens, args.masks, args.schedule, args.dispatch, args.inner)
     lines = []
     for r, item in enumerate(res):
         for name, d in item.items():

@@ -546,6 +546,14 @@ def main(args, printer=print) -> int:
     return 0 if all("error" not in r for r in rows if r["impl"] == "hamilton-attn") else 1
 
 
+def run_two_gpus(rank_fn, *args):
+    """``rank_fn(ctx, *args)`` on 2 NCCL ranks (GPU r for rank r); the ranks' results."""
+    from .testing import GlooPool
+
+    with GlooPool(2, backend="nccl", timeout_s=600) as pool:
+        return pool.run(rank_fn, 2, *args)
+
+
 def save_probe(out_dir: str, stem: str, title: str, text: str, data: dict, **meta_extra) -> None:
     """Write a GPU probe's table as ``stem.md`` and its data as ``stem.json`` under
     ``out_dir``, both with hardware, torch version, date and the command line."""

@@ -67,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         "--transports",
         nargs="+",
         default=None,
-        choices=["auto", "nccl"],
-        help="GPU transfer paths to time side by side (auto: copy engine within a host)",
+        choices=["nccl", "ce"],
+        help="GPU transfer paths to time side by side (ce: copy engine within a host)",
     )
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--name", default=None, help="file stem under --out")

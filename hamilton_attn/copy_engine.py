@@ -21,8 +21,11 @@ no cycle of waits can form. Sender and receiver see the same message list per pa
 (the executor's contract), so both count chunks, and pick slots, alike.
 
 Used by the executor for CUDA tensors on an NCCL group whose ranks are on one host,
-unless ``HAMILTON_ATTN_TRANSPORT=nccl``; set up once per group and device, collectively,
-at the first call (every rank agrees, or all use NCCL)."""
+with ``HAMILTON_ATTN_TRANSPORT=ce`` (or ``copy_engine.TRANSPORT = "ce"``); set up once
+per group and device, collectively, at the first call (every rank agrees, or all use
+NCCL). It gives the same bits as NCCL, but on 2 H200s it was slower than NCCL with the
+transfer head start (``benchmarks/gpu_ce_check.py``, ``bench --transports nccl ce``),
+so NCCL stays the default."""
 
 from __future__ import annotations
 
@@ -34,9 +37,11 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-#: ``auto``: copy engine where every rank of the group is on this host, else NCCL;
-#: ``nccl``: always NCCL (``HAMILTON_ATTN_TRANSPORT``).
-TRANSPORT = os.environ.get("HAMILTON_ATTN_TRANSPORT", "auto")
+#: ``nccl`` (default): NCCL kernels move the data; ``ce``: the copy engine, where every
+#: rank of the group is on this host (else NCCL) (``HAMILTON_ATTN_TRANSPORT``). NCCL is
+#: the default because it measured faster: ring causal forward at 16K tokens per H200,
+#: 7.35 ms against 7.62 ms (``bench_H200_W2_session5_dense``).
+TRANSPORT = os.environ.get("HAMILTON_ATTN_TRANSPORT", "nccl")
 #: Largest slot in MiB (``HAMILTON_ATTN_CE_SLOT_MB``); a slot is sized to the largest
 #: message a plan can send, up to this, and longer messages go in several chunks.
 SLOT_CAP_MB = float(os.environ.get("HAMILTON_ATTN_CE_SLOT_MB", "64"))
@@ -152,7 +157,7 @@ _MAILBOXES: dict = {}  # (group name, device index) -> Mailbox, or None where NC
 
 
 def _eligible(group, device: torch.device) -> bool:
-    if TRANSPORT == "nccl" or device.type != "cuda" or not dist.is_initialized():
+    if TRANSPORT != "ce" or device.type != "cuda" or not dist.is_initialized():
         return False
     if dist.get_backend(group) != "nccl":
         return False

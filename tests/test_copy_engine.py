@@ -136,6 +136,8 @@ def test_ops_chunk_messages_and_alternate_slots():
 def test_mailbox_is_none_off_nccl(monkeypatch):
     # CPU tensors, no process group: NCCL/gloo paths stay; nothing collective happens.
     assert copy_engine.mailbox(None, torch.device("cpu"), 1 << 20, 5.0) is None
-    monkeypatch.setattr(copy_engine, "TRANSPORT", "nccl")
+    assert copy_engine.TRANSPORT == "nccl"  # the default
+    assert copy_engine.mailbox(None, torch.device("cuda", 0), 1 << 20, 5.0) is None
+    monkeypatch.setattr(copy_engine, "TRANSPORT", "ce")  # still no process group
     assert copy_engine.mailbox(None, torch.device("cuda", 0), 1 << 20, 5.0) is None
     assert copy_engine.mailbox_bytes(torch.device("cpu")) == 0
