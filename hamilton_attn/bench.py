@@ -67,8 +67,9 @@ def _gpu_rendezvous(dev, group, sleep_ms: float = 3.0) -> None:
     element over ``group`` (the GPUs of all ranks leave it together)."""
     import torch.distributed as dist
 
-    rate = getattr(torch.cuda.get_device_properties(dev), "clock_rate", 0) or 1_980_000
-    torch.cuda._sleep(int(sleep_ms * rate))  # kHz x ms = cycles
+    from .comm import gpu_sleep
+
+    gpu_sleep(dev, sleep_ms * 1e3)
     dist.all_reduce(torch.ones(1, device=dev), group=group)
 
 

@@ -22,21 +22,24 @@ TRANSFER_HEAD_START_US = float(os.environ.get("HAMILTON_ATTN_TRANSFER_HEAD_START
 _CYCLES_PER_US: dict[int, float] = {}
 
 
-def _head_start(device: torch.device) -> None:
-    """Spin the current CUDA stream ``TRANSFER_HEAD_START_US`` (one CTA)."""
-    us = TRANSFER_HEAD_START_US
-    if us <= 0:
-        return
+def gpu_sleep(device: torch.device, us: float) -> None:
+    """Spin ``device``'s current CUDA stream for ``us`` microseconds (one CTA)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     rate = _CYCLES_PER_US.get(idx)
     if rate is None:
         khz = getattr(torch.cuda.get_device_properties(idx), "clock_rate", 0) or 1_980_000
         rate = _CYCLES_PER_US[idx] = khz / 1e3
-    # On the transfer's device's current stream (entering a device context only if it
-    # is not the current device).
+    # On that device's current stream (entering a device context only if it is not the
+    # current device).
     here = idx == torch.cuda.current_device()
     with contextlib.nullcontext() if here else torch.cuda.device(idx):
         torch.cuda._sleep(int(us * rate))
+
+
+def _head_start(device: torch.device) -> None:
+    """Spin the current CUDA stream ``TRANSFER_HEAD_START_US`` (one CTA)."""
+    if TRANSFER_HEAD_START_US > 0:
+        gpu_sleep(device, TRANSFER_HEAD_START_US)
 
 
 def default_timeout() -> timedelta:
