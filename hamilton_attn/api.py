@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
+import struct
 
 import torch
 
-from .comm import SimulatedGroup, exchange_status
+from .attention import resolve_scale
+from .comm import SimulatedGroup, exchange_status, exchange_timeout, timeout_problem
 from .plans import Plan, plan
 from .runtime import ContextParallelFunction, dispatch, get_position_ids, undispatch
 
@@ -35,8 +36,13 @@ def _local_problem(q, k, v, plan: Plan) -> str | None:
     return None
 
 
-def _check(q, k, v, plan: Plan, scale: float) -> None:
-    problem = _local_problem(q, k, v, plan)
+def _scale_bits(scale: float) -> int:
+    """The float64 bits of ``scale`` as an int64: ranks must agree on it exactly."""
+    return struct.unpack("<q", struct.pack("<d", scale))[0]
+
+
+def _check(q, k, v, plan: Plan, scale: float, scale_problem: str | None = None) -> None:
+    problem = _local_problem(q, k, v, plan) or scale_problem or timeout_problem()
     if plan.world_size == 1 or plan.check == "never":
         if problem:
             raise ValueError(problem)
@@ -53,22 +59,23 @@ def _check(q, k, v, plan: Plan, scale: float) -> None:
     shapes = list(q.shape) + list(k.shape) if problem is None else [0] * 8
     mine = [
         0 if problem is None else 1,
-        plan.digest,
+        *plan.fingerprint,
         _DTYPE_CODE.get(q.dtype, 0),
-        int(scale * 1e6),
+        _scale_bits(scale),
     ] + shapes
-    everyone = exchange_status(mine, plan.group, q.device)
+    everyone = exchange_status(mine, plan.group, q.device, exchange_timeout())
     bad = [r for r, row in enumerate(everyone) if row[0]]
     if problem:
         raise ValueError(problem)
     if bad:
         raise ValueError(f"calc_attn: rank(s) {bad} of the group got invalid inputs")
-    if any(row[1] != mine[1] for row in everyone):
+    if any(row[1:3] != mine[1:3] for row in everyone):
         raise ValueError(
-            "plan: the ranks of the group hold different plans (a plan built "
-            "for another group or mask?)"
+            "plan: the ranks of the group hold different plans (built for another group "
+            "or mask, or with other options: schedule, dispatch, backward, backend, "
+            "check, degree, node_size, chunk, ...)"
         )
-    if any(row[2:] != mine[2:] for row in everyone):
+    if any(row[3:] != mine[3:] for row in everyone):
         raise ValueError("q, k, v: shapes, dtypes or scale differ across the ranks of the group")
     plan._checked.add(sig)
 
@@ -106,9 +113,14 @@ def calc_attn(
         raise ValueError(f"plan: expected a hamilton_attn.Plan, got {type(plan).__name__}")
     if isinstance(plan.group, SimulatedGroup) and plan.world_size > 1:
         raise ValueError("plan: built for a SimulatedGroup; it can be inspected, not run")
-    d = q.shape[-1] if q.dim() else 1
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    _check(q, k, v, plan, scale)
+    try:
+        scale, scale_problem = resolve_scale(scale, q), None
+    except ValueError as err:
+        # Reported through the status exchange, so that every rank raises, not only this.
+        scale, scale_problem = 0.0, str(err)
+    if scale is None:  # a 0-d q: the shape check below names it
+        scale = 1.0
+    _check(q, k, v, plan, scale, scale_problem)
     out, lse = ContextParallelFunction.apply(q, k, v, plan, scale)
     return (out, lse) if return_lse else out
 

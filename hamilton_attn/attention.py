@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 
 import torch
 
@@ -35,6 +37,54 @@ def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "hamilton_attn: attention has no double backward (its backward is "
+    "once_differentiable): gradients taken with create_graph=True cannot be "
+    "differentiated again"
+)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """``x`` itself, hung on ``anchors`` (the inputs q, k, v) so that autograd finds a
+    path from them through it, and raises when it takes it."""
+
+    @staticmethod
+    def forward(ctx, x, *anchors):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def once_differentiable(backward):
+    """For an ``autograd.Function.backward`` whose math is not differentiable: it runs
+    without a graph, and under ``create_graph=True`` its gradients come back marked so
+    that differentiating them raises :data:`DOUBLE_BACKWARD_ERROR`. The Function's first
+    three saved tensors must be its inputs q, k, v. (torch's own ``once_differentiable``
+    marks gradients only when an incoming gradient requires grad, and hangs the mark on
+    fresh leaves, so ``grad(dq.sum(), q)`` failed with "does not require grad" or "not
+    used in the graph" instead; before either, the kernels' backward ops were
+    differentiated as if out and lse were constants: second derivatives off by 8-116,
+    issue #14.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if not create_graph:
+            return results
+        anchors = [t for t in ctx.saved_tensors[:3] if t.requires_grad]
+        anchors += [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+        return tuple(
+            _NoDoubleBackward.apply(g, *anchors) if isinstance(g, torch.Tensor) else g
+            for g in results
+        )
+
+    return wrapper
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, kernel):
@@ -48,12 +98,31 @@ class _Attention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if ctx.mask.is_empty():
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
         dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.mask, ctx.scale)
         return dq, dk, dv, None, None, None
+
+
+def resolve_scale(scale, q: torch.Tensor) -> float | None:
+    """The softmax scale for queries ``q`` (head dim last): ``scale`` as a float, or
+    ``1 / sqrt(D)`` for None. Raises ValueError for a head dim of 0 and for a scale that
+    is not a finite real number (inf or NaN make every score NaN). A 0-d ``q`` is left to
+    the shape checks: None stays None."""
+    if isinstance(q, torch.Tensor) and q.dim() and q.shape[-1] <= 0:
+        raise ValueError(f"q: head dim D must be > 0, got shape {tuple(q.shape)}")
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1]) if isinstance(q, torch.Tensor) and q.dim() else None
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.is_complex():
+        scale = scale.item()  # a one-element tensor, as float(scale) took it before
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"scale: expected a finite real number or None, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite real number, got {scale!r}")
+    return float(scale)
 
 
 def resolve_mask(mask: Mask | None, causal: bool, seqlen_q: int, seqlen_k: int) -> Mask:
@@ -113,7 +182,7 @@ def attention(
     q4, k4, v4 = (to_bhsd(t, layout, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
     mask = resolve_mask(mask, causal, q4.shape[2], k4.shape[2])
     check_block(q4, k4, v4, mask)
-    scale = 1.0 / math.sqrt(q4.shape[-1]) if scale is None else float(scale)
+    scale = resolve_scale(scale, q4)
     kernel = select_kernel(backend, q4, k4, v4, mask)
     native = kernel.differentiable(q4, k4, v4, mask, scale) if torch.is_grad_enabled() else None
     out4, lse = native if native is not None else _Attention.apply(q4, k4, v4, mask, scale, kernel)

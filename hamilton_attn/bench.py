@@ -114,8 +114,20 @@ def time_fn(fn, dev, *, warmup: int, repeats: int, group=None, inner: int = 1) -
     return med
 
 
+def torch_cp_inputs(q, k, v, g):
+    """q, k, v, dout (bshd) as PyTorch's context_parallel takes them: bhsd, with K and V
+    repeated up to q's heads (head h of q reads KV head h // (Hq/Hk), as in GQA)."""
+    rep = q.shape[2] // k.shape[2]
+    if rep > 1:
+        k, v = (t.repeat_interleave(rep, dim=2) for t in (k, v))
+    return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v, g))
+
+
 def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1, fwd_only=False):
-    """PyTorch's context_parallel (cuDNN), or None where it does not apply."""
+    """PyTorch's context_parallel (cuDNN), or None where it does not apply. Its ring
+    passes K and V to scaled_dot_product_attention without ``enable_gqa``, so with
+    fewer KV heads than query heads they are repeated up to the query heads first (the
+    row says so): it then moves Hq/Hk times our KV bytes."""
     import torch.nn.functional as F
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor.experimental import context_parallel
@@ -130,7 +142,7 @@ def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1
     _cp_options.enable_load_balance = causal
     ranks = dist.get_process_group_ranks(ctx.group)
     mesh = DeviceMesh(dev.type, ranks)
-    qq, kk, vv, gg = (t.transpose(1, 2).contiguous() for t in (q, k, v, g))  # bhsd
+    qq, kk, vv, gg = torch_cp_inputs(q, k, v, g)
     backend = SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH
     res = {}
     with context_parallel(mesh, buffers=[qq, kk, vv, gg], buffer_seq_dims=[2, 2, 2, 2]):
@@ -148,6 +160,11 @@ def _torch_cp_times(ctx, dev, q, k, v, g, causal: bool, warmup, repeats, inner=1
         res["fwd"] = time_fn(fwd, dev, **kw)
         res["fwd_bwd"] = None if fwd_only else time_fn(fwd_bwd, dev, **kw)
     return res
+
+
+def _torch_cp_schedule(hq: int, hk: int) -> str:
+    """The baseline's schedule column: its ring, and the KV repeat when Hk < Hq."""
+    return "ring (torch)" if hq == hk else f"ring (torch, KV heads x{hq // hk})"
 
 
 _KEY = ("mask", "tokens_per_device", "impl", "schedule", "dispatch")
@@ -251,7 +268,19 @@ def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
         )
         # (b) PyTorch's context parallel.
         tcp = None
-        if mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
+        if mname in ("causal", "full") and cfg["torch_cp"] and w > 1 and dev.type != "cuda":
+            rows.append(
+                dict(
+                    base,
+                    impl="torch context_parallel",
+                    schedule=_torch_cp_schedule(hq, hk),
+                    dispatch="-",
+                    # Its ring handles the GPU attention ops only (flash, efficient,
+                    # cuDNN); on CPU it fails inside DTensor dispatch.
+                    error=f"n/a on {dev.type}: context_parallel has GPU attention ops only",
+                )
+            )
+        elif mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
             try:
                 tcp = _torch_cp_times(
                     ctx,
@@ -270,10 +299,11 @@ def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
                     dict(
                         base,
                         impl="torch context_parallel",
-                        schedule="ring (torch)",
+                        schedule=_torch_cp_schedule(hq, hk),
                         dispatch="load-balanced" if mname == "causal" else "contiguous",
                         **_rates(tcp, one, flops_f, w),
                         peak_mem_ratio=None,
+                        kv_heads_repeated=hq // hk,
                     )
                 )
             except Exception as err:  # noqa: BLE001 - reported in the table
@@ -281,7 +311,7 @@ def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
                     dict(
                         base,
                         impl="torch context_parallel",
-                        schedule="ring (torch)",
+                        schedule=_torch_cp_schedule(hq, hk),
                         dispatch="-",
                         error=f"{type(err).__name__}: {str(err)[:120]}",
                     )
@@ -476,9 +506,28 @@ def table(rows) -> str:
     return format_table(header, body)
 
 
+def pick_device(asked: str | None) -> tuple[str | None, str]:
+    """The device to bench on and a line saying why: ``asked`` if it exists here; with
+    none asked, cuda where a GPU is visible, else cpu (gloo). ``(None, reason)`` when
+    cuda is asked and no GPU is visible: a pool of zero NCCL ranks cannot start."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if asked == "cuda" and gpus == 0:
+        return None, "bench: --device cuda asked, but no GPU is visible (try --device cpu)"
+    if asked is None:
+        asked = "cuda" if gpus else "cpu"
+        why = f"{gpus} GPU(s) visible" if gpus else "no GPU visible"
+        return asked, f"bench on {asked} ({why}; --device picks)"
+    return asked, f"bench on {asked}"
+
+
 def main(args, printer=print) -> int:
     from .testing import GlooPool
 
+    device, why = pick_device(args.device)
+    printer(why)
+    if device is None:
+        return 2
+    args.device = device
     cfg = {
         "device": args.device,
         "dtype": args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),

@@ -25,7 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--seqlen", type=int, default=None, help="default 97 on CPU, 1000 on GPU")
     v.add_argument("--head-dim", type=int, default=None, help="default 32 on CPU, 64 on GPU")
     b = sub.add_parser("bench", help="schedules vs one device and PyTorch's context_parallel")
-    b.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: cuda if a GPU is visible, else cpu (gloo)",
+    )
     b.add_argument("--world-size", type=int, default=None)
     b.add_argument("--schedules", nargs="+", default=["ring", "bidi_ring", "allgather"])
     b.add_argument("--dispatches", nargs="+", default=["zigzag"])

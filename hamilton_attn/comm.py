@@ -4,7 +4,9 @@ with runtime/). Names follow the Hamilton Attention docs: RingComm, A2AComm."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -42,9 +44,38 @@ def _head_start(device: torch.device) -> None:
         gpu_sleep(device, TRANSFER_HEAD_START_US)
 
 
+DEFAULT_TIMEOUT_S = 300.0
+#: gloo counts a wait's timeout in whole milliseconds and takes 0 as "no timeout": a
+#: value under 1 ms would let a rank whose peer never calls block until the peer exits.
+MIN_TIMEOUT_S = 1e-3
+MAX_TIMEOUT_S = 1e9  # about 31 years; timedelta and the timers below overflow far beyond
+
+
+def timeout_problem() -> str | None:
+    """What is wrong with ``HAMILTON_ATTN_TIMEOUT``, or None."""
+    raw = os.environ.get("HAMILTON_ATTN_TIMEOUT")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
+        return (
+            f"HAMILTON_ATTN_TIMEOUT: expected a number of seconds from {MIN_TIMEOUT_S:g}"
+            f" (1 ms; 0 would turn the transfer timeout off) to {MAX_TIMEOUT_S:g}"
+            f" (the process group's timer overflows beyond), got {raw!r}"
+        )
+    return None
+
+
 def default_timeout() -> timedelta:
-    """How long any wait may block: ``HAMILTON_ATTN_TIMEOUT`` seconds, default 300."""
-    return timedelta(seconds=float(os.environ.get("HAMILTON_ATTN_TIMEOUT", "300")))
+    """How long any wait may block: ``HAMILTON_ATTN_TIMEOUT`` seconds (at least 1 ms),
+    default 300. Raises ValueError for a value that is not such a number."""
+    problem = timeout_problem()
+    if problem:
+        raise ValueError(problem)
+    return timedelta(seconds=float(os.environ.get("HAMILTON_ATTN_TIMEOUT", DEFAULT_TIMEOUT_S)))
 
 
 @dataclass(frozen=True)
@@ -62,8 +93,30 @@ class SimulatedGroup:
             raise ValueError(f"rank: expected 0 <= rank < {self.world_size}, got {self.rank}")
 
 
+def _launched_world_size() -> int:
+    """``WORLD_SIZE`` as a launcher (torchrun) sets it; 1 if unset or not a number."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def resolve_group(group=None):
+    """``group`` itself, or for None the world group once torch.distributed is
+    initialised (so that a plan cached for one process before ``init_process_group`` is
+    not returned for the world group after it)."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return group
+
+
 def group_info(group=None) -> tuple[int, int, tuple[int, ...]]:
-    """``(rank in group, group size, global ranks)``; a single process if no process group."""
+    """``(rank in group, group size, global ranks)``; a single process if no process group.
+
+    Raises ValueError where that single process would be a mistake: a launcher started
+    several ranks (``WORLD_SIZE`` > 1) but none initialised torch.distributed (each
+    would compute the whole problem alone; ``SimulatedGroup(1)`` asks for one rank
+    explicitly), or this process is not a member of ``group``."""
     if isinstance(group, SimulatedGroup):
         return group.rank, group.world_size, tuple(range(group.world_size))
     if not dist.is_available() or not dist.is_initialized():
@@ -71,10 +124,56 @@ def group_info(group=None) -> tuple[int, int, tuple[int, ...]]:
             raise ValueError(
                 "group: a process group was given but torch.distributed is not initialised"
             )
+        launched = _launched_world_size()
+        if launched > 1:
+            raise ValueError(
+                f"group: WORLD_SIZE={launched} in the environment (torchrun?) but "
+                "torch.distributed is not initialised: call "
+                "torch.distributed.init_process_group() first, or pass "
+                "group=hamilton_attn.SimulatedGroup(1) to run on this rank alone"
+            )
         return 0, 1, (0,)
     group = group or dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:  # torch's answer for a process outside the group (world size is -1 too)
+        raise ValueError(
+            f"group: this process (global rank {dist.get_rank()}) is not in the plan's "
+            "group; plans and calls on a subgroup belong to its members only"
+        )
     ranks = tuple(dist.get_process_group_ranks(group))
-    return dist.get_rank(group), dist.get_world_size(group), ranks
+    return rank, dist.get_world_size(group), ranks
+
+
+class PeerLostError(ConnectionError):
+    """A peer rank went away (its process died or closed its connections) while this
+    rank was exchanging data with it."""
+
+
+# gloo says "Connection closed by peer" when a peer's process exits, "Connection reset
+# by peer" / "Broken pipe" when it dies mid-message, and "Timed out waiting ..." or
+# "Application timeout caused pair closure" when our own timeout expires.
+_LOST = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|econnreset|epipe|remote worker crash",
+    re.IGNORECASE,
+)
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def transfer_error(err: BaseException, timeout: timedelta) -> Exception:
+    """The error to raise for a failed wait: a lost peer, a timeout, or neither."""
+    text = str(err)
+    lost_type = getattr(dist, "DistNetworkError", ())
+    if _TIMED_OUT.search(text):
+        # First: after a timeout gloo closes the pair, and a peer still waiting on it
+        # then reads both "timed out" and "connection closed"; no rank was lost.
+        return TimeoutError(f"hamilton_attn: a transfer did not finish within {timeout} ({text})")
+    if _LOST.search(text) or (lost_type and isinstance(err, lost_type)):
+        return PeerLostError(
+            "hamilton_attn: a peer rank was lost during a transfer: its process exited or "
+            "its connection closed (it may also have given up on a transfer of its own "
+            f"after a timeout or an error); check that rank's logs ({text})"
+        )
+    return RuntimeError(f"hamilton_attn: a transfer failed ({text})")
 
 
 class PendingOps:
@@ -99,9 +198,7 @@ class PendingOps:
             try:
                 ok = work.wait() if self._device_ordered else work.wait(self._timeout)
             except RuntimeError as err:
-                raise TimeoutError(
-                    f"hamilton_attn: a transfer did not finish within {self._timeout} ({err})"
-                ) from err
+                raise transfer_error(err, self._timeout) from err
             if ok is False:
                 raise TimeoutError(
                     f"hamilton_attn: a transfer did not finish within {self._timeout}"
@@ -116,20 +213,29 @@ def start_p2p(
     global_ranks,
     timeout: timedelta | None = None,
     mailbox=None,
+    tag: int = 0,
 ) -> PendingOps:
     """Start sends ``(tensor, peer)`` and receives ``(buffer, peer)`` as one batch; peers
     are ranks in ``group``. Both sides must list messages between a pair in one order.
-    With a ``mailbox`` (:mod:`.copy_engine`, CUDA tensors) the copy engine moves them."""
+    With a ``mailbox`` (:mod:`.copy_engine`, CUDA tensors) the copy engine moves them.
+    ``tag`` keeps kinds of message apart on gloo (NCCL ignores it): see
+    :data:`STATUS_TAG`."""
+    # Read before anything starts: a bad HAMILTON_ATTN_TIMEOUT must not leave sends half
+    # posted to peers that will then wait for the rest.
+    timeout = timeout or default_timeout()
     if mailbox is not None:
         streams = mailbox.start(sends, recvs)
-        return PendingOps([], timeout or default_timeout(), device_ordered=True, streams=streams)
-    ops = [dist.P2POp(dist.isend, t, global_ranks[p], group) for t, p in sends]
-    ops += [dist.P2POp(dist.irecv, t, global_ranks[p], group) for t, p in recvs]
-    works = dist.batch_isend_irecv(ops) if ops else []
+        return PendingOps([], timeout, device_ordered=True, streams=streams)
+    ops = [dist.P2POp(dist.isend, t, global_ranks[p], group, tag) for t, p in sends]
+    ops += [dist.P2POp(dist.irecv, t, global_ranks[p], group, tag) for t, p in recvs]
+    try:
+        works = dist.batch_isend_irecv(ops) if ops else []
+    except RuntimeError as err:  # a peer already gone can fail the post itself
+        raise transfer_error(err, timeout) from err
     on_device = any(t.is_cuda for t, _ in (*sends, *recvs))
     if on_device and works:
         _head_start(next(t for t, _ in (*sends, *recvs) if t.is_cuda).device)
-    return PendingOps(works, timeout or default_timeout(), device_ordered=on_device)
+    return PendingOps(works, timeout, device_ordered=on_device)
 
 
 class RingComm:
@@ -193,31 +299,72 @@ class A2AComm:
             recv_tensors[self.rank].copy_(send_tensors[self.rank])
             pending = start_p2p(sends, recvs, self._group, self._ranks)
         else:
+            timeout = default_timeout()
             work = dist.all_to_all(
                 recv_tensors,
                 [t.contiguous() for t in send_tensors],
                 group=self._group,
                 async_op=True,
             )
-            pending = PendingOps([work], default_timeout(), device_ordered=True)
+            pending = PendingOps([work], timeout, device_ordered=True)
         if async_op:
             return pending
         pending.wait()
         return None
 
 
-def all_gather_tensor(x: torch.Tensor, group) -> list[torch.Tensor]:
+#: gloo tags of the library's own gathers and status exchanges (attention's transfers use
+#: tag 0). gloo matches a message by peer and tag and aborts the process when a message
+#: is larger than the buffer posted for it; a rank that alone enters a status exchange
+#: (a new input signature under ``check="first"``) while its peers already send KV or
+#: gather shards then meets a receive of its own kind, and both sides stop at the
+#: timeout instead of aborting.
+GATHER_TAG = 0x4841_0001
+STATUS_TAG = 0x4841_0002
+
+
+def all_gather_tensor(
+    x: torch.Tensor, group, timeout: timedelta | None = None, tag: int = GATHER_TAG
+) -> list[torch.Tensor]:
     """Every rank's ``x`` (same shape everywhere), in group-rank order."""
     _, w, _ = group_info(group)
     if w == 1:
         return [x]
+    timeout = timeout or default_timeout()
     out = [torch.empty_like(x) for _ in range(w)]
-    work = dist.all_gather(out, x.contiguous(), group=group, async_op=True)
-    PendingOps([work], default_timeout()).wait()
+    if not x.is_cuda and dist.get_backend(group) == "gloo":
+        # Point to point, not gloo's all_gather: that runs on a worker thread of the
+        # process group, which can still hold the tensors after wait() returns and then
+        # frees them itself; at interpreter exit (the group outlives
+        # destroy_process_group while a plan refers to it) that thread must take the
+        # GIL to drop a Python tensor, and the process aborts. Send and receive works
+        # are held and freed here, on the caller's thread.
+        r, _, ranks = group_info(group)
+        out[r].copy_(x)
+        peers = [i for i in range(w) if i != r]
+        x = x.contiguous()
+        sends, recvs = [(x, i) for i in peers], [(out[i], i) for i in peers]
+        start_p2p(sends, recvs, group, ranks, timeout, tag=tag).wait()
+        return out
+    try:
+        work = dist.all_gather(out, x.contiguous(), group=group, async_op=True)
+    except RuntimeError as err:
+        raise transfer_error(err, timeout) from err
+    PendingOps([work], timeout).wait()
     return out
 
 
-def exchange_status(values: list[int], group, device: torch.device) -> list[list[int]]:
-    """All ranks' small integer vectors (for consistency checks before any transfer)."""
+def exchange_status(
+    values: list[int], group, device: torch.device, timeout: timedelta | None = None
+) -> list[list[int]]:
+    """All ranks' small integer vectors (for consistency checks before any transfer).
+    Every rank must pass as many values. ``timeout`` replaces ``HAMILTON_ATTN_TIMEOUT``
+    (for the exchange that reports that setting's own problem)."""
     t = torch.tensor(values, dtype=torch.int64, device=device)
-    return [g.tolist() for g in all_gather_tensor(t, group)]
+    return [g.tolist() for g in all_gather_tensor(t, group, timeout, tag=STATUS_TAG)]
+
+
+def exchange_timeout() -> timedelta:
+    """The timeout for a status exchange: ``HAMILTON_ATTN_TIMEOUT``, or the default where
+    that setting is bad (the exchange is how the other ranks hear about it)."""
+    return timedelta(seconds=DEFAULT_TIMEOUT_S) if timeout_problem() else default_timeout()

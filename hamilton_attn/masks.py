@@ -29,9 +29,11 @@ Everything here is pure Python (torch only for ``to_dense``/row intervals).
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import hashlib
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -285,6 +287,11 @@ def _any_overlap(bands: list[Band]) -> bool:
     return False
 
 
+_SLICE_CACHE = 4096  # slices kept per mask
+_AREA_MEMO: dict[tuple[int, ...], int] = {}  # Mask.area_in's band areas by shape
+_AREA_MEMO_SIZE = 1 << 16
+
+
 class Mask:
     """A union of rectangles over a ``seqlen_q x seqlen_k`` grid; immutable and hashable.
 
@@ -293,7 +300,16 @@ class Mask:
     :meth:`from_ranges`. ``bands`` are disjoint and sorted by (q0, k0).
     """
 
-    __slots__ = ("seqlen_q", "seqlen_k", "bands", "_digest", "_dense", "__weakref__")
+    __slots__ = (
+        "seqlen_q",
+        "seqlen_k",
+        "bands",
+        "_digest",
+        "_dense",
+        "_index",
+        "_slices",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -325,6 +341,8 @@ class Mask:
         self.bands: tuple[Band, ...] = tuple(bs)
         self._digest: bytes | None = None
         self._dense: list | None = None
+        self._index: tuple | None = None
+        self._slices: dict = {}
 
     # -- builders -----------------------------------------------------------------------
     @classmethod
@@ -471,7 +489,7 @@ class Mask:
         return sum(b.area() for b in self.bands)
 
     def is_empty(self) -> bool:
-        return not self.bands
+        return len(self.bands) == 0  # dynamo cannot trace `not` on this tuple
 
     def is_full(self) -> bool:
         return self.area() == self.seqlen_q * self.seqlen_k
@@ -480,18 +498,79 @@ class Mask:
         """The mask seen by the sub-block ``q_range x k_range``, re-based to (0, 0)."""
         qa, qb = _as_range(q_range, "q_range", self.seqlen_q)
         ka, kb = _as_range(k_range, "k_range", self.seqlen_k)
-        return self._slice(qa, qb, ka, kb)
+        return self._shared_slice(qa, qb, ka, kb)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - masks are immutable and few
+    def _shared_slice(self, qa: int, qb: int, ka: int, kb: int) -> Mask:
+        # Keyed by the mask, so equal masks (the same pairs, however cut) share their
+        # slices, as they always have for callers of slice(); the planner's own cuts
+        # of the padded mask use _slice, which never hashes it (a 1M-row digest).
+        return self._slice(qa, qb, ka, kb)
+
+    def _band_index(self) -> tuple[list[int], list[int]]:
+        """Bands' first rows and the running max of their ends (bands are sorted by
+        q0): the bands a row range can touch form one run between two bisections, so
+        a slice of a mask of many bands (packed documents) skips the rest."""
+        if self._index is None:
+            q0s = [b.q0 for b in self.bands]
+            ends = list(itertools.accumulate((b.q1 for b in self.bands), max))
+            self._index = (q0s, ends)
+        return self._index
+
     def _slice(self, qa: int, qb: int, ka: int, kb: int) -> Mask:
+        # Cached on the mask itself: a cache keyed by the mask would hash it, and the
+        # hash of a mask the planner builds (the padded one) reads every row.
+        key = (qa, qb, ka, kb)
+        hit = self._slices.get(key)
+        if hit is None:
+            if len(self._slices) >= _SLICE_CACHE:
+                self._slices.clear()
+            hit = self._slices[key] = self._cut(qa, qb, ka, kb)
+        return hit
+
+    def _cut(self, qa: int, qb: int, ka: int, kb: int) -> Mask:
         bands = []
-        for b in self.bands:
+        q0s, ends = self._band_index()
+        for b in self.bands[bisect.bisect_right(ends, qa) : bisect.bisect_left(q0s, qb)]:
             if b.q0 >= qb or b.q1 <= qa or b.k0 >= kb or b.k1 <= ka:
                 continue
             c = b.clip((qa, qb), (ka, kb))
             if c is not None:
                 bands.append(c)
         return Mask(bands, qb - qa, kb - ka, _canonical=True)
+
+    def area_in(self, qa: int, qb: int, ka: int, kb: int) -> int:
+        """``slice((qa, qb), (ka, kb)).area()`` without building the slice (the
+        planner asks it for many blocks)."""
+        index = self._index
+        q0s, ends = self._band_index() if index is None else index
+        bands = self.bands
+        memo = _AREA_MEMO
+        total = 0
+        # Conditional expressions, not max()/min(): groupcast's cost model asks for
+        # some 500K blocks at W = 64.
+        for i in range(bisect.bisect_right(ends, qa), bisect.bisect_left(q0s, qb)):
+            b = bands[i]
+            if b.q1 <= qa or b.k0 >= kb or b.k1 <= ka:
+                continue
+            # The pairs of a band inside a rectangle do not change when both move
+            # along the diagonal, so the areas are memoised by the rectangle's place
+            # relative to the diagonals: the blocks of a causal mask cut on a regular
+            # grid share a handful of shapes.
+            q0 = qa if qa > b.q0 else b.q0
+            q1 = qb if qb < b.q1 else b.q1
+            k0 = ka if ka > b.k0 else b.k0
+            k1 = kb if kb < b.k1 else b.k1
+            key = (q1 - q0, k0 - q0, k1 - q0, b.lo, b.hi)
+            area = memo.get(key)
+            if area is None:
+                inside = Band(q0, q1, k0, k1, b.lo, b.hi).normalized()
+                area = 0 if inside is None else inside.area()
+                if len(memo) >= _AREA_MEMO_SIZE:
+                    memo.clear()
+                memo[key] = area
+            total += area
+        return total
 
     def gather(
         self, q_ranges: Sequence[tuple[int, int]], k_ranges: Sequence[tuple[int, int]]
@@ -560,11 +639,40 @@ class Mask:
                 add(b.q0, qc, b.k0, qc + b.hi, True)
             if qc < b.q1:
                 add(qc, b.q1, b.k0, b.k1, False)
-        if len(pieces) > 1:
+        if len(pieces) > 1 and not self._rows_cannot_join(len(pieces)):
             again = self._pieces_from_rows()
             if len(again) < len(pieces):
                 return again
         return pieces
+
+    def _rows_cannot_join(self, n_pieces: int) -> bool:
+        """True when cutting from the rows cannot give fewer than ``n_pieces`` pieces,
+        proved from the bands alone (packed documents: 1M rows never tabulated).
+
+        With no lower diagonal bounds, a band's row intervals all start at its k0; if
+        no two bands' intervals touch in a shared row, no intervals join, so the rows'
+        first keys are exactly the bands' k0s, and as a piece has one first key, the
+        rows give at least as many pieces as there are distinct k0s. A row end
+        ``min(k1 - 1, q + hi)`` never decreases and moves by at most one per row, so
+        band A touches band B to its right iff ``B.k0 - 1`` lies between A's row ends
+        at the first and last shared rows."""
+        if n_pieces > len({b.k0 for b in self.bands}):
+            return False
+        order = sorted(self.bands, key=lambda b: b.q0)
+        active: list[Band] = []
+        budget = 4 * len(order) + 1024  # many row-sharing bands: just cut from rows
+        for b in order:
+            active = [a for a in active if a.q1 > b.q0]
+            for a in active:
+                budget -= 1
+                if budget < 0:
+                    return False
+                qs, qe = max(a.q0, b.q0), min(a.q1, b.q1) - 1
+                for left, right in ((a, b), (b, a)):
+                    if left.row_hi(qs) <= right.k0 - 1 <= left.row_hi(qe):
+                        return False
+            active.append(b)
+        return True
 
     def _pieces_from_rows(self) -> list[tuple[int, int, int, int, bool]]:
         """Dense pieces from the rows' maximal key intervals (the k-th interval of each
@@ -572,27 +680,45 @@ class Mask:
         their first key and whose last key stays put (FULL) or moves one per row
         (bottom-right CAUSAL) is one piece. Only for masks without lower diagonal
         bounds, whose rows' intervals all start at a band's first column."""
-        rows, lo, hi = (t.tolist() for t in self._row_table())
-        tracks: dict[int, list[tuple[int, int, int]]] = {}
-        k, prev = 0, None
-        for r, a, b in zip(rows, lo, hi):
-            k = k + 1 if r == prev else 0
-            prev = r
-            tracks.setdefault(k, []).append((r, a, b))
+        rows, lo, hi = self._row_table()
+        n = rows.numel()
+        if n == 0:
+            return []
+        # Track of each interval: its index within its row (the table is sorted by row).
+        idx = torch.arange(n)
+        first = torch.ones(n, dtype=torch.bool)
+        first[1:] = rows[1:] != rows[:-1]
+        track = idx - torch.cummax(torch.where(first, idx, 0), 0).values
+        if not bool(first.all()):  # some row has several intervals: order by track
+            order = torch.sort(track, stable=True).indices  # rows ascending within one
+            rows, lo, hi, track = rows[order], lo[order], hi[order], track[order]
+        # step[i]: how entry i continues entry i - 1 of its track: 0 not at all, 1 with
+        # the same last key (FULL), 2 with the last key one further (CAUSAL).
+        same = torch.zeros(n, dtype=torch.bool)
+        same[1:] = (track[1:] == track[:-1]) & (rows[1:] == rows[:-1] + 1) & (lo[1:] == lo[:-1])
+        step = torch.zeros(n, dtype=torch.int64)
+        db = torch.zeros(n, dtype=torch.int64)
+        db[1:] = hi[1:] - hi[:-1]
+        step[same & (db == 0)] = 1
+        step[same & (db == 1)] = 2
+        # A piece starts at entry i with no kind; the next step fixes its kind (or ends
+        # it) and it runs to the end of that run of equal steps: the scan below visits
+        # one entry per piece, not per row.
+        change = torch.ones(n, dtype=torch.bool)
+        change[1:] = step[1:] != step[:-1]
+        run_start = torch.nonzero(change).flatten()
+        run_end = torch.cat([run_start[1:] - 1, torch.tensor([n - 1])])
+        run_of = torch.cumsum(change.to(torch.int64), 0) - 1
+        end_of = run_end[run_of].numpy()
+        rows_, lo_, hi_, step_ = rows.numpy(), lo.numpy(), hi.numpy(), step.numpy()
         pieces = []
-        for track in tracks.values():
-            q0, q_last, a0, b_prev, kind = None, -2, 0, 0, None
-            for r, a, b in track + [(-1, 0, 0)]:
-                if q0 is not None and r == q_last + 1 and a == a0:
-                    if kind in (None, "full") and b == b_prev:
-                        kind, q_last, b_prev = "full", r, b
-                        continue
-                    if kind in (None, "causal") and b == b_prev + 1:
-                        kind, q_last, b_prev = "causal", r, b
-                        continue
-                if q0 is not None:
-                    pieces.append((q0, q_last + 1, a0, b_prev + 1, kind == "causal"))
-                q0, q_last, a0, b_prev, kind = r, r, a, b, None
+        i = 0
+        while i < n:
+            kind = int(step_[i + 1]) if i + 1 < n else 0
+            j = int(end_of[i + 1]) if kind else i
+            piece = (int(rows_[i]), int(rows_[j]) + 1, int(lo_[i]), int(hi_[j]) + 1, kind == 2)
+            pieces.append(piece)
+            i = j + 1
         return sorted(pieces)
 
     def kind(self) -> AttnMaskType | None:
@@ -614,15 +740,20 @@ class Mask:
         cols = torch.tensor(
             [(b.q0, b.q1, b.k0, b.k1, b.lo, b.hi) for b in self.bands], dtype=torch.int64
         )
-        q0, q1, k0, k1, lo, hi = cols.unbind(1)
-        n = q1 - q0
-        rep = lambda x: torch.repeat_interleave(x, n)  # noqa: E731
+        n = cols[:, 1] - cols[:, 0]
         starts = torch.cumsum(n, 0) - n
-        rows = torch.arange(int(n.sum())) - rep(starts) + rep(q0)
-        left = torch.maximum(rep(k0), rows + rep(lo))
-        right = torch.minimum(rep(k1) - 1, rows + rep(hi))
-        order = torch.argsort(rows * (self.seqlen_k + 1) + left)
-        rows, left, right = rows[order], left[order], right[order]
+        # One row of band columns per row of the table (one gather, not six repeats).
+        band_of = torch.repeat_interleave(torch.arange(len(self.bands)), n)
+        q0, _, k0, k1, lo, hi = cols[band_of].unbind(1)
+        rows = torch.arange(int(n.sum())) - starts[band_of] + q0
+        left = torch.maximum(k0, rows + lo)
+        right = torch.minimum(k1 - 1, rows + hi)
+        key = rows * (self.seqlen_k + 1) + left
+        # Keys are distinct (bands are disjoint), so when they already ascend (bands
+        # one below another: packed documents, causal) the sort is the identity.
+        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+            order = torch.argsort(key)
+            rows, left, right = rows[order], left[order], right[order]
         new = torch.ones_like(rows, dtype=torch.bool)
         new[1:] = (rows[1:] != rows[:-1]) | (left[1:] != right[:-1] + 1)
         last = torch.ones_like(new)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+import gc
+import hashlib
 import inspect
 import os
-import zlib
+from array import array
 from dataclasses import dataclass, field
 
-from .comm import group_info
+from .comm import group_info, resolve_group
 from .dispatch import BALANCED, DISPATCHES, Placement, make_placement
 from .dispatch.placement import DEFAULT_CHUNKS_PER_RANK
 from .kernels import BACKENDS
@@ -55,6 +57,7 @@ class Plan:
     work: tuple[int, ...] = ()
     _block_masks: dict = field(default_factory=dict, repr=False)
     _checked: set = field(default_factory=set, repr=False)
+    _gather_checked: set = field(default_factory=set, repr=False)  # undispatch signatures
 
     def __post_init__(self):
         if self.kv_placement is None:
@@ -71,25 +74,18 @@ class Plan:
         mean = sum(self.work) / max(1, len(self.work))
         return max(self.work) / mean if mean else 1.0
 
-    @property
-    def key(self) -> tuple:
-        """Identifies the plan across ranks (the rank itself excluded)."""
-        return (
-            self.user_mask.shape,
-            self.user_mask.digest().hex(),
-            self.placement.rank_ranges,
-            self.placement.padded_len,
-            None if self.self_attention else self.kv_placement.rank_ranges,
-            self.schedule.name,
-            self.world_size,
-            self.group_ranks,
-        )
-
     @functools.cached_property
-    def digest(self) -> int:
-        """A 31-bit digest of ``key`` that is equal in every interpreter (Python's own
-        ``hash`` of strings is salted per process)."""
-        return zlib.crc32(repr(self.key).encode()) & 0x7FFFFFFF
+    def fingerprint(self) -> tuple[int, int]:
+        """128 bits (two signed int64s) that identify the plan across ranks, the rank
+        itself excluded: the mask, both placements, the final verified schedule (every
+        step's blocks, transfers and gradient transfers, the pieces' cut, the backward
+        and what it keeps) and the options that change a call (backend, check). Equal in
+        every interpreter (no salted ``hash``); computed once."""
+        raw = _fingerprint(self)
+        return (
+            int.from_bytes(raw[:8], "little", signed=True),
+            int.from_bytes(raw[8:], "little", signed=True),
+        )
 
     @property
     def local_len(self) -> int:
@@ -161,6 +157,71 @@ class Plan:
             f"(+{self.placement.pad} pad){kv}, imbalance {self.imbalance:.3f}, "
             f"{self.report.summary()})"
         )
+
+
+def _ints(h, values: list[int]) -> None:
+    h.update(array("q", values).tobytes())
+
+
+def _hash_steps(h, steps) -> None:
+    # Length-prefixed flat int64 records, one buffer per step: a hamilton plan of 1M
+    # tokens on 64 ranks has some 630K transfers and blocks, which this hashes in 0.7 s
+    # (the plan itself takes 50 s) where repr() of the dataclasses alone took over 4 s.
+    if steps is None:
+        _ints(h, [-1])
+        return
+    _ints(h, [len(steps)])
+    for st in steps:
+        buf = [len(st.compute)]
+        for pieces in st.compute:
+            buf.append(len(pieces))
+            buf.extend([x for pc in pieces for x in (pc.owner, pc.part)])
+        for transfers in (st.transfers, st.grad_transfers):
+            buf.append(len(transfers))
+            buf.extend([x for t in transfers for x in (t.piece.owner, t.piece.part, t.src, t.dst)])
+        _ints(h, buf)
+
+
+def _hash_ranges(h, ranges) -> None:
+    """``ranges``: per item, a tuple of ``(a, b)`` pairs."""
+    _ints(h, [len(ranges)])
+    for rr in ranges:
+        _ints(h, [len(rr), *(x for ab in rr for x in ab)])
+
+
+def _fingerprint(p: Plan) -> bytes:
+    s = p.schedule
+    h = hashlib.blake2b(digest_size=16)
+    head = (
+        "plan-fingerprint-1",
+        p.user_mask.shape,
+        p.user_mask.digest().hex(),
+        p.mask.shape,
+        p.world_size,
+        p.group_ranks,
+        p.backend,
+        p.check,
+        p.self_attention,
+        s.name,
+        s.world_size,
+        s.comm,
+        s.grad_route,
+        float(s.buffer_budget).hex(),
+    )
+    h.update(repr(head).encode())
+    for pl in (p.placement, p.kv_placement):
+        h.update(repr((pl.kind, pl.seqlen, pl.padded_len, pl.world_size, pl.chunk_size)).encode())
+        _hash_ranges(h, pl.rank_ranges)
+    _hash_ranges(h, s.parts)
+    _hash_steps(h, s.steps)
+    _hash_steps(h, s.backward_steps)
+    if s.retain is None:
+        _ints(h, [-1])
+    else:
+        _ints(h, [len(s.retain)])
+        for kept in s.retain:
+            _ints(h, [len(kept), *(x for pc in kept for x in (pc.owner, pc.part))])
+    return h.digest()
 
 
 def _pick_dispatch(mask: Mask) -> str:
@@ -246,7 +307,54 @@ def _make_placement(
     return make_placement(kind, mask.seqlen_k if keys else mask.seqlen_q, w, chunk_size=chunk_size)
 
 
+def _merge_intervals(ivs) -> tuple[list[int], list[int]]:
+    """Sorted disjoint ``[start, end)`` intervals covering ``ivs``, as starts and ends
+    (touching intervals stay apart: only intersection tests read them)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for a, b in sorted(ivs):
+        if ends and a < ends[-1]:
+            ends[-1] = max(ends[-1], b)
+        else:
+            starts.append(a)
+            ends.append(b)
+    return starts, ends
+
+
+def _seen_keys(mask: Mask, placement: Placement) -> list[list[tuple[list[int], list[int]]]]:
+    """Per rank and query range, the keys some of its rows see, as sorted disjoint
+    intervals (``_merge_intervals``): a normalised band's columns are each seen by one
+    of its rows, so the union of its clipped bands' column ranges is exact."""
+    return [
+        [
+            _merge_intervals((b.k0, b.k1) for b in mask._slice(qa, qb, 0, mask.seqlen_k).bands)
+            for qa, qb in rr
+        ]
+        for rr in placement.rank_ranges
+    ]
+
+
+def _without_gc(fn):
+    """Run ``fn`` with Python's cyclic collector paused (its previous state restored).
+    A plan allocates W^3 acyclic objects (transfers, blocks, dict keys: 254K transfers
+    for hamilton at W = 64), and each generation-2 pass walks all of them: 40% of
+    that plan's time. Reference counting still frees everything at once."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args)
+        finally:
+            if was:
+                gc.enable()
+
+    return run
+
+
 @functools.lru_cache(maxsize=64)
+@_without_gc
 def _cached_plan(
     mask,
     group,
@@ -308,19 +416,62 @@ def _cached_plan(
     chunk = opts.get("chunk")
     cut = split_even(kv_placement.local_len, kv_placement.local_len // chunk if chunk else 1)
     holder: dict = {}
+    n_parts = len(cut)
+    piece_keys: list = [None] * (w * n_parts)  # [owner * parts + part] -> global key ranges
+    seen = _seen_keys(padded, placement)
+    seen_all = [_merge_intervals(iv for st, en in per for iv in zip(st, en)) for per in seen]
+
+    def keys_of(p: PieceId):
+        i = p.owner * n_parts + p.part
+        kr = piece_keys[i]
+        if kr is None:
+            kr = piece_keys[i] = kv_placement.local_to_global(p.owner, cut[p.part])
+        return kr
 
     def block(r: int, p: PieceId) -> Mask:
         key = (r, p)
         if key not in holder:
-            kr = kv_placement.local_to_global(p.owner, cut[p.part])
-            holder[key] = padded.gather(placement.rank_ranges[r], kr)
+            holder[key] = padded.gather(placement.rank_ranges[r], keys_of(p))
         return holder[key]
 
+    need: list = []  # [rank] -> {owner * parts + part of each piece it needs}
+
     def needs(r: int, p: PieceId) -> bool:
-        return not block(r, p).is_empty()
+        # A block has a visible pair iff the piece holds a key that some row of the
+        # rank sees. Answered from one sweep of the pieces' key ranges (they cut the
+        # keys) against each rank's seen intervals, instead of cutting every one of
+        # the W^2 x pieces blocks' masks out (the executor cuts its own when it runs).
+        if not need:
+            ranges = sorted(
+                (a, b, i)
+                for i in range(w * n_parts)
+                for a, b in keys_of(PieceId(i // n_parts, i % n_parts))
+            )
+            firsts = [a for a, _, _ in ranges]
+            for starts, ends in seen_all:
+                got = set()
+                for a, b in zip(starts, ends):
+                    j = max(bisect.bisect_right(firsts, a) - 1, 0)
+                    while j < len(ranges) and ranges[j][0] < b:
+                        if ranges[j][1] > a:
+                            got.add(ranges[j][2])
+                        j += 1
+                need.append(got)
+        return p.owner * n_parts + p.part in need[r]
 
     def cost(r: int, p: PieceId) -> float:
-        return float(block(r, p).area())
+        # The block's area, summed over the (query range, key range) pairs that see
+        # each other: no block mask is built, and most pairs are skipped unsliced.
+        total = 0
+        kr = keys_of(p)
+        area_in, after = padded.area_in, bisect.bisect_right
+        for (qa, qb), (starts, ends) in zip(placement.rank_ranges[r], seen[r]):
+            n_seen = len(starts)
+            for a, b in kr:
+                i = after(ends, a)
+                if i < n_seen and starts[i] < b:
+                    total += area_in(qa, qb, a, b)
+        return float(total)
 
     if "needs" in accepts:
         opts.update(needs=needs, cost=cost)
@@ -328,6 +479,9 @@ def _cached_plan(
     if routing.parts != cut:
         cut = routing.parts
         holder.clear()
+        n_parts = len(cut)
+        piece_keys[:] = [None] * (w * n_parts)
+        need.clear()
     sched = finalize(routing, needs)
     report = verify(sched, needs, local_len=kv_placement.local_len)
     if backward == "reverse":
@@ -339,9 +493,11 @@ def _cached_plan(
             )
         verify_backward(reversed_, needs)
         sched = reversed_
+    # Rows are disjoint, so a rank's work is the sum over its query ranges (joining
+    # them into one mask first, as a gather does, changes no count).
     work = tuple(
-        padded.gather(placement.rank_ranges[r], [(0, kv_placement.padded_len)]).area()
-        for r in range(w)
+        sum(padded._slice(qa, qb, 0, kv_placement.padded_len).area() for qa, qb in rr)
+        for rr in placement.rank_ranges
     )
     p = Plan(
         mask,
@@ -383,7 +539,10 @@ def plan(
 
     Args:
         mask: a square :class:`Mask` over the whole (unpadded) sequence.
-        group: the process group (default: the world group; none: one process).
+        group: the process group (default: the world group; none: one process). This
+            process must be a member. Under a launcher (``WORLD_SIZE`` > 1) with no
+            process group, the default is refused; ``SimulatedGroup(1)`` plans for
+            this rank alone.
         schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``,
             ``hamilton``, ``hamilton_2level``, ``direct``, ``groupcast`` (each KV chunk
             only to the ranks that need it, in ``degree=`` stages, ``node_size=`` for
@@ -456,6 +615,10 @@ def plan(
     call_cost = CALL_COST_PAIRS if call_cost is None else call_cost
     if isinstance(call_cost, bool) or not isinstance(call_cost, (int, float)) or call_cost < 0:
         raise ValueError(f"call_cost: expected a number >= 0 (pairs), got {call_cost!r}")
+    # Before the cache: whether this process may plan on ``group`` can change without
+    # the arguments changing (torchrun's WORLD_SIZE, a non-member of a subgroup).
+    group = resolve_group(group)
+    group_info(group)
     return _cached_plan(
         mask,
         group,

@@ -127,8 +127,16 @@ def _call_compat(c, group, w, r, q_l, k_l, v_l):
     q_in, k_in, v_in = prep(q_l), prep(k_l), prep(v_l)
     if c["kv_list"]:
         seq_dim = 2 if c["layout"] == "BNSD" else 1
-        k_in = list(torch.tensor_split(k_in, chunks, dim=seq_dim))
-        v_in = list(torch.tensor_split(v_in, chunks, dim=seq_dim))
+        if causal:
+            # the reference's lists: entry j = cat(piece j of each zigzag half)
+            def split(t):
+                halves = [torch.tensor_split(h, chunks, dim=seq_dim) for h in t.chunk(2, seq_dim)]
+                return [torch.cat(p, dim=seq_dim) for p in zip(*halves)]
+
+            k_in, v_in = split(k_in), split(v_in)
+        else:
+            k_in = list(torch.tensor_split(k_in, chunks, dim=seq_dim))
+            v_in = list(torch.tensor_split(v_in, chunks, dim=seq_dim))
     if chunks is not None:
         extra["layout"] = c["layout"]
     if c["profile"]:

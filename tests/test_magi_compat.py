@@ -217,9 +217,8 @@ def test_attn_ranges():
     assert r.merge().to_naive_ranges() == [(0, 9)]
     assert torch.equal(r.to_tensor(), torch.tensor([[0, 4], [4, 9], [2, 3]], dtype=torch.int32))
     assert AttnRanges.from_ranges(r.to_tensor()) == r and hash(r.clone()) == hash(r)
-    assert AttnRanges.from_cu_seqlens(torch.tensor([0, 3, 3, 7]), 7).to_naive_ranges() == [
+    assert AttnRanges.from_cu_seqlens(torch.tensor([0, 3, 7]), 7).to_naive_ranges() == [
         (0, 3),
-        (3, 3),
         (3, 7),
     ]
     start, end = AttnRange.from_range([2, 6])
@@ -253,7 +252,7 @@ def _rects_disjoint(q_ranges, k_ranges, types, sq, sk) -> bool:
     [
         ((5, 15), (5, 15), (2, 3)),
         ((0, 12), (3, 20), (4, 0)),  # Tq < Tk
-        ((2, 20), (0, 9), (3, 2)),  # Tq > Tk: early rows see keys through the right side
+        ((2, 20), (0, 9), (3, 2)),  # Tq > Tk: MagiAttention keeps the last Tk rows only
         ((0, 10), (0, 10), (-1, 1)),
         ((0, 10), (0, 10), (0, -1)),
         ((0, 8), (0, 8), (-1, -1)),
@@ -266,8 +265,9 @@ def test_infer_attn_mask_from_sliding_window(q_range, k_range, window):
     )
     sq, sk = 24, 32
     want = torch.zeros(sq, sk, dtype=torch.bool)
-    want[slice(*q_range), slice(*k_range)] = dense_window(
-        q_range[1] - q_range[0], k_range[1] - k_range[0], *window
+    lq = min(q_range[1] - q_range[0], k_range[1] - k_range[0])
+    want[q_range[1] - lq : q_range[1], slice(*k_range)] = dense_window(
+        lq, k_range[1] - k_range[0], *window
     )
     assert all(isinstance(t, AttnMaskType) for t in types) and len(qs) == len(ks) == len(types)
     assert torch.equal(_dense_of(qs, ks, types, sq, sk), want)

@@ -18,8 +18,10 @@ layout the caller must use (every rank the same number ``S_local`` of tokens):
 
 The global length is ``W * S_local``; it need not be a multiple of ``n (n - 1)``: the
 schedule cuts each rank's KV into as-equal-as-possible pieces (the reference's
-per-cycle chunks). ``k`` / ``v`` may be tensors or the reference's lists of per-cycle
-chunks (one per cycle, concatenated along the sequence dimension). ``looping`` and the
+per-cycle chunks). ``k`` / ``v`` may be tensors (laid out as q) or the reference's lists
+of per-cycle chunks, one per cycle: for the contiguous functions the list is joined
+along the sequence dimension; for the causal function entry j holds piece j of each
+zigzag half (see :func:`hamilton_attention_forward_causal_flash_attn`). ``looping`` and the
 routing tables are optional: when given they must equal what the library computes for
 the group (ValueError otherwise, on every rank, before any communication).
 """
@@ -193,16 +195,32 @@ def _bsnd(x, layout: str, name: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "BNSD" else x
 
 
-def _kv(x, layout: str, num_chunks: int, name: str) -> torch.Tensor:
-    """A local K or V shard as one ``[B, S_local, H, D]`` tensor; a list of per-cycle
-    chunks is concatenated along the sequence dimension."""
-    if isinstance(x, (list, tuple)):
-        if len(x) != num_chunks:
+def _kv(x, layout: str, num_chunks: int, name: str, zigzag: bool = False) -> torch.Tensor:
+    """A local K or V shard as one ``[B, S_local, H, D]`` tensor.
+
+    A list of per-cycle chunks is joined along the sequence dimension. With ``zigzag``
+    (the causal function) each entry is the reference's ``cat(piece j of block r,
+    piece j of block 2W-1-r)``: the first halves of all entries make block r and the
+    second halves block 2W-1-r, so entries are split before joining. Joining them as
+    they come would put block 2W-1-r's pieces among block r's and silently break the
+    causal mask."""
+    if not isinstance(x, (list, tuple)):
+        return _bsnd(x, layout, name)
+    if len(x) != num_chunks:
+        raise ValueError(
+            f"{name}: expected a tensor or {num_chunks} per-cycle chunks, got {len(x)}"
+        )
+    pieces = [_bsnd(c, layout, f"{name}[{i}]") for i, c in enumerate(x)]
+    if not zigzag:
+        return torch.cat(pieces, dim=1)
+    for i, c in enumerate(pieces):
+        if c.shape[1] % 2:
             raise ValueError(
-                f"{name}: expected a tensor or {num_chunks} per-cycle chunks, got {len(x)}"
+                f"{name}[{i}]: expected an even number of tokens (one equal piece of each "
+                f"zigzag half, cat(chunk r*m + j, chunk 2*m*n - m - r*m + j)), got {c.shape[1]}"
             )
-        return torch.cat([_bsnd(c, layout, f"{name}[{i}]") for i, c in enumerate(x)], dim=1)
-    return _bsnd(x, layout, name)
+    halves = [c.chunk(2, dim=1) for c in pieces]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)
 
 
 def _run_hamilton(process_group, q, k, v, scale, layout, num_chunks, causal, schedule, **opts):
@@ -210,7 +228,8 @@ def _run_hamilton(process_group, q, k, v, scale, layout, num_chunks, causal, sch
         raise ValueError(f"layout: expected one of {_LAYOUTS}, got {layout!r}")
     _, w, _ = group_info(process_group)
     q_ = _bsnd(q, layout, "q")
-    k_, v_ = _kv(k, layout, num_chunks, "k"), _kv(v, layout, num_chunks, "v")
+    k_ = _kv(k, layout, num_chunks, "k", zigzag=causal)
+    v_ = _kv(v, layout, num_chunks, "v", zigzag=causal)
     s_local = q_.shape[1]
     dispatch = "zigzag" if causal else "contiguous"
     if causal and s_local % 2:
@@ -286,8 +305,19 @@ def hamilton_attention_forward_causal_flash_attn(
     """Causal Hamilton Attention (``K_{m x u}`` schedule ``hamilton``); ``(out, lse)``.
 
     Shards are zigzag (load-balanced): the global sequence of ``W * S_local`` tokens is
-    cut into 2W equal chunks and rank r holds chunk r followed by chunk 2W-1-r
-    (``S_local`` even and equal on all ranks). ``source_rank_per_iter`` (optional) must
+    cut into 2W equal blocks and ``q`` of rank r holds block r followed by block 2W-1-r
+    (``S_local`` even and equal on all ranks). ``k`` / ``v`` are accepted in two layouts,
+    told apart by type:
+
+    * a tensor: the zigzag shard, laid out as ``q``;
+    * a list (or tuple) of ``W - 1`` tensors: the reference implementation's layout,
+      where entry j is ``cat(piece j of block r, piece j of block 2W-1-r)`` (with the
+      reference's 2W(W-1) chunks of the sequence: chunk ``r*m + j`` then chunk
+      ``2*m*n - m - r*m + j``, m = W-1, n = W). Each entry must have an even length,
+      its two halves being one piece of each block (ValueError otherwise). A zigzag
+      shard merely split into W-1 parts is *not* this layout: pass it as a tensor.
+
+    ``source_rank_per_iter`` (optional) must
     equal :func:`calculate_source_rank_per_iter` (flags) or
     :func:`~hamilton_attn.topology.seed_names.source_rank_per_iter` (ranks) of the
     library's cycles; the causal skipping itself comes from the plan. Other arguments as

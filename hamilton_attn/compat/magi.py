@@ -226,11 +226,18 @@ class AttnRanges:
 
     @staticmethod
     def from_cu_seqlens(cu_seqlens, seq_len: int | None = None) -> AttnRanges:
-        """``[cu[i], cu[i+1])`` for each i; ``cu`` starts at 0, is non-decreasing and
-        (when ``seq_len`` is given) ends at ``seq_len``."""
+        """``[cu[i], cu[i+1])`` for each i; ``cu`` starts at 0, is strictly increasing
+        (a repeated boundary raises, as in MagiAttention) and, when ``seq_len`` is given,
+        ends at ``seq_len``. An empty ``cu`` gives an empty AttnRanges."""
         cu = _as_int_list(cu_seqlens, "cu_seqlens")
-        if not cu or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"cu_seqlens: expected 0 = cu[0] <= cu[1] <= ..., got {cu}")
+        if not cu:
+            # MagiAttention: no boundaries, no ranges (whatever seq_len says)
+            return AttnRanges()
+        if cu[0] != 0 or any(b <= a for a, b in zip(cu, cu[1:])):
+            # strictly: MagiAttention refuses a repeated boundary (an empty range)
+            raise ValueError(
+                f"cu_seqlens: expected 0 = cu[0] < cu[1] < ... (strictly increasing), got {cu}"
+            )
         if seq_len is not None and cu[-1] != seq_len:
             raise ValueError(f"cu_seqlens: expected to end at seq_len={seq_len}, got {cu[-1]}")
         return AttnRanges.from_ranges(list(zip(cu, cu[1:])))
@@ -460,10 +467,24 @@ def infer_attn_mask_from_sliding_window(
     rectangle sees its keys j with ``i + s - left <= j <= i + s + right`` where ``s =
     k_range.seqlen - q_range.seqlen``; ``-1`` leaves that side unbounded, so ``(-1, -1)``
     is FULL and ``(-1, 0)`` CAUSAL. Rows that see no key get no rectangle.
+
+    As in MagiAttention, a ``q_range`` longer than ``k_range`` keeps only its last
+    ``k_range.seqlen`` rows (then ``s = 0``): the first ``Lq - Lk`` rows see nothing,
+    even where flash-attn's right window would reach a key.
     """
-    band = _window_band(AttnRange.from_range(q_range), AttnRange.from_range(k_range), window_size)
+    q_range, k_range = AttnRange.from_range(q_range), AttnRange.from_range(k_range)
+    band = _window_band(_magi_window_rows(q_range, k_range), k_range, window_size)
     nb = band.normalized()
     return _bands_to_triple([nb] if nb is not None else [])
+
+
+def _magi_window_rows(q_range: AttnRange, k_range: AttnRange) -> AttnRange:
+    """The rows MagiAttention gives a sliding window: the last ``k_range.seqlen`` of
+    ``q_range`` when it is longer. Ported masks must match its rectangles row for row,
+    so the rows above that square are dropped even where the right window reaches."""
+    if q_range.seqlen > k_range.seqlen:
+        return AttnRange(q_range.end - k_range.seqlen, q_range.end)
+    return q_range
 
 
 def infer_attn_mask_from_cu_seqlens(
@@ -479,10 +500,11 @@ def infer_attn_mask_from_cu_seqlens(
     Document i is ``[cu_q[i], cu_q[i+1]) x [cu_k[i], cu_k[i+1])``. With ``window_size ==
     (-1, -1)`` it is one FULL (or, ``causal=True``, bottom-right CAUSAL) rectangle.
     Otherwise (``causal`` must then be False) each document gets flash-attn's sliding
-    window (see :func:`infer_attn_mask_from_sliding_window`) and, with
-    ``global_window_size = G > 0``, every query also sees the document's first G keys,
-    except those past its right window: query i (0-based in the document) sees global
-    key j < G when ``j <= i + right`` (right = -1: all G).
+    window (see :func:`infer_attn_mask_from_sliding_window`: with ``G = 0`` a document
+    with more queries than keys keeps only its last ``Lk`` query rows, as in
+    MagiAttention) and, with ``global_window_size = G > 0``, every query also sees the
+    document's first G keys, except those past its right window: query i (0-based in the
+    document) sees global key j < G when ``j <= i + right`` (right = -1: all G).
     """
     cu_q = _as_int_list(cu_seqlens_q, "cu_seqlens_q")
     cu_k = _as_int_list(cu_seqlens_k, "cu_seqlens_k")
@@ -511,8 +533,11 @@ def infer_attn_mask_from_cu_seqlens(
         )
     q_all, k_all, types = AttnRanges(), AttnRanges(), []
     for qr, kr in docs:
-        bands = [_window_band(qr, kr, (left, right))]
         g = min(global_window_size, kr.seqlen)
+        # Without global tokens MagiAttention runs its sliding-window inference per
+        # document, which drops the rows of a document with more queries than keys.
+        rows = _magi_window_rows(qr, kr) if g <= 0 else qr
+        bands = [_window_band(rows, kr, (left, right))]
         if g > 0:
             hi = POS_INF_DIAG if right < 0 else (kr.start - qr.start) + right
             bands.append(Band(qr.start, qr.end, kr.start, kr.start + g, NEG_INF_DIAG, hi))

@@ -242,17 +242,24 @@ def _assign_runs(costs: Sequence[float], world_size: int, per_rank: int) -> list
         # chunks used by ranks 0..r-1; choice[r][lo] = that rank's front run length.
         best = [pre[n - (w - 1) * per + lo] - pre[lo] for lo in range((w - 1) * per + 1)]
         choice: list[list[int]] = [[] for _ in range(w - 1)]
+        # Each (rank, lo) row of the table at once: the same float operations in the
+        # same order as work(), then the same tie-break (nearest half, then fewest).
+        import numpy as np  # as Mask.digest does (torch's .numpy())
+
+        pre_a = np.asarray(pre)
+        fs = np.arange(per + 1)
+        tie = np.abs(2 * fs - per) * (per + 1) + fs
         for r in range(w - 2, -1, -1):
-            nxt, best = best, []
-            for lo in range(r * per + 1):
-                key = lambda f, lo=lo, r=r, nxt=nxt: (  # noqa: E731
-                    max(work(r, lo, f), nxt[lo + f]),
-                    abs(2 * f - per),
-                    f,
-                )
-                f = min(range(per + 1), key=key)
-                choice[r].append(f)
-                best.append(key(f)[0])
+            nxt = np.asarray(best)
+            los = np.arange(r * per + 1)[:, None]
+            his = n - (r * per - los)
+            val = np.maximum(
+                pre_a[los + fs] - pre_a[los] + pre_a[his] - pre_a[his - per + fs], nxt[los + fs]
+            )
+            low = val.min(axis=1, keepdims=True)
+            pick = np.argmin(np.where(val == low, tie, np.iinfo(np.int64).max), axis=1)
+            choice[r] = pick.tolist()
+            best = val[np.arange(len(pick)), pick].tolist()
         lo = 0
         for r in range(w - 1):
             fronts.append(choice[r][lo])

@@ -110,3 +110,26 @@ def reduce_kv_grad(g_BHSD: torch.Tensor, hk: int) -> torch.Tensor:
     """Sum the gradient of expanded K/V heads back onto the Hk shared heads."""
     b, hq, s, d = g_BHSD.shape
     return g_BHSD if hq == hk else g_BHSD.view(b, hk, hq // hk, s, d).sum(2)
+
+
+def all_finite(*tensors: torch.Tensor, lse: torch.Tensor | None = None) -> bool:
+    """True if no tensor holds a NaN or an infinity, and ``lse`` none but -inf (the lse
+    of a row that sees no key).
+
+    Under ``torch.compile`` this answers True without looking: a data-dependent branch
+    would break the graph, so compiled calls take the kernels' plain paths."""
+    if torch.compiler.is_compiling():
+        return True
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if lse is not None:
+        flags.append((torch.isfinite(lse) | torch.isneginf(lse)).all())
+    # One host synchronisation for all of them (this runs per block on the reference
+    # kernel, GPU fallback included).
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def reference_kernel() -> AttentionKernel:
+    """The reference backend, to which sdpa and flex hand blocks they cannot run exactly."""
+    from . import get_kernel
+
+    return get_kernel("reference")

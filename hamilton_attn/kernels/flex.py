@@ -59,7 +59,15 @@ import warnings
 import torch
 
 from ..masks import Mask
-from .base import AttentionKernel, check_block, empty_result, expand_kv, lse_dtype
+from .base import (
+    AttentionKernel,
+    all_finite,
+    check_block,
+    empty_result,
+    expand_kv,
+    lse_dtype,
+    reference_kernel,
+)
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -166,6 +174,27 @@ class FlexMask:
             seq_lengths=(sq, sk),
         )
         self.empty_rows = torch.nonzero((lo > hi).all(0)).flatten()
+        # Keys no row sees: a difference array over the rows' intervals.
+        valid = lo <= hi
+        cover = torch.zeros(sk + 1, dtype=torch.int64, device=lo.device)
+        cover.index_add_(0, lo[valid].long(), torch.ones_like(lo[valid], dtype=torch.int64))
+        cover.index_add_(0, hi[valid].long() + 1, -torch.ones_like(hi[valid], dtype=torch.int64))
+        unseen = torch.cumsum(cover[:sk], 0) == 0
+        # Only keys in a tile that some partial block loads can meet a row in a product
+        # (a full block's keys are all seen; other tiles are never read): zeroing those
+        # alone keeps the copy of K and V off most blocks (packed documents: none).
+        loaded = self.partial.any(0).repeat_interleave(block_k)[:sk]
+        self.unseen_keys = torch.nonzero(unseen & loaded).flatten()
+
+
+def _hide_unseen(k, v, fm: FlexMask):
+    """K and V with the keys that no row of the block sees zeroed. Flex computes whole
+    tiles, and a masked pair's zero probability times a NaN or inf value (or, for dq,
+    key) is NaN: zeroing keys that nobody may read keeps such values out of every row.
+    Keys that some rows see cannot be zeroed; docs/DESIGN.md says what holds there."""
+    if fm.unseen_keys.numel() == 0:
+        return k, v
+    return k.index_fill(2, fm.unseen_keys, 0.0), v.index_fill(2, fm.unseen_keys, 0.0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -279,9 +308,15 @@ class FlexKernel(AttentionKernel):
         reason = self.unsupported_reason(q, k, v, mask)
         if reason is not None:
             raise ValueError(f"flex backend cannot run this block: {reason}")
+        if not q.is_cuda and not all_finite(k, v):
+            # Flex's CPU path materialises the scores: 0 x NaN at masked pairs; the
+            # reference kernel keeps non-finite values to the rows that see them.
+            return reference_kernel().forward(q, k, v, mask, scale)
         fm = self._prepared(q, mask)
         # flex refuses CPU inputs that require grad, even under no_grad.
         q, k, v = q.detach(), k.detach(), v.detach()
+        if q.is_cuda:
+            k, v = _hide_unseen(k, v, fm)
         with torch.no_grad():
             if q.is_cuda:
                 out, lse = _call_flex(compiled_flex_attention(), q, k, v, fm, scale)
@@ -302,6 +337,7 @@ class FlexKernel(AttentionKernel):
         if not q.is_cuda or mask.is_empty() or self.unsupported_reason(q, k, v, mask):
             return None
         fm = self._prepared(q, mask)
+        k, v = _hide_unseen(k, v, fm)  # differentiable: unseen keys get zero gradients
         out, lse = _call_flex(compiled_flex_attention(), q, k, v, fm, scale)
         lse = lse.detach().to(lse_dtype(q.dtype))
         if fm.empty_rows.numel():
@@ -317,12 +353,14 @@ class FlexKernel(AttentionKernel):
         reason = self.unsupported_reason(q, k, v, mask)
         if reason is not None:
             raise ValueError(f"flex backend cannot run this block: {reason}")
+        if not q.is_cuda and not all_finite(q, k, v, dout, out, lse=lse):
+            return reference_kernel().backward(dout, q, k, v, out, lse, mask, scale)
         if q.is_cuda:
             fm = self._prepared(q, mask)
             fn = compiled_flex_attention()
 
             def fwd(qg, kg, vg):
-                return _call_flex(fn, qg, kg, vg, fm, scale)
+                return _call_flex(fn, qg, *_hide_unseen(kg, vg, fm), fm, scale)
         else:
 
             def fwd(qg, kg, vg):

@@ -60,11 +60,13 @@ from ..masks import Mask
 from ..merge import acc_dtype, merge_
 from .base import (
     AttentionKernel,
+    all_finite,
     check_block,
     empty_result,
     expand_kv,
     lse_dtype,
     reduce_kv_grad,
+    reference_kernel,
     zeros_bhsd,
 )
 
@@ -77,9 +79,13 @@ OPS = (CUDNN, FLASH, EFFICIENT, CPU_FLASH)
 _TOP_LEFT = frozenset({CUDNN, EFFICIENT, CPU_FLASH})
 
 # Compare the release numbers only, so pre-release builds (2.11.0a0+..., NGC) pass.
-_TORCH_OK = (
-    tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()) >= MIN_TORCH
-)
+_TORCH_RELEASE = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+_TORCH_OK = _TORCH_RELEASE >= MIN_TORCH
+# torch.compiler.assume_constant_result takes a Mask argument from torch 2.13 on; torch
+# 2.11 raises inside dynamo ("UserDefinedObjectVariable(Mask) is not a constant",
+# measured on the GPU image). There dynamo traces plan_calls itself and breaks the graph
+# in the mask arithmetic, as before: compiled code still runs, fullgraph=True does not.
+CONSTANT_PLAN_UNDER_COMPILE = _TORCH_RELEASE >= (2, 13)
 _MIN_TORCH_STR = ".".join(map(str, MIN_TORCH))
 _aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
@@ -240,6 +246,15 @@ def plan_calls(
         else:
             calls.append(Call(q0, q1, k0, k1, causal, op))
     return tuple(calls)
+
+
+@torch.compiler.assume_constant_result
+def _traced_plan_calls(*args) -> tuple[Call, ...] | str:
+    """:func:`plan_calls` as torch.compile sees it: run at trace time, its result a
+    constant. The mask is fixed for the compiled code, and tracing the mask arithmetic
+    itself broke the graph (data-dependent shapes in the mask's row tables). A plain
+    function: dynamo looks through an lru_cache wrapper to trace what it wraps."""
+    return plan_calls(*args)
 
 
 def _no_op_reason(device, dtype, head_dim, seqlen_k, force_op) -> str:
@@ -408,6 +423,17 @@ def _gather(parts, like, ranges):
     return buf.to(like.dtype)
 
 
+def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """``(q, scale)`` to hand the ops. They apply the scale after masking (in the
+    exponent, ``exp(scale * (s - max))``, as their results show), so at ``scale <= 0`` a
+    masked score's -inf turns into NaN (0 x -inf) or +inf: the CPU op's causal call gave
+    NaN at ``scale=0`` and at ``scale=-2.5``. Scaling q instead and running at scale 1
+    keeps the masked scores at -inf."""
+    if scale > 0:
+        return q, scale
+    return q * scale, 1.0
+
+
 class SdpaKernel(AttentionKernel):
     """FULL / bottom-right CAUSAL pieces on torch's aten SDPA ops (see module docstring).
 
@@ -441,7 +467,8 @@ class SdpaKernel(AttentionKernel):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             return "q, k, v need unit stride on the head dim"
         switches = _switches() if q.is_cuda else (False, False, False)
-        return plan_calls(
+        planner = _traced_plan_calls if CONSTANT_PLAN_UNDER_COMPILE else plan_calls
+        return planner(
             mask, q.device, q.dtype, q.shape[-1], self.force_op, switches, self.max_pieces
         )
 
@@ -464,6 +491,12 @@ class SdpaKernel(AttentionKernel):
         if mask.is_empty():
             return empty_result(q, v)
         calls = self.calls(q, k, v, mask)
+        if q.device.type == "cpu" and not all_finite(k, v):
+            # The CPU op's P @ V meets a non-finite V at keys a row does not see (0 x NaN);
+            # the reference kernel keeps them out (its module docstring). On GPU the
+            # check would cost a host synchronisation per block (docs/DESIGN.md).
+            return reference_kernel().forward(q, k, v, mask, scale)
+        q, scale = _positive_scale(q, scale)
         b, h, sq, _ = q.shape
         run = [
             (
@@ -524,6 +557,10 @@ class SdpaKernel(AttentionKernel):
         if mask.is_empty():
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         calls = self.calls(q, k, v, mask)
+        if q.device.type == "cpu" and not all_finite(q, k, v, dout, out, lse=lse):
+            return reference_kernel().backward(dout, q, k, v, out, lse, mask, scale)
+        q_scale = scale
+        q, scale = _positive_scale(q, scale)
         # The ops want out / dout in the inputs' dtype and lse in float32 (float64 on
         # the CPU op for float64 inputs).
         out = out if out.dtype == q.dtype else out.to(q.dtype)
@@ -543,6 +580,9 @@ class SdpaKernel(AttentionKernel):
             )
             for c in calls
         ]
+        if scale != q_scale:
+            # The ops saw q * scale at scale 1: chain rule for dq (dk, dv are already right).
+            grads = [(dq * q_scale, dk, dv) for dq, dk, dv in grads]
         sq, sk = q.shape[2], k.shape[2]
         if len(calls) == 1 and (calls[0].q0, calls[0].q1, calls[0].k0, calls[0].k1) == (
             0,

@@ -19,6 +19,7 @@ import weakref
 import torch
 
 from .. import copy_engine, profile
+from ..attention import once_differentiable
 from ..comm import default_timeout, start_p2p
 from ..kernels import select_kernel
 from ..kernels.base import zeros_bhsd
@@ -536,6 +537,7 @@ class ContextParallelFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # no double backward: raise, not give wrong numbers
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *flat = ctx.saved_tensors
         kept = {p: (flat[2 * i], flat[2 * i + 1]) for i, p in enumerate(ctx.kept_pieces)}

@@ -2,10 +2,101 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
-from ..comm import all_gather_tensor
+from ..comm import all_gather_tensor, exchange_status, exchange_timeout, timeout_problem
 from ..plans import Plan
+
+# Known dtypes by position (a code every interpreter agrees on, and a name to report);
+# any other dtype gets a CRC of its name.
+_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+)
+_SHOWN_DIMS = 8  # dims sent for the message; every dim goes into the shape's CRC
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else zlib.crc32(str(dtype).encode()) << 8
+
+
+def _status(x: torch.Tensor, plan: Plan, dim: int, problem: str | None) -> list[int]:
+    shape = list(x.shape)
+    shown = (shape + [-1] * _SHOWN_DIMS)[:_SHOWN_DIMS]
+    crc = zlib.crc32(repr((shape, dim)).encode())
+    return [
+        int(problem is not None),
+        *plan.fingerprint,
+        _dtype_code(x.dtype),
+        x.dim(),
+        dim,
+        crc,
+        *shown,
+    ]
+
+
+def _describe(row: list[int]) -> str:
+    code, ndim, shown = row[3], row[4], row[7:]
+    dtype = _DTYPES[code - 1] if 0 < code <= len(_DTYPES) else "another dtype"
+    dims = ", ".join(map(str, shown[:ndim]))
+    tail = "," if ndim == 1 else (", ..." if ndim > _SHOWN_DIMS else "")
+    return f"({dims}{tail}) {dtype}"
+
+
+def _agree(
+    x: torch.Tensor, plan: Plan, dim: int, problem: str | None = None, name: str = "x_local"
+) -> None:
+    """Raise ValueError on every rank unless all ranks gather tensors of one shape and
+    dtype with one plan (a gather of unequal tensors aborts gloo, and NCCL hangs). On
+    CUDA it costs one small exchange on the first gather of each signature per plan
+    (every gather for ``check="always"``); on CPU tensors (gloo) every gather exchanges,
+    since a rank that alone meets a new signature would enter the exchange while its
+    peers already gather, and gloo aborts on the size mismatch."""
+    problem = problem or timeout_problem()
+    if plan.world_size == 1 or plan.check == "never":
+        if problem:
+            raise ValueError(problem)
+        return
+    sig = (tuple(x.shape), x.dtype, dim)
+    if plan.check == "first" and x.is_cuda and plan._gather_checked:
+        # As in calc_attn: peers that gathered this signature before skip the exchange,
+        # so a rank with a problem must not wait in it; it raises and they time out.
+        if problem:
+            raise ValueError(problem)
+        if sig in plan._gather_checked:
+            return
+    mine = _status(x, plan, dim, problem)
+    everyone = exchange_status(mine, plan.group, x.device, exchange_timeout())
+    if problem:
+        raise ValueError(problem)
+    bad = [r for r, row in enumerate(everyone) if row[0]]
+    if bad:
+        raise ValueError(f"{name}: rank(s) {bad} of the group got invalid inputs")
+    if any(row[1:3] != mine[1:3] for row in everyone):
+        raise ValueError(
+            "plan: the ranks of the group hold different plans (built for another group "
+            "or mask, or with other options)"
+        )
+    if any(row != mine for row in everyone):
+        shown = ", ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(everyone))
+        if any(row[5] != mine[5] for row in everyone):
+            shown += f"; seq_dim {[row[5] for row in everyone]}"
+        raise ValueError(
+            f"{name}: expected the same shape and dtype on every rank of the group, got " + shown
+        )
+    plan._gather_checked.add(sig)
 
 
 def _placement(plan: Plan, role: str):
@@ -30,7 +121,8 @@ def _local(x_padded: torch.Tensor, pl, rank: int, dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _gather(x_local: torch.Tensor, plan: Plan, pl, dim: int) -> torch.Tensor:
+def _gather(x_local: torch.Tensor, plan: Plan, pl, dim: int, name: str = "x_local"):
+    _agree(x_local, plan, dim, name=name)
     shards = all_gather_tensor(x_local, plan.group)
     shape = list(x_local.shape)
     shape[dim] = pl.padded_len
@@ -52,7 +144,8 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         # Every rank holds the same full x, so each gets the whole gradient.
-        return _gather(g.contiguous(), ctx.plan, ctx.pl, ctx.dim), None, None, None
+        grad = _gather(g.contiguous(), ctx.plan, ctx.pl, ctx.dim, "dispatch's gradient")
+        return grad, None, None, None
 
 
 class _Undispatch(torch.autograd.Function):
@@ -67,13 +160,20 @@ class _Undispatch(torch.autograd.Function):
         return local, None, None, None
 
 
-def _check_dim(x: torch.Tensor, dim: int, want: int, name: str) -> int:
+def _dim_problem(x: torch.Tensor, dim: int, want: int, name: str) -> str | None:
     if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"seq_dim: {dim} is out of range for a {x.dim()}-d {name}")
+        return f"seq_dim: {dim} is out of range for a {x.dim()}-d {name}"
     dim %= x.dim()
     if x.shape[dim] != want:
-        raise ValueError(f"{name}: expected {want} tokens along seq_dim={dim}, got {x.shape[dim]}")
-    return dim
+        return f"{name}: expected {want} tokens along seq_dim={dim}, got {x.shape[dim]}"
+    return None
+
+
+def _check_dim(x: torch.Tensor, dim: int, want: int, name: str) -> int:
+    problem = _dim_problem(x, dim, want, name)
+    if problem:
+        raise ValueError(problem)
+    return dim % x.dim()
 
 
 def dispatch(x: torch.Tensor, plan: Plan, seq_dim: int = 1, role: str = "q") -> torch.Tensor:
@@ -91,8 +191,11 @@ def undispatch(
 ) -> torch.Tensor:
     """The full sequence from every rank's shard, padding trimmed; on every rank."""
     pl = _placement(plan, role)
-    dim = _check_dim(x_local, seq_dim, pl.local_len, "x_local")
-    return _Undispatch.apply(x_local, plan, pl, dim)
+    problem = _dim_problem(x_local, seq_dim, pl.local_len, "x_local")
+    if problem:
+        # Every rank hears of it before the gather (its peers would wait in it).
+        _agree(x_local, plan, int(seq_dim), problem)
+    return _Undispatch.apply(x_local, plan, pl, seq_dim % x_local.dim())
 
 
 def get_position_ids(plan: Plan, device=None, role: str = "q") -> torch.Tensor:

@@ -10,11 +10,13 @@ def direct(world_size: int, local_len: int) -> Routing:
     if w == 1:
         return Routing("direct", 1, split_even(local_len, 1), ())
     n = w - 1
+    # One PieceId per piece, shared by its W - 1 transfers (W^3 of them).
+    pieces = [[PieceId(r, k) for k in range(n)] for r in range(w)]
     steps = []
     for t in range(n):
         steps.append(
             tuple(
-                Transfer(PieceId(r, (t + d - r) % n), r, d)
+                Transfer(pieces[r][(t + d - r) % n], r, d)
                 for r in range(w)
                 for d in range(w)
                 if d != r

@@ -49,7 +49,7 @@ def _stage_of_pieces(
             key=lambda p: (-len(dsts[p]), p.part),
         )
         for p in mine:
-            s = min(range(degree), key=lambda i: (load[i], i))
+            s = load.index(min(load))  # the lightest stage, the first of equals
             stage[p] = s
             load[s] += len(dsts[p])
     return stage
@@ -65,16 +65,31 @@ def predicted_time(
 ) -> float:
     """The cost model's time for ``degree`` stages: per step, the slowest rank's
     max(compute of the stage it holds, transfer of the stage in flight)."""
+    own, sent = _block_costs(w, n_parts, dsts, cost)
+    return _predicted_time(w, n_parts, part_tokens, degree, dsts, own, sent)
+
+
+def _block_costs(w, n_parts, dsts, cost):
+    """What every degree's prediction reads: each rank's own blocks' compute, and per
+    piece its receivers' compute, ``(receiver, seconds)`` in ``dsts`` order."""
+    own = [sum(cost(r, PieceId(r, p)) for p in range(n_parts)) * SEC_PER_PAIR for r in range(w)]
+    sent = {p: [(d, cost(d, p) * SEC_PER_PAIR) for d in ds] for p, ds in dsts.items()}
+    return own, sent
+
+
+def _predicted_time(w, n_parts, part_tokens, degree, dsts, own, sent) -> float:
     stage = _stage_of_pieces(w, n_parts, degree, dsts)
     comp = [[0.0] * w for _ in range(degree + 1)]
     comm = [[0.0] * w for _ in range(degree + 1)]
-    for r in range(w):
-        comp[0][r] = sum(cost(r, PieceId(r, p)) for p in range(n_parts)) * SEC_PER_PAIR
+    comp[0] = list(own)
+    tok = part_tokens * SEC_PER_TOKEN
     for p, s in stage.items():
-        for d in dsts[p]:
-            comp[s + 1][d] += cost(d, p) * SEC_PER_PAIR
-            comm[s][d] += part_tokens * SEC_PER_TOKEN
-            comm[s][p.owner] += part_tokens * SEC_PER_TOKEN
+        cs, ms = comp[s + 1], comm[s]
+        o = p.owner
+        for d, c in sent[p]:
+            cs[d] += c
+            ms[d] += tok
+            ms[o] += tok
     total = 0.0
     for s in range(degree + 1):
         total += max(max(comp[s][r], comm[s][r]) for r in range(w)) + SEC_PER_STAGE
@@ -113,10 +128,12 @@ def groupcast(
         for p in range(n_parts)
     }
     if degree is None:
+        # Every degree reads the same blocks' costs: work them out once.
+        own, sent = _block_costs(w, n_parts, dsts, cost)
         top = max(1, min(MAX_DEGREE, n_parts))
         degree = min(
             range(1, top + 1),
-            key=lambda g: (predicted_time(w, n_parts, chunk, g, dsts, cost), g),
+            key=lambda g: (_predicted_time(w, n_parts, chunk, g, dsts, own, sent), g),
         )
     degree = max(1, min(degree, n_parts))
     stage = _stage_of_pieces(w, n_parts, degree, dsts)
@@ -141,20 +158,24 @@ def groupcast(
             steps[s + 1] += [Transfer(p, relay, d) for d in ds if d != relay]
     # Peak received KV held at once (a piece arrives for step s+1, is freed after its
     # last use): declared as the budget, in local shards; the verifier re-counts it.
+    # One pass over the transfers, each counted for its receiver and its sender (not
+    # W passes, one per rank: 4M visits at W = 64).
+    arrive: list[dict[PieceId, int]] = [{} for _ in range(w)]
+    last: list[dict[PieceId, int]] = [{} for _ in range(w)]
+    for s, ts in enumerate(steps):
+        for t in ts:
+            p = t.piece
+            arrive[t.dst][p] = s
+            last[t.dst].setdefault(p, s + 1)
+            if p.owner != t.src:
+                last_src = last[t.src]
+                last_src[p] = max(last_src.get(p, 0), s)
     peak = 0
     for r in range(w):
-        arrive: dict[PieceId, int] = {}
-        last: dict[PieceId, int] = {}
-        for s, ts in enumerate(steps):
-            for t in ts:
-                if t.dst == r:
-                    arrive[t.piece] = s
-                    last.setdefault(t.piece, s + 1)
-                if t.src == r and t.piece.owner != r:
-                    last[t.piece] = max(last.get(t.piece, 0), s)
         live = [0] * (len(steps) + 2)
-        for p, s0 in arrive.items():
-            for s in range(s0, last[p] + 1):
+        last_r = last[r]
+        for p, s0 in arrive[r].items():
+            for s in range(s0, last_r[p] + 1):
                 live[s] += chunk
         peak = max(peak, max(live))
     return Routing(

@@ -13,16 +13,17 @@ def cycle_routing(
     """Piece c of every rank travels once round ``cycles[c]`` (each a Hamiltonian cycle)."""
     w = world_size
     succ = [{c[i]: c[(i + 1) % w] for i in range(w)} for c in cycles]
-    pred = [{v: k for k, v in s.items()} for s in succ]
+    # At step s, r forwards the piece that left its owner s hops back along the cycle:
+    # read off the cycle's order (walking back s hops each time made this O(W^4)).
+    pos = [{v: i for i, v in enumerate(c)} for c in cycles]
+    pieces = [[PieceId(o, c) for c in range(len(cycles))] for o in range(w)]
     steps = []
     for s in range(w - 1):
         step = []
         for r in range(w):
-            for c in range(len(cycles)):
-                owner = r
-                for _ in range(s):
-                    owner = pred[c][owner]
-                step.append(Transfer(PieceId(owner, c), r, succ[c][r]))
+            for c, cyc in enumerate(cycles):
+                owner = cyc[(pos[c][r] - s) % w]
+                step.append(Transfer(pieces[owner][c], r, succ[c][r]))
         steps.append(tuple(step))
     return Routing(
         name,

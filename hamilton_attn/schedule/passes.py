@@ -14,90 +14,127 @@ from .ir import PieceId, Routing, Schedule, Step, Transfer
 Needs = Callable[[int, PieceId], bool]
 
 
-def _arrivals(routing: Routing) -> dict[tuple[int, PieceId], int]:
-    """First step at which each (rank, piece) is held."""
-    held: dict[tuple[int, PieceId], int] = {}
-    for o in range(routing.world_size):
-        for p in range(len(routing.parts)):
-            held[(o, PieceId(o, p))] = 0
+def _arrivals(routing: Routing) -> list[dict[PieceId, int]]:
+    """Per rank, the first step at which it holds each piece."""
+    n_parts = len(routing.parts)
+    held: list[dict[PieceId, int]] = [
+        {PieceId(o, p): 0 for p in range(n_parts)} for o in range(routing.world_size)
+    ]
     for s, transfers in enumerate(routing.steps):
         for t in transfers:
-            held.setdefault((t.dst, t.piece), s + 1)
+            held[t.dst].setdefault(t.piece, s + 1)
     return held
 
 
 def prune(routing: Routing, needs: Needs) -> tuple[tuple[Transfer, ...], ...]:
     """Drop transfers whose piece is never used downstream of the receiver."""
-    useful_at: dict[tuple[int, PieceId], bool] = {}
+    # [rank] -> pieces it forwards usefully later (per rank, not (rank, piece) keys:
+    # hamilton and direct route some 254K transfers at W = 64).
+    useful: list[set[PieceId]] = [set() for _ in range(routing.world_size)]
     kept: list[tuple[Transfer, ...]] = []
     for transfers in reversed(routing.steps):
-        keep = []
-        for t in transfers:
-            if needs(t.dst, t.piece) or useful_at.get((t.dst, t.piece), False):
-                keep.append(t)
+        keep = [t for t in transfers if t.piece in useful[t.dst] or needs(t.dst, t.piece)]
         # A rank that forwards a useful piece needs to hold it: mark earlier deliveries.
         for t in keep:
-            useful_at[(t.src, t.piece)] = True
+            useful[t.src].add(t.piece)
         kept.append(tuple(keep))
     return tuple(reversed(kept))
 
 
 def _route_grads(
-    routing: Routing, steps: list[list[Transfer]], compute_step: dict[tuple[int, PieceId], int]
+    routing: Routing, steps: list[list[Transfer]], compute_step: list[dict[PieceId, int]]
 ) -> list[list[Transfer]]:
-    """Grad transfers per step for the routing's ``grad_route``."""
-    parent: dict[tuple[int, PieceId], int] = {}
-    children: dict[tuple[int, PieceId], list[int]] = {}
-    for transfers in steps:
-        for t in transfers:
-            parent[(t.dst, t.piece)] = t.src
-            children.setdefault((t.src, t.piece), []).append(t.dst)
-    holders = sorted(compute_step, key=lambda rp: compute_step[rp])
+    """Grad transfers per step for the routing's ``grad_route``; ``compute_step[r][p]``:
+    the step at which rank r computes piece p."""
+    w = routing.world_size
     grads: dict[int, list[Transfer]] = {}
     mode = routing.grad_route
     if mode == "direct":
-        for r, p in holders:
-            if r != p.owner:
-                grads.setdefault(compute_step[(r, p)] + 1, []).append(Transfer(p, r, p.owner))
-    elif mode == "follow":
+        # Straight home after the compute. Visiting ranks in order and each rank's
+        # pieces in order appends every step's list already in (src, dst, piece) order
+        # (dst is the piece's owner), so no sort is needed.
+        for r in range(w):
+            for p, s in sorted(compute_step[r].items()):
+                if r != p.owner:
+                    grads.setdefault(s + 1, []).append(Transfer(p, r, p.owner))
+        n = max([len(steps)] + [s + 1 for s in grads])
+        return [grads.get(s, []) for s in range(n)]
+    if mode not in ("follow", "reverse"):
+        raise ValueError(f"grad_route: expected follow, direct or reverse, got {mode!r}")
+    # [rank] -> piece -> the rank it came from (the last transfer's) / the ranks it
+    # went to, in transfer order; ``first`` lists the (rank, piece) keys in the order
+    # they were first received (the order the follow route visits them in).
+    parent: list[dict[PieceId, int]] = [{} for _ in range(w)]
+    children: list[dict[PieceId, list[int]]] = [{} for _ in range(w)]
+    first: list[tuple[int, PieceId]] = []
+    for transfers in steps:
+        for t in transfers:
+            dst, p = t.dst, t.piece
+            par = parent[dst]
+            if p not in par:
+                first.append((dst, p))
+            par[p] = t.src
+            kids = children[t.src].get(p)
+            if kids is None:
+                children[t.src][p] = [dst]
+            else:
+                kids.append(dst)
+    if mode == "follow":
         # The accumulator trails the KV one step behind along single-child chains, and
         # goes home from the chain's end (a ring's or cycle's last hop is the owner's
         # neighbour). A rank sends after its own compute and after its parent's
-        # accumulator has arrived.
-        send_at: dict[tuple[int, PieceId], int] = {}
-        order = sorted(parent, key=lambda rp: compute_step.get(rp, 0))
-        for r, p in order:
-            if (r, p) not in compute_step:
-                continue
-            t = compute_step[(r, p)] + 1
-            par = parent[(r, p)]
-            if par != p.owner and len(children.get((par, p), [])) == 1 and (par, p) in send_at:
-                t = max(t, send_at[(par, p)] + 1)
-            send_at[(r, p)] = t
-        for (r, p), t in send_at.items():
-            kids = [c for c in children.get((r, p), []) if (c, p) in send_at]
-            dst = kids[0] if len(kids) == 1 and len(children[(r, p)]) == 1 else p.owner
-            grads.setdefault(t, []).append(Transfer(p, r, dst))
+        # accumulator has arrived. Received pieces are visited by compute step, in the
+        # order first received within one step (a stable sort, done by buckets).
+        send_at: list[dict[PieceId, int]] = [{} for _ in range(w)]
+        buckets: dict[int, list[tuple[int, PieceId]]] = {}
+        for r, p in first:
+            c = compute_step[r].get(p)
+            if c is not None:
+                buckets.setdefault(c, []).append((r, p))
+        for c in sorted(buckets):
+            for r, p in buckets[c]:
+                t = c + 1
+                par = parent[r][p]
+                if par != p.owner:
+                    kids = children[par].get(p)
+                    if kids is not None and len(kids) == 1:
+                        before = send_at[par].get(p)
+                        if before is not None and before + 1 > t:
+                            t = before + 1
+                send_at[r][p] = t
+        for r in range(w):
+            kids_r = children[r]
+            for p, t in send_at[r].items():
+                ch = kids_r.get(p)
+                dst = p.owner
+                if ch is not None and len(ch) == 1 and p in send_at[ch[0]]:
+                    dst = ch[0]
+                grads.setdefault(t, []).append(Transfer(p, r, dst))
     elif mode == "reverse":
         # Back along the path the KV came: leaves first, each rank after all its children.
-        send_at = {}
+        send_at = [{} for _ in range(w)]
 
         def when(r: int, p: PieceId) -> int:
-            if (r, p) in send_at:
-                return send_at[(r, p)]
-            t = compute_step.get((r, p), -1) + 1
-            for c in children.get((r, p), []):
+            got = send_at[r].get(p)
+            if got is not None:
+                return got
+            t = compute_step[r].get(p, -1) + 1
+            for c in children[r].get(p, []):
                 t = max(t, when(c, p) + 1)
-            send_at[(r, p)] = t
+            send_at[r][p] = t
             return t
 
-        for r, p in parent:
+        for r, p in first:
             t = when(r, p)
-            grads.setdefault(t, []).append(Transfer(p, r, parent[(r, p)]))
-    else:
-        raise ValueError(f"grad_route: expected follow, direct or reverse, got {mode!r}")
+            grads.setdefault(t, []).append(Transfer(p, r, parent[r][p]))
     n = max([len(steps)] + [s + 1 for s in grads])
-    return [sorted(grads.get(s, []), key=lambda t: (t.src, t.dst, t.piece)) for s in range(n)]
+    return [sorted(grads.get(s, []), key=_transfer_order) for s in range(n)]
+
+
+def _transfer_order(t: Transfer) -> tuple[int, int, int, int]:
+    """``(src, dst, piece)`` order, with the piece's fields spelled out so that sorting
+    compares ints, not PieceIds (W^3 grad transfers for hamilton)."""
+    return (t.src, t.dst, t.piece.owner, t.piece.part)
 
 
 def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Schedule:
@@ -114,15 +151,21 @@ def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Sch
         routing.meta,
     )
     arrivals = _arrivals(pruned)
-    compute_step = {(r, p): s for (r, p), s in arrivals.items() if needs(r, p)}
+    compute_step = [{p: s for p, s in arrivals[r].items() if needs(r, p)} for r in range(w)]
     steps_t = [list(t) for t in pruned.steps]
-    n_compute = max([len(steps_t) + 1] + [s + 1 for s in compute_step.values()])
+    last = max((s for cs in compute_step for s in cs.values()), default=-1)
+    n_compute = max(len(steps_t) + 1, last + 1)
     steps_t += [[] for _ in range(n_compute - len(steps_t))]
     grads = _route_grads(pruned, steps_t, compute_step)
     n = max(len(steps_t), len(grads))
     compute = [[[] for _ in range(w)] for _ in range(n)]
-    for (r, p), s in sorted(compute_step.items(), key=lambda kv: kv[0][1]):
-        compute[s][r].append(p)
+    for r in range(w):
+        for p, s in compute_step[r].items():
+            compute[s][r].append(p)
+    for per_rank in compute:  # a rank's blocks of a step in piece order
+        for c in per_rank:
+            if len(c) > 1:
+                c.sort()
     steps = []
     for s in range(n):
         steps.append(
@@ -204,10 +247,8 @@ def reverse_backward(schedule: Schedule) -> Schedule | None:
         steps.append(
             Step(
                 compute=comp,
-                transfers=tuple(sorted(kv.get(j, []), key=lambda t: (t.src, t.dst, t.piece))),
-                grad_transfers=tuple(
-                    sorted(grads.get(j, []), key=lambda t: (t.src, t.dst, t.piece))
-                ),
+                transfers=tuple(sorted(kv.get(j, []), key=_transfer_order)),
+                grad_transfers=tuple(sorted(grads.get(j, []), key=_transfer_order)),
             )
         )
     return replace(

@@ -58,79 +58,114 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
             f"{schedule.name}: parts {schedule.parts} do not cut the "
             f"{local_len} local tokens exactly once"
         )
-    held: list[dict[PieceId, int]] = [
-        {PieceId(r, p): 0 for p in range(len(plen))} for r in range(w)
-    ]
-    computed: Counter = Counter()
-    last_use: dict[tuple[int, PieceId], int] = {}
+    n_parts = len(plen)
+    # Per-rank structures keyed by piece (no (rank, piece) tuples: hamilton and direct
+    # check some 254K transfers and blocks at W = 64, and a tuple key is built and
+    # hashed at every lookup). held[r][p]: the step p arrived (0 for its own pieces);
+    # written as each transfer is checked, so "held before step s" reads
+    # ``hs is not None and (hs < s or p is r's own)``.
+    held: list[dict[PieceId, int]] = [{PieceId(r, p): 0 for p in range(n_parts)} for r in range(w)]
+    computed: list[set[PieceId]] = [set() for _ in range(w)]  # blocks computed (each once)
+    last_use: list[dict[PieceId, int]] = [{} for _ in range(w)]
     sent = [0] * w
     recv = [0] * w
     gsent = [0] * w
-    links: dict[tuple[int, int], int] = defaultdict(int)
+    links_i: dict[int, int] = {}  # src * w + dst -> tokens, in order of first use
     step_max_link = []
-    acc: list[dict[PieceId, Counter]] = [defaultdict(Counter) for _ in range(w)]
+    # [rank] -> piece -> {contributing rank: count}: plain dicts, not Counters (a
+    # Counter per block, W^3 of them for hamilton, cost more than the rest of the check).
+    acc: list[dict[PieceId, dict[int, int]]] = [{} for _ in range(w)]
     empty = 0
     for s, step in enumerate(schedule.steps):
-        if len(step.compute) != w:
-            raise ScheduleError(f"step {s}: compute lists {len(step.compute)} ranks, expected {w}")
-        where = f"{schedule.name} step {s}"
+        compute = step.compute
+        if len(compute) != w:
+            raise ScheduleError(f"step {s}: compute lists {len(compute)} ranks, expected {w}")
         # dK/dV accumulators leave with what their sender summed before this step.
         in_flight_grads = []
         for t in step.grad_transfers:
-            if t.src == t.piece.owner:
+            piece, src = t.piece, t.src
+            if src == piece.owner:
                 raise ScheduleError(
-                    f"{where}, rank {t.src}: sends the gradient of its own {t.piece}"
+                    f"{schedule.name} step {s}, rank {src}: sends the gradient of its own {piece}"
                 )
-            if not acc[t.src].get(t.piece):
+            a = acc[src]
+            if not a.get(piece):
                 raise ScheduleError(
-                    f"{where}, rank {t.src}: sends an empty dK/dV accumulator "
-                    f"of {t.piece} to rank {t.dst}"
+                    f"{schedule.name} step {s}, rank {src}: sends an empty dK/dV accumulator "
+                    f"of {piece} to rank {t.dst}"
                 )
-            in_flight_grads.append((t, acc[t.src].pop(t.piece)))
-            gsent[t.src] += plen[t.piece.part]
-        link_step: Counter = Counter()
-        seen_dst = set()
+            in_flight_grads.append((t.dst, piece, a.pop(piece)))
+            gsent[src] += plen[piece.part]
+        link_step: dict[int, int] = {}
         for t in step.transfers:
-            if not (0 <= t.src < w and 0 <= t.dst < w) or t.src == t.dst:
-                raise ScheduleError(f"{where}: transfer {t} has a bad endpoint")
-            if t.piece not in held[t.src]:
-                raise ScheduleError(f"{where}, rank {t.src}: sends {t.piece} it does not hold")
-            if t.piece in held[t.dst] or (t.dst, t.piece) in seen_dst:
+            src, dst, piece = t.src, t.dst, t.piece
+            if not (0 <= src < w and 0 <= dst < w) or src == dst:
+                raise ScheduleError(f"{schedule.name} step {s}: transfer {t} has a bad endpoint")
+            hs = held[src].get(piece)
+            if hs is None or (hs == s and piece.owner != src):
                 raise ScheduleError(
-                    f"{where}, rank {t.dst}: receives {t.piece} it already holds "
+                    f"{schedule.name} step {s}, rank {src}: sends {piece} it does not hold"
+                )
+            hd = held[dst]
+            if piece in hd:  # held before, or received earlier in this step
+                raise ScheduleError(
+                    f"{schedule.name} step {s}, rank {dst}: receives {piece} it already holds "
                     "(redundant transfer)"
                 )
-            seen_dst.add((t.dst, t.piece))
-            n = plen[t.piece.part]
-            sent[t.src] += n
-            recv[t.dst] += n
-            links[(t.src, t.dst)] += n
-            link_step[(t.src, t.dst)] += n
-            last_use[(t.src, t.piece)] = s
+            hd[piece] = s  # receive buffer exists from the start of step s
+            n = plen[piece.part]
+            sent[src] += n
+            recv[dst] += n
+            k = src * w + dst
+            link_step[k] = link_step.get(k, 0) + n
+            last_use[src][piece] = s
+        for k, n in link_step.items():
+            links_i[k] = links_i.get(k, 0) + n
         step_max_link.append(max(link_step.values(), default=0))
         for r in range(w):
-            for p in step.compute[r]:
-                if p not in held[r]:
-                    raise ScheduleError(f"{where}, rank {r}: computes on {p} it does not hold")
-                if computed[(r, p)]:
-                    raise ScheduleError(f"{where}, rank {r}: computes {p} a second time")
-                computed[(r, p)] += 1
+            pieces_r = compute[r]
+            if not pieces_r:
+                continue
+            held_r, done_r, acc_r, use_r = held[r], computed[r], acc[r], last_use[r]
+            for p in pieces_r:
+                hs = held_r.get(p)
+                if hs is None or (hs == s and p.owner != r):
+                    raise ScheduleError(
+                        f"{schedule.name} step {s}, rank {r}: computes on {p} it does not hold"
+                    )
+                if p in done_r:
+                    raise ScheduleError(
+                        f"{schedule.name} step {s}, rank {r}: computes {p} a second time"
+                    )
+                done_r.add(p)
                 if not needs(r, p):
                     empty += 1
-                acc[r][p][r] += 1
-                last_use[(r, p)] = s
-        for t in step.transfers:
-            held[t.dst][t.piece] = s  # receive buffer exists from the start of step s
-        for t, contrib in in_flight_grads:
-            acc[t.dst][t.piece].update(contrib)
+                tally = acc_r.get(p)
+                if tally is None:
+                    acc_r[p] = {r: 1}
+                else:
+                    tally[r] = tally.get(r, 0) + 1
+                use_r[p] = s
+        for dst, piece, contrib in in_flight_grads:  # _add_tally, inlined (W^3 calls)
+            a = acc[dst]
+            mine = a.get(piece)
+            if mine is None:
+                a[piece] = contrib
+                continue
+            if len(mine) < len(contrib):
+                mine, contrib = contrib, mine
+                a[piece] = mine
+            for r, n in contrib.items():
+                mine[r] = mine.get(r, 0) + n
+    links = {(k // w, k % w): n for k, n in links_i.items()}
+    pieces = schedule.pieces  # built once: W^2 x parts checks follow
     for r in range(w):
-        for o in range(w):
-            for part in range(len(plen)):
-                p = PieceId(o, part)
-                if needs(r, p) and not computed[(r, p)]:
-                    raise ScheduleError(
-                        f"{schedule.name}: rank {r} never computes {p}, which its queries attend to"
-                    )
+        done_r = computed[r]
+        for p in pieces:
+            if p not in done_r and needs(r, p):
+                raise ScheduleError(
+                    f"{schedule.name}: rank {r} never computes {p}, which its queries attend to"
+                )
     for r in range(w):
         for p, contrib in acc[r].items():
             if p.owner != r and contrib:
@@ -138,25 +173,30 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
                     f"{schedule.name}: rank {r} is left holding dK/dV of {p} "
                     f"(from ranks {sorted(contrib)})"
                 )
-    for o in range(w):
-        for part in range(len(plen)):
-            p = PieceId(o, part)
-            want = Counter({r: 1 for r in range(w) if computed[(r, p)]})
-            if acc[o].get(p, Counter()) != want:
-                raise ScheduleError(
-                    f"{schedule.name}: dK/dV of {p} reaches its owner from "
-                    f"{dict(acc[o].get(p, {}))}, expected once from {sorted(want)}"
-                )
+    # Who computed each piece, from the computed blocks rather than W ranks per piece.
+    computed_by: dict[PieceId, dict[int, int]] = defaultdict(dict)
+    for r in range(w):
+        for p in computed[r]:
+            computed_by[p][r] = 1
+    for p in pieces:
+        want = computed_by.get(p, {})
+        if acc[p.owner].get(p, {}) != want:
+            raise ScheduleError(
+                f"{schedule.name}: dK/dV of {p} reaches its owner from "
+                f"{dict(acc[p.owner].get(p, {}))}, expected once from {sorted(want)}"
+            )
     peak = []
     allowed = math.ceil(schedule.buffer_budget * len(plen) - 1e-9) * max(plen, default=0)
     for r in range(w):
         live = [0] * (len(schedule.steps) + 1)
+        use_r = last_use[r]
         for p, s0 in held[r].items():
             if p.owner == r:
                 continue
-            s1 = last_use.get((r, p), s0)
+            s1 = use_r.get(p, s0)
+            n = plen[p.part]
             for s in range(s0, s1 + 1):  # allocated when its transfer starts (step s0)
-                live[s] += plen[p.part]
+                live[s] += n
         peak.append(max(live, default=0))
         if peak[-1] > allowed:
             raise ScheduleError(
@@ -164,7 +204,7 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
                 f"at once, over its budget of {schedule.buffer_budget} x "
                 f"{local_len} ({allowed} tokens in whole pieces)"
             )
-    redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and (r, p) not in last_use)
+    redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and p not in last_use[r])
     if schedule.meta.get("zero_redundancy"):
         _prove_zero_redundancy(schedule, needs, computed, last_use, held)
     return ScheduleReport(
@@ -172,17 +212,34 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
         sent_tokens=sent,
         recv_tokens=recv,
         grad_sent_tokens=gsent,
-        link_tokens=dict(links),
+        link_tokens=links,
         peak_buffer_tokens=peak,
-        blocks=sum(computed.values()),
+        blocks=sum(len(c) for c in computed),
         empty_blocks=empty,
         redundant_transfers=redundant,
         per_step_max_link_tokens=step_max_link,
     )
 
 
+def _add_tally(acc: dict, piece: PieceId, contrib: dict) -> None:
+    """Add an arriving dK/dV tally (popped from its sender, so owned) to ``acc[piece]``,
+    merging the smaller into the larger: an accumulator trailing its piece round a
+    cycle gains one rank per hop, and copying the whole tally at every hop made the
+    check O(W^4) for hamilton."""
+    mine = acc.get(piece)
+    if mine is None:
+        acc[piece] = contrib
+        return
+    if len(mine) < len(contrib):
+        mine, contrib = contrib, mine
+        acc[piece] = mine
+    for r, n in contrib.items():
+        mine[r] = mine.get(r, 0) + n
+
+
 def _prove_zero_redundancy(schedule: Schedule, needs: Needs, computed, last_use, held) -> None:
-    """A zero-redundancy schedule delivers a piece only to a rank that computes on it
+    """``computed``, ``last_use`` and ``held``: per rank, as :func:`verify` keeps them.
+    A zero-redundancy schedule delivers a piece only to a rank that computes on it
     (its queries need it) or forwards it, and (with ``meta["node_size"]``) lets each
     piece enter each other node once."""
     w = schedule.world_size
@@ -190,12 +247,12 @@ def _prove_zero_redundancy(schedule: Schedule, needs: Needs, computed, last_use,
         for p in held[r]:
             if p.owner == r:
                 continue
-            if not (computed[(r, p)] or (r, p) in last_use):
+            if not (p in computed[r] or p in last_use[r]):
                 raise ScheduleError(
                     f"{schedule.name}: rank {r} receives {p} and neither computes on it "
                     "nor forwards it (not zero-redundancy)"
                 )
-            if computed[(r, p)] and not needs(r, p):
+            if p in computed[r] and not needs(r, p):
                 raise ScheduleError(
                     f"{schedule.name}: rank {r} receives {p} but none of its queries "
                     "attend to it (not zero-redundancy)"
@@ -252,7 +309,7 @@ def verify_backward(schedule: Schedule, needs: Needs) -> None:
         for t in step.transfers:
             held[t.dst].add(t.piece)
         for t, contrib in flying:
-            acc[t.dst][t.piece].update(contrib)
+            _add_tally(acc[t.dst], t.piece, contrib)
     for r in range(w):
         for o in range(w):
             for part in range(n_parts):

@@ -25,16 +25,58 @@ class RankContext:
     group: object
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def _loopback_listener() -> socket.socket:
+    """A socket listening on 127.0.0.1 at a port the kernel picks, for the rendezvous
+    store. Handed over as it is, so the port is never released between choosing and
+    using it (another process could take a port that was probed and closed), and the
+    store never binds all interfaces, as TCPStore does when it opens its own socket."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.listen(128)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def _loopback_ifname() -> str | None:
+    """Name of the loopback interface (``lo`` on Linux), for gloo's own listeners."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n in ("lo", "lo0")), None)
+
+
+def _init(rank: int, n: int, listener, timeout: timedelta, backend: str, **kwargs):
+    """Join the pool's process group. Rank 0 serves the store on the pool's loopback
+    socket (it takes the descriptor over); the others connect to it."""
+    import torch.distributed as dist
+
+    port = listener.getsockname()[1]
+    if rank == 0:
+        fd = listener.detach()  # the store closes it when it goes
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            n,
+            True,
+            timeout,
+            wait_for_workers=False,
+            master_listen_fd=fd,
+        )
+    else:
+        listener.close()  # a fork's copy: rank 0 alone serves it
+        store = dist.TCPStore("127.0.0.1", port, n, False, timeout)
+    kwargs.update(store=store, rank=rank, world_size=n, timeout=timeout)
+    dist.init_process_group(backend, **kwargs)
 
 
 def _worker(
     rank: int,
     n: int,
-    port: int,
+    listener,
     tasks,
     results,
     timeout_s: float,
@@ -42,6 +84,12 @@ def _worker(
     backend: str = "gloo",
 ):
     os.environ["HAMILTON_ATTN_TIMEOUT"] = str(timeout_s)
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # gloo listens on the address the host name resolves to, which need not be
+        # loopback; every rank of the pool is on this host.
+        ifname = _loopback_ifname()
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
     import torch
     import torch.distributed as dist
 
@@ -51,14 +99,7 @@ def _worker(
         if backend == "nccl":
             torch.cuda.set_device(rank)
             kwargs["device_id"] = torch.device("cuda", rank)
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=n,
-            timeout=timedelta(seconds=timeout_s),
-            **kwargs,
-        )
+        _init(rank, n, listener, timedelta(seconds=timeout_s), backend, **kwargs)
         groups = {
             w: (dist.group.WORLD if w == n else dist.new_group(list(range(w))))
             for w in range(1, n + 1)
@@ -95,12 +136,17 @@ class GlooPool:
         self.world_size = world_size
         self.timeout_s = timeout_s
         # fork: workers inherit the imported torch (seconds saved per process); the parent
-        # never initialises torch.distributed before this. CUDA cannot survive a fork.
-        use_fork = hasattr(os, "fork") and backend == "gloo"
+        # never initialises torch.distributed before this. CUDA cannot survive a fork, and
+        # where CUDA exists autograd runs device threads that refuse a forked child once
+        # the parent ran a backward: spawn there.
+        import torch
+
+        use_fork = hasattr(os, "fork") and backend == "gloo" and not torch.cuda.is_available()
         ctx = mp.get_context("fork" if use_fork else "spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
-        port = _free_port()
+        listener = _loopback_listener()
+        self.port = listener.getsockname()[1]
         self._procs = [
             ctx.Process(
                 target=_worker,
@@ -108,7 +154,7 @@ class GlooPool:
                 args=(
                     r,
                     world_size,
-                    port,
+                    listener,
                     self._tasks[r],
                     self._results,
                     timeout_s,
@@ -118,8 +164,12 @@ class GlooPool:
             )
             for r in range(world_size)
         ]
-        for p in self._procs:
-            p.start()
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            # The workers hold their own copies (fork) or duplicates (spawn) by now.
+            listener.close()
         self._calls = 0
         ready = self._collect(range(world_size), kind="ready", call_id=None)
         del ready
