@@ -2,7 +2,7 @@
 sends its own piece number (t + d - r) mod (W - 1) straight to each peer d != r; after
 W - 1 steps every peer has every piece. dK/dV go straight home."""
 
-from .ir import PieceId, Routing, Transfer, split_even
+from .ir import PieceId, Routing, new_transfer, split_even
 
 
 def direct(world_size: int, local_len: int) -> Routing:
@@ -16,7 +16,7 @@ def direct(world_size: int, local_len: int) -> Routing:
     for t in range(n):
         steps.append(
             tuple(
-                Transfer(pieces[r][(t + d - r) % n], r, d)
+                new_transfer((pieces[r][(t + d - r) % n], r, d))
                 for r in range(w)
                 for d in range(w)
                 if d != r

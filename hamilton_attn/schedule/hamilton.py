@@ -4,7 +4,7 @@ Every step each rank sends W-1 pieces to W-1 different peers, so every link of a
 connected machine is busy at every step, instead of one link per rank in a ring.
 dK/dV follow their pieces round the cycle and come home on its last arc."""
 
-from .ir import PieceId, Routing, Transfer, split_even
+from .ir import PieceId, Routing, new_transfer, split_even
 
 
 def cycle_routing(
@@ -23,7 +23,7 @@ def cycle_routing(
         for r in range(w):
             for c, cyc in enumerate(cycles):
                 owner = cyc[(pos[c][r] - s) % w]
-                step.append(Transfer(pieces[owner][c], r, succ[c][r]))
+                step.append(new_transfer((pieces[owner][c], r, succ[c][r])))
         steps.append(tuple(step))
     return Routing(
         name,

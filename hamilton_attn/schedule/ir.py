@@ -17,6 +17,7 @@ Terms:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -33,14 +34,23 @@ class PieceId(NamedTuple):
         return f"kv[{self.owner}.{self.part}]"
 
 
-@dataclass(frozen=True, slots=True)
-class Transfer:
+class Transfer(NamedTuple):
+    """A named tuple, as PieceId: hamilton and direct build some 254K transfers and as
+    many gradient transfers at W = 64, and a frozen dataclass's ``__init__`` (three
+    ``object.__setattr__`` calls) cost twice a tuple's construction. Same fields, order,
+    hash values and repr as the frozen dataclass it replaced."""
+
     piece: PieceId
     src: int
     dst: int
 
     def __str__(self) -> str:
         return f"{self.piece} {self.src}->{self.dst}"
+
+
+# ``new_transfer((piece, src, dst))`` is ``Transfer(piece, src, dst)`` without the named
+# tuple's Python-level ``__new__`` (the builders and gradient routes make W^3 of them).
+new_transfer = functools.partial(tuple.__new__, Transfer)
 
 
 @dataclass(frozen=True, slots=True)

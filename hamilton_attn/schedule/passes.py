@@ -6,12 +6,23 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import replace
 
-from .ir import PieceId, Routing, Schedule, Step, Transfer
+from .ir import PieceId, Routing, Schedule, Step, Transfer, new_transfer
 
 Needs = Callable[[int, PieceId], bool]
+
+
+def need_sets(needs: Needs, world_size: int, n_parts: int) -> list[set[PieceId]]:
+    """Per rank, the pieces ``needs`` says it needs: from ``needs.per_rank()`` where the
+    callable offers it (the plan's does, from one sweep), else asked piece by piece."""
+    bulk = getattr(needs, "per_rank", None)
+    if bulk is not None:
+        return bulk()
+    pieces = [PieceId(o, p) for o in range(world_size) for p in range(n_parts)]
+    return [{p for p in pieces if needs(r, p)} for r in range(world_size)]
 
 
 def _arrivals(routing: Routing) -> list[dict[PieceId, int]]:
@@ -26,14 +37,19 @@ def _arrivals(routing: Routing) -> list[dict[PieceId, int]]:
     return held
 
 
-def prune(routing: Routing, needs: Needs) -> tuple[tuple[Transfer, ...], ...]:
-    """Drop transfers whose piece is never used downstream of the receiver."""
+def prune(
+    routing: Routing, needs: Needs, need: list[set[PieceId]] | None = None
+) -> tuple[tuple[Transfer, ...], ...]:
+    """Drop transfers whose piece is never used downstream of the receiver. ``need``:
+    :func:`need_sets` of ``needs`` where the caller has them."""
+    if need is None:
+        need = need_sets(needs, routing.world_size, len(routing.parts))
     # [rank] -> pieces it forwards usefully later (per rank, not (rank, piece) keys:
     # hamilton and direct route some 254K transfers at W = 64).
     useful: list[set[PieceId]] = [set() for _ in range(routing.world_size)]
     kept: list[tuple[Transfer, ...]] = []
     for transfers in reversed(routing.steps):
-        keep = [t for t in transfers if t.piece in useful[t.dst] or needs(t.dst, t.piece)]
+        keep = [t for t in transfers if t.piece in useful[t.dst] or t.piece in need[t.dst]]
         # A rank that forwards a useful piece needs to hold it: mark earlier deliveries.
         for t in keep:
             useful[t.src].add(t.piece)
@@ -56,7 +72,7 @@ def _route_grads(
         for r in range(w):
             for p, s in sorted(compute_step[r].items()):
                 if r != p.owner:
-                    grads.setdefault(s + 1, []).append(Transfer(p, r, p.owner))
+                    grads.setdefault(s + 1, []).append(new_transfer((p, r, p.owner)))
         n = max([len(steps)] + [s + 1 for s in grads])
         return [grads.get(s, []) for s in range(n)]
     if mode not in ("follow", "reverse"):
@@ -68,15 +84,15 @@ def _route_grads(
     children: list[dict[PieceId, list[int]]] = [{} for _ in range(w)]
     first: list[tuple[int, PieceId]] = []
     for transfers in steps:
-        for t in transfers:
-            dst, p = t.dst, t.piece
+        for p, src, dst in transfers:  # Transfers are tuples: unpacked
             par = parent[dst]
             if p not in par:
                 first.append((dst, p))
-            par[p] = t.src
-            kids = children[t.src].get(p)
+            par[p] = src
+            ch = children[src]
+            kids = ch.get(p)
             if kids is None:
-                children[t.src][p] = [dst]
+                ch[p] = [dst]
             else:
                 kids.append(dst)
     if mode == "follow":
@@ -109,7 +125,7 @@ def _route_grads(
                 dst = p.owner
                 if ch is not None and len(ch) == 1 and p in send_at[ch[0]]:
                     dst = ch[0]
-                grads.setdefault(t, []).append(Transfer(p, r, dst))
+                grads.setdefault(t, []).append(new_transfer((p, r, dst)))
     elif mode == "reverse":
         # Back along the path the KV came: leaves first, each rank after all its children.
         send_at = [{} for _ in range(w)]
@@ -131,27 +147,27 @@ def _route_grads(
     return [sorted(grads.get(s, []), key=_transfer_order) for s in range(n)]
 
 
-def _transfer_order(t: Transfer) -> tuple[int, int, int, int]:
-    """``(src, dst, piece)`` order, with the piece's fields spelled out so that sorting
-    compares ints, not PieceIds (W^3 grad transfers for hamilton)."""
-    return (t.src, t.dst, t.piece.owner, t.piece.part)
+# ``(src, dst, piece)`` order: a C key (Transfer and PieceId are tuples, compared in
+# C), not a Python function called for each of the W^3 grad transfers of hamilton.
+_transfer_order = operator.itemgetter(1, 2, 0)
 
 
 def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Schedule:
     """Attach compute where each needed piece first arrives, prune, route gradients."""
     w = routing.world_size
+    need = need_sets(needs, w, len(routing.parts))
     pruned = Routing(
         routing.name,
         w,
         routing.parts,
-        prune(routing, needs),
+        prune(routing, needs, need),
         routing.grad_route,
         routing.buffer_budget,
         routing.comm,
         routing.meta,
     )
     arrivals = _arrivals(pruned)
-    compute_step = [{p: s for p, s in arrivals[r].items() if needs(r, p)} for r in range(w)]
+    compute_step = [{p: s for p, s in arrivals[r].items() if p in need[r]} for r in range(w)]
     steps_t = [list(t) for t in pruned.steps]
     last = max((s for cs in compute_step for s in cs.values()), default=-1)
     n_compute = max(len(steps_t) + 1, last + 1)

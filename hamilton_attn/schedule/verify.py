@@ -6,8 +6,8 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from .ir import PieceId, Schedule
-from .passes import Needs
+from .ir import PieceId, Schedule, Transfer
+from .passes import Needs, need_sets
 
 
 class ScheduleError(ValueError):
@@ -59,6 +59,7 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
             f"{local_len} local tokens exactly once"
         )
     n_parts = len(plen)
+    need = need_sets(needs, w, n_parts)  # [rank] -> pieces its queries attend to
     # Per-rank structures keyed by piece (no (rank, piece) tuples: hamilton and direct
     # check some 254K transfers and blocks at W = 64, and a tuple key is built and
     # hashed at every lookup). held[r][p]: the step p arrived (0 for its own pieces);
@@ -75,15 +76,13 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
     # [rank] -> piece -> {contributing rank: count}: plain dicts, not Counters (a
     # Counter per block, W^3 of them for hamilton, cost more than the rest of the check).
     acc: list[dict[PieceId, dict[int, int]]] = [{} for _ in range(w)]
-    empty = 0
     for s, step in enumerate(schedule.steps):
         compute = step.compute
         if len(compute) != w:
             raise ScheduleError(f"step {s}: compute lists {len(compute)} ranks, expected {w}")
         # dK/dV accumulators leave with what their sender summed before this step.
         in_flight_grads = []
-        for t in step.grad_transfers:
-            piece, src = t.piece, t.src
+        for piece, src, dst in step.grad_transfers:  # Transfers are tuples: unpacked
             if src == piece.owner:
                 raise ScheduleError(
                     f"{schedule.name} step {s}, rank {src}: sends the gradient of its own {piece}"
@@ -92,14 +91,14 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
             if not a.get(piece):
                 raise ScheduleError(
                     f"{schedule.name} step {s}, rank {src}: sends an empty dK/dV accumulator "
-                    f"of {piece} to rank {t.dst}"
+                    f"of {piece} to rank {dst}"
                 )
-            in_flight_grads.append((t.dst, piece, a.pop(piece)))
+            in_flight_grads.append((dst, piece, a.pop(piece)))
             gsent[src] += plen[piece.part]
         link_step: dict[int, int] = {}
-        for t in step.transfers:
-            src, dst, piece = t.src, t.dst, t.piece
+        for piece, src, dst in step.transfers:
             if not (0 <= src < w and 0 <= dst < w) or src == dst:
+                t = Transfer(piece, src, dst)
                 raise ScheduleError(f"{schedule.name} step {s}: transfer {t} has a bad endpoint")
             hs = held[src].get(piece)
             if hs is None or (hs == s and piece.owner != src):
@@ -114,9 +113,7 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
                 )
             hd[piece] = s  # receive buffer exists from the start of step s
             n = plen[piece.part]
-            sent[src] += n
-            recv[dst] += n
-            k = src * w + dst
+            k = src * w + dst  # sent and received tokens are summed from the links below
             link_step[k] = link_step.get(k, 0) + n
             last_use[src][piece] = s
         for k, n in link_step.items():
@@ -138,8 +135,6 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
                         f"{schedule.name} step {s}, rank {r}: computes {p} a second time"
                     )
                 done_r.add(p)
-                if not needs(r, p):
-                    empty += 1
                 tally = acc_r.get(p)
                 if tally is None:
                     acc_r[p] = {r: 1}
@@ -157,15 +152,23 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
                 a[piece] = mine
             for r, n in contrib.items():
                 mine[r] = mine.get(r, 0) + n
-    links = {(k // w, k % w): n for k, n in links_i.items()}
+    links = {}
+    for k, n in links_i.items():
+        src, dst = divmod(k, w)
+        links[(src, dst)] = n
+        sent[src] += n
+        recv[dst] += n
     pieces = schedule.pieces  # built once: W^2 x parts checks follow
+    empty = 0  # computed blocks no query of the rank attends to
     for r in range(w):
-        done_r = computed[r]
-        for p in pieces:
-            if p not in done_r and needs(r, p):
-                raise ScheduleError(
-                    f"{schedule.name}: rank {r} never computes {p}, which its queries attend to"
-                )
+        done_r, need_r = computed[r], need[r]
+        missing = need_r - done_r
+        if missing:
+            raise ScheduleError(
+                f"{schedule.name}: rank {r} never computes {min(missing)}, which its "
+                "queries attend to"
+            )
+        empty += len(done_r) - len(need_r)  # need_r is inside done_r
     for r in range(w):
         for p, contrib in acc[r].items():
             if p.owner != r and contrib:
@@ -206,7 +209,7 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
             )
     redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and p not in last_use[r])
     if schedule.meta.get("zero_redundancy"):
-        _prove_zero_redundancy(schedule, needs, computed, last_use, held)
+        _prove_zero_redundancy(schedule, need, computed, last_use, held)
     return ScheduleReport(
         steps=len(schedule.steps),
         sent_tokens=sent,
@@ -237,8 +240,9 @@ def _add_tally(acc: dict, piece: PieceId, contrib: dict) -> None:
         mine[r] = mine.get(r, 0) + n
 
 
-def _prove_zero_redundancy(schedule: Schedule, needs: Needs, computed, last_use, held) -> None:
-    """``computed``, ``last_use`` and ``held``: per rank, as :func:`verify` keeps them.
+def _prove_zero_redundancy(schedule: Schedule, need, computed, last_use, held) -> None:
+    """``need``, ``computed``, ``last_use`` and ``held``: per rank, as :func:`verify`
+    keeps them.
     A zero-redundancy schedule delivers a piece only to a rank that computes on it
     (its queries need it) or forwards it, and (with ``meta["node_size"]``) lets each
     piece enter each other node once."""
@@ -252,7 +256,7 @@ def _prove_zero_redundancy(schedule: Schedule, needs: Needs, computed, last_use,
                     f"{schedule.name}: rank {r} receives {p} and neither computes on it "
                     "nor forwards it (not zero-redundancy)"
                 )
-            if p in computed[r] and not needs(r, p):
+            if p in computed[r] and p not in need[r]:
                 raise ScheduleError(
                     f"{schedule.name}: rank {r} receives {p} but none of its queries "
                     "attend to it (not zero-redundancy)"
