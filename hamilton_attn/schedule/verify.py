@@ -39,6 +39,10 @@ class ScheduleReport:
         )
 
 
+class _Recheck(Exception):
+    """The fast check met something it does not name: rerun the exact check."""
+
+
 def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleReport:
     """Check ``schedule`` against the blocks the mask needs; raise ScheduleError naming
     the step, rank and piece of the first violation.
@@ -49,7 +53,153 @@ def verify(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleRepor
     behind; forward KV buffers stay within ``schedule.buffer_budget`` local shards,
     counted in whole pieces (``ceil(budget * parts)`` of the largest part), so uneven
     splits of a shard do not trip it.
+
+    The checks run in bulk first (:func:`_verify_fast`); anything that check does not
+    pass is checked again block by block (:func:`_verify_exact`), which raises the
+    error naming the first violation.
     """
+    try:
+        return _verify_fast(schedule, needs, local_len=local_len)
+    except Exception:  # any violation (or odd input): the exact check names it
+        return _verify_exact(schedule, needs, local_len=local_len)
+
+
+def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleReport:
+    """:func:`verify`'s checks, with the per-block work done in C set and Counter
+    operations; raises (_Recheck or anything else) on any violation, never returns a
+    report the exact check would not.
+
+    Each (rank, piece) block is computed once (else it rechecks), so each dK/dV
+    contribution is one unit that moves whole with its accumulator: a tally of ranks
+    is then a count, and "reaches its owner once from each rank that computed it" is
+    "no non-owner is left with a nonzero count and the owner's count is the number of
+    ranks that computed the piece"."""
+    w = schedule.world_size
+    plen = [schedule.part_len(p) for p in range(len(schedule.parts))]
+    covered = sorted(i for rr in schedule.parts for a, b in rr for i in range(a, b))
+    if covered != list(range(local_len)):
+        raise _Recheck
+    n_parts = len(plen)
+    need = need_sets(needs, w, n_parts)
+    held: list[dict[PieceId, int]] = [{PieceId(r, p): 0 for p in range(n_parts)} for r in range(w)]
+    # avail[r]: the pieces r may compute on or send in the current step (its own and
+    # those that arrived in earlier steps).
+    avail: list[set[PieceId]] = [set(h) for h in held]
+    computed: list[set[PieceId]] = [set() for _ in range(w)]
+    last_use: list[dict[PieceId, int]] = [{} for _ in range(w)]
+    sent = [0] * w
+    recv = [0] * w
+    gsent = [0] * w
+    links_i: dict[int, int] = {}
+    step_max_link = []
+    acc: list[Counter] = [Counter() for _ in range(w)]  # [rank] -> piece -> contributions
+    for s, step in enumerate(schedule.steps):
+        compute = step.compute
+        if len(compute) != w:
+            raise _Recheck
+        in_flight_grads = []
+        for piece, src, dst in step.grad_transfers:
+            if src == piece.owner:
+                raise _Recheck
+            n = acc[src].pop(piece, 0)
+            if not n:
+                raise _Recheck
+            in_flight_grads.append((dst, piece, n))
+            gsent[src] += plen[piece.part]
+        link_step: dict[int, int] = {}
+        arrived = []
+        for piece, src, dst in step.transfers:
+            if not (0 <= src < w and 0 <= dst < w) or src == dst:
+                raise _Recheck
+            if piece not in avail[src]:
+                raise _Recheck
+            hd = held[dst]
+            if piece in hd:
+                raise _Recheck
+            hd[piece] = s
+            arrived.append((dst, piece))
+            n = plen[piece.part]
+            k = src * w + dst
+            link_step[k] = link_step.get(k, 0) + n
+            last_use[src][piece] = s
+        for k, n in link_step.items():
+            links_i[k] = links_i.get(k, 0) + n
+        step_max_link.append(max(link_step.values(), default=0))
+        for r in range(w):
+            pieces_r = compute[r]
+            if not pieces_r:
+                continue
+            if not avail[r].issuperset(pieces_r):
+                raise _Recheck
+            done_r = computed[r]
+            n0 = len(done_r)
+            done_r.update(pieces_r)
+            if len(done_r) != n0 + len(pieces_r):  # computed before, or twice in a step
+                raise _Recheck
+            acc[r].update(pieces_r)
+            last_use[r].update(dict.fromkeys(pieces_r, s))
+        for dst, piece in arrived:
+            avail[dst].add(piece)
+        for dst, piece, n in in_flight_grads:
+            a = acc[dst]
+            a[piece] = a.get(piece, 0) + n
+    links = {}
+    for k, n in links_i.items():
+        src, dst = divmod(k, w)
+        links[(src, dst)] = n
+        sent[src] += n
+        recv[dst] += n
+    pieces = schedule.pieces
+    empty = 0
+    for r in range(w):
+        done_r, need_r = computed[r], need[r]
+        if not need_r <= done_r:
+            raise _Recheck
+        empty += len(done_r) - len(need_r)
+    for r in range(w):
+        for p, n in acc[r].items():
+            if p.owner != r and n:
+                raise _Recheck
+    n_computed: Counter = Counter()
+    for r in range(w):
+        n_computed.update(computed[r])
+    for p in pieces:
+        if acc[p.owner].get(p, 0) != n_computed.get(p, 0):
+            raise _Recheck
+    peak = []
+    allowed = math.ceil(schedule.buffer_budget * len(plen) - 1e-9) * max(plen, default=0)
+    for r in range(w):
+        live = [0] * (len(schedule.steps) + 1)
+        use_r = last_use[r]
+        for p, s0 in held[r].items():
+            if p.owner == r:
+                continue
+            s1 = use_r.get(p, s0)
+            n = plen[p.part]
+            for s in range(s0, s1 + 1):
+                live[s] += n
+        peak.append(max(live, default=0))
+        if peak[-1] > allowed:
+            raise _Recheck
+    redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and p not in last_use[r])
+    if schedule.meta.get("zero_redundancy"):
+        _prove_zero_redundancy(schedule, need, computed, last_use, held)
+    return ScheduleReport(
+        steps=len(schedule.steps),
+        sent_tokens=sent,
+        recv_tokens=recv,
+        grad_sent_tokens=gsent,
+        link_tokens=links,
+        peak_buffer_tokens=peak,
+        blocks=sum(len(c) for c in computed),
+        empty_blocks=empty,
+        redundant_transfers=redundant,
+        per_step_max_link_tokens=step_max_link,
+    )
+
+
+def _verify_exact(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleReport:
+    """:func:`verify`, block by block: names the first violation."""
     w = schedule.world_size
     plen = [schedule.part_len(p) for p in range(len(schedule.parts))]
     covered = sorted(i for rr in schedule.parts for a, b in rr for i in range(a, b))
