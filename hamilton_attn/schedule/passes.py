@@ -25,16 +25,20 @@ def need_sets(needs: Needs, world_size: int, n_parts: int) -> list[set[PieceId]]
     return [{p for p in pieces if needs(r, p)} for r in range(world_size)]
 
 
-def _arrivals(routing: Routing) -> list[dict[PieceId, int]]:
-    """Per rank, the first step at which it holds each piece."""
+def _compute_steps(routing: Routing, need: list[set[PieceId]]) -> list[dict[PieceId, int]]:
+    """Per rank, the step at which it computes each piece it needs: where the piece
+    first arrives (step 0 for its own)."""
     n_parts = len(routing.parts)
-    held: list[dict[PieceId, int]] = [
-        {PieceId(o, p): 0 for p in range(n_parts)} for o in range(routing.world_size)
+    at: list[dict[PieceId, int]] = [
+        {p: 0 for p in (PieceId(o, q) for q in range(n_parts)) if p in need[o]}
+        for o in range(routing.world_size)
     ]
     for s, transfers in enumerate(routing.steps):
         for t in transfers:
-            held[t.dst].setdefault(t.piece, s + 1)
-    return held
+            dst, p = t[2], t[0]
+            if p in need[dst]:
+                at[dst].setdefault(p, s + 1)
+    return at
 
 
 def prune(
@@ -77,57 +81,67 @@ def _route_grads(
         return [grads.get(s, []) for s in range(n)]
     if mode not in ("follow", "reverse"):
         raise ValueError(f"grad_route: expected follow, direct or reverse, got {mode!r}")
-    # [rank] -> piece -> the rank it came from (the last transfer's) / the ranks it
-    # went to, in transfer order; ``first`` lists the (rank, piece) keys in the order
-    # they were first received (the order the follow route visits them in).
+    # [rank] -> piece -> the rank it came from (the last transfer's).
     parent: list[dict[PieceId, int]] = [{} for _ in range(w)]
-    children: list[dict[PieceId, list[int]]] = [{} for _ in range(w)]
-    first: list[tuple[int, PieceId]] = []
-    for transfers in steps:
-        for p, src, dst in transfers:  # Transfers are tuples: unpacked
-            par = parent[dst]
-            if p not in par:
-                first.append((dst, p))
-            par[p] = src
-            ch = children[src]
-            kids = ch.get(p)
-            if kids is None:
-                ch[p] = [dst]
-            else:
-                kids.append(dst)
     if mode == "follow":
         # The accumulator trails the KV one step behind along single-child chains, and
         # goes home from the chain's end (a ring's or cycle's last hop is the owner's
         # neighbour). A rank sends after its own compute and after its parent's
         # accumulator has arrived. Received pieces are visited by compute step, in the
-        # order first received within one step (a stable sort, done by buckets).
-        send_at: list[dict[PieceId, int]] = [{} for _ in range(w)]
+        # order first received within one step (a stable sort, done by buckets filled
+        # while the transfers are read). ``child[r][p]``: the one rank r sent p to, -1
+        # when it sent p to several (one pass, no per-piece lists: hamilton routes
+        # W^3 transfers).
+        child: list[dict[PieceId, int]] = [{} for _ in range(w)]
         buckets: dict[int, list[tuple[int, PieceId]]] = {}
-        for r, p in first:
-            c = compute_step[r].get(p)
-            if c is not None:
-                buckets.setdefault(c, []).append((r, p))
+        for transfers in steps:
+            for p, src, dst in transfers:  # Transfers are tuples: unpacked
+                par = parent[dst]
+                if p not in par:
+                    c = compute_step[dst].get(p)
+                    if c is not None:
+                        bucket = buckets.get(c)
+                        if bucket is None:
+                            buckets[c] = [(dst, p)]
+                        else:
+                            bucket.append((dst, p))
+                par[p] = src
+                ch = child[src]
+                ch[p] = -1 if p in ch else dst
+        send_at: list[dict[PieceId, int]] = [{} for _ in range(w)]
         for c in sorted(buckets):
+            t0 = c + 1
             for r, p in buckets[c]:
-                t = c + 1
+                t = t0
                 par = parent[r][p]
-                if par != p.owner:
-                    kids = children[par].get(p)
-                    if kids is not None and len(kids) == 1:
-                        before = send_at[par].get(p)
-                        if before is not None and before + 1 > t:
-                            t = before + 1
+                if par != p.owner and child[par].get(p, -1) >= 0:
+                    before = send_at[par].get(p)
+                    if before is not None and before >= t:
+                        t = before + 1
                 send_at[r][p] = t
         for r in range(w):
-            kids_r = children[r]
+            child_r = child[r]
             for p, t in send_at[r].items():
-                ch = kids_r.get(p)
-                dst = p.owner
-                if ch is not None and len(ch) == 1 and p in send_at[ch[0]]:
-                    dst = ch[0]
-                grads.setdefault(t, []).append(new_transfer((p, r, dst)))
-    elif mode == "reverse":
-        # Back along the path the KV came: leaves first, each rank after all its children.
+                c = child_r.get(p, -1)
+                dst = c if c >= 0 and p in send_at[c] else p.owner
+                bucket = grads.get(t)
+                if bucket is None:
+                    grads[t] = [new_transfer((p, r, dst))]
+                else:
+                    bucket.append(new_transfer((p, r, dst)))
+    else:
+        # Back along the path the KV came: leaves first, each rank after all its
+        # children. ``first`` lists the (rank, piece) keys in the order they were first
+        # received; ``children[r][p]``: the ranks r sent p to, in transfer order.
+        children: list[dict[PieceId, list[int]]] = [{} for _ in range(w)]
+        first: list[tuple[int, PieceId]] = []
+        for transfers in steps:
+            for p, src, dst in transfers:
+                par = parent[dst]
+                if p not in par:
+                    first.append((dst, p))
+                par[p] = src
+                children[src].setdefault(p, []).append(dst)
         send_at = [{} for _ in range(w)]
 
         def when(r: int, p: PieceId) -> int:
@@ -166,8 +180,7 @@ def finalize(routing: Routing, needs: Needs, *, meta: dict | None = None) -> Sch
         routing.comm,
         routing.meta,
     )
-    arrivals = _arrivals(pruned)
-    compute_step = [{p: s for p, s in arrivals[r].items() if p in need[r]} for r in range(w)]
+    compute_step = _compute_steps(pruned, need)
     steps_t = [list(t) for t in pruned.steps]
     last = max((s for cs in compute_step for s in cs.values()), default=-1)
     n_compute = max(len(steps_t) + 1, last + 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -93,23 +94,24 @@ def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedul
     links_i: dict[int, int] = {}
     step_max_link = []
     acc: list[Counter] = [Counter() for _ in range(w)]  # [rank] -> piece -> contributions
+    ranks = range(w)  # ``x in ranks``: one C test of 0 <= x < w for an int
     for s, step in enumerate(schedule.steps):
         compute = step.compute
         if len(compute) != w:
             raise _Recheck
         in_flight_grads = []
         for piece, src, dst in step.grad_transfers:
-            if src == piece.owner:
+            if src == piece[0]:  # piece[0]: its owner (PieceId is a tuple)
                 raise _Recheck
             n = acc[src].pop(piece, 0)
             if not n:
                 raise _Recheck
             in_flight_grads.append((dst, piece, n))
-            gsent[src] += plen[piece.part]
+            gsent[src] += plen[piece[1]]
         link_step: dict[int, int] = {}
         arrived = []
         for piece, src, dst in step.transfers:
-            if not (0 <= src < w and 0 <= dst < w) or src == dst:
+            if src == dst or src not in ranks or dst not in ranks:
                 raise _Recheck
             if piece not in avail[src]:
                 raise _Recheck
@@ -118,9 +120,8 @@ def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedul
                 raise _Recheck
             hd[piece] = s
             arrived.append((dst, piece))
-            n = plen[piece.part]
             k = src * w + dst
-            link_step[k] = link_step.get(k, 0) + n
+            link_step[k] = link_step.get(k, 0) + plen[piece[1]]
             last_use[src][piece] = s
         for k, n in link_step.items():
             links_i[k] = links_i.get(k, 0) + n
@@ -166,35 +167,21 @@ def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedul
     for p in pieces:
         if acc[p.owner].get(p, 0) != n_computed.get(p, 0):
             raise _Recheck
-    peak = []
-    allowed = math.ceil(schedule.buffer_budget * len(plen) - 1e-9) * max(plen, default=0)
-    for r in range(w):
-        live = [0] * (len(schedule.steps) + 1)
-        use_r = last_use[r]
-        for p, s0 in held[r].items():
-            if p.owner == r:
-                continue
-            s1 = use_r.get(p, s0)
-            n = plen[p.part]
-            for s in range(s0, s1 + 1):
-                live[s] += n
-        peak.append(max(live, default=0))
-        if peak[-1] > allowed:
-            raise _Recheck
-    redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and p not in last_use[r])
-    if schedule.meta.get("zero_redundancy"):
-        _prove_zero_redundancy(schedule, need, computed, last_use, held)
-    return ScheduleReport(
-        steps=len(schedule.steps),
-        sent_tokens=sent,
-        recv_tokens=recv,
-        grad_sent_tokens=gsent,
-        link_tokens=links,
-        peak_buffer_tokens=peak,
-        blocks=sum(len(c) for c in computed),
-        empty_blocks=empty,
-        redundant_transfers=redundant,
-        per_step_max_link_tokens=step_max_link,
+    return _finish(
+        schedule,
+        need,
+        computed,
+        held,
+        last_use,
+        plen,
+        local_len,
+        sent,
+        recv,
+        gsent,
+        links,
+        step_max_link,
+        empty,
+        _Recheck,
     )
 
 
@@ -338,30 +325,75 @@ def _verify_exact(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedu
                 f"{schedule.name}: dK/dV of {p} reaches its owner from "
                 f"{dict(acc[p.owner].get(p, {}))}, expected once from {sorted(want)}"
             )
+    return _finish(
+        schedule,
+        need,
+        computed,
+        held,
+        last_use,
+        plen,
+        local_len,
+        sent,
+        recv,
+        gsent,
+        links,
+        step_max_link,
+        empty,
+        ScheduleError,
+    )
+
+
+def _finish(
+    schedule,
+    need,
+    computed,
+    held,
+    last_use,
+    plen,
+    local_len,
+    sent,
+    recv,
+    gsent,
+    links,
+    step_max_link,
+    empty,
+    error,
+) -> ScheduleReport:
+    """Both checks' tail: each rank's peak of received KV against its budget (raising
+    ``error``), redundancy, the zero-redundancy proof where claimed, and the report."""
+    w = schedule.world_size
+    n_steps = len(schedule.steps)
     peak = []
+    redundant = 0  # received pieces never used (computed on or sent on)
     allowed = math.ceil(schedule.buffer_budget * len(plen) - 1e-9) * max(plen, default=0)
     for r in range(w):
-        live = [0] * (len(schedule.steps) + 1)
+        # A received piece is live from the step its transfer starts (s0, when its
+        # buffer is allocated) to its last use: a difference array, then a prefix sum.
+        delta = [0] * (n_steps + 2)
         use_r = last_use[r]
         for p, s0 in held[r].items():
-            if p.owner == r:
+            if p[0] == r:  # its own piece
                 continue
-            s1 = use_r.get(p, s0)
-            n = plen[p.part]
-            for s in range(s0, s1 + 1):  # allocated when its transfer starts (step s0)
-                live[s] += n
+            s1 = use_r.get(p)
+            if s1 is None:
+                redundant += 1
+                s1 = s0
+            if s1 >= s0:
+                n = plen[p[1]]
+                delta[s0] += n
+                delta[s1 + 1] -= n
+        live = list(itertools.accumulate(delta[: n_steps + 1]))
         peak.append(max(live, default=0))
         if peak[-1] > allowed:
-            raise ScheduleError(
+            raise error(
                 f"{schedule.name}: rank {r} holds {peak[-1]} received KV tokens "
                 f"at once, over its budget of {schedule.buffer_budget} x "
                 f"{local_len} ({allowed} tokens in whole pieces)"
             )
-    redundant = sum(1 for r in range(w) for p in held[r] if p.owner != r and p not in last_use[r])
     if schedule.meta.get("zero_redundancy"):
         _prove_zero_redundancy(schedule, need, computed, last_use, held)
     return ScheduleReport(
-        steps=len(schedule.steps),
+        steps=n_steps,
         sent_tokens=sent,
         recv_tokens=recv,
         grad_sent_tokens=gsent,
