@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
     import hamilton_attn as ha
-    from hamilton_attn.bench import bench_masks, save_probe
+    from hamilton_attn.cli.bench import bench_masks, save_probe
     from hamilton_attn.kernels import get_kernel, select_kernel
     from hamilton_attn.kernels.sdpa import SdpaKernel
 

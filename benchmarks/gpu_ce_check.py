@@ -1,7 +1,7 @@
 """Copy-engine transfers give the same bits as NCCL (two GPUs).
 
 For each case (mask x schedule x dispatch x backward), runs ``calc_attn`` forward and
-backward once with ``copy_engine.TRANSPORT = "nccl"`` and once with ``"ce"`` (the
+backward once with ``config.override(transport="nccl")`` and once with ``"ce"`` (the
 copy engine), on fresh random inputs: the outputs must be equal bit for bit, and the
 largest error of out, dq, dk and dv against one GPU in float32 (the oracle) at most 3x
 one GPU's own bf16 error (``ratio``; cuDNN's backward is not bitwise repeatable). Then 20 back-to-back calls with the copy
@@ -19,8 +19,9 @@ import torch
 
 def rank_fn(ctx, tokens):
     import hamilton_attn as ha
-    from hamilton_attn import copy_engine
-    from hamilton_attn.bench import bench_masks
+    from hamilton_attn import config
+    from hamilton_attn.cli.bench import bench_masks
+    from hamilton_attn.runtime import copy_engine
 
     dev = torch.device("cuda", ctx.rank)
     torch.cuda.set_device(dev)
@@ -44,10 +45,10 @@ def rank_fn(ctx, tokens):
         ql, kl, vl, gl = (ha.dispatch(t, p) for t in (q, k, v, g))
         res = {}
         for tr in ("nccl", "ce"):
-            copy_engine.TRANSPORT = tr
             a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
-            out = ha.calc_attn(a, b, c, p)
-            out.backward(gl)
+            with config.override(transport=tr):
+                out = ha.calc_attn(a, b, c, p)
+                out.backward(gl)
             res[tr] = [out.detach(), a.grad, b.grad, c.grad]
         # The forward is deterministic: equal bits. cuDNN's backward sums dQ with atomics
         # (not bitwise repeatable), so gradients are held to the oracle instead: their
@@ -68,16 +69,16 @@ def rank_fn(ctx, tokens):
             row[f"ratio_{tr}"] = max(e / max(bb, 1e-6) for e, bb in zip(err, bar))
         row["mailbox_MiB"] = copy_engine.mailbox_bytes(dev) / 2**20
         rows.append(row)
-    copy_engine.TRANSPORT = "ce"
     # Many calls back to back: the slots' tokens must stay in step.
     m = bench_masks(s, ["causal"])["causal"]
     p = ha.plan(m, ctx.group, schedule="ring", dispatch="zigzag", backward="reverse")
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, s, 32, 128, generator=gen).to(dev, torch.bfloat16) for _ in range(3))
     ql, kl, vl = (ha.dispatch(t, p) for t in (q, k, v))
-    first = ha.calc_attn(ql, kl, vl, p)
-    outs = [ha.calc_attn(ql, kl, vl, p) for _ in range(20)]
-    torch.cuda.synchronize()
+    with config.override(transport="ce"):
+        first = ha.calc_attn(ql, kl, vl, p)
+        outs = [ha.calc_attn(ql, kl, vl, p) for _ in range(20)]
+        torch.cuda.synchronize()
     rows.append(
         {
             "case": "20 calls back to back",
@@ -95,7 +96,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokens", type=int, default=4096)
     args = ap.parse_args()
-    from hamilton_attn.bench import run_two_gpus, save_probe
+    from hamilton_attn.cli.bench import run_two_gpus, save_probe
 
     res = run_two_gpus(rank_fn, args.tokens)
     cols = ["case", "fwd_equal_to_nccl", "ratio_ce", "ratio_nccl", "mailbox_MiB"]

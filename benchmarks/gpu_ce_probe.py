@@ -202,7 +202,7 @@ def rank_fn(ctx, tokens):
 
     def fwd_beside_nccl(ka, kb):
         works = nccl()
-        from hamilton_attn import comm
+        from hamilton_attn.runtime import comm
 
         comm._head_start(dev)
         ka.record()
@@ -229,7 +229,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
-    from hamilton_attn.bench import run_two_gpus, save_probe
+    from hamilton_attn.cli.bench import run_two_gpus, save_probe
 
     res = run_two_gpus(rank_fn, args.tokens)
     lines = ["times: [whole ms, inner events ms]"]

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     try:
-        from hamilton_attn.bench import save_probe
+        from hamilton_attn.cli.bench import save_probe
 
         save_probe(
             args.out,

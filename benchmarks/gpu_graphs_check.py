@@ -31,7 +31,7 @@ def _case(label, run, make_inputs, dev, rows, group=None):
 
 def _case_inner(label, run, make_inputs, dev, rows, group):
     import hamilton_attn as ha
-    from hamilton_attn.bench import time_fn
+    from hamilton_attn.cli.bench import time_fn
 
     x1, x2 = make_inputs(), make_inputs()
     e1, e1b = run(*x1), run(*x1)
@@ -65,7 +65,7 @@ def _case_inner(label, run, make_inputs, dev, rows, group):
 
 def rank_fn(ctx, tokens, device):
     import hamilton_attn as ha
-    from hamilton_attn.bench import bench_masks
+    from hamilton_attn.cli.bench import bench_masks
 
     dev = torch.device("cuda", ctx.rank) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
@@ -116,7 +116,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (eager)")
     args = ap.parse_args()
-    from hamilton_attn.bench import save_probe
+    from hamilton_attn.cli.bench import save_probe
     from hamilton_attn.testing import GlooPool
 
     backend = "nccl" if args.device == "cuda" else "gloo"

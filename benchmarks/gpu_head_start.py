@@ -1,4 +1,4 @@
-"""Which transfer head start (``comm.TRANSFER_HEAD_START_US``) makes ring attention fastest.
+"""Which transfer head start (``config.Config.transfer_head_start_us``) makes ring attention fastest.
 
 NCCL moves a KV block with kernels; started beside a large attention kernel it can be
 starved of SMs until that kernel ends. The executor can spin the compute stream a few
@@ -22,8 +22,8 @@ def rank_fn(ctx, tokens, masks, us_list, rounds, dispatch, device="cuda"):
     import torch.distributed as dist
 
     import hamilton_attn as ha
-    from hamilton_attn import comm
-    from hamilton_attn.bench import bench_masks, time_fn
+    from hamilton_attn import config
+    from hamilton_attn.cli.bench import bench_masks, time_fn
 
     dev = torch.device("cuda", ctx.rank) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
@@ -62,11 +62,10 @@ def rank_fn(ctx, tokens, masks, us_list, rounds, dispatch, device="cuda"):
         samples = {us: {"fwd": [], "fwd_bwd": []} for us in us_list}
         for _ in range(rounds):
             for us in us_list:
-                comm.TRANSFER_HEAD_START_US = us
-                for key, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                    t = time_fn(fn, dev, warmup=1, repeats=3, inner=3, group=ctx.group)
-                    samples[us][key].append(one[key] / (2 * t))
-        comm.TRANSFER_HEAD_START_US = 0.0
+                with config.override(transfer_head_start_us=us):
+                    for key, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                        t = time_fn(fn, dev, warmup=1, repeats=3, inner=3, group=ctx.group)
+                        samples[us][key].append(one[key] / (2 * t))
         out[name] = {
             "one_ms": one,
             "eff": {
@@ -94,7 +93,7 @@ def main():
     ap.add_argument("--dispatch", default="zigzag")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
     args = ap.parse_args()
-    from hamilton_attn.bench import save_probe
+    from hamilton_attn.cli.bench import save_probe
     from hamilton_attn.testing import GlooPool
 
     backend = "nccl" if args.device == "cuda" else "gloo"

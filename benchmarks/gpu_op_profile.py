@@ -18,7 +18,7 @@ import torch
 
 def rank_fn(ctx, tokens, mask_name, schedule, dispatch, backwards, iters, fwd_only=False):
     import hamilton_attn as ha
-    from hamilton_attn.bench import bench_masks, time_fn
+    from hamilton_attn.cli.bench import bench_masks, time_fn
 
     dev = torch.device("cuda", ctx.rank)
     torch.cuda.set_device(dev)

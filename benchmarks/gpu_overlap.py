@@ -8,7 +8,7 @@ can steal compute from it. Per rank, timed with CUDA events (median of repeats):
 - both at once, on the default NCCL group and on groups limited to a few CTAs
   (``ProcessGroupNCCL.Options().config.max_ctas``), where torch offers it;
 - with ``--head-start-us``: both at once after the executor's transfer head start
-  (``comm.TRANSFER_HEAD_START_US``) of each given length.
+  (``config.override(transfer_head_start_us=...)``) of each given length.
 
     python benchmarks/gpu_overlap.py --out DIR [--ctas 1 2 4 8] [--head-start-us 0 5 20]
     (needs 2 GPUs; prints a table, writes JSON)
@@ -23,7 +23,7 @@ import torch
 
 
 def _median_ms(fn, repeats=10, warmup=3):
-    from hamilton_attn.bench import time_fn
+    from hamilton_attn.cli.bench import time_fn
 
     return time_fn(fn, torch.device("cuda"), warmup=warmup, repeats=repeats)
 
@@ -32,8 +32,9 @@ def rank_fn(ctx, tokens, ctas_list, head_starts=()):
     import torch.distributed as dist
 
     import hamilton_attn as ha
-    from hamilton_attn import comm
+    from hamilton_attn import config
     from hamilton_attn.kernels.sdpa import SdpaKernel
+    from hamilton_attn.runtime import comm
 
     dev = torch.device("cuda", ctx.rank)
     torch.cuda.set_device(dev)
@@ -115,15 +116,14 @@ def rank_fn(ctx, tokens, ctas_list, head_starts=()):
     for us in head_starts:
         # The executor's fix: a short spin on the compute stream after starting the
         # transfer, so NCCL's CTAs are resident before the attention kernel fills the GPU.
-        comm.TRANSFER_HEAD_START_US = us
         grp = dist.group.WORLD
         row = {"group": f"head start {us:g} us", "transfer_ms": float("nan")}
         row["fwd_alone_ms"] = row["bwd_alone_ms"] = float("nan")
         row["fwd_beside_ms"] = row["bwd_beside_ms"] = float("nan")
-        row["fwd_both_ms"] = _median_ms(both(fwd, grp, head_start=True))
-        row["bwd_both_ms"] = _median_ms(both(bwd, grp, head_start=True))
+        with config.override(transfer_head_start_us=us):
+            row["fwd_both_ms"] = _median_ms(both(fwd, grp, head_start=True))
+            row["bwd_both_ms"] = _median_ms(both(bwd, grp, head_start=True))
         rows.append(row)
-    comm.TRANSFER_HEAD_START_US = 0.0
     return {"rows": rows, "notes": notes}
 
 
@@ -136,7 +136,7 @@ def main():
         "--head-start-us", type=float, nargs="*", default=[], help="compute-stream spins to try"
     )
     args = ap.parse_args()
-    from hamilton_attn.bench import save_probe
+    from hamilton_attn.cli.bench import save_probe
     from hamilton_attn.testing import GlooPool
 
     with GlooPool(2, backend="nccl", timeout_s=600) as pool:

@@ -79,7 +79,7 @@ def rank_fn(ctx, tokens, masks, schedule, dispatch, inner):
     from torch.profiler import ProfilerActivity, profile
 
     import hamilton_attn as ha
-    from hamilton_attn.bench import _gpu_rendezvous, bench_masks, time_fn
+    from hamilton_attn.cli.bench import _gpu_rendezvous, bench_masks, time_fn
 
     dev = torch.device("cuda", ctx.rank)
     torch.cuda.set_device(dev)
@@ -118,7 +118,7 @@ def main():
     ap.add_argument("--dispatch", default="zigzag")
     ap.add_argument("--inner", type=int, default=6)
     args = ap.parse_args()
-    from hamilton_attn.bench import run_two_gpus, save_probe
+    from hamilton_attn.cli.bench import run_two_gpus, save_probe
 
     res = run_two_gpus(rank_fn, args.tokens, args.masks, args.schedule, args.dispatch, args.inner)
     lines = []

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import hamilton_attn as ha
-from hamilton_attn import plans as _plans
+from hamilton_attn.planner import plans as _plans
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))

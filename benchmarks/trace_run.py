@@ -15,7 +15,7 @@ import torch
 
 def rank_fn(ctx, device, tokens, schedule, out_dir):
     import hamilton_attn as ha
-    from hamilton_attn.profile import Profiler
+    from hamilton_attn.runtime.profile import Profiler
 
     dev = torch.device("cuda", ctx.rank) if device == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

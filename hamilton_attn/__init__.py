@@ -14,11 +14,11 @@ from .api import (
     undispatch,
 )
 from .attention import attention
-from .comm import SimulatedGroup
-from .dispatch import compute_pad_size
-from .graphs import CudaGraphed, cuda_graph
 from .masks import AttnMaskType, Band, Mask
 from .merge import merge, merge_, merge_many
+from .placement import compute_pad_size
+from .runtime.comm import SimulatedGroup
+from .runtime.graphs import CudaGraphed, cuda_graph
 
 __version__ = "0.1.0"
 

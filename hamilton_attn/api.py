@@ -7,9 +7,10 @@ import struct
 import torch
 
 from .attention import resolve_scale
-from .comm import SimulatedGroup, exchange_status, exchange_timeout, timeout_problem
-from .plans import Plan, plan
-from .runtime import ContextParallelFunction, dispatch, get_position_ids, undispatch
+from .planner.plans import Plan, plan
+from .runtime.comm import SimulatedGroup, exchange_status, exchange_timeout, timeout_problem
+from .runtime.executor import ContextParallelFunction
+from .runtime.shard import dispatch, get_position_ids, undispatch
 
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
 

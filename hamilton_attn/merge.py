@@ -14,10 +14,11 @@ computed in float32 (float64 for float64 inputs) with the larger lse factored ou
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
+
+from . import config
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +64,7 @@ def _fused_merge(acc_out, acc_lse, out, lse) -> bool:
     """The merge as one compiled kernel on CUDA (an eager merge makes several passes over
     the float32 accumulator: about 4x slower, GPU_FACTS). False if unavailable."""
     global _compiled_merge, _compile_failed
-    if _compile_failed or os.environ.get("HAMILTON_ATTN_COMPILE_MERGE", "1") == "0":
+    if _compile_failed or not config.get().compile_merge:
         return False
     try:
         if _compiled_merge is None:

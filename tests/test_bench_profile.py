@@ -7,8 +7,8 @@ import sys
 import torch
 
 import hamilton_attn as ha
-from hamilton_attn.bench import doc_boundaries, table
-from hamilton_attn.profile import Profiler, current
+from hamilton_attn.cli.bench import doc_boundaries, table
+from hamilton_attn.runtime.profile import Profiler, current
 from hamilton_attn.testing import GlooPool
 
 

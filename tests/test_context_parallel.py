@@ -887,7 +887,7 @@ def test_reverse_backward_refused_where_a_rank_only_forwards():
     # Rank 1's queries see only their own document, rank 2's see everything before them:
     # on a contiguous ring rank 1 forwards rank 0's KV without attending to it, so a
     # reversed backward would have to send KV to a rank that never uses it.
-    from hamilton_attn.dispatch import make_placement
+    from hamilton_attn.placement import make_placement
     from hamilton_attn.schedule import build_routing, finalize, reverse_backward
 
     pl = make_placement("contiguous", 30, 3)

@@ -1,4 +1,4 @@
-"""The copy-engine transfer protocol (hamilton_attn.copy_engine), run on CPU tensors by a
+"""The copy-engine transfer protocol (hamilton_attn.runtime.copy_engine), run on CPU tensors by a
 simulator that executes each rank's per-peer streams in a random interleaving, with the
 signal pads' binary-semaphore semantics. It must deliver every message intact, never
 deadlock, and leave every slot with its one FREE token (so the next call, or a CUDA
@@ -12,8 +12,9 @@ from collections import defaultdict, deque
 import pytest
 import torch
 
-from hamilton_attn import copy_engine
-from hamilton_attn.copy_engine import _FREE, SLOTS, Mailbox
+from hamilton_attn import config
+from hamilton_attn.runtime import copy_engine
+from hamilton_attn.runtime.copy_engine import _FREE, SLOTS, Mailbox
 
 
 def _mailboxes(world: int, slot: int) -> list[Mailbox]:
@@ -136,8 +137,8 @@ def test_ops_chunk_messages_and_alternate_slots():
 def test_mailbox_is_none_off_nccl(monkeypatch):
     # CPU tensors, no process group: NCCL/gloo paths stay; nothing collective happens.
     assert copy_engine.mailbox(None, torch.device("cpu"), 1 << 20, 5.0) is None
-    assert copy_engine.TRANSPORT == "nccl"  # the default
+    assert config.get().transport == "nccl"  # the default
     assert copy_engine.mailbox(None, torch.device("cuda", 0), 1 << 20, 5.0) is None
-    monkeypatch.setattr(copy_engine, "TRANSPORT", "ce")  # still no process group
-    assert copy_engine.mailbox(None, torch.device("cuda", 0), 1 << 20, 5.0) is None
+    with config.override(transport="ce"):  # still no process group
+        assert copy_engine.mailbox(None, torch.device("cuda", 0), 1 << 20, 5.0) is None
     assert copy_engine.mailbox_bytes(torch.device("cpu")) == 0

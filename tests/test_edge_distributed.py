@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import hamilton_attn as ha
-from hamilton_attn import comm
+from hamilton_attn.runtime import comm
 from hamilton_attn.testing import GlooPool
 
 POOL_TIMEOUT_S = 8

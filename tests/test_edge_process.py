@@ -18,7 +18,7 @@ def _gather_leaves_no_reference(ctx, n):
     """How many of ``n`` all_gather_tensor calls returned while something besides the
     caller still held the tensors (gloo's worker thread, which then frees them itself:
     at interpreter exit that thread must take the GIL to drop a Python tensor)."""
-    from hamilton_attn.comm import all_gather_tensor
+    from hamilton_attn.runtime.comm import all_gather_tensor
 
     held = 0
     for i in range(n):
@@ -120,7 +120,7 @@ def test_bench_without_device_runs_on_cpu(tmp_path):
 
 
 def test_bench_cuda_asked_without_gpu_says_why():
-    from hamilton_attn.bench import pick_device
+    from hamilton_attn.cli.bench import pick_device
 
     if torch.cuda.is_available() and torch.cuda.device_count():
         pytest.skip("a GPU is visible")
@@ -132,7 +132,7 @@ def test_bench_cuda_asked_without_gpu_says_why():
 def test_torch_cp_baseline_gets_kv_heads_repeated():
     """context_parallel's ring calls SDPA without enable_gqa: K and V must come with q's
     head count, and attention on them must equal GQA attention on the originals."""
-    from hamilton_attn.bench import _torch_cp_schedule, torch_cp_inputs
+    from hamilton_attn.cli.bench import _torch_cp_schedule, torch_cp_inputs
 
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, 24, h, 8, generator=g, dtype=torch.float64) for h in (6, 2, 2, 6))

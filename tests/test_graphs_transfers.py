@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import hamilton_attn as ha
-from hamilton_attn import comm
+from hamilton_attn import config
+from hamilton_attn.runtime import comm
 from hamilton_attn.runtime.executor import _adjacent
 from hamilton_attn.testing import GlooPool
 
@@ -57,10 +58,10 @@ def test_head_start_spins_the_stream_for_the_configured_time(monkeypatch):
     monkeypatch.setattr(torch.cuda, "_sleep", calls.append)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setitem(comm._CYCLES_PER_US, 0, 1500.0)  # a 1.5 GHz clock
-    monkeypatch.setattr(comm, "TRANSFER_HEAD_START_US", 5.0)
-    comm._head_start(torch.device("cuda", 0))
-    monkeypatch.setattr(comm, "TRANSFER_HEAD_START_US", 0.0)
-    comm._head_start(torch.device("cuda", 0))  # 0 turns it off
+    with config.override(transfer_head_start_us=5.0):
+        comm._head_start(torch.device("cuda", 0))
+    with config.override(transfer_head_start_us=0.0):
+        comm._head_start(torch.device("cuda", 0))  # 0 turns it off
     assert calls == [7500]
 
 
@@ -68,10 +69,11 @@ def _cpu_transfer_with_head_start(ctx):
     def boom(*a):
         raise AssertionError("torch.cuda._sleep called for a CPU transfer")
 
-    torch.cuda._sleep, comm.TRANSFER_HEAD_START_US = boom, 5.0
+    torch.cuda._sleep = boom
     x = torch.full((4,), float(ctx.rank))
     y = torch.empty(4)
-    comm.start_p2p([(x, 1 - ctx.rank)], [(y, 1 - ctx.rank)], ctx.group, (0, 1)).wait()
+    with config.override(transfer_head_start_us=5.0):
+        comm.start_p2p([(x, 1 - ctx.rank)], [(y, 1 - ctx.rank)], ctx.group, (0, 1)).wait()
     return y.tolist()
 
 
@@ -154,7 +156,7 @@ def test_packed_kv_with_one_token_pieces_is_exact():
 
 
 def test_graph_signature_keys_values_by_value_and_refuses_nested_tensors():
-    from hamilton_attn.graphs import _signature
+    from hamilton_attn.runtime.graphs import _signature
 
     x = torch.randn(2, 3)
     plan_like = object()

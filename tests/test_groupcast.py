@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import hamilton_attn as ha
-from hamilton_attn.dispatch import balanced, chunk_grid
-from hamilton_attn.dispatch.placement import _assign_exact, _assign_minheap
+from hamilton_attn.placement import balanced, chunk_grid
+from hamilton_attn.placement.layouts import _assign_exact, _assign_minheap
 from hamilton_attn.schedule import PieceId, ScheduleError, Transfer, verify
 from hamilton_attn.testing import GlooPool
 
@@ -160,8 +160,8 @@ def test_call_cost_evens_out_kernel_calls(w):
     the balance gives the rank with more calls fewer pairs, so the modelled time
     (pairs + cost x calls) of the slowest rank drops; call_cost=0 balances pairs alone.
     Bad values are refused."""
-    from hamilton_attn.bench import bench_masks
-    from hamilton_attn.plans import CALL_COST_PAIRS
+    from hamilton_attn.cli.bench import bench_masks
+    from hamilton_attn.planner.plans import CALL_COST_PAIRS
 
     m = bench_masks(32768, ["docs"])["docs"]
     per_call = min(CALL_COST_PAIRS, m.area() / (w * 64))

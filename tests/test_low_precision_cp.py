@@ -39,7 +39,7 @@ import torch
 from oracles import attention_oracle, dense_varlen
 
 import hamilton_attn as ha
-from hamilton_attn.comm import SimulatedGroup
+from hamilton_attn.runtime.comm import SimulatedGroup
 from hamilton_attn.schedule import BUILDERS
 from hamilton_attn.testing import GlooPool
 

@@ -23,7 +23,6 @@ import torch
 from oracles import attention_oracle, dense_from_rects, dense_window, max_err
 
 import hamilton_attn as ha
-from hamilton_attn.comm import SimulatedGroup
 from hamilton_attn.compat import magi
 from hamilton_attn.compat.magi import (
     AttnMaskType,
@@ -53,6 +52,7 @@ from hamilton_attn.compat.magi import (
     squash_batch_dim,
     undispatch,
 )
+from hamilton_attn.runtime.comm import SimulatedGroup
 from hamilton_attn.testing import GlooPool
 
 POOL_SIZE = 4

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import hamilton_attn as ha
-from hamilton_attn import plans as _plans
 from hamilton_attn.masks import Mask
+from hamilton_attn.planner import plans as _plans
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from plan_time import docs_mask  # noqa: E402

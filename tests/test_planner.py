@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from hamilton_attn.cli.plan import add_parser, main, parse_length
 from hamilton_attn.planner import auto_schedule, choose_schedule, parse_topology, simulate
-from hamilton_attn.planner.cli_plan import add_parser, main, parse_length
 from hamilton_attn.planner.cluster import full_mesh
 from hamilton_attn.planner.cost import _causal_pairs, block_stat_closed
 from hamilton_attn.planner.stats import (

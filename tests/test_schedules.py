@@ -20,7 +20,7 @@ import pytest
 import torch
 from oracles import dense_varlen, dense_window
 
-from hamilton_attn.dispatch import make_placement
+from hamilton_attn.placement import make_placement
 from hamilton_attn.schedule import (
     BUILDERS,
     PieceId,

@@ -456,8 +456,8 @@ def memory_per_device(local_len: int, shapes: Shapes, peak_kv_tokens: float) -> 
 
 
 def _exact(name, cluster, seqlen, mask, dispatch, shapes, dev, options) -> Prediction:
-    from ..dispatch import make_placement
     from ..masks import Mask
+    from ..placement import make_placement
     from ..schedule import build_routing, finalize, verify
 
     w = cluster.num_devices

@@ -171,7 +171,7 @@ def cp_memory(
 
 
 def plan_memory(plan, shapes: Shapes | None = None) -> dict[str, float]:
-    """:func:`cp_memory` of a built :class:`~hamilton_attn.plans.Plan`, with the
+    """:func:`cp_memory` of a built :class:`~hamilton_attn.planner.plans.Plan`, with the
     verifier's peak buffer of the plan's rank."""
     rep = plan.report
     peak = rep.peak_buffer_tokens[plan.rank] if rep.peak_buffer_tokens else 0

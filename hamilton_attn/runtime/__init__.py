@@ -1,7 +1,4 @@
-"""The executor and the tensor side of dispatch (the only code, with comm.py, that talks
-to torch.distributed)."""
-
-from .executor import ContextParallelFunction
-from .shard import dispatch, get_position_ids, undispatch
-
-__all__ = ["ContextParallelFunction", "dispatch", "get_position_ids", "undispatch"]
+"""Everything that talks to torch.distributed: the executor, the transports, the tensor
+side of dispatch, CUDA-graph replay and the profiler. Import the submodules
+(``runtime.executor``, ``runtime.shard``, ...); this package imports nothing eagerly,
+so the planner can use ``runtime.comm`` without pulling in the executor."""

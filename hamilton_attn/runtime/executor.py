@@ -18,14 +18,14 @@ import weakref
 
 import torch
 
-from .. import copy_engine, profile
 from ..attention import once_differentiable
-from ..comm import default_timeout, start_p2p
 from ..kernels import select_kernel
 from ..kernels.base import zeros_bhsd
 from ..merge import acc_dtype, merge_, merge_last_
-from ..plans import Plan
+from ..planner.plans import Plan
 from ..schedule import PieceId
+from . import copy_engine, profile
+from .comm import default_timeout, start_p2p
 
 
 def _take(x_BSHD: torch.Tensor, ranges) -> torch.Tensor:

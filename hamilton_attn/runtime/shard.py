@@ -6,8 +6,8 @@ import zlib
 
 import torch
 
-from ..comm import all_gather_tensor, exchange_status, exchange_timeout, timeout_problem
-from ..plans import Plan
+from ..planner.plans import Plan
+from .comm import all_gather_tensor, exchange_status, exchange_timeout, timeout_problem
 
 # Known dtypes by position (a code every interpreter agrees on, and a name to report);
 # any other dtype gets a CRC of its name.

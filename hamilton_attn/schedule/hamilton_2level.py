@@ -4,14 +4,14 @@ intra-node sends and exactly one inter-node send per step (one NIC per device bu
 all NVLink/NVSwitch ports busy). Each rank's KV is cut into m pieces, piece c rides
 cycle c."""
 
-import os
-
 from .hamilton import cycle_routing
 from .ir import Routing
 
 
 def hamilton_2level(world_size: int, local_len: int, node_size: int | None = None) -> Routing:
-    m = node_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    """``node_size``: the devices per node (the planner passes ``LOCAL_WORLD_SIZE``
+    where the caller gives none)."""
+    m = node_size
     if m is None:
         raise ValueError(
             "node_size: hamilton_2level needs the devices per node (pass "

@@ -17,6 +17,8 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
+from .. import config
+
 
 @dataclass
 class RankContext:
@@ -84,7 +86,7 @@ def _worker(
     backend: str = "gloo",
 ):
     os.environ["HAMILTON_ATTN_TIMEOUT"] = str(timeout_s)
-    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+    if backend == "gloo" and config.get().gloo_socket_ifname is None:
         # gloo listens on the address the host name resolves to, which need not be
         # loopback; every rank of the pool is on this host.
         ifname = _loopback_ifname()

@@ -29,17 +29,17 @@ the group (ValueError otherwise, on every rank, before any communication).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from ..api import calc_attn
-from ..comm import A2AComm, RingComm, group_info
-from ..masks import Mask
-from ..merge import merge
-from ..plans import plan
-from ..profile import Profiler
-from ..topology.seed_names import (
+from ... import config
+from ...api import calc_attn
+from ...masks import Mask
+from ...merge import merge
+from ...planner.plans import plan
+from ...runtime.comm import group_info
+from ...runtime.profile import Profiler
+from ...topology.seed_names import (
     calculate_in_mapping_circle,
     calculate_inter_node_mapping,
     calculate_intra_node_in_mapping_two_nodes,
@@ -51,6 +51,7 @@ from ..topology.seed_names import (
     gen_hamilton_path_local,
     source_rank_per_iter,
 )
+from .comm import A2AComm, RingComm
 
 __all__ = [
     "A2AComm",
@@ -335,7 +336,7 @@ def _two_level_node_size(w: int, node_size) -> int:
     least two nodes, else two nodes of ``W // 2``."""
     if node_size is not None:
         return node_size
-    env = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    env = config.get().local_world_size or 0
     if env > 0 and w % env == 0 and w // env >= 2:
         return env
     return max(1, w // 2)
@@ -401,7 +402,7 @@ def hamilton_attention_forward_full_flash_attn_two_nodes(
 def _profiled(fn):
     """``fn``'s variant returning ``(out, lse, timings)``: one dict per forward step of
     this rank, ``{"step", "compute_ms", "comm_ms", "exposed_ms", "bytes_sent"}``, from
-    :class:`hamilton_attn.profile.Profiler` (CUDA events on GPU, wall clock on CPU). The
+    :class:`hamilton_attn.runtime.profile.Profiler` (CUDA events on GPU, wall clock on CPU). The
     backward pass is not timed (wrap it in a Profiler of your own)."""
 
     @functools.wraps(fn)

@@ -21,7 +21,7 @@ no cycle of waits can form. Sender and receiver see the same message list per pa
 (the executor's contract), so both count chunks, and pick slots, alike.
 
 Used by the executor for CUDA tensors on an NCCL group whose ranks are on one host,
-with ``HAMILTON_ATTN_TRANSPORT=ce`` (or ``copy_engine.TRANSPORT = "ce"``); set up once
+with ``HAMILTON_ATTN_TRANSPORT=ce`` (or ``config.override(transport="ce")``); set up once
 per group and device, collectively, at the first call (every rank agrees, or all use
 NCCL). It gives the same bits as NCCL, but on 2 H200s it was slower than NCCL with the
 transfer head start (``benchmarks/gpu_ce_check.py``, ``bench --transports nccl ce``),
@@ -29,7 +29,6 @@ so NCCL stays the default."""
 
 from __future__ import annotations
 
-import os
 import socket
 import zlib
 from collections import defaultdict
@@ -37,14 +36,12 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-#: ``nccl`` (default): NCCL kernels move the data; ``ce``: the copy engine, where every
-#: rank of the group is on this host (else NCCL) (``HAMILTON_ATTN_TRANSPORT``). NCCL is
-#: the default because it measured faster: ring causal forward at 16K tokens per H200,
-#: 7.35 ms against 7.62 ms (``bench_H200_W2_session5_dense``).
-TRANSPORT = os.environ.get("HAMILTON_ATTN_TRANSPORT", "nccl")
-#: Largest slot in MiB (``HAMILTON_ATTN_CE_SLOT_MB``); a slot is sized to the largest
-#: message a plan can send, up to this, and longer messages go in several chunks.
-SLOT_CAP_MB = float(os.environ.get("HAMILTON_ATTN_CE_SLOT_MB", "64"))
+from .. import config
+
+# Which transport (``config.Config.transport``): NCCL is the default because it measured
+# faster: ring causal forward at 16K tokens per H200, 7.35 ms against 7.62 ms
+# (``bench_H200_W2_session5_dense``). A slot is sized to the largest message a plan can
+# send, up to ``config.Config.ce_slot_mb``; longer messages go in several chunks.
 SLOTS = 2
 _READY, _FREE = 0, SLOTS  # signal-pad channels: READY of slot j is j, FREE is SLOTS + j
 
@@ -157,7 +154,7 @@ _MAILBOXES: dict = {}  # (group name, device index) -> Mailbox, or None where NC
 
 
 def _eligible(group, device: torch.device) -> bool:
-    if TRANSPORT != "ce" or device.type != "cuda" or not dist.is_initialized():
+    if config.get().transport != "ce" or device.type != "cuda" or not dist.is_initialized():
         return False
     if dist.get_backend(group) != "nccl":
         return False
@@ -176,7 +173,7 @@ def mailbox(group, device: torch.device, slot_bytes: int, timeout_s: float):
         return None
     g = group or dist.group.WORLD
     key = (g.group_name, device.index)
-    slot = max(1 << 20, min(int(SLOT_CAP_MB * (1 << 20)), slot_bytes))
+    slot = max(1 << 20, min(int(config.get().ce_slot_mb * (1 << 20)), slot_bytes))
     slot = -(-slot // (1 << 20)) << 20  # whole MiB
     mb = _MAILBOXES.get(key, False)
     if mb is None or (mb is not False and mb.slot >= slot):

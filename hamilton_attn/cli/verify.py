@@ -6,10 +6,11 @@ import time
 
 import torch
 
-from .attention import attention
-from .kernels import get_kernel
-from .masks import Mask
-from .testing.oracle import dense_attention, error_bound, max_err
+from ..attention import attention
+from ..kernels import get_kernel
+from ..masks import Mask
+from ..tables import format_table
+from ..testing.oracle import dense_attention, error_bound, max_err
 
 
 def verify_masks(s: int) -> dict[str, tuple[Mask, int, int]]:
@@ -136,11 +137,3 @@ def run_verify(
         f"{sum(r[-1] == 'PASS' for r in rows)} passed, {sum(r[-1] == 'FAIL' for r in rows)} failed"
     )
     return ok_all
-
-
-def format_table(header, rows) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = " | ".join(str(h).ljust(w) for h, w in zip(header, widths))
-    sep = "-+-".join("-" * w for w in widths)
-    body = [" | ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in rows]
-    return "\n".join([line, sep] + body)

@@ -3,15 +3,15 @@ checked against the single-device reference, forward and backward."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from .masks import Mask
-from .schedule import BUILDERS
-from .testing.oracle import dense_attention, error_bound, max_err
-from .verify_cli import format_table
+from .. import config
+from ..masks import Mask
+from ..schedule import BUILDERS
+from ..tables import format_table
+from ..testing.oracle import dense_attention, error_bound, max_err
 
 DEMO_DISPATCH = {
     "allgather": ["contiguous"],
@@ -163,13 +163,13 @@ def main(
     schedules=None,
     printer=print,
 ) -> int:
-    from .testing import GlooPool
+    from ..testing import GlooPool
 
     if device == "cuda" and not torch.cuda.is_available():
         printer("demo: --device cuda asked, but no GPU is visible")
         return 2
     dtype_name = dtype_name or ("bfloat16" if device == "cuda" else "float32")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if config.get().torchrun:
         return _main_torchrun(device, seqlen, dtype_name, schedules, printer)
     if world_size is None:
         world_size = torch.cuda.device_count() if device == "cuda" else 8
@@ -200,17 +200,19 @@ def _report(rows, printer, seconds: float) -> int:
 def _main_torchrun(device, seqlen, dtype_name, schedules, printer) -> int:
     import torch.distributed as dist
 
-    from .testing.launcher import RankContext
+    from ..testing.launcher import RankContext
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cfg = config.get()
+    rank, world = cfg.launched_rank, cfg.launched_world_size
+    local_rank = rank if cfg.local_rank is None else cfg.local_rank
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     t0 = time.perf_counter()
     ctx = RankContext(rank, world, dist.group.WORLD)
     if device == "cuda":
-        ctx.rank = int(os.environ.get("LOCAL_RANK", rank))
+        ctx.rank = local_rank
     rows = run_rank(ctx, seqlen, device, dtype_name, schedules=schedules)
     code = _report(rows, printer if rank == 0 else (lambda *_: None), time.perf_counter() - t0)
     dist.destroy_process_group()

@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--name", default=None, help="file stem under --out")
     b.add_argument("--plot", default=None, help="PNG of efficiency against sequence length")
-    from .planner.cli_plan import add_parser as add_plan_parser
+    from .plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)
     return p
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     if args.cmd == "verify":
         import torch
 
-        from .verify_cli import run_verify
+        from .verify import run_verify
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         print(f"hamilton-attn verify on {device}")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
         return bench_main(args)
     if args.cmd == "plan":
-        from .planner.cli_plan import main as plan_main
+        from .plan import main as plan_main
 
         return plan_main(args)
     return 2

@@ -7,16 +7,16 @@ import functools
 import gc
 import hashlib
 import inspect
-import os
 from array import array
 from dataclasses import dataclass, field
 
-from .comm import group_info, resolve_group
-from .dispatch import BALANCED, DISPATCHES, Placement, make_placement
-from .dispatch.placement import DEFAULT_CHUNKS_PER_RANK
-from .kernels import BACKENDS
-from .masks import Mask
-from .schedule import (
+from .. import config
+from ..kernels import BACKENDS
+from ..masks import Mask
+from ..placement import BALANCED, DISPATCHES, Placement, make_placement
+from ..placement.layouts import DEFAULT_CHUNKS_PER_RANK
+from ..runtime.comm import group_info, resolve_group
+from ..schedule import (
     BUILDERS,
     PieceId,
     Schedule,
@@ -232,9 +232,9 @@ def _pick_schedule(mask: Mask, world_size: int, topology: str | None) -> str:
     """The planner's fastest predicted schedule for this mask on ``topology`` (default:
     ``HAMILTON_ATTN_TOPOLOGY``, else one NVSwitch node of W devices); ring if the
     planner has no answer."""
-    from .planner.cost import auto_schedule
+    from .cost import auto_schedule
 
-    topology = topology or os.environ.get("HAMILTON_ATTN_TOPOLOGY") or None
+    topology = topology or config.get().topology
     try:
         return auto_schedule(mask, world_size, topology)
     except (ValueError, KeyError) as err:
@@ -266,7 +266,7 @@ def _make_placement(
     """Queries' (``keys=False``) or keys' placement; balanced kinds cost a chunk by the
     mask's area in its rows (or columns), plus ``call_cost`` pairs for each dense piece
     that starts in its rows (queries' placement of a mask of several pieces; see
-    :func:`~hamilton_attn.dispatch.placement.balanced`)."""
+    :func:`~hamilton_attn.placement.layouts.balanced`)."""
     if kind in BALANCED:
         if keys:
 
@@ -653,7 +653,7 @@ def plan(
     if not isinstance(dispatch_seed, int):
         raise ValueError(f"dispatch_seed: expected an int, got {dispatch_seed!r}")
     if balance_slack is None:
-        from .dispatch.placement import LOCALITY_SLACK as balance_slack
+        from ..placement.layouts import LOCALITY_SLACK as balance_slack
     if not isinstance(balance_slack, (int, float)) or not 0 <= balance_slack <= 1:
         raise ValueError(f"balance_slack: expected a number in [0, 1], got {balance_slack!r}")
     call_cost = CALL_COST_PAIRS if call_cost is None else call_cost
@@ -663,6 +663,9 @@ def plan(
     # the arguments changing (torchrun's WORLD_SIZE, a non-member of a subgroup).
     group = resolve_group(group)
     group_info(group)
+    if schedule == "hamilton_2level" and schedule_options.get("node_size") is None:
+        # torchrun's devices per node, where the caller gives none.
+        schedule_options["node_size"] = config.get().local_world_size
     return _cached_plan(
         mask,
         group,

@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from .graphs import cuda_graph
-from .masks import Mask
+from ..masks import Mask
+from ..runtime.graphs import cuda_graph
 
 
 def bench_masks(seqlen: int, names) -> dict[str, Mask]:
@@ -67,7 +67,7 @@ def _gpu_rendezvous(dev, group, sleep_ms: float = 3.0) -> None:
     element over ``group`` (the GPUs of all ranks leave it together)."""
     import torch.distributed as dist
 
-    from .comm import gpu_sleep
+    from ..runtime.comm import gpu_sleep
 
     gpu_sleep(dev, sleep_ms * 1e3)
     dist.all_reduce(torch.ones(1, device=dev), group=group)
@@ -196,7 +196,7 @@ def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
     import torch.distributed as dist
 
     import hamilton_attn as ha
-    from hamilton_attn import copy_engine
+    from hamilton_attn.runtime import copy_engine
 
     dev = torch.device("cuda", ctx.rank) if cfg["device"] == "cuda" else torch.device("cpu")
     dtype = getattr(torch, cfg["dtype"])
@@ -418,7 +418,7 @@ def _rates(t: dict, one: dict, flops_f: float, w: int) -> dict:
 def _peak_mem_ratio(fwd, dev, ql, kl, vl, p) -> float:
     """Peak memory of one forward (inputs included, and the copy engine's mailbox) over
     the ideal: local q, k, v, out, lse and two KV buffers."""
-    from . import copy_engine
+    from ..runtime import copy_engine
 
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
@@ -457,7 +457,7 @@ HEADER = (
 
 
 def table(rows) -> str:
-    from .verify_cli import format_table
+    from ..tables import format_table
 
     graphs = any("fwd_graph_ms" in r for r in rows)
     header = HEADER + (("fwd ms graph", "eff fwd graph") if graphs else ())
@@ -521,7 +521,7 @@ def pick_device(asked: str | None) -> tuple[str | None, str]:
 
 
 def main(args, printer=print) -> int:
-    from .testing import GlooPool
+    from ..testing import GlooPool
 
     device, why = pick_device(args.device)
     printer(why)
@@ -598,7 +598,7 @@ def main(args, printer=print) -> int:
 
 def run_two_gpus(rank_fn, *args):
     """``rank_fn(ctx, *args)`` on 2 NCCL ranks (GPU r for rank r); the ranks' results."""
-    from .testing import GlooPool
+    from ..testing import GlooPool
 
     with GlooPool(2, backend="nccl", timeout_s=600) as pool:
         return pool.run(rank_fn, 2, *args)

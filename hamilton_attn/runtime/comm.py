@@ -1,11 +1,11 @@
-"""Thin asynchronous communication over torch.distributed (the executor's only door to it,
-with runtime/). Names follow the Hamilton Attention docs: RingComm, A2AComm."""
+"""Thin asynchronous communication over torch.distributed: groups, point-to-point
+batches with timeouts, gathers and the status exchanges that make ranks agree before
+any transfer. Only runtime/ (and the compat layer's seed-named helpers) talk to
+torch.distributed, through here."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,14 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-#: Microseconds of GPU time the compute stream leaves to a just-started transfer before
-#: its next kernel (``HAMILTON_ATTN_TRANSFER_HEAD_START_US``; 0 turns it off). NCCL moves
-#: data with kernels: when a transfer and a large attention kernel become ready at the
-#: same moment, the attention kernel can take every SM and the transfer then waits for
-#: it to end. A short one-CTA spin on the compute stream lets NCCL's CTAs start first.
-#: Measured on 2 H200s (``benchmarks/gpu_head_start.py``, ring, 16K tokens per GPU):
-#: 5 us lifts causal forward efficiency from 0.86 to 0.93 (median of 4 rounds).
-TRANSFER_HEAD_START_US = float(os.environ.get("HAMILTON_ATTN_TRANSFER_HEAD_START_US", "5"))
+from .. import config
+
 _CYCLES_PER_US: dict[int, float] = {}
 
 
@@ -39,43 +33,25 @@ def gpu_sleep(device: torch.device, us: float) -> None:
 
 
 def _head_start(device: torch.device) -> None:
-    """Spin the current CUDA stream ``TRANSFER_HEAD_START_US`` (one CTA)."""
-    if TRANSFER_HEAD_START_US > 0:
-        gpu_sleep(device, TRANSFER_HEAD_START_US)
-
-
-DEFAULT_TIMEOUT_S = 300.0
-#: gloo counts a wait's timeout in whole milliseconds and takes 0 as "no timeout": a
-#: value under 1 ms would let a rank whose peer never calls block until the peer exits.
-MIN_TIMEOUT_S = 1e-3
-MAX_TIMEOUT_S = 1e9  # about 31 years; timedelta and the timers below overflow far beyond
+    """Spin the current CUDA stream for the configured transfer head start (one CTA;
+    :attr:`config.Config.transfer_head_start_us` says why)."""
+    us = config.get().transfer_head_start_us
+    if us > 0:
+        gpu_sleep(device, us)
 
 
 def timeout_problem() -> str | None:
     """What is wrong with ``HAMILTON_ATTN_TIMEOUT``, or None."""
-    raw = os.environ.get("HAMILTON_ATTN_TIMEOUT")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
-        return (
-            f"HAMILTON_ATTN_TIMEOUT: expected a number of seconds from {MIN_TIMEOUT_S:g}"
-            f" (1 ms; 0 would turn the transfer timeout off) to {MAX_TIMEOUT_S:g}"
-            f" (the process group's timer overflows beyond), got {raw!r}"
-        )
-    return None
+    return config.get().timeout_problem
 
 
 def default_timeout() -> timedelta:
     """How long any wait may block: ``HAMILTON_ATTN_TIMEOUT`` seconds (at least 1 ms),
     default 300. Raises ValueError for a value that is not such a number."""
-    problem = timeout_problem()
-    if problem:
-        raise ValueError(problem)
-    return timedelta(seconds=float(os.environ.get("HAMILTON_ATTN_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    cfg = config.get()
+    if cfg.timeout_problem:
+        raise ValueError(cfg.timeout_problem)
+    return timedelta(seconds=cfg.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -91,14 +67,6 @@ class SimulatedGroup:
             raise ValueError(f"world_size: expected a positive int, got {self.world_size!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank: expected 0 <= rank < {self.world_size}, got {self.rank}")
-
-
-def _launched_world_size() -> int:
-    """``WORLD_SIZE`` as a launcher (torchrun) sets it; 1 if unset or not a number."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def resolve_group(group=None):
@@ -124,7 +92,7 @@ def group_info(group=None) -> tuple[int, int, tuple[int, ...]]:
             raise ValueError(
                 "group: a process group was given but torch.distributed is not initialised"
             )
-        launched = _launched_world_size()
+        launched = config.get().launched_world_size or 1
         if launched > 1:
             raise ValueError(
                 f"group: WORLD_SIZE={launched} in the environment (torchrun?) but "
@@ -238,81 +206,6 @@ def start_p2p(
     return PendingOps(works, timeout, device_ordered=on_device)
 
 
-class RingComm:
-    """Send to the next rank of the group and receive from the previous one."""
-
-    def __init__(self, process_group=None):
-        self.rank, self.world_size, self._ranks = group_info(process_group)
-        self._group = process_group
-        self.send_rank = (self.rank + 1) % self.world_size
-        self.recv_rank = (self.rank - 1) % self.world_size
-        self._sends: list = []
-        self._recvs: list = []
-        self._pending: PendingOps | None = None
-
-    def send_recv(self, to_send: torch.Tensor, recv_tensor: torch.Tensor | None = None):
-        """Queue sending ``to_send`` forward and receiving its like from behind; returns the
-        receive buffer (valid after ``commit()`` and ``wait()``)."""
-        recv = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
-        self._sends.append((to_send.contiguous(), self.send_rank))
-        self._recvs.append((recv, self.recv_rank))
-        return recv
-
-    def send_recv_kv(self, k, v, k_buffer=None, v_buffer=None):
-        return self.send_recv(k, k_buffer), self.send_recv(v, v_buffer)
-
-    def commit(self) -> None:
-        if self._pending is not None:
-            raise RuntimeError("RingComm.commit: wait() for the previous batch first")
-        self._pending = start_p2p(self._sends, self._recvs, self._group, self._ranks)
-        self._sends, self._recvs = [], []
-
-    def wait(self) -> None:
-        if self._pending is None:
-            raise RuntimeError("RingComm.wait: nothing was committed")
-        self._pending.wait()
-        self._pending = None
-
-
-class A2AComm:
-    """All-to-all: ``send_tensors[i]`` goes to rank i, ``recv_tensors[i]`` comes from rank i."""
-
-    def __init__(self, process_group=None):
-        self.rank, self.world_size, self._ranks = group_info(process_group)
-        self._group = process_group
-
-    def all_to_all(
-        self,
-        send_tensors: list[torch.Tensor],
-        recv_tensors: list[torch.Tensor],
-        async_op: bool = False,
-    ):
-        if len(send_tensors) != self.world_size or len(recv_tensors) != self.world_size:
-            raise ValueError(
-                f"send_tensors, recv_tensors: expected {self.world_size} each, got "
-                f"{len(send_tensors)}, {len(recv_tensors)}"
-            )
-        if dist.get_backend(self._group) == "gloo":
-            # gloo has no all_to_all for lists; a P2P batch does the same exchange.
-            sends = [(t.contiguous(), i) for i, t in enumerate(send_tensors) if i != self.rank]
-            recvs = [(t, i) for i, t in enumerate(recv_tensors) if i != self.rank]
-            recv_tensors[self.rank].copy_(send_tensors[self.rank])
-            pending = start_p2p(sends, recvs, self._group, self._ranks)
-        else:
-            timeout = default_timeout()
-            work = dist.all_to_all(
-                recv_tensors,
-                [t.contiguous() for t in send_tensors],
-                group=self._group,
-                async_op=True,
-            )
-            pending = PendingOps([work], timeout, device_ordered=True)
-        if async_op:
-            return pending
-        pending.wait()
-        return None
-
-
 #: gloo tags of the library's own gathers and status exchanges (attention's transfers use
 #: tag 0). gloo matches a message by peer and tag and aborts the process when a message
 #: is larger than the buffer posted for it; a rank that alone enters a status exchange
@@ -367,4 +260,4 @@ def exchange_status(
 def exchange_timeout() -> timedelta:
     """The timeout for a status exchange: ``HAMILTON_ATTN_TIMEOUT``, or the default where
     that setting is bad (the exchange is how the other ranks hear about it)."""
-    return timedelta(seconds=DEFAULT_TIMEOUT_S) if timeout_problem() else default_timeout()
+    return timedelta(seconds=config.DEFAULT_TIMEOUT_S) if timeout_problem() else default_timeout()

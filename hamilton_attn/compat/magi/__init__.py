@@ -75,10 +75,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import api as _core
-from ..attention import attention
-from ..comm import group_info
-from ..masks import NEG_INF_DIAG, POS_INF_DIAG, AttnMaskType, Band, Mask
+from ... import api as _core
+from ...attention import attention
+from ...masks import NEG_INF_DIAG, POS_INF_DIAG, AttnMaskType, Band, Mask
+from ...runtime.comm import group_info
 
 __all__ = [
     "AttnMaskType",

@@ -1,6 +1,6 @@
 """Token placement across ranks (pure Python); the tensor ops live in runtime."""
 
-from .placement import (
+from .layouts import (
     BALANCED,
     DISPATCHES,
     Placement,

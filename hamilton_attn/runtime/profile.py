@@ -1,6 +1,6 @@
 """Per-step compute and transfer times of context-parallel calls.
 
-    with hamilton_attn.profile.Profiler() as prof:
+    with hamilton_attn.runtime.profile.Profiler() as prof:
         out = calc_attn(q, k, v, plan); out.backward(g)
     print(prof.summary())
     prof.export_chrome_trace("trace.json")   # chrome://tracing or ui.perfetto.dev
@@ -151,7 +151,7 @@ class Profiler:
         return agg
 
     def summary(self) -> str:
-        from .verify_cli import format_table
+        from ..tables import format_table
 
         rows = [
             (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from .cluster import parse_topology
-from .cost import DeviceModel, Prediction, Shapes, compare
+from ..planner.cluster import parse_topology
+from ..planner.cost import DeviceModel, Prediction, Shapes, compare
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
