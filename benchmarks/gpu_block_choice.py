@@ -42,6 +42,9 @@ def _time(fn, repeats=15, warmup=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--name", default="gpu_block_choice", help="file stem of the .md / .json under --out"
+    )
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
     import hamilton_attn as ha
@@ -113,9 +116,7 @@ def main():
     lines += [" | ".join(fmt(r[c]) for c in cols) for r in rows]
     text = "\n".join(lines)
     print(text)
-    save_probe(
-        args.out, "gpu_block_choice", "Local kernel per block: sdpa vs flex", text, {"rows": rows}
-    )
+    save_probe(args.out, args.name, "Local kernel per block: sdpa vs flex", text, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def rank_fn(ctx, tokens):
     import hamilton_attn as ha
     from hamilton_attn import config
     from hamilton_attn.cli.bench import bench_masks
-    from hamilton_attn.runtime import copy_engine
+    from hamilton_attn.runtime.transports import copy_engine
 
     dev = torch.device("cuda", ctx.rank)
     torch.cuda.set_device(dev)
@@ -94,6 +94,9 @@ def rank_fn(ctx, tokens):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--name", default="gpu_ce_check", help="file stem of the .md / .json under --out"
+    )
     ap.add_argument("--tokens", type=int, default=4096)
     args = ap.parse_args()
     from hamilton_attn.cli.bench import run_two_gpus, save_probe
@@ -105,7 +108,7 @@ def main():
         lines += [" | ".join([str(r)] + [str(row[c]) for c in cols]) for row in rows]
     text = "\n".join(lines)
     print(text)
-    save_probe(args.out, "gpu_ce_check", "Copy-engine transfers against NCCL", text, {"ranks": res})
+    save_probe(args.out, args.name, "Copy-engine transfers against NCCL", text, {"ranks": res})
     ok = all(row["fwd_equal_to_nccl"] and row["ratio_ce"] <= 3.0 for rows in res for row in rows)
     print("ALL OK" if ok else "MISMATCH")
     raise SystemExit(0 if ok else 1)

@@ -227,6 +227,9 @@ def rank_fn(ctx, tokens):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--name", default="gpu_ce_probe", help="file stem of the .md / .json under --out"
+    )
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
     from hamilton_attn.cli.bench import run_two_gpus, save_probe
@@ -239,7 +242,7 @@ def main():
                 lines.append(f"rank {r} {key}: {val}")
     text = "\n".join(lines)
     print(text)
-    save_probe(args.out, "gpu_ce_probe", "Copy-engine KV transfer probe", text, {"ranks": res})
+    save_probe(args.out, args.name, "Copy-engine KV transfer probe", text, {"ranks": res})
 
 
 if __name__ == "__main__":

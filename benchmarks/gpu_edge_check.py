@@ -88,6 +88,9 @@ def _check(mask, key, prop, backend, which, s, heads, d, dev):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json")
+    ap.add_argument(
+        "--name", default="gpu_edge_check", help="file stem of the .md / .json under --out"
+    )
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
 
         save_probe(
             args.out,
-            "gpu_edge_check",
+            args.name,
             "Non-finite values at unseen keys (GPU, bf16)",
             text,
             {"rows": rows, "held": held},

@@ -113,6 +113,9 @@ def rank_fn(ctx, tokens, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--name", default="gpu_graphs_check", help="file stem of the .md / .json under --out"
+    )
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (eager)")
     args = ap.parse_args()
@@ -136,7 +139,7 @@ def main():
     print(text)
     save_probe(
         args.out,
-        "gpu_graphs_check",
+        args.name,
         "CUDA-graph forward replay, checked and timed",
         text,
         {"ranks": res},

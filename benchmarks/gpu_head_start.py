@@ -86,6 +86,9 @@ def rank_fn(ctx, tokens, masks, us_list, rounds, dispatch, device="cuda"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--name", default="gpu_head_start", help="file stem of the .md / .json under --out"
+    )
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
     ap.add_argument("--masks", nargs="+", default=["causal", "full"])
     ap.add_argument("--us", type=float, nargs="+", default=[0, 5, 10, 20, 40])
@@ -110,7 +113,7 @@ def main():
     print(text)
     save_probe(
         args.out,
-        "gpu_head_start",
+        args.name,
         "Transfer head start, ring on 2 GPUs",
         text,
         {"masks": res},

@@ -488,11 +488,14 @@ def perf_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(out_dir: Path, device, argv, checks, perf) -> tuple[Path, Path]:
+def write_report(
+    out_dir: Path, device, argv, checks, perf, name: str | None = None
+) -> tuple[Path, Path]:
     env = environment(device, argv)
     kind = gpu_kind(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, js_path = out_dir / f"gpu_kernels_{kind}.md", out_dir / f"gpu_kernels_{kind}.json"
+    stem = name or f"gpu_kernels_{kind}"
+    md_path, js_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
     failed = [c for c in checks if not c["ok"]]
     skipped = [c for c in checks if "skipped" in c]
     lines = [
@@ -551,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny sizes on CPU: tests this script, measures nothing",
     )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default=None, help="file stem (default gpu_kernels_GPU)")
     parser.add_argument("--no-perf", action="store_true", help="correctness checks only")
     parser.add_argument("--no-check", action="store_true", help="timings only")
     args = parser.parse_args(argv)
@@ -565,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     checks = [] if args.no_check else run_correctness(device, args.smoke)
     perf = [] if args.no_perf else run_perf(device, args.smoke)
-    md, js = write_report(args.out_dir, device, argv, checks, perf)
+    md, js = write_report(args.out_dir, device, argv, checks, perf, args.name)
     failed = [c for c in checks if not c["ok"]]
     print(
         f"\n{len(checks)} checks, {len(failed)} failed; {time.perf_counter() - t0:.0f} s; "

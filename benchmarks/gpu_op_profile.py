@@ -59,6 +59,7 @@ def rank_fn(ctx, tokens, mask_name, schedule, dispatch, backwards, iters, fwd_on
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default=None, help="file stem of the .txt under --out")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--mask", default="causal")
     ap.add_argument("--schedule", default="ring")
@@ -85,7 +86,7 @@ def main():
     print(text)
     os.makedirs(args.out, exist_ok=True)
     tag = f"{args.mask}_{args.schedule}_{args.dispatch}" + ("_fwd" if args.fwd_only else "")
-    with open(os.path.join(args.out, f"op_profile_{tag}.txt"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name or 'op_profile_' + tag}.txt"), "w") as f:
         f.write(text)
 
 

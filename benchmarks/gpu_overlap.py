@@ -130,6 +130,7 @@ def rank_fn(ctx, tokens, ctas_list, head_starts=()):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default=None, help="file stem of the .md / .json under --out")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--ctas", type=int, nargs="*", default=[1, 2, 4, 8])
     ap.add_argument(
@@ -153,7 +154,7 @@ def main():
             lines.append(f"rank {r} {k}: {v}")
     text = "\n".join(lines)
     print(text)
-    stem = "gpu_overlap" + ("_head_start" if args.head_start_us else "")
+    stem = args.name or "gpu_overlap" + ("_head_start" if args.head_start_us else "")
     save_probe(args.out, stem, "KV transfer beside attention", text, {"ranks": res})
 
 

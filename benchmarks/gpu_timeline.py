@@ -112,6 +112,7 @@ def rank_fn(ctx, tokens, masks, schedule, dispatch, inner):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default=None, help="file stem of the .md / .json under --out")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--masks", nargs="*", default=["causal", "full"])
     ap.add_argument("--schedule", default="ring")
@@ -130,7 +131,11 @@ def main():
     text = "\n".join(lines)
     print(text)
     save_probe(
-        args.out, f"gpu_timeline_{args.schedule}", "Forward kernel timeline", text, {"ranks": res}
+        args.out,
+        args.name or f"gpu_timeline_{args.schedule}",
+        "Forward kernel timeline",
+        text,
+        {"ranks": res},
     )
 
 

@@ -12,7 +12,8 @@ one cut to fill ``--tokens``. Masks: causal documents, block-causal documents (b
 of 1024 tokens, each block sees its own and earlier blocks of its document), full
 documents, and causal documents with a 4096-token sliding window.
 
-Writes ``benchmarks/results/groupcast_bytes.{md,json}`` with the date and command.
+Writes ``benchmarks/results/groupcast_bytes_cpu_DATE.{md,json}`` (``--out``) with the date and
+command.
 """
 
 from __future__ import annotations
@@ -166,7 +167,9 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--out", default=str(ROOT / "results" / "groupcast_bytes"))
+    ap.add_argument(
+        "--out", default=str(ROOT / "results" / f"groupcast_bytes_cpu_{datetime.date.today()}")
+    )
     args = ap.parse_args()
     command = "python " + " ".join(["benchmarks/groupcast_bytes.py"] + sys.argv[1:])
     data = run(args.world, args.tokens, args.chunk)

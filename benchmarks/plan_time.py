@@ -115,7 +115,8 @@ def main(argv=None) -> None:
         default=[944],
         help="token counts for one-token stripes (chunk_size=1) at W = 4",
     )
-    ap.add_argument("--out", default=str(ROOT / "results" / "plan_time"))
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    ap.add_argument("--out", default=str(ROOT / "results" / f"plan_time_cpu_{today}"))
     args = ap.parse_args(argv)
     rows = []
     combos = [

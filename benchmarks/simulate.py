@@ -1,9 +1,10 @@
 """The planner's simulator report: schedules on topologies, hiding lengths, calibration.
 
-    python benchmarks/simulate.py [--out benchmarks/results/simulate.md]
+    python benchmarks/simulate.py [--out benchmarks/results/simulate_cpu_DATE.md]
 
 Pure Python (no GPU): every number is a prediction of ``hamilton_attn.planner`` except
-the measured 2 x H200 times read from ``benchmarks/results/bench_H200_W2.json``.
+the measured 2 x H200 times read from ``benchmarks/results/
+cp_schedules_H200x2_2026-11-22.json`` (``CALIBRATION``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from hamilton_attn.planner import DeviceModel, Shapes, simulate, tokens_to_hide
 from hamilton_attn.planner.cluster import full_mesh, nvswitch, parse_topology
 
 ROOT = Path(__file__).resolve().parent
+#: the measured bench the simulator's predictions are set beside (section 5)
+CALIBRATION = "cp_schedules_H200x2_2026-11-22.json"
 SHAPES = Shapes()  # B=1, H=32, D=128, bf16: 16 KiB of K+V per token
 TPD = 65536  # tokens per device for the per-step comparisons
 
@@ -164,8 +167,8 @@ def section_hiding(out: list[str]) -> dict:
 
 
 def section_calibration(out: list[str]) -> dict:
-    out.append("## 5. Prediction vs measured, 2 x H200 (bench_H200_W2.json)\n")
-    path = ROOT / "results" / "bench_H200_W2.json"
+    out.append(f"## 5. Prediction vs measured, 2 x H200 ({CALIBRATION})\n")
+    path = ROOT / "results" / CALIBRATION
     data = json.loads(path.read_text())
     cfg = data["meta"]["config"]
     shapes = Shapes(1, cfg["heads"], cfg["kv_heads"], cfg["head_dim"], 2)
@@ -263,7 +266,8 @@ def section_merge(out: list[str]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=str(ROOT / "results" / "simulate.md"))
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    ap.add_argument("--out", default=str(ROOT / "results" / f"simulate_cpu_{today}.md"))
     args = ap.parse_args(argv)
     out = [
         "# Planner simulator report",

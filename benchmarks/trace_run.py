@@ -13,7 +13,7 @@ import os
 import torch
 
 
-def rank_fn(ctx, device, tokens, schedule, out_dir):
+def rank_fn(ctx, device, tokens, schedule, out_dir, name):
     import hamilton_attn as ha
     from hamilton_attn.runtime.profile import Profiler
 
@@ -31,13 +31,14 @@ def rank_fn(ctx, device, tokens, schedule, out_dir):
     with Profiler() as prof:
         a, b, c = (t.detach().requires_grad_() for t in (ql, kl, vl))
         ha.calc_attn(a, b, c, p).backward(gl)
-    prof.export_chrome_trace(os.path.join(out_dir, f"trace_{schedule}_rank{ctx.rank}.json"))
+    prof.export_chrome_trace(os.path.join(out_dir, f"{name}_rank{ctx.rank}.json"))
     return {"summary": prof.summary(), "totals": prof.totals()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default=None, help="file stem (default trace_SCHEDULE)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--schedule", default="ring")
@@ -45,13 +46,14 @@ def main():
     args = ap.parse_args()
     from hamilton_attn.testing import GlooPool
 
+    name = args.name or f"trace_{args.schedule}"
     w = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)
     os.makedirs(args.out, exist_ok=True)
     with GlooPool(w, backend="nccl" if args.device == "cuda" else "gloo", timeout_s=600) as pool:
-        res = pool.run(rank_fn, w, args.device, args.tokens, args.schedule, args.out)
+        res = pool.run(rank_fn, w, args.device, args.tokens, args.schedule, args.out, name)
     for r, item in enumerate(res):
         print(f"--- rank {r}\n{item['summary']}")
-    with open(os.path.join(args.out, f"trace_{args.schedule}_summary.json"), "w") as f:
+    with open(os.path.join(args.out, f"{name}_summary.json"), "w") as f:
         json.dump([item["totals"] for item in res], f, indent=1)
 
 

@@ -1,9 +1,34 @@
 """hamilton-attn: exact attention over very long sequences, on one device or many.
 
-Public surface: :func:`attention` (one device, any mask), the mask builders
-(:class:`Mask`, :class:`AttnMaskType`), :mod:`merge`, and the context-parallel API.
+The public API, by what it is for (``docs/DESIGN.md`` draws the layers behind it):
+
+* masks as data: :class:`Mask` (bands: causal, windows, documents, MagiAttention's
+  range kinds), :class:`AttnMaskType`;
+* attention on one device, any mask: :func:`attention`; partial results combined
+  exactly: :func:`merge`, :func:`merge_many`;
+* context parallelism: :func:`plan` (where tokens live and how KV moves, verified
+  before anything runs; :class:`Plan`), :func:`dispatch` / :func:`undispatch`
+  (global <-> local tensors), :func:`calc_attn` (the distributed call, forward and
+  backward), :class:`ContextParallelAttention` (the same as a module),
+  :func:`get_position_ids`, :func:`compute_pad_size`, :class:`SimulatedGroup` (plans
+  for ranks that exist only on paper);
+* CUDA-graph replay: :func:`cuda_graph`, :class:`CudaGraphed`;
+* settings: :mod:`hamilton_attn.config` (every environment variable, one typed
+  object, ``config.override`` for a block).
+
+Peers' APIs live in :mod:`hamilton_attn.compat` (``compat.magi``, ``compat.hamilton``).
 """
 
+from . import config
+
+# Masks as data.
+from .masks import AttnMaskType, Mask
+
+# Attention on one device, and the exact merge of partial results.
+from .attention import attention
+from .merge import merge, merge_many
+
+# Context parallelism: plan, move tokens, attend.
 from .api import (
     ContextParallelAttention,
     Plan,
@@ -13,32 +38,35 @@ from .api import (
     plan,
     undispatch,
 )
-from .attention import attention
-from .masks import AttnMaskType, Band, Mask
-from .merge import merge, merge_, merge_many
 from .placement import compute_pad_size
 from .runtime.comm import SimulatedGroup
+
+# CUDA-graph replay of any of the above.
 from .runtime.graphs import CudaGraphed, cuda_graph
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # masks
     "AttnMaskType",
-    "Band",
-    "ContextParallelAttention",
-    "CudaGraphed",
     "Mask",
+    # one device
+    "attention",
+    "merge",
+    "merge_many",
+    # context parallelism
+    "ContextParallelAttention",
     "Plan",
     "SimulatedGroup",
-    "attention",
     "calc_attn",
     "compute_pad_size",
-    "cuda_graph",
     "dispatch",
     "get_position_ids",
-    "merge",
-    "merge_",
-    "merge_many",
     "plan",
     "undispatch",
+    # CUDA graphs
+    "CudaGraphed",
+    "cuda_graph",
+    # settings
+    "config",
 ]

@@ -8,11 +8,14 @@ import torch
 
 from .attention import resolve_scale
 from .planner.plans import Plan, plan
-from .runtime.comm import SimulatedGroup, exchange_status, exchange_timeout, timeout_problem
+from .runtime.checks import agreed_before, exchange_rows
+from .runtime.comm import SimulatedGroup, timeout_problem
 from .runtime.executor import ContextParallelFunction
 from .runtime.shard import dispatch, get_position_ids, undispatch
 
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
+# The plan options that may differ across ranks, named in the error that says they do.
+_PLAN_OPTIONS = ": schedule, dispatch, backward, backend, check, degree, node_size, chunk, ..."
 
 
 def _local_problem(q, k, v, plan: Plan) -> str | None:
@@ -43,20 +46,14 @@ def _scale_bits(scale: float) -> int:
 
 
 def _check(q, k, v, plan: Plan, scale: float, scale_problem: str | None = None) -> None:
+    """Raise ValueError unless every rank's inputs are valid and agree (shapes, dtype,
+    scale, plan); with ``check="first"`` a signature agreed once is not exchanged again
+    (a rank that later has a problem raises alone: use ``check="always"`` for a
+    ValueError on every rank)."""
     problem = _local_problem(q, k, v, plan) or scale_problem or timeout_problem()
-    if plan.world_size == 1 or plan.check == "never":
-        if problem:
-            raise ValueError(problem)
-        return
     sig = (tuple(q.shape), tuple(k.shape), q.dtype, scale)
-    if plan.check == "first" and plan._checked:
-        # Peers whose inputs were checked before skip the exchange, so a rank that now
-        # has a problem must not wait in it: it raises at once, and its peers stop at the
-        # transfer timeout (use check="always" for a ValueError on every rank).
-        if problem:
-            raise ValueError(problem)
-        if sig in plan._checked:
-            return
+    if agreed_before(plan, plan._state.checked, sig, problem):
+        return
     shapes = list(q.shape) + list(k.shape) if problem is None else [0] * 8
     mine = [
         0 if problem is None else 1,
@@ -64,21 +61,10 @@ def _check(q, k, v, plan: Plan, scale: float, scale_problem: str | None = None) 
         _DTYPE_CODE.get(q.dtype, 0),
         _scale_bits(scale),
     ] + shapes
-    everyone = exchange_status(mine, plan.group, q.device, exchange_timeout())
-    bad = [r for r, row in enumerate(everyone) if row[0]]
-    if problem:
-        raise ValueError(problem)
-    if bad:
-        raise ValueError(f"calc_attn: rank(s) {bad} of the group got invalid inputs")
-    if any(row[1:3] != mine[1:3] for row in everyone):
-        raise ValueError(
-            "plan: the ranks of the group hold different plans (built for another group "
-            "or mask, or with other options: schedule, dispatch, backward, backend, "
-            "check, degree, node_size, chunk, ...)"
-        )
+    everyone = exchange_rows(plan, mine, problem, q.device, "calc_attn", _PLAN_OPTIONS)
     if any(row[3:] != mine[3:] for row in everyone):
         raise ValueError("q, k, v: shapes, dtypes or scale differ across the ranks of the group")
-    plan._checked.add(sig)
+    plan._state.checked.add(sig)
 
 
 # Opaque to torch.compile: a compiled model graph-breaks here and runs the executor

@@ -10,16 +10,16 @@ Tests and the bench change settings with :func:`override`, which restores them o
     from hamilton_attn import config
 
     with config.override(transport="ce", timeout_s=30):
-        ...  # every read of config.get() in this thread and its tasks sees the change
+        ...  # every read of config.get() in this process sees the change
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -192,18 +192,19 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
         raise ValueError(msg.replace(field, ENV.get(field, field), 1)) from None
 
 
-_OVERRIDE: contextvars.ContextVar[Config | None] = contextvars.ContextVar(
-    "hamilton_attn_config", default=None
-)
+# The overrides in force, innermost last: process-wide, so that every thread sees them
+# (autograd runs a CUDA backward on a thread of its own, where a context variable set in
+# the forward's thread would not be seen).
+_OVERRIDES: list[Config] = []
+_LOCK = threading.Lock()
 _cache: dict[tuple, Config] = {}
 
 
 def get() -> Config:
     """The configuration in force: the innermost :func:`override`, else the current
     environment's."""
-    cfg = _OVERRIDE.get()
-    if cfg is not None:
-        return cfg
+    if _OVERRIDES:
+        return _OVERRIDES[-1]
     key = tuple(os.environ.get(var) for var in ENV.values())
     cfg = _cache.get(key)
     if cfg is None:
@@ -217,8 +218,9 @@ def get() -> Config:
 @contextlib.contextmanager
 def override(**changes) -> Iterator[Config]:
     """Run a block with some settings changed (validated like the environment's);
-    restored on exit, also on error. Nests; applies to this thread (and the asyncio
-    tasks it starts), not to other threads or processes."""
+    restored on exit, also on error. Nests. Applies to the whole process (every thread,
+    autograd's included) while the block runs, not to other processes (a pool's ranks
+    read their own environment)."""
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise TypeError(f"override: unknown setting(s) {unknown}")
@@ -226,8 +228,13 @@ def override(**changes) -> Iterator[Config]:
     if "timeout_s" in changes:
         changes.setdefault("timeout_problem", None)
     cfg = dataclasses.replace(base, **changes)
-    token = _OVERRIDE.set(cfg)
+    with _LOCK:
+        _OVERRIDES.append(cfg)
     try:
         yield cfg
     finally:
-        _OVERRIDE.reset(token)
+        with _LOCK:
+            # This block's own entry (an identity search: blocks of other threads may
+            # have pushed theirs after it).
+            i = max(i for i, c in enumerate(_OVERRIDES) if c is cfg)
+            del _OVERRIDES[i]

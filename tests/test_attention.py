@@ -2,7 +2,8 @@
 
 Only the ``reference`` backend and ``auto`` are exercised here; ``auto`` may route to
 another backend (sdpa on CPU), so every bound is the flash-attention style one from
-:func:`oracles.assert_close_to_oracle`, valid for any backend computing in float32.
+:func:`hamilton_attn.testing.oracle.assert_close_to_oracle`, valid for any backend
+computing in float32.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import math
 
 import pytest
 import torch
-from oracles import (
+
+from hamilton_attn import attention
+from hamilton_attn.masks import Mask
+from hamilton_attn.testing.oracle import (
     assert_close_to_oracle,
     attention_oracle,
     dense_block_causal,
@@ -23,9 +27,6 @@ from oracles import (
     max_err,
     rect_dense,
 )
-
-from hamilton_attn import attention
-from hamilton_attn.masks import Mask
 
 BACKENDS = ["reference", "auto"]
 NEG_INF = float("-inf")

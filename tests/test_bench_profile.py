@@ -155,3 +155,21 @@ def test_calc_attn_inside_torch_compile():
     with GlooPool(2) as pool:
         for err_out, err_grad in pool.run(_compiled_layer, 2):
             assert err_out < 1e-4 and err_grad < 1e-4
+
+
+def _torch_cp_load_balance(ctx):
+    from hamilton_attn.cli.bench_torch_cp import _cp_options, _torch_cp_times
+
+    options = _cp_options()
+    options.enable_load_balance = True
+    q, k, v, g = (torch.randn(1, 16, 2, 8) for _ in range(4))
+    times = _torch_cp_times(ctx, torch.device("cpu"), q, k, v, g, False, 0, 1, fwd_only=True)
+    return times["fwd"], options.enable_load_balance
+
+
+def test_torch_cp_baseline_restores_load_balance():
+    """The baseline sets PyTorch's load-balance option for its run (off for full masks)
+    and puts the previous value back."""
+    with GlooPool(2) as pool:
+        for fwd_ms, balance in pool.run(_torch_cp_load_balance, 2):
+            assert fwd_ms > 0 and balance is True

@@ -1,7 +1,7 @@
 """Context-parallel attention on a pool of gloo CPU processes vs the one-process reference.
 
-Every check runs ``dispatch -> calc_attn -> undispatch`` on ranks 0..W-1 of one
-8-process :class:`GlooPool` (started once for this module) and compares, on every rank,
+Every check runs ``dispatch -> calc_attn -> undispatch`` on ranks 0..W-1 of the shared
+``pool`` (tests/conftest.py, started once per run) and compares, on every rank,
 the undispatched output and the gradients of the full q, k, v (through dispatch's
 backward, with a random upstream gradient) with ``attention(..., backend="reference")``
 on the full tensors. float64 runs must agree to ~1e-9; float32 runs may be at most
@@ -32,20 +32,13 @@ import torch
 
 import hamilton_attn as ha
 from hamilton_attn.testing import GlooPool
+from hamilton_attn.testing.oracle import max_err
 
 SCHEDULES = ("ring", "bidi_ring", "line", "allgather")
 DISPATCHES = ("contiguous", "zigzag", "stripe")
 MASKS = ("full", "causal", "docs", "window")
-POOL_SIZE = 8
 F64_TOL = 1e-9
 F32_FACTOR = 2.0  # float32 error may be this many times the float32 reference's
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = GlooPool(POOL_SIZE, timeout_s=90)
-    yield p
-    p.close()
 
 
 # -- shared by the workers -----------------------------------------------------------------
@@ -82,19 +75,7 @@ def case(
     scale=None,
     check="first",
 ) -> dict:
-    c = dict(
-        schedule=schedule,
-        dispatch=dispatch,
-        mask=mask,
-        S=S,
-        B=B,
-        Hq=Hq,
-        Hk=Hk,
-        D=D,
-        dtype=dtype,
-        scale=scale,
-        check=check,
-    )
+    c = dict(locals())  # the arguments, in their order
     c["seed"] = zlib.crc32(repr(sorted(c.items())).encode())
     return c
 
@@ -118,8 +99,7 @@ def reference(q, k, v, g, mask, scale):
     return out.detach(), lse, grads
 
 
-def err(a, b) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
+err = max_err  # float64 max |a - b|
 
 
 def cp_run(c: dict, group, q, k, v, g):

@@ -1,8 +1,8 @@
-"""The copy-engine transfer protocol (hamilton_attn.runtime.copy_engine), run on CPU tensors by a
-simulator that executes each rank's per-peer streams in a random interleaving, with the
-signal pads' binary-semaphore semantics. It must deliver every message intact, never
-deadlock, and leave every slot with its one FREE token (so the next call, or a CUDA
-graph replay, starts from the same state)."""
+"""The copy-engine transfer protocol (hamilton_attn.runtime.transports.copy_engine), run on
+CPU tensors by a simulator that executes each rank's per-peer streams in a random
+interleaving, with the signal pads' binary-semaphore semantics. It must deliver every
+message intact, never deadlock, and leave every slot with its one FREE token (so the
+next call, or a CUDA graph replay, starts from the same state)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from hamilton_attn import config
-from hamilton_attn.runtime import copy_engine
-from hamilton_attn.runtime.copy_engine import _FREE, SLOTS, Mailbox
+from hamilton_attn.runtime.transports import copy_engine
+from hamilton_attn.runtime.transports.copy_engine import _FREE, SLOTS, Mailbox
 
 
 def _mailboxes(world: int, slot: int) -> list[Mailbox]:

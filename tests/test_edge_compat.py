@@ -15,7 +15,6 @@ import zlib
 
 import pytest
 import torch
-from oracles import attention_oracle, dense_from_rects, dense_window
 
 from hamilton_attn.compat import hamilton as hc
 from hamilton_attn.compat.magi import (
@@ -25,16 +24,9 @@ from hamilton_attn.compat.magi import (
     infer_attn_mask_from_cu_seqlens,
     infer_attn_mask_from_sliding_window,
 )
-from hamilton_attn.testing import GlooPool
+from hamilton_attn.testing.oracle import attention_oracle, dense_from_rects, dense_window
 
 TOL = 1e-9
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = GlooPool(8, timeout_s=30)
-    yield p
-    p.close()
 
 
 # -- Hamilton causal: the reference's k / v lists ----------------------------------------

@@ -32,9 +32,10 @@ POOL_TIMEOUT_S = 8
 
 @pytest.fixture(scope="module")
 def pool():
-    p = GlooPool(2, timeout_s=POOL_TIMEOUT_S)
-    yield p
-    p.close()
+    """A pool of its own, not the shared one: a short timeout, and a worker that creates a
+    group over the whole world (``dist.new_group``), which must be these 2 ranks."""
+    with GlooPool(2, timeout_s=POOL_TIMEOUT_S) as p:
+        yield p
 
 
 def _inputs(s: int, seed: int, hq: int = 2, hk: int = 2, d: int = 8):
@@ -263,8 +264,8 @@ import json, os, sys, time
 from datetime import timedelta
 import torch, torch.distributed as dist
 import hamilton_attn as ha
-import hamilton_attn.runtime.executor as executor
 import hamilton_attn.runtime.shard as shard
+import hamilton_attn.runtime.transports.nccl as nccl
 rank, port, where, seed = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                         world_size=2, timeout=timedelta(seconds=60))
@@ -277,10 +278,10 @@ if rank == 1:
     def die(*args, **kwargs):  # mid-call: after this call's checks, before its transfers
         os._exit(3)
     if where == "transfer":
-        executor.start_p2p = die
+        nccl.start_p2p = die
     else:
         shard.all_gather_tensor = die
-        shard.exchange_status = die
+        shard.exchange_rows = die
 t0 = time.monotonic()
 try:
     ha.undispatch(ha.calc_attn(*local, p, scale=None if where == "transfer" else 0.5), p)

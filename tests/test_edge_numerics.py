@@ -17,11 +17,15 @@ import zlib
 
 import pytest
 import torch
-from oracles import attention_oracle, dense_from_rects, dense_varlen, dense_window
 
 import hamilton_attn as ha
 from hamilton_attn.masks import Mask
-from hamilton_attn.testing import GlooPool
+from hamilton_attn.testing.oracle import (
+    attention_oracle,
+    dense_from_rects,
+    dense_varlen,
+    dense_window,
+)
 
 S, HQ, HK, D = 24, 4, 2, 8
 BAD_KEY = 12  # seen by some rows and not by others in every mask below
@@ -178,13 +182,6 @@ def test_kernel_backward_keeps_nan_merged_rows_to_their_keys(backend, mask_name)
 
 
 # -- calc_attn at W = 2 -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = GlooPool(2, timeout_s=30)
-    yield p
-    p.close()
 
 
 def _w_window_nonfinite(ctx, which, value):

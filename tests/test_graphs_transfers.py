@@ -10,7 +10,7 @@ import torch
 import hamilton_attn as ha
 from hamilton_attn import config
 from hamilton_attn.runtime import comm
-from hamilton_attn.runtime.executor import _adjacent
+from hamilton_attn.runtime.pieces import _adjacent
 from hamilton_attn.testing import GlooPool
 
 
@@ -100,7 +100,7 @@ def test_message_runs_join_consecutive_own_pieces():
     """groupcast with balanced_zigzag cuts a rank's shard into many pieces; those a
     rank sends to one peer in one step, back to back in its shard, go as one message.
     Both ends cut the same runs; batches above 1 keep one message per piece."""
-    from hamilton_attn.runtime.executor import _message_runs
+    from hamilton_attn.runtime.pieces import _message_runs
 
     p = ha.plan(
         ha.Mask.causal(4096), ha.SimulatedGroup(2), schedule="groupcast", dispatch="balanced_zigzag"

@@ -23,7 +23,6 @@ import hamilton_attn as ha
 from hamilton_attn.placement import balanced, chunk_grid
 from hamilton_attn.placement.layouts import _assign_exact, _assign_minheap
 from hamilton_attn.schedule import PieceId, ScheduleError, Transfer, verify
-from hamilton_attn.testing import GlooPool
 
 F64_TOL = 1e-9
 
@@ -352,25 +351,8 @@ def test_bad_arguments_name_what_was_expected():
 # -- on a gloo pool ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = GlooPool(8, timeout_s=120)
-    yield p
-    p.close()
-
-
 def _case(mask, *, S=96, B=1, Hq=4, Hk=2, D=8, dispatch="minheap", kv_dispatch=None, **opts):
-    c = dict(
-        mask=mask,
-        S=S,
-        B=B,
-        Hq=Hq,
-        Hk=Hk,
-        D=D,
-        dispatch=dispatch,
-        kv_dispatch=kv_dispatch,
-        opts=opts,
-    )
+    c = dict(locals())  # the arguments, in their order (opts last)
     if mask in CROSS_MASKS and kv_dispatch is None:
         c["kv_dispatch"] = "minheap"
     c["seed"] = zlib.crc32(repr(sorted((k, str(v)) for k, v in c.items())).encode())

@@ -1,7 +1,7 @@
 """Hamilton Attention compat API and the ``hamilton`` / ``direct`` / ``hamilton_2level``
 schedules on a pool of gloo CPU processes vs the one-process reference.
 
-One 16-process :class:`GlooPool` serves the module; every test sends all its cases for
+The shared 16-rank ``pool`` (tests/conftest.py) serves; every test sends all its cases for
 one world size in a single ``pool.run`` call. Workers (``_w_*``) return plain numbers and
 strings; the assertions live in the tests. Everything is float64 (agreement ~1e-9).
 
@@ -18,19 +18,11 @@ import torch
 
 import hamilton_attn as ha
 from hamilton_attn.compat import hamilton as hc
-from hamilton_attn.testing import GlooPool
+from hamilton_attn.testing.oracle import max_err
 
-POOL_SIZE = 16
 TOL = 1e-9
 HAMILTON_WS = (2, 3, 5, 7, 8, 9, 12, 16)
 TWO_LEVEL = ((2, 2), (2, 4), (3, 4), (4, 4))  # (u nodes, m devices per node)
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = GlooPool(POOL_SIZE, timeout_s=60)
-    yield p
-    p.close()
 
 
 # -- shared by the workers -----------------------------------------------------------------
@@ -54,8 +46,7 @@ def _reference(q, k, v, g, mask, scale):
     return out.detach(), lse.detach(), grads
 
 
-def _err(a, b) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
+_err = max_err  # float64 max |a - b|
 
 
 def _local_index(kind: str, w: int, r: int, s_local: int) -> torch.Tensor:

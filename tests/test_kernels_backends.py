@@ -211,7 +211,7 @@ def test_backward_with_merged_out_lse(backend, mask_name):
 
 def test_auto_choice_cost_model():
     """Few large pieces go to cuDNN calls, many small ones to one flex call; the
-    estimates reproduce the H200 measurements' ordering (gpu_block_choice.md)."""
+    estimates reproduce the H200 measurements' ordering (block_choice_H200_2026-11-30.md)."""
     from hamilton_attn.kernels import choice
     from hamilton_attn.kernels.sdpa import Call
 

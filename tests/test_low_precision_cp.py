@@ -9,7 +9,7 @@ and dK/dV messages in the inputs' dtype where that is exact, float32 elsewhere. 
 every schedule runs those branches through the ``auto`` backend (CPU: sdpa's
 ``cpu_flash`` op in the inputs' dtype, as on GPU it is cuDNN / flash) and the results
 (out, lse, dq, dk, dv) are compared with a float64 oracle written from the softmax
-definition (``tests/oracles.py``), with flash-attention's bound:
+definition (``hamilton_attn.testing.oracle``), with flash-attention's bound:
 
     err(ours vs float64) <= FACTOR * err(same-precision reference vs float64) + slack
 
@@ -21,7 +21,7 @@ float32 math's, and CP cannot beat its own local kernel). Slack: one ulp of the 
 magnitude (lse, float32 whatever the inputs: four float32 ulps). Measured over this
 matrix: CP's error is at most 2.8x the same-precision one, and within 2x + 0.35 ulp.
 
-The schedule matrix runs on one 4-process :class:`GlooPool` started once for the module,
+The schedule matrix runs on ranks 0..W-1 of the shared ``pool`` (tests/conftest.py),
 all cases of a (W, schedule) in one call. Workers also report which low-precision
 branches each case reached (merge_last_, the float32 upcast, the sdpa kernel's own
 merges, low / float32 gradient sums and messages), and the tests assert them.
@@ -36,14 +36,12 @@ import zlib
 
 import pytest
 import torch
-from oracles import attention_oracle, dense_varlen
 
 import hamilton_attn as ha
 from hamilton_attn.runtime.comm import SimulatedGroup
 from hamilton_attn.schedule import BUILDERS
-from hamilton_attn.testing import GlooPool
+from hamilton_attn.testing.oracle import attention_oracle, dense_varlen, max_err
 
-POOL_SIZE = 4
 DTYPES = ("bfloat16", "float16")
 FACTOR = 2.0  # flash-attention's rule: at most this many times the reference's error
 S, HQ, HK, D = 90, 4, 2, 16
@@ -67,13 +65,6 @@ W4_EXTRA = {"groupcast": {"node_size": 2}}
 LAYOUTS = (("causal", "zigzag"), ("docs", "minheap"), ("docs", "balanced_zigzag"))
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = GlooPool(POOL_SIZE, timeout_s=60)
-    yield p
-    p.close()
-
-
 def make_mask(name: str) -> ha.Mask:
     if name == "causal":
         return ha.Mask.causal(S)
@@ -81,7 +72,8 @@ def make_mask(name: str) -> ha.Mask:
 
 
 def dense_mask(name: str) -> torch.Tensor:
-    """The oracle's mask, from the definition (tests/oracles.py), not from Mask."""
+    """The oracle's mask, from the definition (``hamilton_attn.testing.oracle``), not
+    from Mask."""
     return dense_varlen([0, S] if name == "causal" else list(DOCS), causal=True)
 
 
@@ -129,8 +121,7 @@ def same_precision(q, k, v, g, mask: str, backend: str = "reference"):
     return (out.detach(), lse, *grads)
 
 
-def err(a, b) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
+err = max_err  # float64 max |a - b|
 
 
 class _Probe:
@@ -143,7 +134,7 @@ class _Probe:
         from hamilton_attn.runtime import executor
 
         self.ex, self.sdpa = executor, sdpa
-        self.real = (executor.merge_, executor.merge_last_, executor.select_kernel, sdpa.merge_)
+        self.real = (executor.merge_, executor.merge_last_, executor.memo_kernel, sdpa.merge_)
         self.reset()
 
     def reset(self):
@@ -158,7 +149,7 @@ class _Probe:
         return wrapped
 
     def __enter__(self):
-        merge_, merge_last_, select_kernel, sdpa_merge_ = self.real
+        merge_, merge_last_, memo_kernel, sdpa_merge_ = self.real
 
         def probe_merge_last(acc_out, acc_lse, out, lse):
             # into the low accumulator itself (counted, not asserted here: a rank that
@@ -167,18 +158,18 @@ class _Probe:
             self.n["merge_last_not_low"] += not (acc_out.dtype == out.dtype != acc_lse.dtype)
             return merge_last_(acc_out, acc_lse, out, lse)
 
-        def probe_select(backend, q, k, v, m):
-            kernel = select_kernel(backend, q, k, v, m)
+        def probe_select(*args):
+            kernel = memo_kernel(*args)
             self.kernels.add(kernel.name)
             return kernel
 
-        self.ex.merge_last_, self.ex.select_kernel = probe_merge_last, probe_select
+        self.ex.merge_last_, self.ex.memo_kernel = probe_merge_last, probe_select
         self.ex.merge_ = self._count("merge_f32acc", merge_)
         self.sdpa.merge_ = self._count("kernel_merge", sdpa_merge_)
         return self
 
     def __exit__(self, *exc):
-        self.ex.merge_, self.ex.merge_last_, self.ex.select_kernel, self.sdpa.merge_ = self.real
+        self.ex.merge_, self.ex.merge_last_, self.ex.memo_kernel, self.sdpa.merge_ = self.real
 
 
 def _w_low_precision_cases(ctx, cases):

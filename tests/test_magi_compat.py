@@ -1,13 +1,13 @@
 """``hamilton_attn.compat.magi`` (MagiAttention's API) against float64 oracles.
 
 Single-device tests check :func:`flex_flash_attn_func` forward and backward against the
-textbook oracle of ``oracles.py`` (rectangles as a union, built without our mask code),
-the range and mask helpers against dense masks written from their definitions, and the
-configs and argument errors. Distributed tests run ``dispatch -> calc_attn ->
-undispatch`` (and MagiAttention's two documented examples, moved to gloo / float32 /
-small sizes) on one 4-process :class:`GlooPool` and compare every rank's undispatched
-output, lse and input gradients with the one-process oracle. Workers (``_w_*``) return
-plain numbers; the assertions live in the tests.
+textbook oracle of ``hamilton_attn.testing.oracle`` (rectangles as a union, built
+without our mask code), the range and mask helpers against dense masks written from
+their definitions, and the configs and argument errors. Distributed tests run ``dispatch
+-> calc_attn -> undispatch`` (and MagiAttention's two documented examples, moved to gloo
+/ float32 / small sizes) on one 4-process :class:`GlooPool` and compare every rank's
+undispatched output, lse and input gradients with the one-process oracle. Workers
+(``_w_*``) return plain numbers; the assertions live in the tests.
 
 Legend: T tokens (Tq queries, Tk keys), B batch, Hq/Hk heads, D head dim, W world size.
 Tensors are token-major ``(T, H, D)`` (MagiAttention's layout) unless named ``*_BTHD``.
@@ -20,7 +20,6 @@ import zlib
 
 import pytest
 import torch
-from oracles import attention_oracle, dense_from_rects, dense_window, max_err
 
 import hamilton_attn as ha
 from hamilton_attn.compat import magi
@@ -49,11 +48,13 @@ from hamilton_attn.compat.magi import (
     magi_attn_flex_dispatch,
     magi_attn_flex_key,
     magi_attn_varlen_dispatch,
+    magi_attn_varlen_key,
     squash_batch_dim,
     undispatch,
 )
 from hamilton_attn.runtime.comm import SimulatedGroup
 from hamilton_attn.testing import GlooPool
+from hamilton_attn.testing.oracle import attention_oracle, dense_from_rects, dense_window, max_err
 
 POOL_SIZE = 4
 F64_TOL = 1e-9
@@ -61,9 +62,10 @@ F64_TOL = 1e-9
 
 @pytest.fixture(scope="module")
 def pool():
-    p = GlooPool(POOL_SIZE, timeout_s=60)
-    yield p
-    p.close()
+    """A pool of its own, not the shared one: meshes (``DeviceMesh``,
+    ``init_hierarchical_mesh``) span the whole world, which must be these 4 ranks."""
+    with GlooPool(POOL_SIZE, timeout_s=60) as p:
+        yield p
 
 
 def _seed(*parts) -> int:
@@ -336,14 +338,7 @@ def test_configs():
     assert OverlapConfig(mode=AttnOverlapMode.DYNAMIC, degree=None).stages is None
     assert OverlapConfig(mode="dynamic", degree=None).mode is AttnOverlapMode.DYNAMIC
     assert OverlapConfig(enable=False, degree=5).stages == 1
-    seed_cfg = OverlapConfig(
-        enable=True,
-        mode=AttnOverlapMode.STATIC,
-        degree=2,
-        min_chunk_size=512,
-        max_num_chunks=64,
-        alg=UniformOverlapAlg(random_costs=True, random_seed=42),
-    )
+    seed_cfg = _seed_overlap()  # the documented examples' overlap config
     assert seed_cfg.stages == 2 and hash(seed_cfg) == hash(
         OverlapConfig(degree=2, alg=UniformOverlapAlg(random_costs=True, random_seed=42))
     )
@@ -411,6 +406,51 @@ def test_key_mapping_on_paper():
     assert cross.kv_pad_size == 15 and cross.plan.kv_placement.padded_len == 48
 
 
+def test_most_recent_key_follows_use():
+    """The key last built or handed to dispatch / calc_attn / undispatch /
+    get_position_ids, held by the package's one RecentKey."""
+    from hamilton_attn.compat.magi.dist_attn_runtime_mgr import RECENT_KEY
+
+    g = SimulatedGroup(2, 0)
+    a, b = _key(g, chunk_size=4), _key(g, chunk_size=2)
+    assert get_most_recent_key() is b and a != b
+    get_position_ids(a)
+    assert get_most_recent_key() is a
+    dispatch(torch.randn(60, 3), b)
+    assert get_most_recent_key() is b and RECENT_KEY.get() is b
+    RECENT_KEY.clear()
+    assert get_most_recent_key() is None
+    with pytest.raises(ValueError, match="key: expected a DistAttnRuntimeKey"):
+        undispatch(torch.randn(32, 3), None)
+    assert get_most_recent_key() is None  # a rejected key is not recorded
+
+
+def test_dispatch_functions_are_key_then_dispatch():
+    """``magi_attn_*_dispatch`` take their key function's arguments (one signature) and
+    hand ``seq_dim`` on to dispatch: x of 60 x 60 tokens, dispatched along either dim."""
+    import inspect
+
+    for dispatch_fn, key_fn in (
+        (magi_attn_flex_dispatch, magi_attn_flex_key),
+        (magi_attn_varlen_dispatch, magi_attn_varlen_key),
+    ):
+        assert dispatch_fn.__name__.endswith("_dispatch") and dispatch_fn.__doc__
+        params = [inspect.signature(f).parameters.values() for f in (dispatch_fn, key_fn)]
+        assert [(p.name, p.kind, p.default) for p in params[0]] == [
+            (p.name, p.kind, p.default) for p in params[1]
+        ]
+    g = SimulatedGroup(1)
+    x = torch.randn(60, 60, 2)
+    for seq_dim, shape in ((None, (63, 60, 2)), (1, (60, 63, 2))):
+        local, key = magi_attn_flex_dispatch(
+            x, [[0, 60]], [[0, 60]], "causal", 60, 60, None, None, 7, g, seq_dim=seq_dim
+        )
+        assert local.shape == shape and key.pad_size == 3
+        assert torch.equal(undispatch(local, key, seq_dim=seq_dim), x)
+    local, key = magi_attn_varlen_dispatch(x, [0, 30, 60], [0, 30, 60], None, None, 4, g, seq_dim=1)
+    assert local.shape == (60, 60, 2) and torch.equal(undispatch(local, key, seq_dim=1), x)
+
+
 def test_key_argument_errors():
     g = SimulatedGroup(2, 0)
     bad = (
@@ -471,28 +511,11 @@ CROSS_RECTS = (
 )
 
 
-def dcase(w, rects=SELF_RECTS, tq=45, tk=45, **kw) -> dict:
-    c = dict(
-        w=w,
-        rects=rects,
-        tq=tq,
-        tk=tk,
-        same=True,
-        q_perm=True,
-        k_perm=True,
-        alg="minheap",
-        mode="static",
-        degree=1,
-        chunk=4,
-        pad=None,
-        batch=None,
-        mesh=None,
-        domain=1,
-        hq=4,
-        hk=2,
-        d=8,
-    )
-    c.update(kw)
+def dcase(
+    w, rects=SELF_RECTS, tq=45, tk=45, *, same=True, q_perm=True, k_perm=True, alg="minheap",
+    mode="static", degree=1, chunk=4, pad=None, batch=None, mesh=None, domain=1, hq=4, hk=2, d=8,
+) -> dict:  # fmt: skip
+    c = dict(locals())  # the arguments, in their order
     c["seed"] = _seed(sorted(c.items()))
     return c
 
@@ -518,11 +541,16 @@ def _config(c) -> DistAttnConfig:
 
 def _mesh(spec):
     """None, ``init_hierarchical_mesh(*spec)`` for a tuple, or a hand-built mesh: a 1-d
-    one, or a 2 x 2 one whose nodes are ranks {0, 2} and {1, 3} (not the world's order)."""
-    from torch.distributed.device_mesh import DeviceMesh
+    one, a 2 x 2 one whose nodes are ranks {0, 2} and {1, 3} (not the world's order), or
+    ``"replica"``: this rank's 1 x 2 slice of a (dp 2, inter 1, intra 2) world mesh
+    (ranks {0, 1} or {2, 3}: part of the world)."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     if spec is None:
         return None
+    if spec == "replica":
+        world_mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "inter", "intra"))
+        return world_mesh["inter", "intra"]
     if spec == "1d":
         return DeviceMesh("cpu", torch.arange(4), mesh_dim_names=("cp",))
     if spec == "strided":
@@ -703,6 +731,38 @@ def test_hierarchical_mesh_2x2(pool):
     assert [res["node_size"] for res in per_rank[0]] == [2, 2, 2, 2, None]
 
 
+def _w_replica_groups(ctx):
+    """The group of this rank's replica mesh: its ranks, made once (two keys share it)."""
+    import torch.distributed as dist
+
+    mesh = _mesh("replica")
+    keys = [
+        magi_attn_flex_key(None, [[0, 12]], [[0, 12]], kind, 12, 12, cp_mesh=mesh)[1]
+        for kind in ("causal", "full")
+    ]
+    return [
+        mesh.mesh.flatten().tolist(),
+        dist.get_process_group_ranks(keys[0].cp_group),
+        keys[0].cp_group is keys[1].cp_group,
+    ]
+
+
+def test_mesh_over_part_of_the_world(pool):
+    """A 2-d mesh of one data-parallel replica (ranks {0, 1} or {2, 3} of 4) runs on a
+    group over its own ranks, made with public calls once per rank set; every replica
+    computes the whole problem on its two ranks."""
+    cases = [
+        dcase(2, mesh="replica"),
+        dcase(2, CROSS_RECTS, 37, 23, same=False, mesh="replica", batch=2),
+    ]
+    per_rank = pool.run(_w_cases, 4, cases)
+    assert_cases_ok(cases, per_rank)
+    assert [res["node_size"] for res in per_rank[0]] == [None, None]  # one node of 2
+    for rank, (mesh_ranks, group_ranks, shared) in enumerate(pool.run(_w_replica_groups, 4)):
+        assert mesh_ranks == group_ranks == ([0, 1] if rank < 2 else [2, 3]), rank
+        assert shared, f"rank {rank}: a second key made a second group"
+
+
 def _w_mesh_facts(ctx):
     mesh = init_hierarchical_mesh(2, 2)
     return [mesh.mesh_dim_names, tuple(mesh.mesh.shape), mesh.device_type]
@@ -733,6 +793,48 @@ def _reference_x(x, projections, heads, head_dim, dense, g):
     return out.detach(), grad
 
 
+def _seed_overlap() -> OverlapConfig:
+    """The overlap config of both documented examples: static, two stages."""
+    return OverlapConfig(
+        enable=True,
+        mode=AttnOverlapMode.STATIC,
+        degree=2,
+        min_chunk_size=512,
+        max_num_chunks=64,
+        alg=UniformOverlapAlg(random_costs=True, random_seed=42),
+    )
+
+
+def _seed_config() -> DistAttnConfig:
+    """The config of both documented examples: min-heap dispatch, static overlap."""
+    return DistAttnConfig(
+        dispatch_config=DispatchConfig(alg=MinHeapDispatchAlg()),
+        overlap_config=_seed_overlap(),
+        high_bandwith_domain_size=1,
+    )
+
+
+def _seed_attend_and_check(x, leaf, local_x, key, embed_dim, heads, head_dim, dense):
+    """The documented examples' tail: q, k, v projections (``heads`` = their head
+    counts) of the local x, calc_attn, undispatch and a backward with a seeded upstream
+    gradient; then out and the gradient of ``leaf`` (x's leaf, seen in x's shape)
+    against one device. Returns ``[local shape, out shape, out ok, grad ok]``."""
+    projections = [torch.nn.Linear(embed_dim, h * head_dim, dtype=x.dtype) for h in heads]
+    local_q, local_k, local_v = (
+        p(local_x).view(-1, h, head_dim) for p, h in zip(projections, heads)
+    )
+    local_out, _ = calc_attn(local_q, local_k, local_v, key)
+    total_out = undispatch(local_out, key)
+
+    g = torch.randn(total_out.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    (total_out * g).sum().backward()
+    x_grad = leaf.grad.reshape(x.shape)
+    checks = _compare_with_one_device(
+        x.detach(), total_out, x_grad, projections, heads, head_dim, dense, g
+    )
+    return [list(local_x.shape), list(total_out.shape), *checks]
+
+
 def _compare_with_one_device(x, total_out, x_grad, projections, heads, head_dim, dense, g):
     doubles = [
         torch.nn.Linear(p.in_features, p.out_features, dtype=torch.float64) for p in projections
@@ -748,18 +850,7 @@ def _w_seed_varlen(ctx):
     # The varlen example of MagiAttention's docs: gloo, float32, small sizes.
     embed_dim, dtype, cp_size, head_dim, chunk_size = 32, torch.float32, ctx.world_size, 8, 4
     q_heads, kv_heads, batch_size, seqlen = 4, 2, 3, 7
-    dist_attn_config = DistAttnConfig(
-        dispatch_config=DispatchConfig(alg=MinHeapDispatchAlg()),
-        overlap_config=OverlapConfig(
-            enable=True,
-            mode=AttnOverlapMode.STATIC,
-            degree=2,
-            min_chunk_size=512,
-            max_num_chunks=64,
-            alg=UniformOverlapAlg(random_costs=True, random_seed=42),
-        ),
-        high_bandwith_domain_size=1,
-    )
+    dist_attn_config = _seed_config()
     torch.manual_seed(0)  # every rank draws the same x and the same layers
     x_with_batch = torch.randn(batch_size, seqlen, embed_dim, dtype=dtype, requires_grad=True)
     x = squash_batch_dim(x_with_batch)
@@ -778,32 +869,10 @@ def _w_seed_varlen(ctx):
         causal=False,
         dist_attn_config=dist_attn_config,
     )
-    q_proj = torch.nn.Linear(embed_dim, q_heads * head_dim, dtype=dtype)
-    k_proj = torch.nn.Linear(embed_dim, kv_heads * head_dim, dtype=dtype)
-    v_proj = torch.nn.Linear(embed_dim, kv_heads * head_dim, dtype=dtype)
-    local_q, local_k, local_v = (
-        q_proj(local_x).view(-1, q_heads, head_dim),
-        k_proj(local_x).view(-1, kv_heads, head_dim),
-        v_proj(local_x).view(-1, kv_heads, head_dim),
-    )
-    local_out, _ = calc_attn(local_q, local_k, local_v, magi_attn_runtime_key)
-    total_out = undispatch(local_out, magi_attn_runtime_key)
-
-    g = torch.randn(total_out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    (total_out * g).sum().backward()
     cu = cu_seqlens_q.tolist()
     dense = dense_from_rects(list(zip(cu, cu[1:])), list(zip(cu, cu[1:])), "full", 21, 21)
-    checks = _compare_with_one_device(
-        x.detach(),
-        total_out,
-        x_with_batch.grad.flatten(0, 1),
-        (q_proj, k_proj, v_proj),
-        (q_heads, kv_heads, kv_heads),
-        head_dim,
-        dense,
-        g,
-    )
-    return [list(local_x.shape), list(total_out.shape), *checks]
+    key, heads = magi_attn_runtime_key, (q_heads, kv_heads, kv_heads)
+    return _seed_attend_and_check(x, x_with_batch, local_x, key, embed_dim, heads, head_dim, dense)
 
 
 def _w_seed_flex(ctx):
@@ -811,18 +880,7 @@ def _w_seed_flex(ctx):
     embed_dim, dtype, cp_size, head_dim = 32, torch.float32, ctx.world_size, 8
     total_seqlen_q = total_seqlen_k = 60
     chunk_size, q_heads, kv_heads = 8, 4, 2
-    dist_attn_config = DistAttnConfig(
-        dispatch_config=DispatchConfig(alg=MinHeapDispatchAlg()),
-        overlap_config=OverlapConfig(
-            enable=True,
-            mode=AttnOverlapMode.STATIC,
-            degree=2,
-            min_chunk_size=512,
-            max_num_chunks=64,
-            alg=UniformOverlapAlg(random_costs=True, random_seed=42),
-        ),
-        high_bandwith_domain_size=1,
-    )
+    dist_attn_config = _seed_config()
     torch.manual_seed(0)
     x = torch.randn(total_seqlen_q, embed_dim, dtype=dtype, requires_grad=True)
     q_ranges = AttnRanges.from_ranges(
@@ -850,31 +908,9 @@ def _w_seed_flex(ctx):
         is_q_permutable=True,
         is_k_permutable=True,
     )
-    q_proj = torch.nn.Linear(embed_dim, q_heads * head_dim, dtype=dtype)
-    k_proj = torch.nn.Linear(embed_dim, kv_heads * head_dim, dtype=dtype)
-    v_proj = torch.nn.Linear(embed_dim, kv_heads * head_dim, dtype=dtype)
-    local_q, local_k, local_v = (
-        q_proj(local_x).view(-1, q_heads, head_dim),
-        k_proj(local_x).view(-1, kv_heads, head_dim),
-        v_proj(local_x).view(-1, kv_heads, head_dim),
-    )
-    local_out, _ = calc_attn(local_q, local_k, local_v, magi_attn_runtime_key)
-    total_out = undispatch(local_out, magi_attn_runtime_key)
-
-    g = torch.randn(total_out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    (total_out * g).sum().backward()
     dense = dense_from_rects(q_ranges.to_naive_ranges(), k_ranges.to_naive_ranges(), "full", 60, 60)
-    checks = _compare_with_one_device(
-        x.detach(),
-        total_out,
-        x.grad,
-        (q_proj, k_proj, v_proj),
-        (q_heads, kv_heads, kv_heads),
-        head_dim,
-        dense,
-        g,
-    )
-    return [list(local_x.shape), list(total_out.shape), *checks]
+    key, heads = magi_attn_runtime_key, (q_heads, kv_heads, kv_heads)
+    return _seed_attend_and_check(x, x, local_x, key, embed_dim, heads, head_dim, dense)
 
 
 def test_seed_varlen_example(pool):

@@ -7,7 +7,9 @@ import time
 
 import pytest
 import torch
-from oracles import (
+
+from hamilton_attn.masks import AttnMaskType, Mask
+from hamilton_attn.testing.oracle import (
     dense_block_causal,
     dense_from_band,
     dense_from_rects,
@@ -17,8 +19,6 @@ from oracles import (
     dense_window,
     rect_dense,
 )
-
-from hamilton_attn.masks import AttnMaskType, Mask
 
 SIZES = [(1, 1), (1, 97), (97, 1), (59, 59), (97, 97), (59, 97), (97, 59), (7, 3), (3, 7)]
 TYPE_NAMES = ["full", "causal", "inv_causal", "bi_causal"]

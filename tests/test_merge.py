@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from oracles import attention_oracle, dense_from_rects, max_err
 
 from hamilton_attn.masks import Mask
 from hamilton_attn.merge import merge, merge_, merge_many
+from hamilton_attn.testing.oracle import attention_oracle, dense_from_rects, max_err
 
 NEG_INF = float("-inf")
 

@@ -54,7 +54,7 @@ def test_packed_documents_1m_plan_time(docs_1m, schedule, dispatch, w, target):
     "schedule,dispatch,bound",
     [
         # About 5x + 1 s of the CPU time on one shared core (benchmarks/results/
-        # plan_time.md): hamilton 1.8 s, direct 1.2 s, groupcast/minheap 0.9 s,
+        # plan_time_cpu_2026-12-01.md): hamilton 1.8 s, direct 1.2 s, groupcast/minheap 0.9 s,
         # groupcast/balanced_zigzag 0.8 s, ring 0.1 s; the 2 s target is met by each.
         ("hamilton", "zigzag", 10.0),
         ("groupcast", "minheap", 6.0),

@@ -1,10 +1,10 @@
 """Schedule builders, finalize and the verifier, in pure Python (no processes).
 
 Every builder is finalized for every W in 1..9, mask and dispatch, against a "needs"
-oracle built from dense masks (``tests/oracles.py``), and must verify; its report must
-count what the algorithm is known to move. Then hand-broken schedules (a finalized
-Schedule with its steps edited through ``dataclasses.replace``) must be rejected with a
-ScheduleError naming the step, rank and piece at fault.
+oracle built from dense masks (``hamilton_attn.testing.oracle``), and must verify; its
+report must count what the algorithm is known to move. Then hand-broken schedules (a
+finalized Schedule with its steps edited through ``dataclasses.replace``) must be
+rejected with a ScheduleError naming the step, rank and piece at fault.
 
 Legend: S tokens (global, unpadded), P padded tokens, W world size, n local tokens.
 """
@@ -18,7 +18,6 @@ import re
 
 import pytest
 import torch
-from oracles import dense_varlen, dense_window
 
 from hamilton_attn.placement import make_placement
 from hamilton_attn.schedule import (
@@ -32,6 +31,7 @@ from hamilton_attn.schedule import (
     finalize,
     verify,
 )
+from hamilton_attn.testing.oracle import dense_varlen, dense_window
 
 SCHEDULES = ("ring", "bidi_ring", "line", "allgather")
 DISPATCHES = ("contiguous", "zigzag", "stripe")
@@ -250,6 +250,11 @@ def assert_rejected(sched: Schedule, needs, n: int, *patterns: str) -> None:
         assert re.search(pat, msg), f"{pat!r} not in {msg!r}"
 
 
+def at(step: int, rank: int, piece) -> tuple[str, str, str]:
+    """The patterns of a rejection's place: the step, the rank and the piece at fault."""
+    return rf"step {step}", rf"rank {rank}", re.escape(str(piece))
+
+
 def test_unbroken_ring4_verifies():
     sched, n, needs = ring4()
     report = verify(sched, needs, local_len=n)
@@ -331,15 +336,7 @@ def test_rejects_a_gradient_sent_before_it_was_computed():
         sched, s, grad_transfers=tuple(x for x in sched.steps[s].grad_transfers if x != t)
     )
     broken = with_step(broken, 0, grad_transfers=broken.steps[0].grad_transfers + (t,))
-    assert_rejected(
-        broken,
-        needs,
-        n,
-        r"step 0",
-        rf"rank {t.src}",
-        re.escape(str(t.piece)),
-        "empty dK/dV accumulator",
-    )
+    assert_rejected(broken, needs, n, *at(0, t.src, t.piece), "empty dK/dV accumulator")
 
 
 def test_rejects_a_gradient_delivered_twice():
@@ -349,15 +346,7 @@ def test_rejects_a_gradient_delivered_twice():
     n = placement.local_len
     s, t = next((i, t) for i, st in enumerate(sched.steps) for t in st.grad_transfers)
     broken = with_step(sched, s, grad_transfers=sched.steps[s].grad_transfers + (t,))
-    assert_rejected(
-        broken,
-        needs,
-        n,
-        rf"step {s}",
-        rf"rank {t.src}",
-        re.escape(str(t.piece)),
-        "empty dK/dV accumulator",
-    )
+    assert_rejected(broken, needs, n, *at(s, t.src, t.piece), "empty dK/dV accumulator")
 
 
 def test_rejects_buffers_over_budget():
@@ -382,21 +371,11 @@ def test_rejects_a_duplicate_delivery():
     t0 = next(t for t in sched.steps[0].transfers if t.src == 0)
     # Same piece to the same rank twice in one step.
     broken = with_step(sched, 0, transfers=sched.steps[0].transfers + (t0,))
-    assert_rejected(
-        broken, needs, n, r"step 0", rf"rank {t0.dst}", re.escape(str(t0.piece)), "already holds"
-    )
+    assert_rejected(broken, needs, n, *at(0, t0.dst, t0.piece), "already holds")
     # A piece sent back to a rank that already holds it (its owner).
     back = Transfer(t0.piece, t0.dst, t0.piece.owner)
     broken = with_step(sched, 1, transfers=sched.steps[1].transfers + (back,))
-    assert_rejected(
-        broken,
-        needs,
-        n,
-        r"step 1",
-        rf"rank {t0.piece.owner}",
-        re.escape(str(t0.piece)),
-        "already holds",
-    )
+    assert_rejected(broken, needs, n, *at(1, t0.piece.owner, t0.piece), "already holds")
 
 
 def test_rejects_bad_endpoints_and_step_shape():

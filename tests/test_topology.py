@@ -1,4 +1,5 @@
-"""Property tests for ``hamilton_attn.topology`` (pure Python, fast).
+"""Property tests for ``hamilton_attn.topology`` and the seed-named graph functions built on
+it in ``hamilton_attn.compat.hamilton`` (pure Python, fast).
 
 The checks here are written independently of the library's own ``verify_*``
 helpers, so a bug shared by a construction and its verifier still shows up.
@@ -13,21 +14,23 @@ import time
 import pytest
 
 from hamilton_attn import topology
-from hamilton_attn.topology import (
+from hamilton_attn.compat.hamilton import (
     calculate_in_mapping_circle,
     calculate_inter_node_mapping,
     calculate_intra_node_in_mapping_two_nodes,
     calculate_intra_node_out_mapping_two_nodes,
     calculate_out_mapping_circle,
     calculate_source_rank_per_iter,
-    complete_graph,
     gen_hamilton_circle,
     gen_hamilton_circle_two_nodes,
     gen_hamilton_path_local,
+)
+from hamilton_attn.compat.hamilton.causal import source_rank_per_iter
+from hamilton_attn.topology import (
+    complete_graph,
     hamiltonian_decomposition,
     has_decomposition,
     inter_node_arcs,
-    source_rank_per_iter,
     two_level_cycles,
     verify_decomposition,
     verify_two_level,
@@ -162,9 +165,8 @@ def test_walecki_paths_needs_even_m(m):
         walecki_paths(m)
 
 
-def test_topology_does_not_import_torch():
-    pkg = pathlib.Path(topology.__file__).parent
-    for path in pkg.glob("*.py"):
+def _assert_no_torch_import(paths):
+    for path in paths:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -175,6 +177,15 @@ def test_topology_does_not_import_torch():
                 continue
             for name in names:
                 assert not name.split(".")[0] == "torch", f"{path.name} imports {name}"
+
+
+def test_topology_does_not_import_torch():
+    _assert_no_torch_import(pathlib.Path(topology.__file__).parent.glob("*.py"))
+
+
+def test_seed_named_graph_functions_do_not_import_torch():
+    pkg = pathlib.Path(topology.__file__).parent.parent / "compat" / "hamilton"
+    _assert_no_torch_import(pkg / f"{name}.py" for name in ("cycles", "mapping", "causal"))
 
 
 # --------------------------------------------------------------------------- #
@@ -241,7 +252,8 @@ def test_verify_two_level_rejects_broken_input():
 
 
 # --------------------------------------------------------------------------- #
-# seed-named API
+# seed-named API (hamilton_attn.compat.hamilton's cycles, mapping, causal: pure Python
+# on the constructions above)
 # --------------------------------------------------------------------------- #
 
 

@@ -9,16 +9,9 @@ import torch
 
 from .. import config
 from ..masks import Mask
-from ..schedule import BUILDERS
+from ..schedule import SCHEDULES, spec_of
 from ..tables import format_table
 from ..testing.oracle import dense_attention, error_bound, max_err
-
-DEMO_DISPATCH = {
-    "allgather": ["contiguous"],
-    "line": ["zigzag"],
-    "ring": ["zigzag", "contiguous", "balanced_zigzag"],
-    "groupcast": ["minheap", "zigzag", "balanced_zigzag"],
-}
 
 
 def demo_masks(seqlen: int) -> dict[str, Mask]:
@@ -37,8 +30,8 @@ def demo_masks(seqlen: int) -> dict[str, Mask]:
 
 
 def demo_cases(schedules=None):
-    for sched in schedules or sorted(BUILDERS):
-        for disp in DEMO_DISPATCH.get(sched, ["zigzag", "contiguous"]):
+    for sched in schedules or sorted(SCHEDULES):
+        for disp in spec_of(sched).demo:  # the dispatches each schedule registered
             for mask_name in ("causal", "docs"):
                 yield sched, disp, mask_name
 

@@ -3,7 +3,8 @@
 ``get_kernel(name)`` returns a backend: ``reference`` (plain torch, any mask),
 ``sdpa`` (torch's aten attention ops that return lse: cuDNN / flash / efficient on
 GPU, the CPU flash op on CPU; FULL and CAUSAL pieces), ``flex`` (FlexAttention, any
-mask). ``select_kernel("auto", ...)`` picks the fastest backend that can run a block.
+mask). ``select_kernel("auto", ...)`` picks the fastest backend that can run a block;
+``memo_kernel`` remembers that choice per block for the context-parallel executor.
 """
 
 from __future__ import annotations
@@ -69,11 +70,44 @@ def select_kernel(
     return get_kernel("reference")
 
 
+def selection_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """Everything :func:`select_kernel` reads of a block's tensors: device, dtype, batch,
+    query heads and head dims (the cost model's flops per pair), whether the head dim
+    has unit stride, and on CUDA torch's SDPA switches. With the backend and the mask it
+    decides the choice, so a memo keyed on them returns what ``select_kernel`` would."""
+    unit = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    switches = None
+    if q.is_cuda:
+        cuda = torch.backends.cuda
+        switches = (
+            cuda.cudnn_sdp_enabled(),
+            cuda.flash_sdp_enabled(),
+            cuda.mem_efficient_sdp_enabled(),
+        )
+    return (q.device, q.dtype, q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], unit, switches)
+
+
+def memo_kernel(
+    memo: dict, block, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
+) -> AttentionKernel:
+    """:func:`select_kernel` for the block named ``block`` (whose mask is ``mask``),
+    remembered in ``memo`` per backend and :func:`selection_key`: the context-parallel
+    executor runs the same blocks on every call (``memo`` is the plan's). A refusal
+    (ValueError) is not remembered: it is raised again on the next call."""
+    key = (block, backend, selection_key(q, k, v))
+    kernel = memo.get(key)
+    if kernel is None:
+        kernel = memo[key] = select_kernel(backend, q, k, v, mask)
+    return kernel
+
+
 __all__ = [
     "AttentionKernel",
     "BACKENDS",
     "check_block",
     "empty_result",
     "get_kernel",
+    "memo_kernel",
     "select_kernel",
+    "selection_key",
 ]

@@ -51,6 +51,55 @@ class AttentionKernel:
         return f"<kernel {self.name}>"
 
 
+class FastPathKernel(AttentionKernel):
+    """A backend whose fast path runs only some blocks, and on CPU only finite ones.
+
+    :meth:`forward` and :meth:`backward` do what sdpa and flex both do around their fast
+    path: check the shapes (:func:`check_block`), answer a block that sees no key, refuse
+    a block the backend cannot run (ValueError from :meth:`_prepare`), and hand a CPU
+    block with a non-finite input to the reference kernel, whose products keep such
+    values to the rows that see them (its module docstring). Subclasses supply
+    :meth:`_prepare`, :meth:`_forward` and :meth:`_backward`."""
+
+    def _ready(self) -> None:
+        """Raise if this backend cannot run at all here (checked before anything else)."""
+
+    def _prepare(self, q, k, v, mask: Mask):
+        """What the fast path needs for this block; raises ValueError if it cannot run."""
+        raise NotImplementedError
+
+    def _forward(self, q, k, v, mask: Mask, scale: float, prepared):
+        raise NotImplementedError
+
+    def _backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, prepared):
+        raise NotImplementedError
+
+    def forward(self, q, k, v, mask: Mask, scale: float):
+        """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] in lse_dtype(q.dtype))``."""
+        check_block(q, k, v, mask)
+        self._ready()
+        if mask.is_empty():
+            return empty_result(q, v)
+        prepared = self._prepare(q, k, v, mask)
+        if not q.is_cuda and not all_finite(k, v):
+            # The CPU fast paths' P @ V meets a non-finite V at keys a row does not see
+            # (0 x NaN). On GPU the check would cost a host synchronisation per block
+            # (docs/DESIGN.md).
+            return reference_kernel().forward(q, k, v, mask, scale)
+        return self._forward(q, k, v, mask, scale, prepared)
+
+    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
+        """This block's share of ``(dq, dk, dv)`` given the (possibly merged) out / lse."""
+        check_block(q, k, v, mask)
+        self._ready()
+        if mask.is_empty():
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        prepared = self._prepare(q, k, v, mask)
+        if not q.is_cuda and not all_finite(q, k, v, dout, out, lse=lse):
+            return reference_kernel().backward(dout, q, k, v, out, lse, mask, scale)
+        return self._backward(dout, q, k, v, out, lse, mask, scale, prepared)
+
+
 def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> None:
     """Shape checks shared by every backend (bhsd)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

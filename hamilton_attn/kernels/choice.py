@@ -15,7 +15,7 @@ Model, in seconds, for ``F`` flops (``4 B Hq D`` per visible pair):
 - flex: ``HOST_FLEX + F / FLEX_RATE``.
 
 Constants from ``benchmarks/gpu_block_choice.py`` on one H200 (bf16, 32 heads, head dim
-128; ``benchmarks/results/gpu_block_choice.md``): cuDNN runs large calls at 590-640
+128; ``benchmarks/results/block_choice_H200_2026-11-30.md``): cuDNN runs large calls at 590-640
 TF/s and costs 0.06-0.16 ms of host time per call; flex (compiled, dynamic shapes) runs
 at 230-300 TF/s on packed documents and about 380 on dense causal blocks.
 """

@@ -59,15 +59,7 @@ import warnings
 import torch
 
 from ..masks import Mask
-from .base import (
-    AttentionKernel,
-    all_finite,
-    check_block,
-    empty_result,
-    expand_kv,
-    lse_dtype,
-    reference_kernel,
-)
+from .base import FastPathKernel, expand_kv, lse_dtype
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -263,7 +255,7 @@ def share_of_gradient(fwd, dout, q, k, v, out, lse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class FlexKernel(AttentionKernel):
+class FlexKernel(FastPathKernel):
     """Any mask on FlexAttention; see the module docstring.
 
     Args:
@@ -300,18 +292,16 @@ class FlexKernel(AttentionKernel):
     def _prepared(self, q, mask: Mask) -> FlexMask:
         return flex_mask(mask, q.device, self.block_size, self.block_size)
 
-    def forward(self, q, k, v, mask: Mask, scale: float):
-        """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] in lse_dtype(q.dtype))``."""
-        check_block(q, k, v, mask)
-        if mask.is_empty():
-            return empty_result(q, v)
+    def _prepare(self, q, k, v, mask: Mask) -> None:
+        # Only the check: the FlexMask is built where the fast path runs (a CPU block
+        # with non-finite inputs goes to the reference kernel without one).
         reason = self.unsupported_reason(q, k, v, mask)
         if reason is not None:
             raise ValueError(f"flex backend cannot run this block: {reason}")
-        if not q.is_cuda and not all_finite(k, v):
-            # Flex's CPU path materialises the scores: 0 x NaN at masked pairs; the
-            # reference kernel keeps non-finite values to the rows that see them.
-            return reference_kernel().forward(q, k, v, mask, scale)
+
+    def _forward(self, q, k, v, mask: Mask, scale: float, prepared: None):
+        # Flex's CPU path materialises the scores (0 x NaN at masked pairs): the base
+        # class has sent CPU blocks with non-finite K or V to the reference kernel.
         fm = self._prepared(q, mask)
         # flex refuses CPU inputs that require grad, even under no_grad.
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -345,16 +335,7 @@ class FlexKernel(AttentionKernel):
             lse = lse.index_fill(2, fm.empty_rows, float("-inf"))
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
-        """This block's share of ``(dq, dk, dv)`` given the (possibly merged) out / lse."""
-        check_block(q, k, v, mask)
-        if mask.is_empty():
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        reason = self.unsupported_reason(q, k, v, mask)
-        if reason is not None:
-            raise ValueError(f"flex backend cannot run this block: {reason}")
-        if not q.is_cuda and not all_finite(q, k, v, dout, out, lse=lse):
-            return reference_kernel().backward(dout, q, k, v, out, lse, mask, scale)
+    def _backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, prepared: None):
         if q.is_cuda:
             fm = self._prepared(q, mask)
             fn = compiled_flex_attention()

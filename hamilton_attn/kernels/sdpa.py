@@ -1,21 +1,10 @@
 """Dense attention through torch's aten SDPA ops that return the log-sum-exp.
 
-This is the one place in the project that calls those private aten ops (public
-``F.scaled_dot_product_attention`` does not return lse, which a context-parallel
-merge needs). Their signatures are checked for torch 2.11 - 2.13; older torch is
-refused with a clear error.
-
-Ops, by device (``bhsd`` tensors; ``lse`` natural log, ``[B, H, S]`` after this
-module's normalisation, float32, float64 for float64 inputs):
-
-- ``cudnn``: ``_scaled_dot_product_cudnn_attention`` (+ ``_backward``); fp16 / bf16;
-  GQA native; lse returned as ``[B, H, S, 1]``.
-- ``flash``: ``_scaled_dot_product_flash_attention`` (+ ``_backward``); fp16 / bf16;
-  GQA native; lse ``[B, H, S]``.
-- ``efficient``: ``_scaled_dot_product_efficient_attention`` (+ ``_backward``); fp32,
-  fp16, bf16; K/V heads expanded for GQA; lse padded to a multiple of 32 rows.
-- ``cpu_flash``: ``_scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``);
-  fp64, fp32, fp16, bf16; GQA native (checked on torch 2.11 and 2.13).
+The four ops (``cudnn``, ``flash``, ``efficient``, ``cpu_flash``), their signatures
+(checked for torch 2.11 - 2.13; older torch is refused with a clear error) and their
+lse layouts are in :mod:`hamilton_attn.kernels.sdpa_ops`, the one place in the project
+that calls them. This module chooses an op per call, plans the calls of a block, and
+puts their results together.
 
 Causal alignment differs when ``Lq != Lk``: flash is bottom-right aligned (this
 project's convention), cudnn / efficient / cpu_flash are top-left aligned. This
@@ -50,7 +39,6 @@ The ``torch.backends.cuda.enable_{cudnn,flash,mem_efficient}_sdp`` switches (and
 from __future__ import annotations
 
 import functools
-import math
 import re
 from dataclasses import dataclass
 
@@ -58,23 +46,12 @@ import torch
 
 from ..masks import Mask
 from ..merge import acc_dtype, merge_
-from .base import (
-    AttentionKernel,
-    all_finite,
-    check_block,
-    empty_result,
-    expand_kv,
-    lse_dtype,
-    reduce_kv_grad,
-    reference_kernel,
-    zeros_bhsd,
-)
+from .base import FastPathKernel, lse_dtype, zeros_bhsd
+from .sdpa_ops import CPU_FLASH, CUDNN, EFFICIENT, FLASH, OPS, backward_call, forward_call
 
 MIN_TORCH = (2, 11)
 MAX_PIECES = 64  # beyond this flex always wins (kernels/choice.py)
 
-CUDNN, FLASH, EFFICIENT, CPU_FLASH = "cudnn", "flash", "efficient", "cpu_flash"
-OPS = (CUDNN, FLASH, EFFICIENT, CPU_FLASH)
 # Ops whose is_causal is top-left aligned when Lq != Lk (torch SDPA's rule).
 _TOP_LEFT = frozenset({CUDNN, EFFICIENT, CPU_FLASH})
 
@@ -87,7 +64,6 @@ _TORCH_OK = _TORCH_RELEASE >= MIN_TORCH
 # in the mask arithmetic, as before: compiled code still runs, fullgraph=True does not.
 CONSTANT_PLAN_UNDER_COMPILE = _TORCH_RELEASE >= (2, 13)
 _MIN_TORCH_STR = ".".join(map(str, MIN_TORCH))
-_aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -135,26 +111,21 @@ def _op_supports(
         return False
     cc = _capability(device.index if device.index is not None else torch.cuda.current_device())
     use_cudnn, use_flash, use_efficient = switches
+    # What cudnn and flash both need: fp16 / bf16 on sm80+, head dim a multiple of 8.
+    half_sm80 = dtype in _HALF and cc[0] >= 8 and head_dim % 8 == 0
     if op == CUDNN:
+        cudnn = torch.backends.cudnn
         return (
             use_cudnn
-            and dtype in _HALF
-            and cc[0] >= 8
-            and torch.backends.cudnn.is_available()
-            and (torch.backends.cudnn.version() or 0) >= 90000
-            and head_dim % 8 == 0
+            and half_sm80
+            and cudnn.is_available()
+            and (cudnn.version() or 0) >= 90000
             and head_dim <= _cudnn_head_dim_limit(cc)
-            and seqlen_k > 1
-        )  # cuDNN SDPA refuses a single key
-    if op == FLASH:
-        return (
-            use_flash
-            and dtype in _HALF
-            and cc[0] >= 8
-            and torch.backends.cuda.is_flash_attention_available()
-            and head_dim % 8 == 0
-            and head_dim <= 256
+            and seqlen_k > 1  # cuDNN SDPA refuses a single key
         )
+    if op == FLASH:
+        built = torch.backends.cuda.is_flash_attention_available()
+        return use_flash and half_sm80 and built and head_dim <= 256
     if op == EFFICIENT:
         if dtype not in (torch.float32, *_HALF):
             return False
@@ -205,6 +176,14 @@ class Call:
     k1: int
     causal: bool
     op: str
+
+    def rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's slice of this call's rows (dim 2: bhsd, or lse's [B, H, S])."""
+        return [t[:, :, self.q0 : self.q1] for t in tensors]
+
+    def keys(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's slice of this call's keys (dim 2)."""
+        return [t[:, :, self.k0 : self.k1] for t in tensors]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -266,139 +245,6 @@ def _no_op_reason(device, dtype, head_dim, seqlen_k, force_op) -> str:
     )
 
 
-# ---------------------------------------------------------------------------------------
-# Per-op forward / backward on one call. q/k/v are bhsd views; returns out in q.dtype
-# and lse [B, H, Lq] in lse_dtype(q.dtype) (the GPU ops only see float32 lse).
-# ---------------------------------------------------------------------------------------
-
-# What each GPU op's forward returned for its philox seed/offset and the rank of the
-# cuDNN lse, reused by the backward exactly as torch's autograd formula would. With
-# dropout 0 the backward never reads the philox tensors.
-_RNG: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-_CUDNN_LSE_RANK: dict[torch.device, int] = {}
-
-
-def _rng(op: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    state = _RNG.get((op, device))
-    if state is None:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        state = (zero, zero)
-    return state
-
-
-def _forward_call(op: str, q, k, v, causal: bool, scale: float):
-    lq = q.shape[2]
-    if op == CPU_FLASH:
-        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale
-        )
-        return out, lse.to(lse_dtype(q.dtype))  # already float64 for float64 inputs
-    if op == CUDNN:
-        r = _aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=scale
-        )
-        _RNG[(op, q.device)] = (r[6], r[7])
-        _CUDNN_LSE_RANK[q.device] = r[1].dim()
-        lse = r[1].squeeze(-1) if r[1].dim() == 4 else r[1]  # [B, H, S, 1] on torch 2.11-2.13
-        return r[0], lse.float()
-    if op == FLASH:
-        r = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        _RNG[(op, q.device)] = (r[6], r[7])
-        return r[0], r[1].float()
-    if op == EFFICIENT:
-        hq = q.shape[1]
-        r = _aten._scaled_dot_product_efficient_attention(
-            q, expand_kv(k, hq), expand_kv(v, hq), None, True, 0.0, causal, scale=scale
-        )
-        _RNG[(op, q.device)] = (r[2], r[3])
-        return r[0], r[1][:, :, :lq].float()  # lse is padded to a multiple of 32 rows
-    raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-
-
-def _backward_call(op: str, dout, q, k, v, out, lse, causal: bool, scale: float):
-    """Gradients of one call given the (possibly merged) ``out`` / ``lse`` of its rows."""
-    lq, lk = q.shape[2], k.shape[2]
-    if op == CPU_FLASH:
-        lse_in = lse.to(lse_dtype(q.dtype))  # the op wants float64 lse for float64 q
-        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse_in, 0.0, causal, scale=scale
-        )
-    if op == CUDNN:
-        lse_in = lse.contiguous()
-        if _CUDNN_LSE_RANK.get(q.device, 4) == 4:
-            lse_in = lse_in.unsqueeze(-1)
-        if out.stride() != dout.stride():
-            # Older cuDNN assumes dO has O's strides; make both plain bhsd.
-            out, dout = out.contiguous(), dout.contiguous()
-        seed, offset = _rng(op, q.device)
-        r = _aten._scaled_dot_product_cudnn_attention_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse_in,
-            seed,
-            offset,
-            None,
-            None,
-            None,
-            lq,
-            lk,
-            0.0,
-            causal,
-            scale=scale,
-        )
-        return r[0], r[1], r[2]
-    if op == FLASH:
-        seed, offset = _rng(op, q.device)
-        return _aten._scaled_dot_product_flash_attention_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse.contiguous(),
-            None,
-            None,
-            lq,
-            lk,
-            0.0,
-            causal,
-            seed,
-            offset,
-            scale=scale,
-        )
-    if op == EFFICIENT:
-        hq, hk = q.shape[1], k.shape[1]
-        b, h, _ = lse.shape
-        # The kernel reads O with a fixed row stride of H * D (BMHK memory), and lse with
-        # the forward's padding of the row count to a multiple of 32.
-        out_e = out.transpose(1, 2).contiguous().transpose(1, 2)
-        lse_pad = torch.full(
-            (b, h, 32 * math.ceil(lq / 32)), float("inf"), dtype=torch.float32, device=lse.device
-        )
-        lse_pad[:, :, :lq] = lse
-        seed, offset = _rng(op, q.device)
-        r = _aten._scaled_dot_product_efficient_attention_backward(
-            dout,
-            q,
-            expand_kv(k, hq),
-            expand_kv(v, hq),
-            None,
-            out_e,
-            lse_pad,
-            seed,
-            offset,
-            0.0,
-            [True, True, True, False],
-            causal,
-            scale=scale,
-        )
-        return r[0], reduce_kv_grad(r[1], hk), reduce_kv_grad(r[2], hk)
-    raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-
-
 def _disjoint(ranges: list[tuple[int, int]]) -> bool:
     ranges = sorted(ranges)
     return all(a1 <= b0 for (_, a1), (b0, _) in zip(ranges, ranges[1:]))
@@ -434,7 +280,7 @@ def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]
     return q * scale, 1.0
 
 
-class SdpaKernel(AttentionKernel):
+class SdpaKernel(FastPathKernel):
     """FULL / bottom-right CAUSAL pieces on torch's aten SDPA ops (see module docstring).
 
     Args:
@@ -484,34 +330,16 @@ class SdpaKernel(AttentionKernel):
             raise ValueError(f"sdpa backend cannot run this block: {plan}")
         return plan
 
-    def forward(self, q, k, v, mask: Mask, scale: float):
-        """``(out [B, Hq, Sq, D] in q.dtype, lse [B, Hq, Sq] in lse_dtype(q.dtype))``."""
-        check_block(q, k, v, mask)
+    def _ready(self) -> None:
         _require_torch()
-        if mask.is_empty():
-            return empty_result(q, v)
-        calls = self.calls(q, k, v, mask)
-        if q.device.type == "cpu" and not all_finite(k, v):
-            # The CPU op's P @ V meets a non-finite V at keys a row does not see (0 x NaN);
-            # the reference kernel keeps them out (its module docstring). On GPU the
-            # check would cost a host synchronisation per block (docs/DESIGN.md).
-            return reference_kernel().forward(q, k, v, mask, scale)
+
+    def _prepare(self, q, k, v, mask: Mask) -> tuple[Call, ...]:
+        return self.calls(q, k, v, mask)
+
+    def _forward(self, q, k, v, mask: Mask, scale: float, calls: tuple[Call, ...]):
         q, scale = _positive_scale(q, scale)
         b, h, sq, _ = q.shape
-        run = [
-            (
-                c,
-                _forward_call(
-                    c.op,
-                    q[:, :, c.q0 : c.q1],
-                    k[:, :, c.k0 : c.k1],
-                    v[:, :, c.k0 : c.k1],
-                    c.causal,
-                    scale,
-                ),
-            )
-            for c in calls
-        ]
+        run = [(c, forward_call(c.op, *c.rows(q), *c.keys(k, v), c.causal, scale)) for c in calls]
         if len(run) == 1 and (calls[0].q0, calls[0].q1) == (0, sq):
             return run[0][1]  # fast path: one op call, no copy
         rows = [(c.q0, c.q1) for c in calls]
@@ -550,15 +378,7 @@ class SdpaKernel(AttentionKernel):
             seen.append(r)
         return acc_out.to(q.dtype), acc_lse.to(lse_dtype(q.dtype))
 
-    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
-        """This block's share of ``(dq, dk, dv)`` given the (possibly merged) out / lse."""
-        check_block(q, k, v, mask)
-        _require_torch()
-        if mask.is_empty():
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        calls = self.calls(q, k, v, mask)
-        if q.device.type == "cpu" and not all_finite(q, k, v, dout, out, lse=lse):
-            return reference_kernel().backward(dout, q, k, v, out, lse, mask, scale)
+    def _backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, calls: tuple[Call, ...]):
         q_scale = scale
         q, scale = _positive_scale(q, scale)
         # The ops want out / dout in the inputs' dtype and lse in float32 (float64 on
@@ -567,29 +387,15 @@ class SdpaKernel(AttentionKernel):
         dout = dout if dout.dtype == q.dtype else dout.to(q.dtype)
         lse = lse.to(lse_dtype(q.dtype))
         grads = [
-            _backward_call(
-                c.op,
-                dout[:, :, c.q0 : c.q1],
-                q[:, :, c.q0 : c.q1],
-                k[:, :, c.k0 : c.k1],
-                v[:, :, c.k0 : c.k1],
-                out[:, :, c.q0 : c.q1],
-                lse[:, :, c.q0 : c.q1],
-                c.causal,
-                scale,
-            )
+            backward_call(c.op, *c.rows(dout, q), *c.keys(k, v), *c.rows(out, lse), c.causal, scale)
             for c in calls
         ]
         if scale != q_scale:
             # The ops saw q * scale at scale 1: chain rule for dq (dk, dv are already right).
             grads = [(dq * q_scale, dk, dv) for dq, dk, dv in grads]
         sq, sk = q.shape[2], k.shape[2]
-        if len(calls) == 1 and (calls[0].q0, calls[0].q1, calls[0].k0, calls[0].k1) == (
-            0,
-            sq,
-            0,
-            sk,
-        ):
+        one = calls[0]
+        if len(calls) == 1 and (one.q0, one.q1, one.k0, one.k1) == (0, sq, 0, sk):
             dq, dk, dv = grads[0]
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
         rows = [(c.q0, c.q1) for c in calls]

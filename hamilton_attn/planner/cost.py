@@ -38,198 +38,38 @@ Two paths:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
+from ..schedule import spec_of
+from .closed_form import _fast
 from .cluster import Cluster, parse_topology
+from .model import (
+    EMPTY,
+    BlockStat,
+    DeviceModel,
+    Prediction,
+    Shapes,
+    StepCost,
+    memory_per_device,
+)
+from .transfers import transfer_time
 
-# -- inputs ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """Attention shapes. ``kv_heads`` None means equal to ``heads`` (no GQA)."""
-
-    batch: int = 1
-    heads: int = 32
-    kv_heads: int | None = None
-    head_dim: int = 128
-    dtype_bytes: int = 2  # bf16
-
-    @property
-    def kvh(self) -> int:
-        return self.heads if self.kv_heads is None else self.kv_heads
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V of one token, all heads, in the input dtype."""
-        return 2 * self.batch * self.kvh * self.head_dim * self.dtype_bytes
-
-    @property
-    def grad_bytes_per_token(self) -> int:
-        """dK and dV accumulators of one token (float32)."""
-        return 2 * self.batch * self.kvh * self.head_dim * 4
-
-    @property
-    def flops_per_pair(self) -> int:
-        """Forward flops of one visible (query, key) pair: QK^T and PV, 2 flops each."""
-        return 4 * self.batch * self.heads * self.head_dim
-
-    @property
-    def row_elems(self) -> int:
-        """Output elements of one query row (what a merge reads and writes)."""
-        return self.batch * self.heads * self.head_dim
-
-
-@dataclass(frozen=True)
-class DeviceModel:
-    """Per-device compute rates. Defaults: one H200, cuDNN SDPA, bf16 (GPU_FACTS.md)."""
-
-    name: str = "H200 cuDNN"
-    #: forward TF/s on a dense block (cuDNN, 32K full: 619; 8K full: 678).
-    fwd_tflops_full: float = 620.0
-    #: forward TF/s on a block with a masked part (cuDNN, 32K causal: 595).
-    fwd_tflops_masked: float = 595.0
-    #: backward TF/s counted as 2.5x the forward flops (32K full 550, causal 545).
-    bwd_tflops_full: float = 550.0
-    bwd_tflops_masked: float = 545.0
-    #: eager merge of two partials: 16K x 32 x 128 in 0.685 ms -> 9.8e10 elements/s.
-    merge_elems_per_s: float = 9.8e10
-    #: backward fp32 dQ/dK/dV accumulation per block, fitted to the 2 x H200 ring trace
-    #: (benchmarks/results/trace_ring_H200_summary.txt: ~1.45 ms per 16K-row block).
-    bwd_block_elems_per_s: float = 4.6e10
-    #: fixed cost per block (kernel launches, slicing).
-    block_overhead_s: float = 20e-6
-    #: device memory (H200: 141 GB).
-    memory_bytes: float = 141e9
-    #: backward flops / forward flops (the usual FlashAttention count).
-    bwd_flops_factor: float = 2.5
-
-
-@dataclass(frozen=True)
-class BlockStat:
-    """One (rank, piece) block: visible pairs and its bounding box (rows x cols)."""
-
-    area: int
-    rows: int
-    cols: int
-
-    @property
-    def dense(self) -> bool:
-        return self.area == self.rows * self.cols
-
-
-EMPTY = BlockStat(0, 0, 0)
-
-# -- outputs --------------------------------------------------------------------------
-
-
-@dataclass
-class StepCost:
-    """One step: forward and backward compute / transfer / overlapped time (s)."""
-
-    compute_s: float
-    transfer_s: float
-    bwd_compute_s: float
-    bwd_transfer_s: float
-    max_link_bytes: float  # forward KV bytes on the busiest resource in this step
-    forward: bool = True  # False: a backward-only step (trailing grads)
-    repeat: int = 1  # identical consecutive steps folded into one (fast path)
-    kernel_s: float = 0.0  # the attention kernels alone (compute_s less merges, overheads)
-
-    @property
-    def time_s(self) -> float:
-        return max(self.compute_s, self.transfer_s) if self.forward else 0.0
-
-    @property
-    def bwd_time_s(self) -> float:
-        return max(self.bwd_compute_s, self.bwd_transfer_s)
-
-
-@dataclass
-class Prediction:
-    """What :func:`simulate` predicts for one schedule on one cluster."""
-
-    schedule: str
-    topology: str
-    world_size: int
-    seqlen: int
-    mask: str
-    steps: list[StepCost]
-    link_bytes: dict[str, float]  # resource name -> forward KV bytes over the whole pass
-    peak_mem_bytes: float  # per device, forward
-    exact: bool  # built and verified the schedule (True) or closed form (False)
-    notes: str = ""
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def fwd_s(self) -> float:
-        return sum(s.time_s * s.repeat for s in self.steps)
-
-    @property
-    def bwd_s(self) -> float:
-        return sum(s.bwd_time_s * s.repeat for s in self.steps)
-
-    @property
-    def fwd_bwd_s(self) -> float:
-        return self.fwd_s + self.bwd_s
-
-    @property
-    def num_steps(self) -> int:
-        return sum(s.repeat for s in self.steps)
-
-    @property
-    def compute_s(self) -> float:
-        return sum(s.compute_s * s.repeat for s in self.steps if s.forward)
-
-    @property
-    def transfer_s(self) -> float:
-        return sum(s.transfer_s * s.repeat for s in self.steps if s.forward)
-
-    @property
-    def exposed_s(self) -> float:
-        """Forward time not hidden behind compute."""
-        return self.fwd_s - self.compute_s
-
-    @property
-    def kernel_s(self) -> float:
-        """Forward attention-kernel time alone (no merges, no per-block overheads)."""
-        return sum(s.kernel_s * s.repeat for s in self.steps if s.forward)
-
-    @property
-    def kernel_exposed_s(self) -> float:
-        """Forward transfer time not hidden behind the attention kernels alone."""
-        return sum(
-            (max(s.kernel_s, s.transfer_s) - s.kernel_s) * s.repeat for s in self.steps if s.forward
-        )
-
-    @property
-    def max_step_transfer_s(self) -> float:
-        return max((s.transfer_s for s in self.steps if s.forward), default=0.0)
-
-    @property
-    def busiest_link_bytes(self) -> float:
-        return max(self.link_bytes.values(), default=0.0)
-
-    @property
-    def busiest_link(self) -> str:
-        return max(self.link_bytes, key=self.link_bytes.get) if self.link_bytes else "-"
-
-    def row(self) -> dict:
-        return {
-            "schedule": self.schedule,
-            "topology": self.topology,
-            "W": self.world_size,
-            "seqlen": self.seqlen,
-            "fwd_ms": self.fwd_s * 1e3,
-            "fwd_bwd_ms": self.fwd_bwd_s * 1e3,
-            "busiest_link_GB": self.busiest_link_bytes / 1e9,
-            "peak_mem_GB": self.peak_mem_bytes / 1e9,
-            "exact": self.exact,
-        }
-
-
+__all__ = [
+    "BlockStat",
+    "DeviceModel",
+    "Prediction",
+    "Shapes",
+    "StepCost",
+    "auto_schedule",
+    "block_stat_closed",
+    "choose_schedule",
+    "compare",
+    "memory_per_device",
+    "predict_schedule",
+    "simulate",
+    "tokens_to_hide",
+    "transfer_time",
+]
 # -- block areas of full / causal masks (closed form) ---------------------------------
 
 
@@ -299,79 +139,6 @@ def _block_stat_mask(mask, q_ranges, k_ranges) -> BlockStat:
 
 
 # -- transfer cost --------------------------------------------------------------------
-
-
-def transfer_time(
-    cluster: Cluster, flows: Iterable[tuple[int, int, float]], loads: dict | None = None
-) -> tuple[float, float]:
-    """Time (s) of one step's transfers ``(src, dst, bytes)`` and the busiest resource's
-    bytes. ``loads`` (resource index -> bytes), if given, is added to."""
-    acc: dict[int, float] = defaultdict(float)
-    msgs: dict[int, int] = defaultdict(int)
-    for s, d, b in flows:
-        for r in cluster.route(s, d):
-            acc[r] += b
-            msgs[r] += 1
-    return _time_of_loads(cluster, acc, msgs, loads)
-
-
-def _time_of_loads(cluster, acc, msgs, loads=None) -> tuple[float, float]:
-    t = 0.0
-    for r, b in acc.items():
-        res = cluster.resources[r]
-        eff = cluster.efficiency(b / max(msgs[r], 1))
-        t = max(t, b / (res.bandwidth * eff) + res.latency)
-        if loads is not None:
-            loads[r] = loads.get(r, 0.0) + b
-    return t, max(acc.values(), default=0.0)
-
-
-def _alltoall_loads(cluster: Cluster, nbytes: float) -> tuple[dict[int, float], dict[int, int]]:
-    """Per-resource bytes and messages when every device sends ``nbytes`` to every other.
-
-    Closed forms on switch / full-mesh clusters (by symmetry one device's resources
-    stand for all, so O(1)); explicit routing on line/torus up to W = 128; beyond, a
-    bisection estimate on one representative link."""
-    w = cluster.num_devices
-    acc: dict[int, float] = {}
-    msgs: dict[int, int] = {}
-    if w < 2:
-        return acc, msgs
-    if cluster.kind == "nvswitch":
-        for r in (cluster.port_out[0], cluster.port_in[0]):
-            acc[r], msgs[r] = nbytes * (w - 1), w - 1
-    elif cluster.kind == "nodes":
-        m = cluster.node_size
-        if m > 1:
-            for r in (cluster.port_out[0], cluster.port_in[0]):
-                acc[r], msgs[r] = nbytes * (m - 1), m - 1
-        for r in (cluster.nic_out[0], cluster.nic_in[0]):
-            acc[r], msgs[r] = nbytes * (w - m), w - m
-    elif cluster.kind == "full_mesh":
-        r = cluster.route(0, 1)[0]
-        acc[r], msgs[r] = nbytes, 1
-    elif w <= 128:
-        acc, msgs = defaultdict(float), defaultdict(int)
-        for s in range(w):
-            for d in range(w):
-                if s != d:
-                    for r in cluster.route(s, d):
-                        acc[r] += nbytes
-                        msgs[r] += 1
-    else:
-        # Bisection estimate: W^2/4 pairs cross the cut of the line's middle link; a
-        # torus a x b (a >= b) has 2b links per direction across its cut (wrap-around),
-        # each carrying (W/2)^2 / (2b) pairs.
-        if cluster.kind == "line":
-            pairs = w * w / 4
-        else:
-            pairs = w * w / 4 / (2 * min(cluster.shape))
-        r = cluster.route(0, 1)[0]
-        acc[r], msgs[r] = nbytes * pairs, int(pairs)
-    return dict(acc), dict(msgs)
-
-
-# -- exact path -----------------------------------------------------------------------
 
 
 def predict_schedule(
@@ -444,25 +211,45 @@ def predict_schedule(
     )
 
 
-def memory_per_device(local_len: int, shapes: Shapes, peak_kv_tokens: float) -> float:
-    """Forward bytes per device: local q, k, v, out (dtype), lse and the fp32 output
-    accumulator, plus ``peak_kv_tokens`` of received KV."""
-    b, h, d, db = shapes.batch, shapes.heads, shapes.head_dim, shapes.dtype_bytes
-    q_out = 2 * local_len * b * h * d * db
-    kv = local_len * shapes.kv_bytes_per_token
-    lse = local_len * b * h * 4
-    acc = local_len * b * h * (d + 1) * 4
-    return q_out + kv + lse + acc + peak_kv_tokens * shapes.kv_bytes_per_token
+class _StatBlocks:
+    """The cost model's answers about blocks, for :func:`.pipeline.verified_schedule`:
+    each block's :class:`BlockStat` (from the closed form of ``kind`` or from a padded
+    mask), a block needed iff its area is positive."""
+
+    def __init__(self, stat, placement, parts):
+        self._stat, self.placement = stat, placement
+        self.cut(parts)
+
+    def cut(self, parts) -> None:
+        self.parts = parts
+        self._cache: dict = {}
+
+    def block_stat(self, r, p) -> BlockStat:
+        key = (r, p)
+        hit = self._cache.get(key)
+        if hit is None:
+            kr = self.placement.local_to_global(p.owner, self.parts[p.part])
+            hit = self._cache[key] = self._stat(self.placement.rank_ranges[r], kr)
+        return hit
+
+    def needs(self, r, p) -> bool:
+        return self.block_stat(r, p).area > 0
+
+    def cost(self, r, p) -> float:
+        return float(self.block_stat(r, p).area)
+
+    def as_needs(self):
+        return self.needs
 
 
 def _exact(name, cluster, seqlen, mask, dispatch, shapes, dev, options) -> Prediction:
     from ..masks import Mask
     from ..placement import make_placement
-    from ..schedule import build_routing, finalize, verify
+    from .pipeline import verified_schedule
 
     w = cluster.num_devices
+    # The dispatch by token counts alone (balanced kinds unweighted), as predicted.
     placement = make_placement(dispatch, seqlen, w)
-    routing = build_routing(name, w, placement.local_len, **options)
     if isinstance(mask, str):
         kind = mask
 
@@ -477,20 +264,10 @@ def _exact(name, cluster, seqlen, mask, dispatch, shapes, dev, options) -> Predi
             return _block_stat_mask(padded, q, k)
 
         mask_name = "custom"
-    cache: dict = {}
-
-    def block_stat(r, p):
-        key = (r, p)
-        if key not in cache:
-            kr = placement.local_to_global(p.owner, routing.parts[p.part])
-            cache[key] = stat(placement.rank_ranges[r], kr)
-        return cache[key]
-
-    def needs(r, p):
-        return block_stat(r, p).area > 0
-
-    sched = finalize(routing, needs)
-    report = verify(sched, needs, local_len=placement.local_len)
+    made = verified_schedule(
+        name, placement, options, lambda parts: _StatBlocks(stat, placement, parts)
+    )
+    sched, report, block_stat = made.schedule, made.report, made.blocks.block_stat
     pred = predict_schedule(
         sched,
         cluster,
@@ -506,141 +283,10 @@ def _exact(name, cluster, seqlen, mask, dispatch, shapes, dev, options) -> Predi
     return pred
 
 
-# -- fast path ------------------------------------------------------------------------
-
-
-def _fast(name, cluster, seqlen, kind, shapes, dev, options) -> Prediction:
-    w = cluster.num_devices
-    L = -(-seqlen // w)  # tokens per device (padding ignored)
-    kvb, gb = shapes.kv_bytes_per_token, shapes.grad_bytes_per_token
-    if kind == "full":
-        total, local = L * seqlen, L * L
-    elif kind == "causal":  # zigzag: every rank does 1/W of the work, half of its diagonal
-        total, local = seqlen * (seqlen + 1) // 2 / w, L * (L + 1) / 2
-    else:
-        raise ValueError(f"mask: the closed form knows 'full' and 'causal', got {kind!r}")
-    remote = max(total - local, 0.0)
-    m = cluster.node_size or w
-    if name == "hamilton_2level":
-        m = options.get("node_size") or cluster.node_size
-        if not m or w % m or w // m < 2:
-            raise ValueError(f"hamilton_2level: needs a nodes:UxM topology, got {cluster.name}")
-    # Per schedule: pieces per shard, blocks computed per step, traffic pattern, and
-    # which steps carry it. A pattern is a list of (src, dst, tokens) for all ranks.
-    if name == "ring":
-        pieces, blocks = 1, 1
-        pattern = [(r, (r + 1) % w, L) for r in range(w)]
-    elif name == "bidi_ring":
-        pieces, blocks = 2, 2
-        if w == 2:
-            pattern = [(0, 1, L), (1, 0, L)]
-        else:
-            pattern = [(r, (r + 1) % w, L / 2) for r in range(w)]
-            pattern += [(r, (r - 1) % w, L / 2) for r in range(w)]
-    elif name == "line":
-        pieces, blocks = 1, 2
-        pattern = [(r, r + 1, L) for r in range(w - 1)] + [(r + 1, r, L) for r in range(w - 1)]
-    elif name in ("hamilton", "direct", "allgather"):
-        pieces = 1 if name == "allgather" else w - 1
-        blocks = w - 1 if name == "allgather" else pieces
-        pattern = None  # all-to-all, closed form
-    elif name == "hamilton_2level":
-        pieces = blocks = m
-        pattern = [(r, (r // m) * m + d, L / m) for r in range(w) for d in range(m) if d != r % m]
-        pattern += [(r, (r + m) % w, L / m) for r in range(w)]  # one inter-node arc each
-    else:
-        raise ValueError(f"schedule: no closed form for {name!r} (use exact=True)")
-
-    def cost(tokens_scale: float, bytes_per_token: float) -> tuple[float, float, dict]:
-        loads: dict[int, float] = {}
-        if pattern is None:
-            acc, msgs = _alltoall_loads(cluster, L / pieces * tokens_scale * bytes_per_token)
-            t, mx = _time_of_loads(cluster, acc, msgs, loads)
-        else:
-            flows = [(s, d, n * tokens_scale * bytes_per_token) for s, d, n in pattern]
-            t, mx = transfer_time(cluster, flows, loads)
-        return t, mx, loads
-
-    t_kv, mx_kv, loads_kv = cost(1.0, kvb)
-    t_g, _, _ = cost(1.0, gb)
-    t_kvg, _, _ = cost(1.0, kvb + gb)  # KV and grads share the step's resources
-
-    def comp(n_blocks: int, area: float, rows: float, dense: bool, first: bool):
-        fl = shapes.flops_per_pair * area
-        rf = dev.fwd_tflops_full if dense else dev.fwd_tflops_masked
-        rb = dev.bwd_tflops_full if dense else dev.bwd_tflops_masked
-        merges = n_blocks - (1 if first else 0)
-        f = fl / (rf * 1e12) + n_blocks * dev.block_overhead_s
-        f += merges * rows * shapes.row_elems / dev.merge_elems_per_s
-        b = dev.bwd_flops_factor * fl / (rb * 1e12) + n_blocks * dev.block_overhead_s
-        b += n_blocks * rows * shapes.row_elems / dev.bwd_block_elems_per_s
-        return f, b, fl / (rf * 1e12)
-
-    local_dense = kind == "full"
-    f0, b0, k0 = comp(1, local, L, local_dense, True)
-    steps: list[StepCost] = []
-    if name == "allgather":
-        # step 0: everything moves, local block runs; step 1: all remote blocks;
-        # step 2: dK/dV go straight home (reduce-scatter), exposed.
-        f1, b1, k1 = comp(blocks, remote, L, True, False)
-        steps.append(StepCost(f0, t_kv, b0, t_kv, mx_kv, kernel_s=k0))
-        steps.append(StepCost(f1, 0.0, b1, 0.0, 0.0, kernel_s=k1))
-        steps.append(StepCost(0.0, 0.0, 0.0, t_g, 0.0, forward=False))
-        link_scale = 1
-    else:
-        n_rem = w - 1
-        per_block = remote / max(n_rem * blocks, 1)
-        steps.append(StepCost(f0, t_kv, b0, t_kv, mx_kv, kernel_s=k0))
-        if name == "line":
-            # Middle ranks receive from both sides until the waves pass the ends: two
-            # blocks per step for the first half of the steps, one after.
-            two = n_rem // 2
-            f2, b2, k2 = comp(2, 2 * remote / n_rem, L, True, False)
-            f1, b1, k1 = comp(1, remote / n_rem, L, True, False)
-            groups = [(two, f2, b2, k2), (n_rem - two, f1, b1, k1)]
-        else:
-            f1, b1, k1 = comp(blocks, per_block * blocks, L, True, False)
-            groups = [(n_rem, f1, b1, k1)]
-        # Steps 1 .. W-2 move KV and the previous step's grads; step W-1 computes the
-        # last blocks (no KV) while grads move; one grad-only step closes backward.
-        for i, (count, f, b, k) in enumerate(groups):
-            last_group = i == len(groups) - 1
-            n_mid = count - 1 if last_group else count
-            if n_mid > 0:
-                steps.append(StepCost(f, t_kv, b, t_kvg, mx_kv, repeat=n_mid, kernel_s=k))
-            if last_group and count > 0:
-                steps.append(StepCost(f, 0.0, b, t_g, 0.0, kernel_s=k))
-        if w > 1:
-            steps.append(StepCost(0.0, 0.0, 0.0, t_g, 0.0, forward=False))
-        link_scale = w - 1
-    link_bytes = {cluster.resources[r].name: b * link_scale for r, b in loads_kv.items()}
-    budget = {"allgather": w - 1, "line": 4.0}.get(name, 2.0)
-    return Prediction(
-        name,
-        cluster.name,
-        w,
-        seqlen,
-        kind,
-        steps,
-        link_bytes,
-        memory_per_device(L, shapes, budget * L),
-        exact=False,
-        notes="closed form: remote work spread evenly over steps; transfers unpruned",
-    )
-
-
 # -- entry points ---------------------------------------------------------------------
 
 #: Transfers above which simulate() switches from the exact path to the closed form.
 EXACT_MAX_TRANSFERS = 40_000
-
-
-def _n_transfers(name: str, w: int, node_size: int | None) -> int:
-    if name in ("hamilton", "direct"):
-        return w * (w - 1) ** 2
-    if name == "hamilton_2level":
-        return w * (node_size or w) * (w - 1)
-    return w * (w - 1) * 2
 
 
 def simulate(
@@ -666,9 +312,10 @@ def simulate(
     shapes = shapes or Shapes()
     dev = device or DeviceModel()
     w = cluster.num_devices
-    if schedule == "hamilton_2level" and "node_size" not in options:
+    spec = spec_of(schedule)
+    if spec.node_size and "node_size" not in options:
         if cluster.node_size is None:
-            raise ValueError(f"hamilton_2level: needs a nodes:UxM topology, got {cluster.name}")
+            raise ValueError(f"{schedule}: needs a nodes:UxM topology, got {cluster.name}")
         options["node_size"] = cluster.node_size
     mask_kind = mask if isinstance(mask, str) else ("full" if mask.is_full() else "custom")
     if dispatch == "auto":
@@ -676,7 +323,7 @@ def simulate(
     if exact is None:
         exact = (
             not isinstance(mask, str)
-            or _n_transfers(schedule, w, options.get("node_size")) <= EXACT_MAX_TRANSFERS
+            or spec.transfers(w, options.get("node_size")) <= EXACT_MAX_TRANSFERS
         )
     if w == 1:
         exact = True
@@ -762,7 +409,10 @@ def auto_schedule(
     else:
         seqlen = mask.seqlen_q
         m = mask
-        if not mask.is_full() and _n_transfers("hamilton", world_size, None) > EXACT_MAX_TRANSFERS:
+        if (
+            not mask.is_full()
+            and spec_of("hamilton").transfers(world_size, None) > EXACT_MAX_TRANSFERS
+        ):
             m = "causal"
         elif mask.is_full():
             m = "full"

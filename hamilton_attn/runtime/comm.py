@@ -156,7 +156,7 @@ class PendingOps:
         self._works = works
         self._timeout = timeout
         self._device_ordered = device_ordered
-        self._streams = list(streams)  # copy-engine transfers: order the current stream
+        self._streams = list(streams)  # copy-engine transfers (:mod:`.transports.copy_engine`)
 
     def wait(self) -> None:
         for s in self._streams:
@@ -180,20 +180,15 @@ def start_p2p(
     group,
     global_ranks,
     timeout: timedelta | None = None,
-    mailbox=None,
     tag: int = 0,
 ) -> PendingOps:
     """Start sends ``(tensor, peer)`` and receives ``(buffer, peer)`` as one batch; peers
-    are ranks in ``group``. Both sides must list messages between a pair in one order.
-    With a ``mailbox`` (:mod:`.copy_engine`, CUDA tensors) the copy engine moves them.
-    ``tag`` keeps kinds of message apart on gloo (NCCL ignores it): see
-    :data:`STATUS_TAG`."""
+    are ranks in ``group``. Both sides must list messages between a pair in one order
+    (the executor's NCCL/gloo transport, :mod:`.transports.nccl`). ``tag`` keeps kinds
+    of message apart on gloo (NCCL ignores it): see :data:`STATUS_TAG`."""
     # Read before anything starts: a bad HAMILTON_ATTN_TIMEOUT must not leave sends half
     # posted to peers that will then wait for the rest.
     timeout = timeout or default_timeout()
-    if mailbox is not None:
-        streams = mailbox.start(sends, recvs)
-        return PendingOps([], timeout, device_ordered=True, streams=streams)
     ops = [dist.P2POp(dist.isend, t, global_ranks[p], group, tag) for t, p in sends]
     ops += [dist.P2POp(dist.irecv, t, global_ranks[p], group, tag) for t, p in recvs]
     try:

@@ -1,116 +1,32 @@
 """The one executor: runs any verified schedule, forward and backward.
 
-Per step: start this step's transfers (one batch of isend/irecv), compute this step's
-blocks on pieces already held, then wait for the transfers, whose pieces are used from
-the next step on. So the transfer of step s+1's KV overlaps step s's compute (double
-buffering); on GPU, NCCL runs on its own stream and ``wait`` only orders the compute
-stream after it: the loop never synchronises the host.
+Per step (:class:`_Pass`, the one loop): start this step's transfers as one batch
+(through the call's transport, :mod:`.transports`), compute this step's blocks on pieces
+already held, then wait for the transfers, whose pieces are used from the next step on.
+So the transfer of step s+1's KV overlaps step s's compute (double buffering); on GPU,
+the transfers run on their own streams and ``wait`` only orders the compute stream after
+them: the loop never synchronises the host.
 
-Tensors: local shards in ``bshd`` ([B, S_local, H, D]); a KV piece travels packed as one
-``[2, B, n, Hk, D]`` buffer (K and V in one message); dK/dV accumulators travel the same
-way in float32.
+Tensors: local shards in ``bshd`` ([B, S_local, H, D]); K and V travel as messages of
+their own (:mod:`.pieces`); dK/dV accumulators travel the same way, in float32 unless
+:func:`grad_precision` shows the inputs' dtype gives the same bits.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
 from ..attention import once_differentiable
-from ..kernels import select_kernel
+from ..kernels import memo_kernel
 from ..kernels.base import zeros_bhsd
 from ..merge import acc_dtype, merge_, merge_last_
 from ..planner.plans import Plan
 from ..schedule import PieceId
-from . import copy_engine, profile
-from .comm import default_timeout, start_p2p
-
-
-def _take(x_BSHD: torch.Tensor, ranges) -> torch.Tensor:
-    """Tokens ``ranges`` of a local shard (a view when there is one range)."""
-    if len(ranges) == 1:
-        a, b = ranges[0]
-        return x_BSHD[:, a:b]
-    return torch.cat([x_BSHD[:, a:b] for a, b in ranges], dim=1)
-
-
-class _Held(dict):
-    """Pieces held by this rank: received ones as stored, own ones cut from the local
-    shard when first asked for (a step that computes all of them in order reads the
-    shard itself, so most are never cut: groupcast holds 16-64 own pieces per rank)."""
-
-    def __init__(self, plan: Plan, k_BSHD, v_BSHD):
-        super().__init__()
-        # K and V travel as two messages, so an own piece is a view (no copy) when its
-        # tokens are one contiguous range, as they are for every built-in schedule at
-        # B = 1. A shard that is not contiguous (a slice of packed KV, say) is copied
-        # once, so pieces stay back to back and one message can carry several.
-        self._k, self._v = k_BSHD.contiguous(), v_BSHD.contiguous()
-        self._rank, self._parts = plan.rank, plan.schedule.parts
-
-    def __missing__(self, p: PieceId):
-        if p.owner != self._rank or not 0 <= p.part < len(self._parts):
-            raise KeyError(p)
-        rr = self._parts[p.part]
-        kv = self[p] = (_take(self._k, rr).contiguous(), _take(self._v, rr).contiguous())
-        return kv
-
-    def ref(self) -> torch.Tensor:
-        """A held K tensor, for shapes and dtype."""
-        return self._k
-
-
-def _last_use(plan: Plan, steps, r: int | None = None) -> dict[PieceId, int]:
-    """Last step at which rank ``r`` (default this rank) computes on or sends each piece."""
-    r = plan.rank if r is None else r
-    last: dict[PieceId, int] = {}
-    for s, step in enumerate(steps):
-        for p in step.compute[r]:
-            last[p] = s
-        for t in step.transfers:
-            if t.src == r:
-                last[t.piece] = s
-    return last
-
-
-def _step_kv(plan: Plan, held, pieces, k_BSHD, v_BSHD):
-    """K and V (bshd) of the pieces a step computes, concatenated in order: one kernel
-    call per step instead of one per piece (the local shard itself, no copy, when the
-    pieces are all of this rank's own in order)."""
-    if len(pieces) == 1:
-        return held[pieces[0]]
-    own = [PieceId(plan.rank, i) for i in range(len(plan.schedule.parts))]
-    parts = plan.schedule.parts
-    if (
-        list(pieces) == own
-        and all(x[-1][1] == y[0][0] for x, y in zip(parts, parts[1:]))
-        and all(len(x) == 1 for x in parts)
-    ):
-        return k_BSHD, v_BSHD
-    ks, vs = [held[p][0] for p in pieces], [held[p][1] for p in pieces]
-    k, v = _adjacent(ks), _adjacent(vs)
-    return (
-        torch.cat(ks, dim=1) if k is None else k,
-        torch.cat(vs, dim=1) if v is None else v,
-    )
-
-
-def _adjacent(xs: list[torch.Tensor]) -> torch.Tensor | None:
-    """``cat(xs, dim=1)`` as a view when the ``[1, n, H, D]`` tensors lie back to back in
-    one contiguous buffer (pieces received together, in order), else None."""
-    row = math.prod(xs[0].shape[2:])
-    if xs[0].shape[0] != 1 or not all(x.is_contiguous() and x.stride(1) == row for x in xs):
-        return None  # (a one-token slice is "contiguous" whatever its row stride)
-    step = xs[0].stride(1) * xs[0].element_size()
-    for x, y in zip(xs, xs[1:]):
-        if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
-            return None
-        if x.data_ptr() + x.shape[1] * step != y.data_ptr():
-            return None
-    n = sum(x.shape[1] for x in xs)
-    return xs[0].as_strided((1, n) + tuple(xs[0].shape[2:]), xs[0].stride())
+from . import profile
+from .pieces import _fates, _Held, _kv_transfers, _last_use, _step_kv
+from .transports import Transport, transport_for
 
 
 def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -126,112 +42,13 @@ def _bhsd(kv, i: int) -> torch.Tensor:
     return kv[i].transpose(1, 2)
 
 
-_FATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fates(plan: Plan, steps, phase: str) -> dict[int, dict[PieceId, tuple[int, bool]]]:
-    """Per rank, per piece: (last step it is used there, kept for the backward there).
-    Pieces with one fate may share a receive buffer; every rank computes the same table
-    (cached per plan and phase)."""
-    per_plan = _FATES.setdefault(plan, {})
-    if phase not in per_plan:
-        retain = plan.schedule.retain if phase == "fwd" else None
-        table = {}
-        for r in range(plan.world_size):
-            kept = set(retain[r]) if retain else set()
-            table[r] = {p: (s, p in kept) for p, s in _last_use(plan, steps, r).items()}
-        per_plan[phase] = table
-    return per_plan[phase]
-
-
-def _message_runs(plan: Plan, transfers, batch: int, fates=None) -> list[list]:
-    """``transfers`` grouped into messages: per (src, dst) pair, in list order, a run of
-    the sender's own pieces with consecutive part numbers whose token ranges touch is
-    one message (they lie back to back in the sender's shard), at batch 1, if they
-    share their fate at the receiver (``fates``: freed at one step, kept alike; one
-    message is one buffer there). Sender and receiver see the same transfer list and
-    table, so both cut the same runs in the same order."""
-    parts = plan.schedule.parts
-    pairs: dict[tuple[int, int], list] = {}
-    for t in transfers:
-        pairs.setdefault((t.src, t.dst), []).append(t)
-    runs: list[list] = []
-    for ts in pairs.values():
-        run = [ts[0]]
-        for t in ts[1:]:
-            a, b = run[-1].piece, t.piece
-            if (
-                batch == 1
-                and a.owner == b.owner == t.src
-                and b.part == a.part + 1
-                and len(parts[a.part]) == len(parts[b.part]) == 1
-                and parts[a.part][0][1] == parts[b.part][0][0]
-                and (fates is None or fates[t.dst].get(a) == fates[t.dst].get(b))
-            ):
-                run.append(t)
-            else:
-                runs.append(run)
-                run = [t]
-        runs.append(run)
-    return runs
-
-
-def _kv_transfers(plan: Plan, step, held, sends, recvs, received, fates=None) -> None:
-    """This step's messages: K and V of each run of :func:`_message_runs` (one piece, or
-    several own pieces back to back, sent as one view of the shard). Pieces received in
-    one step go into one K and one V buffer (views back to back along the tokens) when
-    the batch is 1 and they share their fate here (``fates``, :func:`_fates`), so a
-    later step computing several of them in order reads one view instead of
-    concatenating (:func:`_step_kv`)."""
-    r = plan.rank
-    ref = held.ref()
-    batch = ref.shape[0]
-    for run in _message_runs(plan, [t for t in step.transfers if t.src == r], batch, fates):
-        ks, vs = [held[t.piece][0] for t in run], [held[t.piece][1] for t in run]
-        k = ks[0] if len(run) == 1 else _adjacent(ks)
-        v = vs[0] if len(run) == 1 else _adjacent(vs)
-        k = torch.cat(ks, dim=1) if k is None else k  # not back to back: one copy
-        v = torch.cat(vs, dim=1) if v is None else v
-        sends += [(k, run[0].dst), (v, run[0].dst)]
-    runs = _message_runs(plan, [t for t in step.transfers if t.dst == r], batch, fates)
-    incoming = [t for run in runs for t in run]
-    if not incoming:
-        return
-    rest = tuple(ref.shape[2:])
-    lens = [sum(plan.schedule.part_len(t.piece.part) for t in run) for run in runs]
-    shared = (
-        len(incoming) > 1
-        and batch == 1
-        and (fates is None or len({fates[r].get(t.piece) for t in incoming}) == 1)
-    )
-    if shared:
-        kb = ref.new_empty((1, sum(lens)) + rest)
-        vb = ref.new_empty((1, sum(lens)) + rest)
-    off = 0
-    for run, n in zip(runs, lens):
-        if shared:
-            buf = (kb[:, off : off + n], vb[:, off : off + n])
-        else:
-            shape = (batch, n) + rest
-            buf = (ref.new_empty(shape), ref.new_empty(shape))
-        off += n
-        recvs += [(buf[0], run[0].src), (buf[1], run[0].src)]
-        at = 0
-        for t in run:
-            m = plan.schedule.part_len(t.piece.part)
-            received.append((t.piece, (buf[0][:, at : at + m], buf[1][:, at : at + m])))
-            at += m
-
-
-def _mailbox(plan: Plan, k_BSHD: torch.Tensor):
-    """The copy-engine mailbox this call's transfers use (:mod:`..copy_engine`), or None
-    for NCCL/gloo. Every rank asks at the start of every call (its first set-up is
-    collective); slots fit the largest message: a whole shard's K, or its float32 dK."""
-    if not k_BSHD.is_cuda or plan.world_size == 1:
-        return None
+def _transport(plan: Plan, k_BSHD: torch.Tensor) -> Transport:
+    """This call's transport (:mod:`.transports`). Every rank asks at the start of every
+    call (a copy-engine mailbox is set up collectively); its slots fit the largest
+    message: a whole shard's K, or its float32 dK."""
     b, _, hk, d = k_BSHD.shape
     widest = b * plan.kv_local_len * hk * d * max(4, k_BSHD.element_size())
-    return copy_engine.mailbox(plan.group, k_BSHD.device, widest, default_timeout().total_seconds())
+    return transport_for(plan.group, plan.group_ranks, k_BSHD.device, widest)
 
 
 def _record(prof, call, phase, s, plan, step, q, sends, recvs):
@@ -258,72 +75,133 @@ def _finish_step(rec, pending, device) -> None:
             rec.t_transfer_end = profile._Clock(device)
 
 
+class _Pass:
+    """One pass over a schedule's steps, forward or backward: the step loop, written once.
+
+    Per step: the KV messages (:func:`_kv_transfers`) and the pass's own
+    (:meth:`_grad_messages`) start as one batch; the step's block runs on pieces already
+    held (:meth:`_compute`); then the transfers are waited for, what arrived is taken
+    (:meth:`_arrived`), and received pieces past their last use are let go
+    (:meth:`_release` first)."""
+
+    phase = ""  # "fwd" | "bwd"
+
+    def __init__(self, plan: Plan, steps, q_BSHD, k_BSHD, v_BSHD):
+        self.plan, self.steps = plan, steps
+        self.q = q_BSHD.transpose(1, 2)
+        self.k_BSHD, self.v_BSHD = k_BSHD, v_BSHD
+        self.held = _Held(plan, k_BSHD, v_BSHD)
+
+    def run(self) -> None:
+        plan, steps, held, q = self.plan, self.steps, self.held, self.q
+        r = plan.rank
+        last = _last_use(plan, steps)
+        prof = profile.current()
+        call = prof.new_call() if prof is not None else 0
+        fates = _fates(plan, steps, self.phase)
+        transport = _transport(plan, self.k_BSHD)
+        for s, step in enumerate(steps):
+            sends, recvs, received = [], [], []
+            _kv_transfers(plan, step, held, sends, recvs, received, fates)
+            grads_in = self._grad_messages(s, step, sends, recvs)
+            rec = None
+            if prof is not None:
+                rec = _record(prof, call, self.phase, s, plan, step, q, sends, recvs)
+            pending = transport.start(sends, recvs) if sends or recvs else None
+            pieces = step.compute[r]
+            if pieces:
+                kv = _step_kv(plan, held, pieces, self.k_BSHD, self.v_BSHD)
+                m, (qa, qb), (ka, kb) = block = plan.fused_block(r, pieces)
+                q_rows = q[:, :, qa:qb]
+                k, v = _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
+                kernel = memo_kernel(
+                    plan._state.kernels, (r, pieces), plan.backend, q_rows, k, v, m
+                )
+                self._compute(s, pieces, kernel, block, q_rows, k, v)
+            _finish_step(rec, pending, q.device)
+            held.update(received)
+            self._arrived(grads_in)
+            for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
+                self._release(p)
+                del held[p]
+
+    def _grad_messages(self, s: int, step, sends: list, recvs: list) -> list:
+        """Add the pass's own messages of step ``s`` to ``sends`` and ``recvs``; returns
+        what :meth:`_arrived` takes once they are in."""
+        return []
+
+    def _compute(self, s: int, pieces, kernel, block, q_rows, k, v) -> None:
+        """Run step ``s``'s block (``block``: :meth:`Plan.fused_block` of ``pieces``)."""
+        raise NotImplementedError
+
+    def _arrived(self, grads_in: list) -> None:
+        """Take what :meth:`_grad_messages` received (the step's transfers are done)."""
+
+    def _release(self, p: PieceId) -> None:
+        """Received piece ``p`` is about to be let go (its last use is past)."""
+
+
+class _Forward(_Pass):
+    """The forward: the output accumulates in float32; until a second block arrives it is
+    the first block's own output (q's dtype, no copy), and when the second block is also
+    this rank's last, the one merge is computed in float32 and rounded once into it: the
+    same numbers without the float32 passes (W = 2)."""
+
+    phase = "fwd"
+
+    def __init__(self, plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None):
+        super().__init__(plan, plan.schedule.forward_steps(), q_BSHD, k_BSHD, v_BSHD)
+        r = plan.rank
+        self.scale, self.kept = scale, kept
+        self.last_compute = max((s for s, st in enumerate(self.steps) if st.compute[r]), default=-1)
+        self.keep = set(plan.schedule.retain[r]) if plan.schedule.retain else set()
+        self.dt = acc_dtype(self.q.dtype)
+        self.acc_out = self.acc_lse = None
+        self.low = False  # acc_out holds one unmerged block in the kernel's dtype
+
+    def _compute(self, s, pieces, kernel, block, q_rows, k, v) -> None:
+        m, (qa, qb), _ = block
+        q, dt = self.q, self.dt
+        o, l = kernel.forward(q_rows, k, v, m, self.scale)
+        if self.acc_out is None:
+            b, hq, sq, _ = q.shape
+            if (qa, qb) == (0, sq):  # covers every row: no fill, no copy
+                self.acc_out, self.acc_lse = o, l.to(dt, copy=True)
+            else:
+                self.acc_out = zeros_bhsd(q, o.shape[-1], o.dtype)
+                self.acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
+                self.acc_out[:, :, qa:qb] = o
+                self.acc_lse[:, :, qa:qb] = l
+            self.low = self.acc_out.dtype != dt
+        elif self.low and s == self.last_compute:
+            merge_last_(self.acc_out[:, :, qa:qb], self.acc_lse[:, :, qa:qb], o, l)
+        else:
+            if self.low:
+                self.acc_out, self.low = self.acc_out.to(dt), False
+            merge_(self.acc_out[:, :, qa:qb], self.acc_lse[:, :, qa:qb], o, l)
+
+    def _release(self, p: PieceId) -> None:
+        if self.kept is not None and p in self.keep:
+            self.kept[p] = self.held[p]
+
+    def result(self):
+        q = self.q
+        acc_out, acc_lse = self.acc_out, self.acc_lse
+        if acc_out is None:  # this rank's queries see nothing at all
+            b, hq, sq, _ = q.shape
+            acc_out = zeros_bhsd(q, self.v_BSHD.shape[-1])
+            acc_lse = torch.full((b, hq, sq), -math.inf, dtype=self.dt, device=q.device)
+        lse = acc_lse if q.dtype == torch.float64 else acc_lse.float()
+        return acc_out.to(q.dtype).transpose(1, 2), lse
+
+
 def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None = None):
     """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32) for the local queries.
     Received pieces the schedule's backward keeps (``retain``) go into ``kept``.
-
-    The output accumulates in float32; until a second block arrives it is the first
-    block's own output (q's dtype, no copy), and when the second block is also this
-    rank's last, the one merge is computed in float32 and rounded once into it: the
-    same numbers without the float32 passes (W = 2)."""
-    r = plan.rank
-    q = q_BSHD.transpose(1, 2)
-    held = _Held(plan, k_BSHD, v_BSHD)
-    steps = plan.schedule.forward_steps()
-    last = _last_use(plan, steps)
-    last_compute = max((s for s, st in enumerate(steps) if st.compute[r]), default=-1)
-    keep = set(plan.schedule.retain[r]) if plan.schedule.retain else set()
-    dt = acc_dtype(q.dtype)
-    acc_out = acc_lse = None
-    low = False  # acc_out holds one unmerged block in the kernel's dtype
-    prof = profile.current()
-    call = prof.new_call() if prof is not None else 0
-    fates = _fates(plan, steps, "fwd")
-    mb = _mailbox(plan, k_BSHD)
-    for s, step in enumerate(steps):
-        sends, recvs, received = [], [], []
-        _kv_transfers(plan, step, held, sends, recvs, received, fates)
-        rec = None if prof is None else _record(prof, call, "fwd", s, plan, step, q, sends, recvs)
-        pending = (
-            start_p2p(sends, recvs, plan.group, plan.group_ranks, mailbox=mb)
-            if sends or recvs
-            else None
-        )
-        pieces = step.compute[r]
-        for group in [pieces] if pieces else []:
-            kv = _step_kv(plan, held, group, k_BSHD, v_BSHD)
-            m, (qa, qb), (ka, kb) = plan.fused_block(r, group)
-            qb_, k, v = q[:, :, qa:qb], _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
-            kernel = select_kernel(plan.backend, qb_, k, v, m)
-            o, l = kernel.forward(qb_, k, v, m, scale)
-            if acc_out is None:
-                b, hq, sq, _ = q.shape
-                if (qa, qb) == (0, sq):  # covers every row: no fill, no copy
-                    acc_out, acc_lse = o, l.to(dt, copy=True)
-                else:
-                    acc_out = zeros_bhsd(q, o.shape[-1], o.dtype)
-                    acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
-                    acc_out[:, :, qa:qb] = o
-                    acc_lse[:, :, qa:qb] = l
-                low = acc_out.dtype != dt
-            elif low and s == last_compute:
-                merge_last_(acc_out[:, :, qa:qb], acc_lse[:, :, qa:qb], o, l)
-            else:
-                if low:
-                    acc_out, low = acc_out.to(dt), False
-                merge_(acc_out[:, :, qa:qb], acc_lse[:, :, qa:qb], o, l)
-        _finish_step(rec, pending, q.device)
-        held.update(received)
-        for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
-            if kept is not None and p in keep:
-                kept[p] = held[p]
-            del held[p]
-    if acc_out is None:  # this rank's queries see nothing at all
-        b, hq, sq, _ = q.shape
-        acc_out = zeros_bhsd(q, v_BSHD.shape[-1])
-        acc_lse = torch.full((b, hq, sq), -math.inf, dtype=dt, device=q.device)
-    lse = acc_lse if q.dtype == torch.float64 else acc_lse.float()
-    return acc_out.to(q.dtype).transpose(1, 2), lse
+    Accumulation: :class:`_Forward`."""
+    run = _Forward(plan, q_BSHD, k_BSHD, v_BSHD, scale, kept)
+    run.run()
+    return run.result()
 
 
 def grad_precision(plan: Plan, steps) -> tuple[dict, dict, int]:
@@ -342,11 +220,11 @@ def grad_precision(plan: Plan, steps) -> tuple[dict, dict, int]:
     piece)]`` for every message of the group (a receiver must know the sender's dtype),
     and the number of steps in which this rank computes (its dQ contributions). Cached
     per plan (the answer depends on the schedule alone)."""
-    hit = _GRAD_PRECISION.get(plan)
+    hit = plan._state.grad_precision
     if hit is not None and hit[0] is steps:
         return hit[1]
     epoch: dict = {}
-    parts: dict = {}  # (rank, piece, epoch) -> contributions: None (a kernel share) or a message key
+    parts: dict = {}  # (rank, piece, epoch) -> contributions: None (kernel share) or a message key
     sent: set = set()
     msgs: dict = {}  # (step, src, piece) -> the sender's (rank, piece, epoch)
     for s, step in enumerate(steps):
@@ -375,11 +253,126 @@ def grad_precision(plan: Plan, steps) -> tuple[dict, dict, int]:
     r = plan.rank
     acc_low = {(piece, e): low((rr, piece, e)) for (rr, piece, e) in parts if rr == r}
     n_dq = sum(1 for step in steps if step.compute[r])
-    _GRAD_PRECISION[plan] = (steps, (acc_low, msg_low, n_dq))
+    plan._state.grad_precision = (steps, (acc_low, msg_low, n_dq))
     return acc_low, msg_low, n_dq
 
 
-_GRAD_PRECISION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _Backward(_Pass):
+    """The backward: dQ of the local queries, and per piece its dK and dV sums
+    (``[B, n, Hk, D]`` each, contiguous: they travel as is), which go home by the
+    schedule's grad transfers."""
+
+    phase = "bwd"
+
+    def __init__(self, plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale, kept):
+        steps = plan.schedule.backward_steps or plan.schedule.steps
+        super().__init__(plan, steps, q_BSHD, k_BSHD, v_BSHD)
+        self.held.update(kept or {})
+        self.dout, self.out = dout_BSHD.transpose(1, 2), out_BSHD.transpose(1, 2)
+        self.lse, self.scale = lse_BHS, scale
+        self.gdt = acc_dtype(self.q.dtype)
+        self.acc_low, self.msg_low, n_dq = grad_precision(plan, steps)
+        self.dq_dt = self.q.dtype if n_dq <= 2 else self.gdt
+        self.dq = None
+        self.grad_acc: dict[PieceId, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.epoch: dict[PieceId, int] = {}
+
+    def _acc_dt(self, p: PieceId) -> torch.dtype:
+        low = self.acc_low.get((p, self.epoch.get(p, 0)), False)
+        return self.k_BSHD.dtype if low else self.gdt
+
+    def _grad_messages(self, s, step, sends, recvs) -> list:
+        r, grads_in = self.plan.rank, []
+        for t in step.grad_transfers:
+            if t.src == r:
+                sends += [(g, t.dst) for g in self.grad_acc.pop(t.piece)]
+                self.epoch[t.piece] = self.epoch.get(t.piece, 0) + 1
+            elif t.dst == r:
+                ref = self.held.ref()
+                n = self.plan.schedule.part_len(t.piece.part)
+                dt = ref.dtype if self.msg_low[(s, t.src, t.piece)] else self.gdt
+                shape = (ref.shape[0], n) + tuple(ref.shape[2:])
+                buf = tuple(torch.empty(shape, dtype=dt, device=ref.device) for _ in range(2))
+                recvs += [(g, t.src) for g in buf]
+                grads_in.append((t.piece, buf))
+        return grads_in
+
+    def _compute(self, s, pieces, kernel, block, q_rows, k, v) -> None:
+        m, (qa, qb), (ka, kb) = block
+        q, rows, grad_acc = self.q, slice(qa, qb), self.grad_acc
+        dq_b, dk_b, dv_b = kernel.backward(
+            self.dout[:, :, rows],
+            q_rows,
+            k,
+            v,
+            self.out[:, :, rows],
+            self.lse[:, :, rows],
+            m,
+            self.scale,
+        )
+        if self.dq is None and (qa, qb) == (0, q.shape[2]) and dq_b.dtype == self.dq_dt:
+            self.dq = dq_b  # the first share covers every row: no fill, no copy
+        else:
+            if self.dq is None:
+                self.dq = zeros_bhsd(q, dtype=self.dq_dt)
+            self.dq[:, :, rows] += dq_b
+        off = 0
+        for p in pieces:  # each piece's share of the step's dK/dV
+            n = self.plan.schedule.part_len(p.part)
+            a, b = max(ka, off), min(kb, off + n)
+            if a < b:
+                dk_p = dk_b[:, :, a - ka : b - ka].transpose(1, 2)
+                dv_p = dv_b[:, :, a - ka : b - ka].transpose(1, 2)
+                acc = grad_acc.get(p)
+                if acc is None and b - a == n:  # the first share covers the piece
+                    grad_acc[p] = tuple(_contiguous(g, self._acc_dt(p)) for g in (dk_p, dv_p))
+                else:
+                    if acc is None:
+                        shape = (self.k_BSHD.shape[0], n) + tuple(self.k_BSHD.shape[2:])
+                        acc = grad_acc[p] = tuple(
+                            torch.zeros(shape, dtype=self._acc_dt(p), device=q.device)
+                            for _ in range(2)
+                        )
+                    acc[0][:, a - off : b - off] += dk_p
+                    acc[1][:, a - off : b - off] += dv_p
+            off += n
+
+    def _arrived(self, grads_in: list) -> None:
+        for p, buf in grads_in:
+            acc = self.grad_acc.get(p)
+            if acc is None:
+                self.grad_acc[p] = tuple(g.to(self._acc_dt(p)) for g in buf)
+            else:
+                acc[0].add_(buf[0])
+                acc[1].add_(buf[1])
+
+    def result(self, q_dtype: torch.dtype):
+        r, k_BSHD, v_BSHD = self.plan.rank, self.k_BSHD, self.v_BSHD
+        dq = zeros_bhsd(self.q) if self.dq is None else self.dq
+        parts = self.plan.schedule.parts
+        own = self.grad_acc.get(PieceId(r, 0))
+        if (
+            len(parts) == 1
+            and [tuple(x) for x in parts[0]] == [(0, k_BSHD.shape[1])]
+            and own is not None
+            and own[0].dtype == k_BSHD.dtype
+            and own[1].dtype == v_BSHD.dtype
+        ):
+            dk, dv = own[0], own[1]  # one piece, the whole shard: its sum is the answer
+        else:
+            # Rounded once, on the copy, from whatever the accumulators hold.
+            dk = torch.zeros_like(k_BSHD)
+            dv = torch.zeros_like(v_BSHD)
+            for part, rr in enumerate(parts):
+                acc = self.grad_acc.get(PieceId(r, part))
+                if acc is None:
+                    continue
+                pos = 0
+                for a, b in rr:
+                    dk[:, a:b] = acc[0][:, pos : pos + b - a]
+                    dv[:, a:b] = acc[1][:, pos : pos + b - a]
+                    pos += b - a
+        return dq.to(q_dtype).transpose(1, 2), dk, dv
 
 
 def backward(
@@ -398,129 +391,9 @@ def backward(
     else replays the forward steps with their grad transfers. Sums accumulate in float32
     (float64 for float64) except where :func:`grad_precision` shows the inputs' dtype
     gives the same bits."""
-    r = plan.rank
-    q, dout, out = q_BSHD.transpose(1, 2), dout_BSHD.transpose(1, 2), out_BSHD.transpose(1, 2)
-    held = _Held(plan, k_BSHD, v_BSHD)
-    steps = plan.schedule.backward_steps or plan.schedule.steps
-    held.update(kept or {})
-    last = _last_use(plan, steps)
-    gdt = acc_dtype(q.dtype)
-    acc_low, msg_low, n_dq = grad_precision(plan, steps)
-    dq_dt = q.dtype if n_dq <= 2 else gdt
-    dq = None
-    # Per piece, its dK and dV sums ([B, n, Hk, D] each, contiguous: they travel as is).
-    grad_acc: dict[PieceId, tuple[torch.Tensor, torch.Tensor]] = {}
-    epoch: dict[PieceId, int] = {}
-
-    def acc_dt(p: PieceId) -> torch.dtype:
-        return k_BSHD.dtype if acc_low.get((p, epoch.get(p, 0)), False) else gdt
-
-    prof = profile.current()
-    call = prof.new_call() if prof is not None else 0
-    fates = _fates(plan, steps, "bwd")
-    mb = _mailbox(plan, k_BSHD)
-    for s, step in enumerate(steps):
-        sends, recvs, received = [], [], []
-        _kv_transfers(plan, step, held, sends, recvs, received, fates)
-        grads_in = []
-        for t in step.grad_transfers:
-            if t.src == r:
-                sends += [(g, t.dst) for g in grad_acc.pop(t.piece)]
-                epoch[t.piece] = epoch.get(t.piece, 0) + 1
-            elif t.dst == r:
-                ref = held.ref()
-                n = plan.schedule.part_len(t.piece.part)
-                dt = ref.dtype if msg_low[(s, t.src, t.piece)] else gdt
-                shape = (ref.shape[0], n) + tuple(ref.shape[2:])
-                buf = tuple(torch.empty(shape, dtype=dt, device=ref.device) for _ in range(2))
-                recvs += [(g, t.src) for g in buf]
-                grads_in.append((t.piece, buf))
-        rec = None if prof is None else _record(prof, call, "bwd", s, plan, step, q, sends, recvs)
-        pending = (
-            start_p2p(sends, recvs, plan.group, plan.group_ranks, mailbox=mb)
-            if sends or recvs
-            else None
-        )
-        pieces = step.compute[r]
-        for group in [pieces] if pieces else []:
-            kv = _step_kv(plan, held, group, k_BSHD, v_BSHD)
-            m, (qa, qb), (ka, kb) = plan.fused_block(r, group)
-            rows = slice(qa, qb)
-            k, v = _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
-            kernel = select_kernel(plan.backend, q[:, :, rows], k, v, m)
-            dq_b, dk_b, dv_b = kernel.backward(
-                dout[:, :, rows],
-                q[:, :, rows],
-                k,
-                v,
-                out[:, :, rows],
-                lse_BHS[:, :, rows],
-                m,
-                scale,
-            )
-            if dq is None and (qa, qb) == (0, q.shape[2]) and dq_b.dtype == dq_dt:
-                dq = dq_b  # the first share covers every row: no fill, no copy
-            else:
-                if dq is None:
-                    dq = zeros_bhsd(q, dtype=dq_dt)
-                dq[:, :, rows] += dq_b
-            off = 0
-            for p in group:  # each piece's share of the step's dK/dV
-                n = plan.schedule.part_len(p.part)
-                a, b = max(ka, off), min(kb, off + n)
-                if a < b:
-                    dk_p = dk_b[:, :, a - ka : b - ka].transpose(1, 2)
-                    dv_p = dv_b[:, :, a - ka : b - ka].transpose(1, 2)
-                    acc = grad_acc.get(p)
-                    if acc is None and b - a == n:  # the first share covers the piece
-                        grad_acc[p] = tuple(_contiguous(g, acc_dt(p)) for g in (dk_p, dv_p))
-                    else:
-                        if acc is None:
-                            shape = (k_BSHD.shape[0], n) + tuple(k_BSHD.shape[2:])
-                            acc = grad_acc[p] = tuple(
-                                torch.zeros(shape, dtype=acc_dt(p), device=q.device)
-                                for _ in range(2)
-                            )
-                        acc[0][:, a - off : b - off] += dk_p
-                        acc[1][:, a - off : b - off] += dv_p
-                off += n
-        _finish_step(rec, pending, q.device)
-        held.update(received)
-        for p, buf in grads_in:
-            acc = grad_acc.get(p)
-            if acc is None:
-                grad_acc[p] = tuple(g.to(acc_dt(p)) for g in buf)
-            else:
-                acc[0].add_(buf[0])
-                acc[1].add_(buf[1])
-        for p in [p for p in held if p.owner != r and last.get(p, -1) <= s]:
-            del held[p]
-    if dq is None:
-        dq = zeros_bhsd(q)
-    parts = plan.schedule.parts
-    own = grad_acc.get(PieceId(r, 0))
-    if (
-        len(parts) == 1
-        and [tuple(x) for x in parts[0]] == [(0, k_BSHD.shape[1])]
-        and own is not None
-        and own[0].dtype == k_BSHD.dtype
-        and own[1].dtype == v_BSHD.dtype
-    ):
-        dk, dv = own[0], own[1]  # one piece, the whole shard: its sum is the answer
-    else:
-        # Rounded once, on the copy, from whatever the accumulators hold.
-        dk = torch.zeros_like(k_BSHD)
-        dv = torch.zeros_like(v_BSHD)
-        for part, rr in enumerate(parts):
-            acc = grad_acc.get(PieceId(r, part))
-            if acc is None:
-                continue
-            pos = 0
-            for a, b in rr:
-                dk[:, a:b] = acc[0][:, pos : pos + b - a]
-                dv[:, a:b] = acc[1][:, pos : pos + b - a]
-                pos += b - a
-    return dq.to(q_BSHD.dtype).transpose(1, 2), dk, dv
+    run = _Backward(plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale, kept)
+    run.run()
+    return run.result(q_BSHD.dtype)
 
 
 class ContextParallelFunction(torch.autograd.Function):

@@ -47,6 +47,20 @@ class _Clock:
         return (self.wall - other.wall) * 1e3
 
 
+def _span(name: str, cat: str, pid: int, tid: int, ts: float, dur: float, args: dict) -> dict:
+    """A Chrome trace "complete" event (times in microseconds)."""
+    return {
+        "name": name,
+        "cat": cat,
+        "ph": "X",
+        "pid": pid,
+        "tid": tid,
+        "ts": ts,
+        "dur": dur,
+        "args": args,
+    }
+
+
 @dataclass
 class StepRecord:
     call: int
@@ -195,49 +209,22 @@ class Profiler:
         for row in self.rows():
             pid = row["rank"] + rank_offset
             name = f"{row['phase']} step {row['step']}"
-            events.append(
-                {
-                    "name": name,
-                    "cat": "compute",
-                    "ph": "X",
-                    "pid": pid,
-                    "tid": 0,
-                    "ts": row["begin_ms"] * 1e3,
-                    "dur": row["compute_ms"] * 1e3,
-                    "args": {"blocks": row["blocks"]},
-                }
-            )
+            ts = row["begin_ms"] * 1e3
+            args = {"blocks": row["blocks"]}
+            events.append(_span(name, "compute", pid, 0, ts, row["compute_ms"] * 1e3, args))
             if row["transfer_ms"] > 0:
+                args = {"bytes_sent": row["bytes_sent"], "exposed_ms": row["exposed_ms"]}
+                events.append(_span(name, "transfer", pid, 1, ts, row["transfer_ms"] * 1e3, args))
+        for pid in {e["pid"] for e in events}:
+            for tid, thread in enumerate(("compute", "transfer")):
                 events.append(
                     {
-                        "name": name,
-                        "cat": "transfer",
-                        "ph": "X",
+                        "name": "thread_name",
+                        "ph": "M",
                         "pid": pid,
-                        "tid": 1,
-                        "ts": row["begin_ms"] * 1e3,
-                        "dur": row["transfer_ms"] * 1e3,
-                        "args": {"bytes_sent": row["bytes_sent"], "exposed_ms": row["exposed_ms"]},
+                        "tid": tid,
+                        "args": {"name": thread},
                     }
                 )
-        for pid in {e["pid"] for e in events}:
-            events.append(
-                {
-                    "name": "thread_name",
-                    "ph": "M",
-                    "pid": pid,
-                    "tid": 0,
-                    "args": {"name": "compute"},
-                }
-            )
-            events.append(
-                {
-                    "name": "thread_name",
-                    "ph": "M",
-                    "pid": pid,
-                    "tid": 1,
-                    "args": {"name": "transfer"},
-                }
-            )
         with open(path, "w") as f:
             json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)

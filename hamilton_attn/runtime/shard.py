@@ -7,7 +7,8 @@ import zlib
 import torch
 
 from ..planner.plans import Plan
-from .comm import all_gather_tensor, exchange_status, exchange_timeout, timeout_problem
+from .checks import agreed_before, exchange_rows
+from .comm import all_gather_tensor, timeout_problem
 
 # Known dtypes by position (a code every interpreter agrees on, and a name to report);
 # any other dtype gets a CRC of its name.
@@ -65,30 +66,12 @@ def _agree(
     since a rank that alone meets a new signature would enter the exchange while its
     peers already gather, and gloo aborts on the size mismatch."""
     problem = problem or timeout_problem()
-    if plan.world_size == 1 or plan.check == "never":
-        if problem:
-            raise ValueError(problem)
-        return
     sig = (tuple(x.shape), x.dtype, dim)
-    if plan.check == "first" and x.is_cuda and plan._gather_checked:
-        # As in calc_attn: peers that gathered this signature before skip the exchange,
-        # so a rank with a problem must not wait in it; it raises and they time out.
-        if problem:
-            raise ValueError(problem)
-        if sig in plan._gather_checked:
-            return
+    seen = plan._state.gather_checked
+    if agreed_before(plan, seen, sig, problem, may_skip=x.is_cuda):
+        return
     mine = _status(x, plan, dim, problem)
-    everyone = exchange_status(mine, plan.group, x.device, exchange_timeout())
-    if problem:
-        raise ValueError(problem)
-    bad = [r for r, row in enumerate(everyone) if row[0]]
-    if bad:
-        raise ValueError(f"{name}: rank(s) {bad} of the group got invalid inputs")
-    if any(row[1:3] != mine[1:3] for row in everyone):
-        raise ValueError(
-            "plan: the ranks of the group hold different plans (built for another group "
-            "or mask, or with other options)"
-        )
+    everyone = exchange_rows(plan, mine, problem, x.device, name, "")
     if any(row != mine for row in everyone):
         shown = ", ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(everyone))
         if any(row[5] != mine[5] for row in everyone):
@@ -96,7 +79,7 @@ def _agree(
         raise ValueError(
             f"{name}: expected the same shape and dtype on every rank of the group, got " + shown
         )
-    plan._gather_checked.add(sig)
+    seen.add(sig)
 
 
 def _placement(plan: Plan, role: str):

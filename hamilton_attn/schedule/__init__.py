@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
 
-from .allgather import allgather
-from .bidi_ring import bidi_ring
-from .direct import direct
-from .groupcast import groupcast
-from .hamilton import hamilton
-from .hamilton_2level import hamilton_2level
 from .ir import PieceId, Routing, Schedule, Step, Transfer, split_even
-from .line import line
 from .passes import finalize, prune, reverse_backward
-from .ring import ring
+from .registry import (
+    BUILDERS,
+    SCHEDULES,
+    ScheduleSpec,
+    build_routing,
+    register_schedule,
+    schedule,
+    spec_of,
+)
 from .verify import ScheduleError, ScheduleReport, verify, verify_backward
 
-BUILDERS: dict[str, Callable[..., Routing]] = {
-    "ring": ring,
-    "bidi_ring": bidi_ring,
-    "line": line,
-    "allgather": allgather,
-    "hamilton": hamilton,
-    "hamilton_2level": hamilton_2level,
-    "direct": direct,
-    "groupcast": groupcast,
-}
-
-
-def register_schedule(name: str, builder: Callable[..., Routing]) -> None:
-    """Add a schedule builder ``builder(world_size, local_len, **options) -> Routing``."""
-    BUILDERS[name] = builder
-
-
-def build_routing(name: str, world_size: int, local_len: int, **options) -> Routing:
-    if name not in BUILDERS:
-        raise ValueError(f"schedule: expected one of {sorted(BUILDERS)} or 'auto', got {name!r}")
-    return BUILDERS[name](world_size, local_len, **options)
-
+# Every other module of this package is a schedule builder that registers itself (see
+# .registry): importing them all is what makes a new file a new schedule.
+_NOT_BUILDERS = {"ir", "passes", "registry", "verify"}
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod not in _NOT_BUILDERS:
+        importlib.import_module(f"{__name__}.{_mod}")
+del _mod
 
 __all__ = [
     "BUILDERS",
@@ -48,10 +35,14 @@ __all__ = [
     "ScheduleReport",
     "Step",
     "Transfer",
+    "SCHEDULES",
+    "ScheduleSpec",
     "build_routing",
     "finalize",
     "prune",
     "register_schedule",
+    "schedule",
+    "spec_of",
     "reverse_backward",
     "verify_backward",
     "split_even",

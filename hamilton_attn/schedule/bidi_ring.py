@@ -2,8 +2,17 @@
 directions of every ring link carry half a shard per step."""
 
 from .ir import PieceId, Routing, Transfer, split_even
+from .registry import schedule
 
 
+def _closed_form(w: int, L: float, m: int):
+    if w == 2:
+        return 2, 2, [(0, 1, L), (1, 0, L)]
+    flows = [(r, (r + 1) % w, L / 2) for r in range(w)]
+    return 2, 2, flows + [(r, (r - 1) % w, L / 2) for r in range(w)]
+
+
+@schedule(budget=2.0, closed_form=_closed_form)
 def bidi_ring(world_size: int, local_len: int) -> Routing:
     w = world_size
     steps = []
@@ -22,5 +31,4 @@ def bidi_ring(world_size: int, local_len: int) -> Routing:
         split_even(local_len, 2),
         tuple(steps),
         grad_route="follow",
-        buffer_budget=2.0,
     )

@@ -3,8 +3,14 @@ sends its own piece number (t + d - r) mod (W - 1) straight to each peer d != r;
 W - 1 steps every peer has every piece. dK/dV go straight home."""
 
 from .ir import PieceId, Routing, new_transfer, split_even
+from .registry import schedule
 
 
+def _closed_form(w: int, L: float, m: int):
+    return w - 1, w - 1, None  # all-to-all
+
+
+@schedule(budget=2.0, transfers=lambda w, m: w * (w - 1) ** 2, closed_form=_closed_form)
 def direct(world_size: int, local_len: int) -> Routing:
     w = world_size
     if w == 1:
@@ -28,6 +34,5 @@ def direct(world_size: int, local_len: int) -> Routing:
         split_even(local_len, n),
         tuple(steps),
         grad_route="direct",
-        buffer_budget=2.0,
         comm="a2a",
     )

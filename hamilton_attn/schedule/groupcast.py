@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .ir import PieceId, Routing, Transfer
+from .registry import schedule
 
 # Default cost model for degree=None, per token of KV moved and per (q, k) pair
 # computed, for a model whose heads x head_dim = 4096 in bf16 on an NVLink H100/H200
@@ -96,6 +97,7 @@ def _predicted_time(w, n_parts, part_tokens, degree, dsts, own, sent) -> float:
     return total
 
 
+@schedule(budget=None, demo=("minheap", "zigzag", "balanced_zigzag"))
 def groupcast(
     world_size: int,
     local_len: int,

@@ -5,6 +5,7 @@ connected machine is busy at every step, instead of one link per rank in a ring.
 dK/dV follow their pieces round the cycle and come home on its last arc."""
 
 from .ir import PieceId, Routing, new_transfer, split_even
+from .registry import schedule
 
 
 def cycle_routing(
@@ -31,11 +32,15 @@ def cycle_routing(
         split_even(local_len, len(cycles)),
         tuple(steps),
         grad_route="follow",
-        buffer_budget=2.0,
         **kw,
     )
 
 
+def _closed_form(w: int, L: float, m: int):
+    return w - 1, w - 1, None  # all-to-all
+
+
+@schedule(budget=2.0, transfers=lambda w, m: w * (w - 1) ** 2, closed_form=_closed_form)
 def hamilton(world_size: int, local_len: int) -> Routing:
     if world_size == 1:
         return Routing("hamilton", 1, split_even(local_len, 1), ())

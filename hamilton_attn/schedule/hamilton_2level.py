@@ -6,8 +6,20 @@ cycle c."""
 
 from .hamilton import cycle_routing
 from .ir import Routing
+from .registry import schedule
 
 
+def _closed_form(w: int, L: float, m: int):
+    flows = [(r, (r // m) * m + d, L / m) for r in range(w) for d in range(m) if d != r % m]
+    return m, m, flows + [(r, (r + m) % w, L / m) for r in range(w)]  # one inter-node arc
+
+
+@schedule(
+    budget=2.0,
+    transfers=lambda w, m: w * (m or w) * (w - 1),
+    closed_form=_closed_form,
+    node_size=True,
+)
 def hamilton_2level(world_size: int, local_len: int, node_size: int | None = None) -> Routing:
     """``node_size``: the devices per node (the planner passes ``LOCAL_WORLD_SIZE``
     where the caller gives none)."""

@@ -76,20 +76,12 @@ def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedul
     "no non-owner is left with a nonzero count and the owner's count is the number of
     ranks that computed the piece"."""
     w = schedule.world_size
-    plen = [schedule.part_len(p) for p in range(len(schedule.parts))]
-    covered = sorted(i for rr in schedule.parts for a, b in rr for i in range(a, b))
-    if covered != list(range(local_len)):
-        raise _Recheck
-    n_parts = len(plen)
-    need = need_sets(needs, w, n_parts)
-    held: list[dict[PieceId, int]] = [{PieceId(r, p): 0 for p in range(n_parts)} for r in range(w)]
+    plen, need, held = _start(schedule, needs, local_len, _Recheck)
     # avail[r]: the pieces r may compute on or send in the current step (its own and
     # those that arrived in earlier steps).
     avail: list[set[PieceId]] = [set(h) for h in held]
     computed: list[set[PieceId]] = [set() for _ in range(w)]
     last_use: list[dict[PieceId, int]] = [{} for _ in range(w)]
-    sent = [0] * w
-    recv = [0] * w
     gsent = [0] * w
     links_i: dict[int, int] = {}
     step_max_link = []
@@ -123,9 +115,7 @@ def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedul
             k = src * w + dst
             link_step[k] = link_step.get(k, 0) + plen[piece[1]]
             last_use[src][piece] = s
-        for k, n in link_step.items():
-            links_i[k] = links_i.get(k, 0) + n
-        step_max_link.append(max(link_step.values(), default=0))
+        _add_links(links_i, link_step, step_max_link)
         for r in range(w):
             pieces_r = compute[r]
             if not pieces_r:
@@ -144,12 +134,7 @@ def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedul
         for dst, piece, n in in_flight_grads:
             a = acc[dst]
             a[piece] = a.get(piece, 0) + n
-    links = {}
-    for k, n in links_i.items():
-        src, dst = divmod(k, w)
-        links[(src, dst)] = n
-        sent[src] += n
-        recv[dst] += n
+    links, sent, recv = _link_totals(links_i, w)
     pieces = schedule.pieces
     empty = 0
     for r in range(w):
@@ -167,46 +152,23 @@ def _verify_fast(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedul
     for p in pieces:
         if acc[p.owner].get(p, 0) != n_computed.get(p, 0):
             raise _Recheck
+    state = (need, computed, held, last_use, plen)
     return _finish(
-        schedule,
-        need,
-        computed,
-        held,
-        last_use,
-        plen,
-        local_len,
-        sent,
-        recv,
-        gsent,
-        links,
-        step_max_link,
-        empty,
-        _Recheck,
+        schedule, local_len, state, (sent, recv, gsent, links, step_max_link, empty), _Recheck
     )
 
 
 def _verify_exact(schedule: Schedule, needs: Needs, *, local_len: int) -> ScheduleReport:
     """:func:`verify`, block by block: names the first violation."""
     w = schedule.world_size
-    plen = [schedule.part_len(p) for p in range(len(schedule.parts))]
-    covered = sorted(i for rr in schedule.parts for a, b in rr for i in range(a, b))
-    if covered != list(range(local_len)):
-        raise ScheduleError(
-            f"{schedule.name}: parts {schedule.parts} do not cut the "
-            f"{local_len} local tokens exactly once"
-        )
-    n_parts = len(plen)
-    need = need_sets(needs, w, n_parts)  # [rank] -> pieces its queries attend to
     # Per-rank structures keyed by piece (no (rank, piece) tuples: hamilton and direct
     # check some 254K transfers and blocks at W = 64, and a tuple key is built and
     # hashed at every lookup). held[r][p]: the step p arrived (0 for its own pieces);
     # written as each transfer is checked, so "held before step s" reads
     # ``hs is not None and (hs < s or p is r's own)``.
-    held: list[dict[PieceId, int]] = [{PieceId(r, p): 0 for p in range(n_parts)} for r in range(w)]
+    plen, need, held = _start(schedule, needs, local_len, ScheduleError)
     computed: list[set[PieceId]] = [set() for _ in range(w)]  # blocks computed (each once)
     last_use: list[dict[PieceId, int]] = [{} for _ in range(w)]
-    sent = [0] * w
-    recv = [0] * w
     gsent = [0] * w
     links_i: dict[int, int] = {}  # src * w + dst -> tokens, in order of first use
     step_max_link = []
@@ -253,11 +215,8 @@ def _verify_exact(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedu
             k = src * w + dst  # sent and received tokens are summed from the links below
             link_step[k] = link_step.get(k, 0) + n
             last_use[src][piece] = s
-        for k, n in link_step.items():
-            links_i[k] = links_i.get(k, 0) + n
-        step_max_link.append(max(link_step.values(), default=0))
-        for r in range(w):
-            pieces_r = compute[r]
+        _add_links(links_i, link_step, step_max_link)
+        for r, pieces_r in enumerate(compute):
             if not pieces_r:
                 continue
             held_r, done_r, acc_r, use_r = held[r], computed[r], acc[r], last_use[r]
@@ -278,23 +237,9 @@ def _verify_exact(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedu
                 else:
                     tally[r] = tally.get(r, 0) + 1
                 use_r[p] = s
-        for dst, piece, contrib in in_flight_grads:  # _add_tally, inlined (W^3 calls)
-            a = acc[dst]
-            mine = a.get(piece)
-            if mine is None:
-                a[piece] = contrib
-                continue
-            if len(mine) < len(contrib):
-                mine, contrib = contrib, mine
-                a[piece] = mine
-            for r, n in contrib.items():
-                mine[r] = mine.get(r, 0) + n
-    links = {}
-    for k, n in links_i.items():
-        src, dst = divmod(k, w)
-        links[(src, dst)] = n
-        sent[src] += n
-        recv[dst] += n
+        for dst, piece, contrib in in_flight_grads:
+            _add_tally(acc[dst], piece, contrib)
+    links, sent, recv = _link_totals(links_i, w)
     pieces = schedule.pieces  # built once: W^2 x parts checks follow
     empty = 0  # computed blocks no query of the rank attends to
     for r in range(w):
@@ -325,42 +270,56 @@ def _verify_exact(schedule: Schedule, needs: Needs, *, local_len: int) -> Schedu
                 f"{schedule.name}: dK/dV of {p} reaches its owner from "
                 f"{dict(acc[p.owner].get(p, {}))}, expected once from {sorted(want)}"
             )
+    state = (need, computed, held, last_use, plen)
     return _finish(
-        schedule,
-        need,
-        computed,
-        held,
-        last_use,
-        plen,
-        local_len,
-        sent,
-        recv,
-        gsent,
-        links,
-        step_max_link,
-        empty,
-        ScheduleError,
+        schedule, local_len, state, (sent, recv, gsent, links, step_max_link, empty), ScheduleError
     )
 
 
-def _finish(
-    schedule,
-    need,
-    computed,
-    held,
-    last_use,
-    plen,
-    local_len,
-    sent,
-    recv,
-    gsent,
-    links,
-    step_max_link,
-    empty,
-    error,
-) -> ScheduleReport:
+def _start(schedule: Schedule, needs: Needs, local_len: int, error):
+    """Both checks' start: each part's length (the parts must cut the local tokens
+    exactly once, else ``error``), the pieces each rank needs, and ``held[r][p]``: the
+    step p reached r, 0 for r's own pieces (filled in as transfers are checked)."""
+    plen = [schedule.part_len(p) for p in range(len(schedule.parts))]
+    covered = sorted(i for rr in schedule.parts for a, b in rr for i in range(a, b))
+    if covered != list(range(local_len)):
+        raise error(
+            f"{schedule.name}: parts {schedule.parts} do not cut the "
+            f"{local_len} local tokens exactly once"
+        )
+    w, n_parts = schedule.world_size, len(plen)
+    need = need_sets(needs, w, n_parts)  # [rank] -> pieces its queries attend to
+    held = [{PieceId(r, p): 0 for p in range(n_parts)} for r in range(w)]
+    return plen, need, held
+
+
+def _add_links(links_i: dict[int, int], link_step: dict[int, int], step_max: list) -> None:
+    """Add one step's tokens per link to the totals, and record its busiest link."""
+    for k, n in link_step.items():
+        links_i[k] = links_i.get(k, 0) + n
+    step_max.append(max(link_step.values(), default=0))
+
+
+def _link_totals(links_i: dict[int, int], w: int):
+    """Tokens per link ``(src, dst)`` from ``src * w + dst`` keys, and each rank's sent
+    and received totals."""
+    links, sent, recv = {}, [0] * w, [0] * w
+    for k, n in links_i.items():
+        src, dst = divmod(k, w)
+        links[(src, dst)] = n
+        sent[src] += n
+        recv[dst] += n
+    return links, sent, recv
+
+
+def _finish(schedule, local_len, state, counts, error) -> ScheduleReport:
     """Both checks' tail: each rank's peak of received KV against its budget (raising
-    ``error``), redundancy, the zero-redundancy proof where claimed, and the report."""
+    ``error``), redundancy, the zero-redundancy proof where claimed, and the report.
+    ``state``: (needed pieces, computed blocks, arrivals, last uses, part lengths) per
+    rank; ``counts``: (sent, received, gradient tokens sent, link tokens, each step's
+    busiest link, empty blocks)."""
+    need, computed, held, last_use, plen = state
+    sent, recv, gsent, links, step_max_link, empty = counts
     w = schedule.world_size
     n_steps = len(schedule.steps)
     peak = []

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The GPU measurements behind benchmarks/results/, one stage per measurement:
+#
+#   bash benchmarks/gpu_run.sh STAGE[:SECONDS] ...     (no argument: list the stages)
+#   e.g. bash benchmarks/gpu_run.sh kernels:120 cp_efficiency_dense:330 cp_efficiency_docs:200
+#
+# Run from the repository root on the GPU machine (nvidia-h200-x2 for the two-GPU stages).
+# Each stage writes the result named after it: STAGE_<GPU>x<count>_<date> for two-GPU
+# stages (cp_efficiency_dense_H200x2_2026-11-30.md / .json / .png), STAGE_<GPU>_<date>
+# for one-GPU stages (kernels_H200_2026-12-01.md / .json), the date in UTC; its log goes
+# to log/. Everything lands in /tmp/gpu_out and is packed into $OUT/gpu_results.tar.gz
+# (or ./gpu_out/) after every stage, so a later stage running out of time loses nothing.
+# A stage's time limit is SECONDS (default 300). benchmarks/README.md says which stage
+# made which file in benchmarks/results/.
+set -uo pipefail
+
+STAGES_HELP="
+one GPU:
+  kernels                   gpu_kernels.py: sdpa/flex/auto against float64, and TF/s
+  verify_cuda               hamilton-attn verify --device cuda (.txt)
+  block_choice              gpu_block_choice.py: each fused block through sdpa and flex
+  edge_check                gpu_edge_check.py: non-finite K/V at unseen keys, per backend
+two GPUs, efficiency (hamilton-attn bench at 16K tokens per GPU):
+  cp_efficiency_dense       causal and full, ring and groupcast, replay and reverse, graphs
+  cp_efficiency_docs        packed documents forward, eager and graph, NCCL and copy engine
+  cp_transports_dense       causal and full, copy engine against NCCL
+  cp_dispatches_fwd         docs and causal forward, zigzag against balanced_zigzag
+  cp_dispatches_ring        ring, zigzag / minheap / balanced_zigzag, causal / full / docs
+  cp_efficiency_lengths     ring/zigzag at 16K and 32K tokens per GPU
+  cp_schedules              ring / bidi_ring / allgather x zigzag / contiguous (simulate.py's
+                            calibration)
+  cp_spread_causal          the same causal ring/zigzag run four times: run-to-run spread
+two GPUs, checks and probes:
+  demo_cuda                 hamilton-attn demo --device cuda --seqlen 4096 (.txt)
+  demo_groupcast            demo --seqlen 8192 --schedules groupcast ring (.txt)
+  magi_examples             examples/magi_*.py under torchrun (.txt)
+  copy_engine_probe         gpu_ce_probe.py: symmetric memory, copy-engine push against NCCL
+  copy_engine_check         gpu_ce_check.py: copy-engine transport against NCCL and the oracle
+  graphs_check              gpu_graphs_check.py: CUDA-graph replay against eager (NCCL)
+  graphs_check_copy_engine  the same with HAMILTON_ATTN_TRANSPORT=ce
+  transfer_overlap          gpu_overlap.py: a KV transfer beside the attention kernel
+  head_start                gpu_head_start.py: ring efficiency per transfer head start
+  timeline_ring             gpu_timeline.py: kernel timeline of the bench's timed loop
+  trace_ring                trace_run.py: per-step profile of ring/zigzag causal (.json, .txt)
+  op_profile_fb_causal_docs gpu_op_profile.py: kernel tables, causal and docs f+b (.txt)
+  op_profile_docs_fwd       gpu_op_profile.py: docs forward, ring and groupcast (.txt)
+"
+if [ $# -eq 0 ]; then
+  echo "usage: bash benchmarks/gpu_run.sh STAGE[:SECONDS] ...$STAGES_HELP"
+  exit 0
+fi
+
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The device returns at most 8 files from $OUT: work in a folder, tar it after each stage.
+FINAL="${OUT:-$PWD/gpu_out}"
+OUT=/tmp/gpu_out
+rm -rf "$OUT"
+mkdir -p "$OUT/log" "$FINAL"
+nvidia-smi -L | tee "$OUT/log/hardware.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/log/hardware.txt"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+case $GPU_NAME in
+  *H200*) GPU=H200 ;;
+  *H100*) GPU=H100 ;;
+  *) GPU=$(echo "$GPU_NAME" | awk '{print $NF}') ;;
+esac
+NGPU=$(nvidia-smi -L | wc -l)
+DATE=$(date -u +%F)
+HW1=$GPU          # one-GPU stages
+HW=${GPU}x$NGPU   # stages on every GPU of the machine (two for the probes)
+BENCH=(python -m hamilton_attn bench --device cuda --tokens-per-device 16384)
+
+pack() { tar czf "$FINAL/gpu_results.tar.gz" -C /tmp gpu_out; }
+# run LOG LIMIT CMD...: the command's output goes to the screen and to LOG.
+run() {
+  local log=$1 limit=$2
+  shift 2
+  echo "=== ${log#"$OUT"/}: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$log"
+  echo "=== exit ${PIPESTATUS[0]}"
+  pack
+}
+
+for item in "$@"; do
+  stage=${item%%:*}
+  limit=${item#*:}
+  [ "$limit" = "$item" ] && limit=300
+  name=${stage}_${HW}_${DATE}
+  name1=${stage}_${HW1}_${DATE}
+  log="$OUT/log/$stage.txt"
+  case $stage in
+    kernels)
+      run "$log" "$limit" python benchmarks/gpu_kernels.py --out-dir "$OUT" --name "$name1" ;;
+    verify_cuda)
+      run "$OUT/$name1.txt" "$limit" python -m hamilton_attn verify --device cuda ;;
+    block_choice)
+      run "$log" "$limit" python benchmarks/gpu_block_choice.py --tokens 16384 --out "$OUT" \
+        --name "$name1" ;;
+    edge_check)
+      run "$log" "$limit" python benchmarks/gpu_edge_check.py --out "$OUT" --name "$name1" ;;
+    cp_efficiency_dense)
+      run "$log" "$limit" "${BENCH[@]}" --masks causal full --schedules ring groupcast \
+        --dispatches zigzag --backward reverse replay --graphs --rounds 3 --repeats 10 --inner 3 \
+        --out "$OUT" --name "$name" --plot "$OUT/$name.png" ;;
+    cp_efficiency_docs)
+      run "$log" "$limit" "${BENCH[@]}" --masks docs --schedules ring groupcast \
+        --dispatches balanced_zigzag --fwd-only --graphs --transports nccl ce --rounds 3 \
+        --repeats 10 --inner 3 --out "$OUT" --name "$name" ;;
+    cp_transports_dense)
+      run "$log" "$limit" "${BENCH[@]}" --masks causal full --schedules ring groupcast \
+        --dispatches zigzag --backward reverse --transports nccl ce --graphs --rounds 3 \
+        --repeats 10 --inner 3 --out "$OUT" --name "$name" --plot "$OUT/$name.png" ;;
+    cp_dispatches_fwd)
+      run "$log" "$limit" "${BENCH[@]}" --masks docs causal --schedules ring groupcast \
+        --dispatches zigzag balanced_zigzag --fwd-only --graphs --repeats 10 --inner 3 \
+        --out "$OUT" --name "$name" ;;
+    cp_dispatches_ring)
+      run "$log" "$limit" "${BENCH[@]}" --masks causal full docs --schedules ring \
+        --dispatches zigzag minheap balanced_zigzag --backward replay reverse --repeats 10 \
+        --inner 3 --out "$OUT" --name "$name" --plot "$OUT/$name.png" ;;
+    cp_efficiency_lengths)
+      run "$log" "$limit" python -m hamilton_attn bench --device cuda \
+        --tokens-per-device 16384 32768 --masks causal full --schedules ring --dispatches zigzag \
+        --backward replay reverse --repeats 10 --out "$OUT" --name "$name" ;;
+    cp_schedules)
+      run "$log" "$limit" "${BENCH[@]}" --masks causal full docs \
+        --schedules ring bidi_ring allgather --dispatches zigzag contiguous --out "$OUT" \
+        --name "$name" --plot "$OUT/$name.png" ;;
+    cp_spread_causal)
+      # Four runs of one configuration (--inner 1 and 3, then twice the bench default of
+      # 10 repeats), gathered into one file; the spread is the point, not any one run.
+      runs=("inner1 --repeats 20 --inner 1" "inner3 --repeats 20 --inner 3"
+            "repeat1 --repeats 10 --inner 3" "repeat2 --repeats 10 --inner 3")
+      for r in "${runs[@]}"; do
+        read -r tag opts <<<"$r"
+        # shellcheck disable=SC2086  # $opts: the run's options, split on purpose
+        run "$OUT/log/${stage}_$tag.txt" "$((limit / 4))" "${BENCH[@]}" --masks causal \
+          --schedules ring --dispatches zigzag --backward replay reverse $opts \
+          --out "$OUT/log" --name "causal_$tag"
+      done
+      {
+        echo "# Causal 16K/GPU, ring/zigzag: the same configuration measured in four runs"
+        for r in "${runs[@]}"; do
+          tag=${r%% *}
+          printf '\n## causal_%s\n\n' "$tag"
+          tail -n +3 "$OUT/log/causal_$tag.md"
+        done
+      } > "$OUT/$name.md"
+      pack ;;
+    demo_cuda)
+      run "$OUT/$name.txt" "$limit" python -m hamilton_attn demo --device cuda --seqlen 4096 ;;
+    demo_groupcast)
+      run "$OUT/$name.txt" "$limit" python -m hamilton_attn demo --device cuda --seqlen 8192 \
+        --schedules groupcast ring ;;
+    magi_examples)
+      run "$OUT/$name.txt" "$limit" bash -c 'for ex in varlen flex; do
+        echo "--- examples/magi_$ex.py"
+        torchrun --nproc_per_node 2 "examples/magi_$ex.py" || echo "FAILED magi_$ex"
+      done' ;;
+    copy_engine_probe)
+      run "$log" "$limit" python benchmarks/gpu_ce_probe.py --out "$OUT" --name "$name" ;;
+    copy_engine_check)
+      run "$log" "$limit" python benchmarks/gpu_ce_check.py --out "$OUT" --name "$name" ;;
+    graphs_check)
+      run "$log" "$limit" python benchmarks/gpu_graphs_check.py --out "$OUT" --name "$name" ;;
+    graphs_check_copy_engine)
+      run "$log" "$limit" env HAMILTON_ATTN_TRANSPORT=ce python benchmarks/gpu_graphs_check.py \
+        --out "$OUT" --name "$name" ;;
+    transfer_overlap)
+      run "$log" "$limit" python benchmarks/gpu_overlap.py --out "$OUT" --name "$name" ;;
+    head_start)
+      run "$log" "$limit" python benchmarks/gpu_head_start.py --out "$OUT" --us 0 5 10 20 40 \
+        --rounds 4 --name "$name" ;;
+    timeline_ring)
+      run "$log" "$limit" python benchmarks/gpu_timeline.py --out "$OUT" --name "$name" ;;
+    trace_ring)
+      # rank traces as NAME_rank<r>.json; the per-step summary it prints is NAME_summary.txt
+      run "$OUT/${name}_summary.txt" "$limit" python benchmarks/trace_run.py --out "$OUT" \
+        --name "$name" ;;
+    op_profile_fb_causal_docs)
+      run "$OUT/$name.txt" "$limit" bash -c "
+        python benchmarks/gpu_op_profile.py --out '$OUT/log' --mask causal
+        python benchmarks/gpu_op_profile.py --out '$OUT/log' --mask docs --schedule ring \
+          --dispatch balanced_zigzag" ;;
+    op_profile_docs_fwd)
+      for sc in ring groupcast; do
+        run "$OUT/log/${stage}_$sc.txt" "$((limit / 2))" python benchmarks/gpu_op_profile.py \
+          --out "$OUT" --name "${stage}_${sc}_${HW}_${DATE}" --mask docs --schedule "$sc" \
+          --dispatch balanced_zigzag --fwd-only --backward replay
+      done ;;
+    *)
+      echo "unknown stage: $stage (bash benchmarks/gpu_run.sh lists them)" ;;
+  esac
+done
+ls -la "$OUT"
+pack

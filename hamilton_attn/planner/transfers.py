@@ -1,0 +1,82 @@
+"""How long one step's transfers take on a :class:`Cluster`: bytes routed over its
+resources, each at its bandwidth and message efficiency (pure Python)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from .cluster import Cluster
+
+
+def transfer_time(
+    cluster: Cluster, flows: Iterable[tuple[int, int, float]], loads: dict | None = None
+) -> tuple[float, float]:
+    """Time (s) of one step's transfers ``(src, dst, bytes)`` and the busiest resource's
+    bytes. ``loads`` (resource index -> bytes), if given, is added to."""
+    acc: dict[int, float] = defaultdict(float)
+    msgs: dict[int, int] = defaultdict(int)
+    for s, d, b in flows:
+        for r in cluster.route(s, d):
+            acc[r] += b
+            msgs[r] += 1
+    return _time_of_loads(cluster, acc, msgs, loads)
+
+
+def _time_of_loads(cluster, acc, msgs, loads=None) -> tuple[float, float]:
+    t = 0.0
+    for r, b in acc.items():
+        res = cluster.resources[r]
+        eff = cluster.efficiency(b / max(msgs[r], 1))
+        t = max(t, b / (res.bandwidth * eff) + res.latency)
+        if loads is not None:
+            loads[r] = loads.get(r, 0.0) + b
+    return t, max(acc.values(), default=0.0)
+
+
+def _alltoall_loads(cluster: Cluster, nbytes: float) -> tuple[dict[int, float], dict[int, int]]:
+    """Per-resource bytes and messages when every device sends ``nbytes`` to every other.
+
+    Closed forms on switch / full-mesh clusters (by symmetry one device's resources
+    stand for all, so O(1)); explicit routing on line/torus up to W = 128; beyond, a
+    bisection estimate on one representative link."""
+    w = cluster.num_devices
+    acc: dict[int, float] = {}
+    msgs: dict[int, int] = {}
+    if w < 2:
+        return acc, msgs
+    if cluster.kind == "nvswitch":
+        for r in (cluster.port_out[0], cluster.port_in[0]):
+            acc[r], msgs[r] = nbytes * (w - 1), w - 1
+    elif cluster.kind == "nodes":
+        m = cluster.node_size
+        if m > 1:
+            for r in (cluster.port_out[0], cluster.port_in[0]):
+                acc[r], msgs[r] = nbytes * (m - 1), m - 1
+        for r in (cluster.nic_out[0], cluster.nic_in[0]):
+            acc[r], msgs[r] = nbytes * (w - m), w - m
+    elif cluster.kind == "full_mesh":
+        r = cluster.route(0, 1)[0]
+        acc[r], msgs[r] = nbytes, 1
+    elif w <= 128:
+        acc, msgs = defaultdict(float), defaultdict(int)
+        for s in range(w):
+            for d in range(w):
+                if s != d:
+                    for r in cluster.route(s, d):
+                        acc[r] += nbytes
+                        msgs[r] += 1
+    else:
+        # Bisection estimate: W^2/4 pairs cross the cut of the line's middle link; a
+        # torus a x b (a >= b) has 2b links per direction across its cut (wrap-around),
+        # each carrying (W/2)^2 / (2b) pairs.
+        if cluster.kind == "line":
+            pairs = w * w / 4
+        else:
+            pairs = w * w / 4 / (2 * min(cluster.shape))
+        r = cluster.route(0, 1)[0]
+        acc[r], msgs[r] = nbytes * pairs, int(pairs)
+    return dict(acc), dict(msgs)
+
+
+# -- exact path -----------------------------------------------------------------------
