@@ -18,7 +18,7 @@ import hamilton_attn as ha
 from hamilton_attn.masks import Mask
 from hamilton_attn.planner import plans as _plans
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from plan_time import docs_mask  # noqa: E402
 
 M = 1 << 20

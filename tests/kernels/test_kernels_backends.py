@@ -27,7 +27,7 @@ REF = ReferenceKernel()
 SDPA = SdpaKernel()
 FLEX = FlexKernel(block_size=16)  # small blocks: several blocks even at these sizes
 KERNELS = {"sdpa": SDPA, "flex": FLEX}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 

@@ -1,4 +1,4 @@
-"""Helper of tests/test_edge_process.py (not a test): run a small context-parallel
+"""Helper of tests/runtime/test_edge_process.py (not a test): run a small context-parallel
 script ``--runs`` times on ``--world-size`` gloo ranks and count runs in which some
 rank did not exit 0. Ranks are forked from this process (torch imported once) and leave
 through a normal interpreter exit, atexit handlers and C++ destructors included, which
