@@ -7,7 +7,7 @@
 # Run from the repository root on the GPU machine (nvidia-h200-x2 for the two-GPU stages).
 # Each stage writes the result named after it: STAGE_<GPU>x<count>_<date> for two-GPU
 # stages (cp_efficiency_dense_H200x2_2026-11-30.md / .json / .png), STAGE_<GPU>_<date>
-# for one-GPU stages (kernels_H200_2026-12-01.md / .json), the date in UTC; its log goes
+# for one-GPU stages (kernels_H200_2026-12-02.md / .json), the date in UTC; its log goes
 # to log/. Everything lands in /tmp/gpu_out and is packed into $OUT/gpu_results.tar.gz
 # (or ./gpu_out/) after every stage, so a later stage running out of time loses nothing.
 # A stage's time limit is SECONDS (default 300). benchmarks/README.md says which stage
