@@ -7,10 +7,12 @@ import struct
 import torch
 
 from .attention import resolve_scale
+from .planner.heads import heads_problem
 from .planner.plans import Plan, plan
 from .runtime.checks import agreed_before, exchange_rows
 from .runtime.comm import SimulatedGroup, timeout_problem
 from .runtime.executor import ContextParallelFunction
+from .runtime.heads import attend as attend_heads
 from .runtime.shard import dispatch, get_position_ids, undispatch
 
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
@@ -37,6 +39,8 @@ def _local_problem(q, k, v, plan: Plan) -> str | None:
         return f"q, k, v: expected one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
         return "q, k, v: expected one device"
+    if plan.heads is not None:
+        return heads_problem(q.shape[2], k.shape[2], plan.heads.degree)
     return None
 
 
@@ -108,7 +112,10 @@ def calc_attn(
     if scale is None:  # a 0-d q: the shape check below names it
         scale = 1.0
     _check(q, k, v, plan, scale, scale_problem)
-    out, lse = ContextParallelFunction.apply(q, k, v, plan, scale)
+    if plan.heads is not None:
+        out, lse = attend_heads(q, k, v, plan, scale, return_lse)
+    else:
+        out, lse = ContextParallelFunction.apply(q, k, v, plan, scale)
     return (out, lse) if return_lse else out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -17,6 +18,7 @@ from ..placement.layouts import LOCALITY_SLACK
 from ..runtime.comm import group_info, resolve_group
 from ..runtime.state import PlanState
 from ..schedule import BUILDERS, PieceId, Schedule, ScheduleReport, spec_of
+from .heads import HeadParallel, check_degree, group_placement, head_layout
 from .pipeline import MaskBlocks, placement_for, verified_schedule
 
 
@@ -54,6 +56,7 @@ class Plan:
     work: tuple[int, ...]
     members: Members
     options: PlanOptions
+    heads: HeadParallel | None = None  # head parallelism (planner/heads.py), if any
     _state: PlanState = field(default_factory=PlanState, repr=False)  # runtime/state.py
 
     @property
@@ -218,6 +221,7 @@ def _fingerprint(p: Plan) -> bytes:
         p.mask.shape,
         p.world_size,
         p.group_ranks,
+        p.heads.degree if p.heads else 1,
         p.backend,
         p.check,
         p.self_attention,
@@ -291,13 +295,18 @@ class PlanOptions:
     dispatch_seed: int = 0
     balance_slack: float | None = None
     call_cost: float | None = None
+    ulysses_degree: int | None = None
     schedule_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
-        if self.schedule != "auto" and self.schedule not in BUILDERS:
+        if self.schedule not in ("auto", "ulysses") and self.schedule not in BUILDERS:
             raise ValueError(
-                f"schedule: expected one of {sorted(BUILDERS)} or 'auto', got {self.schedule!r}"
+                f"schedule: expected one of {sorted(BUILDERS)}, 'ulysses' or 'auto', got "
+                f"{self.schedule!r}"
             )
+        u = self.ulysses_degree
+        if u is not None and (isinstance(u, bool) or not isinstance(u, int) or u < 1):
+            raise ValueError(f"ulysses_degree: expected a positive int or None, got {u!r}")
         if self.dispatch != "auto" and self.dispatch not in DISPATCHES:
             raise ValueError(
                 f"dispatch: expected one of {DISPATCHES} or 'auto', got {self.dispatch!r}"
@@ -377,6 +386,18 @@ def _build_plan(mask: Mask, group, o: PlanOptions) -> Plan:
             kv_dispatch, mask, w, o.chunk_size, o.dispatch_seed, keys=True, slack=o.balance_slack
         )
     padded = Mask(mask.bands, placement.padded_len, kv_placement.padded_len, _canonical=True)
+    members = Members(group, rank, w, ranks)
+    degree = w if schedule == "ulysses" else (o.ulysses_degree or 1)
+    if schedule == "ulysses" and o.ulysses_degree not in (None, w):
+        raise ValueError(
+            f"ulysses_degree: schedule='ulysses' splits heads over all {w} ranks, got "
+            f"ulysses_degree={o.ulysses_degree} (give another schedule for a hybrid)"
+        )
+    if schedule == "ulysses" and degree == 1:
+        schedule = "ring"  # one rank: nothing to split, the local block alone
+    if degree > 1:
+        return _head_parallel_plan(mask, padded, placement, kv_placement, schedule, degree,
+                                   members, o)  # fmt: skip
     made = verified_schedule(
         schedule,
         kv_placement,
@@ -390,10 +411,40 @@ def _build_plan(mask: Mask, group, o: PlanOptions) -> Plan:
         sum(padded._slice(qa, qb, 0, kv_placement.padded_len).area() for qa, qb in rr)
         for rr in placement.rank_ranges
     )
-    members = Members(group, rank, w, ranks)
     p = Plan(mask, padded, placement, kv_placement, made.schedule, made.report, work, members, o)
     p._state.block_masks.update(made.blocks.block_masks)
     return p
+
+
+def _head_parallel_plan(mask, padded, placement, kv_placement, schedule, degree, members, o):
+    """A plan whose calls split heads over head groups of ``degree`` ranks and run
+    ``schedule`` across the groups (:mod:`.heads`)."""
+    w = members.world_size
+    check_degree(degree, w)
+    member, head_ranks, context_ranks, g = head_layout(members.rank, members.ranks, degree)
+    gp = group_placement(placement, degree)
+    gkv = gp if kv_placement is placement else group_placement(kv_placement, degree)
+    inner_name = "ring" if schedule == "ulysses" else schedule
+    made = verified_schedule(
+        inner_name,
+        gkv,
+        dict(o.schedule_options),
+        lambda parts: MaskBlocks(padded, gp, gkv, parts),
+        backward=o.backward,
+    )
+    group_work = tuple(
+        sum(padded._slice(qa, qb, 0, gkv.padded_len).area() for qa, qb in rr)
+        for rr in gp.rank_ranges
+    )
+    inner_options = dataclasses.replace(o, schedule=inner_name, ulysses_degree=None)
+    inner = Plan(mask, padded, gp, gkv, made.schedule, made.report, group_work,
+                 Members(members.group, g, w // degree, context_ranks), inner_options)  # fmt: skip
+    inner._state.block_masks.update(made.blocks.block_masks)
+    # Each member computes its group's pairs for 1/degree of the heads.
+    work = tuple(group_work[r // degree] / degree for r in range(w))
+    heads = HeadParallel(degree, member, head_ranks, inner)
+    return Plan(mask, padded, placement, kv_placement, made.schedule, made.report, work,
+                members, o, heads)  # fmt: skip
 
 
 def plan(
@@ -411,6 +462,7 @@ def plan(
     dispatch_seed: int = 0,
     balance_slack: float | None = None,
     call_cost: float | None = None,
+    ulysses_degree: int | None = None,
     **schedule_options,
 ) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
@@ -424,8 +476,14 @@ def plan(
         schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``,
             ``hamilton``, ``hamilton_2level``, ``direct``, ``groupcast`` (each KV chunk
             only to the ranks that need it, in ``degree=`` stages, ``node_size=`` for
-            once-per-node crossing), any registered schedule, or ``auto`` (the
-            planner's fastest predicted for ``topology``).
+            once-per-node crossing), any registered schedule, ``ulysses`` (heads split
+            over all ranks by all-to-all, each rank attends over the whole sequence), or
+            ``auto`` (the planner's fastest predicted for ``topology``).
+        ulysses_degree: head parallelism of degree u (a divisor of W): head groups of
+            u consecutive ranks split the heads by all-to-all, and ``schedule`` runs
+            across the W/u groups on each head shard (``planner/heads.py``: u must
+            divide the query heads; KV heads are repeated to ``lcm(Hk, u)`` when u does
+            not divide them). None or 1: none.
         dispatch: which query tokens each rank holds: ``contiguous``, ``zigzag``,
             ``stripe``, ``auto`` (contiguous for full masks, else zigzag), or a
             work-balanced dispatch over chunks of ``chunk_size`` tokens costed by the
@@ -466,7 +524,7 @@ def plan(
     """
     if not isinstance(mask, Mask):
         raise ValueError(f"mask: expected a hamilton_attn.Mask, got {type(mask).__name__}")
-    if schedule != "auto" and schedule in BUILDERS and spec_of(schedule).node_size:
+    if schedule in BUILDERS and spec_of(schedule).node_size:
         if schedule_options.get("node_size") is None:  # torchrun's devices per node
             schedule_options["node_size"] = config.get().local_world_size
     given = locals()

@@ -14,6 +14,12 @@ from .copy_engine import CopyEngineTransport
 from .nccl import NcclTransport
 
 
+def _whole(group, global_ranks: tuple[int, ...]) -> bool:
+    import torch.distributed as dist
+
+    return tuple(dist.get_process_group_ranks(group or dist.group.WORLD)) == tuple(global_ranks)
+
+
 def transport_for(
     group, global_ranks: tuple[int, ...], device: torch.device, widest: int
 ) -> Transport:
@@ -22,7 +28,9 @@ def transport_for(
     NCCL/gloo. Every rank of the group must ask at the same point of its work (the first
     set-up of a mailbox, and its growth, are collective): the executor asks at the start
     of every call, since the configured transport may change between calls."""
-    if device.type == "cuda" and len(global_ranks) > 1:
+    # The copy engine's mailbox spans its whole group: a plan over part of it (the
+    # context-parallel groups of a head-parallel plan) moves its messages with NCCL.
+    if device.type == "cuda" and len(global_ranks) > 1 and _whole(group, global_ranks):
         mb = copy_engine.mailbox(group, device, widest, default_timeout().total_seconds())
         if mb is not None:
             return CopyEngineTransport(mb)

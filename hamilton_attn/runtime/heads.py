@@ -1,0 +1,88 @@
+"""Head parallelism at run time: the all-to-alls of a head group, around the one executor.
+
+``attend`` turns this rank's sequence shards into head shards inside its head group
+(one batch of point-to-point messages per tensor: ``comm.start_p2p``, NCCL or gloo, with
+the usual timeouts), runs the inner context-parallel plan on them
+(``ContextParallelFunction``, any schedule across the head groups), and turns the output
+back. Both all-to-alls are autograd Functions whose backward is the other one, so the
+gradients of q, k and v come back as sequence shards. See :mod:`..planner.heads`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import once_differentiable
+from ..planner.heads import HeadParallel, kv_repeat
+from .comm import start_p2p
+from .executor import ContextParallelFunction
+
+
+def _exchange(parts: list[torch.Tensor], like: list[torch.Tensor], hp: HeadParallel, group):
+    """Send ``parts[m]`` to member m and receive member m's part for this rank into a
+    buffer shaped like ``like[m]``; this rank's own part is kept as it is."""
+    me = hp.member
+    got = [
+        parts[me] if m == me else like[m].new_empty(like[m].shape)  # contiguous buffers
+        for m in range(hp.degree)
+    ]
+    sends = [(parts[m].contiguous(), m) for m in range(hp.degree) if m != me]
+    recvs = [(got[m], m) for m in range(hp.degree) if m != me]
+    if sends:
+        start_p2p(sends, recvs, group, hp.group_ranks).wait()
+    return got
+
+
+def seq_to_heads(x: torch.Tensor, hp: HeadParallel, group) -> torch.Tensor:
+    """``[B, L, H, D]`` (this rank's tokens, all heads) -> ``[B, u*L, H/u, D]`` (the head
+    group's tokens in member order, this member's heads)."""
+    parts = list(x.split(x.shape[2] // hp.degree, dim=2))
+    return torch.cat(_exchange(parts, [parts[0]] * hp.degree, hp, group), dim=1)
+
+
+def heads_to_seq(x: torch.Tensor, hp: HeadParallel, group) -> torch.Tensor:
+    """The inverse of :func:`seq_to_heads`."""
+    parts = list(x.split(x.shape[1] // hp.degree, dim=1))
+    return torch.cat(_exchange(parts, [parts[0]] * hp.degree, hp, group), dim=2)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, hp, group):
+        ctx.hp, ctx.group = hp, group
+        return seq_to_heads(x, hp, group)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return heads_to_seq(g.contiguous(), ctx.hp, ctx.group), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, hp, group):
+        ctx.hp, ctx.group = hp, group
+        return heads_to_seq(x, hp, group)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return seq_to_heads(g.contiguous(), ctx.hp, ctx.group), None, None
+
+
+def attend(q, k, v, plan, scale: float, want_lse: bool):
+    """``(out, lse or None)`` of a head-parallel plan for this rank's sequence shards
+    (inputs already checked on every rank)."""
+    hp: HeadParallel = plan.heads
+    group = plan.group
+    r = kv_repeat(k.shape[2], hp.degree)
+    if r > 1:  # each KV head repeated so the members split them evenly (differentiable)
+        k, v = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2)
+    qh, kh, vh = (_SeqToHeads.apply(t, hp, group) for t in (q, k, v))
+    out_h, lse_h = ContextParallelFunction.apply(qh, kh, vh, hp.inner, scale)
+    out = _HeadsToSeq.apply(out_h, hp, group)
+    lse = None
+    if want_lse:  # [B, H/u, u*L] -> [B, H, L], through the same exchange (no gradient)
+        lse = heads_to_seq(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), hp, group)
+        lse = lse.squeeze(-1).transpose(1, 2).contiguous()
+    return out, lse
