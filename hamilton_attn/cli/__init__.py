@@ -32,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         help="default: cuda if a GPU is visible, else cpu (gloo)",
     )
     b.add_argument("--world-size", type=int, default=None)
-    b.add_argument("--schedules", nargs="+", default=["ring", "bidi_ring", "allgather"])
+    b.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["ring", "bidi_ring", "allgather"],
+        help="schedules, 'ulysses', or hybrids of heads x context such as ring+ulysses2",
+    )
     b.add_argument("--dispatches", nargs="+", default=["zigzag"])
     b.add_argument("--masks", nargs="+", default=["causal", "full", "docs"])
     b.add_argument("--tokens-per-device", type=int, nargs="+", default=[16384])

@@ -199,16 +199,15 @@ def _ours_row(ctx, dev, cfg, base, mask, qkvg, sched, bw, disp, one, flops_f) ->
     force: its row (with ``error`` where the planner refuses the combination)."""
     import hamilton_attn as ha
 
+    from ..planner.cost import split_name
+
     hk, d = cfg["kv_heads"], cfg["head_dim"]
+    base_name, degree = split_name(sched)  # "ulysses" and hybrids "ring+ulysses2" too
+    opts = {"node_size": cfg["node_size"]} if base_name == "hamilton_2level" else {}
+    if degree > 1:
+        opts["ulysses_degree"] = degree
     try:
-        p = ha.plan(
-            mask,
-            ctx.group,
-            schedule=sched,
-            dispatch=disp,
-            backward=bw,
-            **({"node_size": cfg["node_size"]} if sched == "hamilton_2level" else {}),
-        )
+        p = ha.plan(mask, ctx.group, schedule=base_name, dispatch=disp, backward=bw, **opts)
     except ValueError as err:
         return dict(base, impl="hamilton-attn", schedule=sched, dispatch=disp, error=str(err)[:120])
     local = tuple(ha.dispatch(t, p) for t in qkvg)

@@ -9,6 +9,8 @@ import torch
 
 from .. import config
 from ..masks import Mask
+from ..planner.cost import split_name
+from ..planner.heads import kv_repeat
 from ..schedule import SCHEDULES, spec_of
 from ..tables import format_table
 from ..testing.oracle import dense_attention, error_bound, max_err
@@ -29,11 +31,20 @@ def demo_masks(seqlen: int) -> dict[str, Mask]:
     return {"causal": Mask.causal(seqlen), "docs": Mask.varlen(cu, causal=True)}
 
 
+#: Head parallelism beside the schedules: Ulysses (heads over all ranks) and hybrids of
+#: heads x context, named as the planner names them (8 ranks: 4 head groups of 2, and 2
+#: of 4).
+HEAD_CASES = (("ulysses", "zigzag"), ("ring+ulysses2", "zigzag"), ("groupcast+ulysses4", "minheap"))
+
+
 def demo_cases(schedules=None):
-    for sched in schedules or sorted(SCHEDULES):
-        for disp in spec_of(sched).demo:  # the dispatches each schedule registered
-            for mask_name in ("causal", "docs"):
-                yield sched, disp, mask_name
+    names = [
+        (s, d) for s in schedules or sorted(SCHEDULES) if s in SCHEDULES for d in spec_of(s).demo
+    ]
+    names += [c for c in HEAD_CASES if schedules is None or c[0] in schedules]
+    for sched, disp in names:  # each schedule with the dispatches it registered
+        for mask_name in ("causal", "docs"):
+            yield sched, disp, mask_name
 
 
 def run_rank(
@@ -66,7 +77,10 @@ def run_rank(
         try:
             # The two-level scheme needs a node size: W/2 simulates two nodes.
             opts = {"node_size": ctx.world_size // 2} if sched == "hamilton_2level" else {}
-            p = ha.plan(mask, ctx.group, schedule=sched, dispatch=disp, **opts)
+            base, degree = split_name(sched)
+            if degree > 1:
+                opts["ulysses_degree"] = degree
+            p = ha.plan(mask, ctx.group, schedule=base, dispatch=disp, **opts)
         except (ValueError, ImportError) as err:  # no such schedule at this world size
             rows.append(
                 (
@@ -100,6 +114,9 @@ def run_rank(
         atol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-3)
         ok = ef <= error_bound(base_f, atol=atol) and eb <= error_bound(base_b, atol=atol)
         bytes_per_token = 2 * hk * head_dim * x[1].element_size()
+        if p.heads is not None:  # the inner schedule moves the head shard: KV heads / u
+            u = p.heads.degree
+            bytes_per_token = bytes_per_token * kv_repeat(hk, u) // u
         rows.append(
             (
                 sched,

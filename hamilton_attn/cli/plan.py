@@ -60,18 +60,19 @@ def _fmt_bytes(b: float) -> str:
 
 
 def format_table(rows: list[tuple[str, Prediction | None, str]], chosen: str | None) -> str:
+    nw = max([16] + [len(name) for name, _, _ in rows])  # hybrids have long names
     head = (
-        f"{'schedule':<16} | {'fwd ms':>9} | {'fwd+bwd ms':>10} | {'exposed fwd':>11} | "
+        f"{'schedule':<{nw}} | {'fwd ms':>9} | {'fwd+bwd ms':>10} | {'exposed fwd':>11} | "
         f"{'busiest link':>12} | {'mem/device':>10} | path"
     )
     out = [head, "-" * len(head)]
     for name, p, why in rows:
         if p is None:
-            out.append(f"{name:<16} | n/a: {why}")
+            out.append(f"{name:<{nw}} | n/a: {why}")
             continue
         mark = " <- chosen" if name == chosen else ""
         out.append(
-            f"{name:<16} | {p.fwd_s * 1e3:>9.2f} | {p.fwd_bwd_s * 1e3:>10.2f} | "
+            f"{name:<{nw}} | {p.fwd_s * 1e3:>9.2f} | {p.fwd_bwd_s * 1e3:>10.2f} | "
             f"{p.exposed_s / max(p.fwd_s, 1e-30) * 100:>10.1f}% | "
             f"{_fmt_bytes(p.busiest_link_bytes):>12} | {_fmt_bytes(p.peak_mem_bytes):>10} | "
             f"{'exact' if p.exact else 'closed form'}{mark}"

@@ -337,23 +337,57 @@ def simulate(
 DEFAULT_CANDIDATES = ("ring", "bidi_ring", "allgather", "hamilton", "direct", "hamilton_2level")
 
 
+def split_name(name: str) -> tuple[str, int]:
+    """``(schedule, ulysses degree)`` of a candidate name: ``ring``, ``ulysses`` (degree
+    0: all ranks) or a hybrid ``ring+ulysses2``."""
+    if name == "ulysses":
+        return "ulysses", 0
+    base, plus, tail = name.partition("+ulysses")
+    if plus and tail.isdigit():
+        return base, int(tail)
+    return name, 1
+
+
+def simulate_any(name: str, topology, seqlen: int, **kw) -> Prediction:
+    """:func:`simulate`, or :func:`.heads_cost.simulate_heads` for ``ulysses`` and
+    hybrids named ``S+ulyssesU``."""
+    base, degree = split_name(name)
+    if degree == 1:
+        return simulate(base, topology, seqlen, **kw)
+    from .heads_cost import simulate_heads
+
+    return simulate_heads(base, topology, seqlen, degree, **kw)
+
+
 def compare(
     candidates: Iterable[str] | None,
     topology: str | Cluster,
     seqlen: int,
     *,
     objective: str = "fwd_bwd",
+    heads: bool = True,
     **kw,
 ) -> list[tuple[str, Prediction | None, str]]:
-    """Simulate every candidate: ``(name, prediction or None, why not)`` per candidate."""
+    """Simulate every candidate: ``(name, prediction or None, why not)`` per candidate.
+    By default (``candidates`` None) the context-parallel schedules and, with ``heads``,
+    Ulysses and every hybrid whose degree divides W and the shapes' heads."""
     cluster = parse_topology(topology)
     names = list(candidates) if candidates else list(DEFAULT_CANDIDATES)
     if cluster.kind == "line" and candidates is None:
         names.append("line")
+    if candidates is None and heads:
+        from .heads_cost import head_candidates
+
+        shapes = kw.get("shapes") or Shapes()
+        base = [n for n in ("ring", "hamilton", "allgather") if n in names]
+        names += [
+            s if s == "ulysses" else f"{s}+ulysses{u}"
+            for s, u in head_candidates(cluster.num_devices, shapes.heads, base)
+        ]
     out = []
     for n in names:
         try:
-            out.append((n, simulate(n, cluster, seqlen, **kw), ""))
+            out.append((n, simulate_any(n, cluster, seqlen, **kw), ""))
         except (ValueError, NotImplementedError) as e:
             out.append((n, None, str(e).splitlines()[0]))
     return out
@@ -419,7 +453,14 @@ def auto_schedule(
     if not seqlen:
         seqlen = 128 * 1024 * world_size  # a typical long-context length per device
     best = choose_schedule(
-        candidates, cluster, seqlen, mask=m, shapes=shapes, device=device, objective=objective
+        candidates,
+        cluster,
+        seqlen,
+        mask=m,
+        shapes=shapes,
+        device=device,
+        objective=objective,
+        heads=shapes is not None,  # head parallelism only where the heads are known
     )
     return best.schedule
 

@@ -18,6 +18,7 @@ from ..placement.layouts import LOCALITY_SLACK
 from ..runtime.comm import group_info, resolve_group
 from ..runtime.state import PlanState
 from ..schedule import BUILDERS, PieceId, Schedule, ScheduleReport, spec_of
+from .cost import split_name
 from .heads import HeadParallel, check_degree, group_placement, head_layout
 from .pipeline import MaskBlocks, placement_for, verified_schedule
 
@@ -251,15 +252,18 @@ def _pick_dispatch(mask: Mask) -> str:
     return "contiguous" if mask.is_full() else "zigzag"
 
 
-def _pick_schedule(mask: Mask, world_size: int, topology: str | None) -> str:
+def _pick_schedule(mask: Mask, world_size: int, topology: str | None, heads=None) -> str:
     """The planner's fastest predicted schedule for this mask on ``topology`` (default:
     ``HAMILTON_ATTN_TOPOLOGY``, else one NVSwitch node of W devices); ring if the
-    planner has no answer."""
+    planner has no answer. With ``heads`` ``(Hq, Hk)`` known, Ulysses and the hybrids
+    compete too (a name ``S+ulyssesU``, or ``ulysses``)."""
     from .cost import auto_schedule
+    from .model import Shapes
 
     topology = topology or config.get().topology
+    shapes = None if heads is None else Shapes(heads=heads[0], kv_heads=heads[1])
     try:
-        return auto_schedule(mask, world_size, topology)
+        return auto_schedule(mask, world_size, topology, shapes=shapes)
     except (ValueError, KeyError) as err:
         if topology is not None:  # the user's own topology is wrong: say so
             msg = str(err)
@@ -296,6 +300,7 @@ class PlanOptions:
     balance_slack: float | None = None
     call_cost: float | None = None
     ulysses_degree: int | None = None
+    heads: tuple[int, int] | None = None
     schedule_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
@@ -307,6 +312,13 @@ class PlanOptions:
         u = self.ulysses_degree
         if u is not None and (isinstance(u, bool) or not isinstance(u, int) or u < 1):
             raise ValueError(f"ulysses_degree: expected a positive int or None, got {u!r}")
+        h = self.heads
+        if h is not None:
+            ok = isinstance(h, tuple) and len(h) == 2 and all(isinstance(x, int) for x in h)
+            if not ok or min(h) < 1 or h[0] % h[1]:
+                raise ValueError(
+                    f"heads: expected (query heads, KV heads) ints with Hk dividing Hq, got {h!r}"
+                )
         if self.dispatch != "auto" and self.dispatch not in DISPATCHES:
             raise ValueError(
                 f"dispatch: expected one of {DISPATCHES} or 'auto', got {self.dispatch!r}"
@@ -364,11 +376,12 @@ def _build_plan(mask: Mask, group, o: PlanOptions) -> Plan:
         )
     extra = dict(o.schedule_options)
     dispatch = _pick_dispatch(mask) if o.dispatch == "auto" else o.dispatch
-    schedule = o.schedule
+    schedule, picked_degree = o.schedule, None
     if schedule == "auto":
-        schedule = _pick_schedule(mask, w, o.topology)
-        if spec_of(schedule).node_size and "node_size" not in extra:
+        schedule, picked_degree = split_name(_pick_schedule(mask, w, o.topology, o.heads))
+        if schedule != "ulysses" and spec_of(schedule).node_size and "node_size" not in extra:
             schedule = "ring"  # it needs the node size the user did not give
+        picked_degree = None if picked_degree in (0, 1) else picked_degree
     placement = placement_for(
         dispatch,
         mask,
@@ -387,7 +400,7 @@ def _build_plan(mask: Mask, group, o: PlanOptions) -> Plan:
         )
     padded = Mask(mask.bands, placement.padded_len, kv_placement.padded_len, _canonical=True)
     members = Members(group, rank, w, ranks)
-    degree = w if schedule == "ulysses" else (o.ulysses_degree or 1)
+    degree = w if schedule == "ulysses" else (o.ulysses_degree or picked_degree or 1)
     if schedule == "ulysses" and o.ulysses_degree not in (None, w):
         raise ValueError(
             f"ulysses_degree: schedule='ulysses' splits heads over all {w} ranks, got "
@@ -463,6 +476,7 @@ def plan(
     balance_slack: float | None = None,
     call_cost: float | None = None,
     ulysses_degree: int | None = None,
+    heads: tuple[int, int] | None = None,
     **schedule_options,
 ) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
@@ -479,6 +493,8 @@ def plan(
             once-per-node crossing), any registered schedule, ``ulysses`` (heads split
             over all ranks by all-to-all, each rank attends over the whole sequence), or
             ``auto`` (the planner's fastest predicted for ``topology``).
+        heads: ``(Hq, Hk)`` the calls will use, so that ``schedule="auto"`` may pick
+            Ulysses or a hybrid (unknown heads: context-parallel schedules only).
         ulysses_degree: head parallelism of degree u (a divisor of W): head groups of
             u consecutive ranks split the heads by all-to-all, and ``schedule`` runs
             across the W/u groups on each head shard (``planner/heads.py``: u must

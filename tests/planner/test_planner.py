@@ -242,3 +242,50 @@ def test_memory_counts_buffers():
     ag = simulate("allgather", "nvswitch:8", 8 * 8192)
     assert ag.peak_mem_bytes > ring.peak_mem_bytes
     assert math.isfinite(ring.peak_mem_bytes)
+
+
+# -- head parallelism: Ulysses and hybrids priced beside the schedules ---------------------
+
+
+def test_compare_lists_ulysses_and_hybrids_with_predictions():
+    from hamilton_attn.planner.cost import compare
+
+    for topo, want in (("nvswitch:8", "ring+ulysses4"), ("nodes:2x8", "ring+ulysses8")):
+        rows = {n: p for n, p, _ in compare(None, topo, 1 << 18, mask="causal")}
+        assert want in rows and rows[want] is not None, topo
+        assert "ulysses" in rows
+        p = rows[want]
+        assert p.meta["ulysses_degree"] == int(want.rsplit("ulysses", 1)[1])
+        # The all-to-alls are the first two steps, exposed (no compute beside them).
+        assert p.steps[0].compute_s == 0 and p.steps[0].transfer_s > 0
+
+
+def test_head_alltoall_stays_inside_a_node():
+    from hamilton_attn.planner.heads_cost import simulate_heads
+
+    # 2 nodes of 8: a head group of 8 is one node (NVLink), of 16 crosses the NICs.
+    inside = simulate_heads("ring", "nodes:2x8", 1 << 20, 8)
+    across = simulate_heads("ulysses", "nodes:2x8", 1 << 20, 16)
+    assert inside.steps[0].transfer_s < across.steps[0].transfer_s
+
+
+def test_heads_not_dividing_the_degree_are_not_candidates():
+    from hamilton_attn.planner.heads_cost import head_candidates, simulate_heads
+    from hamilton_attn.planner.model import Shapes
+
+    assert ("ulysses", 8) not in head_candidates(8, 12, ["ring"])
+    assert ("ring", 4) in head_candidates(8, 12, ["ring"])
+    with pytest.raises(ValueError, match="must divide the 12 query heads"):
+        simulate_heads("ulysses", "nvswitch:8", 1 << 16, 8, shapes=Shapes(heads=12))
+
+
+def test_auto_picks_head_parallelism_only_when_heads_are_known():
+    import hamilton_attn as ha
+
+    m = ha.Mask.causal(1 << 16)
+    known = ha.plan(m, ha.SimulatedGroup(16), heads=(32, 8), topology="nodes:2x8")
+    unknown = ha.plan(m, ha.SimulatedGroup(16), topology="nodes:2x8")
+    assert known.heads is not None and known.heads.degree > 1
+    assert unknown.heads is None
+    with pytest.raises(ValueError, match="heads"):
+        ha.plan(m, ha.SimulatedGroup(16), heads=(32, 5))
