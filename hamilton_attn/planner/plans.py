@@ -15,7 +15,7 @@ from ..kernels import BACKENDS
 from ..masks import Mask
 from ..placement import DISPATCHES, Placement
 from ..placement.layouts import LOCALITY_SLACK
-from ..runtime.comm import group_info, resolve_group
+from ..runtime.comm import group_info, head_mesh_layout, is_mesh, resolve_group
 from ..runtime.state import PlanState
 from ..schedule import BUILDERS, PieceId, Schedule, ScheduleReport, spec_of
 from .cost import split_name
@@ -301,6 +301,9 @@ class PlanOptions:
     call_cost: float | None = None
     ulysses_degree: int | None = None
     heads: tuple[int, int] | None = None
+    #: The group's global ranks in plan order (from a 2-d DeviceMesh), or None: the
+    #: group's own order.
+    rank_order: tuple[int, ...] | None = None
     schedule_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
@@ -369,6 +372,10 @@ def _cached_plan(mask: Mask, group, options: PlanOptions) -> Plan:
 
 def _build_plan(mask: Mask, group, o: PlanOptions) -> Plan:
     rank, w, ranks = group_info(group)
+    if o.rank_order is not None:  # a mesh's order: plan rank r is global rank order[r]
+        if sorted(o.rank_order) != sorted(ranks):
+            raise ValueError(f"group: the mesh's ranks {o.rank_order} are not the group's")
+        rank, ranks = o.rank_order.index(ranks[rank]), o.rank_order
     if o.kv_dispatch is None and mask.seqlen_q != mask.seqlen_k:
         raise ValueError(
             f"mask: self-attention (kv_dispatch=None) needs a square mask, got {mask.shape};"
@@ -460,6 +467,13 @@ def _head_parallel_plan(mask, padded, placement, kv_placement, schedule, degree,
                 members, o, heads)  # fmt: skip
 
 
+# plan()'s own arguments that are PlanOptions fields.
+_PLAN_ARGS = frozenset(
+    "schedule dispatch chunk_size backend check backward topology kv_dispatch dispatch_seed "
+    "balance_slack call_cost ulysses_degree heads".split()
+)
+
+
 def plan(
     mask: Mask,
     group=None,
@@ -483,8 +497,10 @@ def plan(
 
     Args:
         mask: a square :class:`Mask` over the whole (unpadded) sequence.
-        group: the process group (default: the world group; none: one process). This
-            process must be a member. Under a launcher (``WORLD_SIZE`` > 1) with no
+        group: the process group (default: the world group; none: one process), or a
+            2-d DeviceMesh with a dim named ``ulysses`` (or ``heads``): heads are split
+            over that dim and the sequence over the other (``ulysses_degree`` is its
+            size). This process must be a member. Under a launcher (``WORLD_SIZE`` > 1) with no
             process group, the default is refused; ``SimulatedGroup(1)`` plans for
             this rank alone.
         schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``,
@@ -540,12 +556,21 @@ def plan(
     """
     if not isinstance(mask, Mask):
         raise ValueError(f"mask: expected a hamilton_attn.Mask, got {type(mask).__name__}")
+    rank_order = None
+    if is_mesh(group):  # 2-d: heads over one dim, the sequence over the other
+        group, rank_order, degree = head_mesh_layout(group)
+        if ulysses_degree not in (None, degree):
+            raise ValueError(
+                f"ulysses_degree: the mesh's head dim has {degree} ranks, got {ulysses_degree}"
+            )
+        ulysses_degree = None if schedule == "ulysses" else degree
     if schedule in BUILDERS and spec_of(schedule).node_size:
         if schedule_options.get("node_size") is None:  # torchrun's devices per node
             schedule_options["node_size"] = config.get().local_world_size
     given = locals()
     options = PlanOptions(
-        **{f.name: given[f.name] for f in fields(PlanOptions) if f.name != "schedule_options"},
+        **{f.name: given[f.name] for f in fields(PlanOptions) if f.name in _PLAN_ARGS},
+        rank_order=rank_order,
         schedule_options=schedule_options,
     )
     # Before the cache: whether this process may plan on ``group`` can change without

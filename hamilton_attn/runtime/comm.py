@@ -256,3 +256,73 @@ def exchange_timeout() -> timedelta:
     """The timeout for a status exchange: ``HAMILTON_ATTN_TIMEOUT``, or the default where
     that setting is bad (the exchange is how the other ranks hear about it)."""
     return timedelta(seconds=config.DEFAULT_TIMEOUT_S) if timeout_problem() else default_timeout()
+
+
+class _MeshGroups:
+    """Groups over the ranks of DeviceMeshes that cover part of the world, made once.
+
+    ``new_group`` wants every rank of the world to create every group, in one order.
+    So the first call for an unknown rank set is collective over the world: each rank
+    says which ranks its mesh holds (every replica its own), and all ranks create the
+    groups of all the sets they heard, sorted; later calls with a known set are local.
+    Every rank of the world must therefore make the call (with its own mesh), as
+    training loops with a ``dp x cp`` mesh do; a rank that stays away makes the others
+    fail at the exchange's timeout (``HAMILTON_ATTN_TIMEOUT``)."""
+
+    def __init__(self) -> None:
+        self._groups: dict = {}  # (sorted global ranks, the default group) -> group
+
+    def get(self, ranks: tuple[int, ...], device_type: str):
+        world = dist.group.WORLD
+        if (ranks, world) not in self._groups:
+            w = dist.get_world_size()
+            mine = [int(r in ranks) for r in range(w)]
+            rows = exchange_status(mine, world, torch.device(device_type), exchange_timeout())
+            for s in sorted({tuple(r for r in range(w) if row[r]) for row in rows}):
+                self._groups[(s, world)] = dist.new_group(list(s))
+        return self._groups[(ranks, world)]
+
+
+_MESH_GROUPS = _MeshGroups()
+
+
+def is_mesh(obj) -> bool:
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(obj, DeviceMesh)
+
+
+def mesh_group(mesh):
+    """One process group over all ranks of ``mesh`` (a 1-d mesh's own group; the world
+    when the mesh covers it; else a group made once, collectively: :class:`_MeshGroups`).
+    Its members are ordered by global rank, as torch orders every group."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
+    if ranks == tuple(range(dist.get_world_size())):
+        return dist.group.WORLD
+    return _MESH_GROUPS.get(ranks, mesh.device_type)
+
+
+#: Names a 2-d mesh may give its head-parallel dim (the other dim is the sequence's).
+HEAD_DIM_NAMES = ("ulysses", "heads")
+
+
+def head_mesh_layout(mesh) -> tuple[object, tuple[int, ...], int]:
+    """``(group, global ranks in plan order, ulysses degree)`` of a 2-d DeviceMesh with
+    a dim named ``ulysses`` (or ``heads``): plan rank ``c * u + j`` is the mesh's rank at
+    index j of the head dim and c of the other, so head groups are runs of u plan ranks
+    whichever order the dims come in."""
+    names = tuple(mesh.mesh_dim_names or ())
+    heads = [i for i, n in enumerate(names) if n in HEAD_DIM_NAMES]
+    if mesh.ndim != 2 or len(heads) != 1:
+        raise ValueError(
+            f"group: a DeviceMesh must be 2-d with one dim named {' or '.join(HEAD_DIM_NAMES)}"
+            f" (head parallelism) and one for the sequence, got {mesh.ndim}-d with names "
+            f"{names or None}; pass a process group for context parallelism alone"
+        )
+    h = heads[0]
+    order = mesh.mesh.permute(1 - h, h).reshape(-1).tolist()
+    return mesh_group(mesh), tuple(int(r) for r in order), int(mesh.mesh.shape[h])

@@ -46,28 +46,20 @@ def heads_to_seq(x: torch.Tensor, hp: HeadParallel, group) -> torch.Tensor:
     return torch.cat(_exchange(parts, [parts[0]] * hp.degree, hp, group), dim=2)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Swap(torch.autograd.Function):
+    """Sequence shards <-> head shards (``to_heads``), differentiable: the backward is the
+    other direction."""
+
     @staticmethod
-    def forward(ctx, x, hp, group):
-        ctx.hp, ctx.group = hp, group
-        return seq_to_heads(x, hp, group)
+    def forward(ctx, x, hp, group, to_heads: bool):
+        ctx.hp, ctx.group, ctx.to_heads = hp, group, to_heads
+        return (seq_to_heads if to_heads else heads_to_seq)(x, hp, group)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        return heads_to_seq(g.contiguous(), ctx.hp, ctx.group), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, hp, group):
-        ctx.hp, ctx.group = hp, group
-        return heads_to_seq(x, hp, group)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        return seq_to_heads(g.contiguous(), ctx.hp, ctx.group), None, None
+        back = heads_to_seq if ctx.to_heads else seq_to_heads
+        return back(g.contiguous(), ctx.hp, ctx.group), None, None, None
 
 
 def attend(q, k, v, plan, scale: float, want_lse: bool):
@@ -78,9 +70,9 @@ def attend(q, k, v, plan, scale: float, want_lse: bool):
     r = kv_repeat(k.shape[2], hp.degree)
     if r > 1:  # each KV head repeated so the members split them evenly (differentiable)
         k, v = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2)
-    qh, kh, vh = (_SeqToHeads.apply(t, hp, group) for t in (q, k, v))
+    qh, kh, vh = (_Swap.apply(t, hp, group, True) for t in (q, k, v))
     out_h, lse_h = ContextParallelFunction.apply(qh, kh, vh, hp.inner, scale)
-    out = _HeadsToSeq.apply(out_h, hp, group)
+    out = _Swap.apply(out_h, hp, group, False)
     lse = None
     if want_lse:  # [B, H/u, u*L] -> [B, H, L], through the same exchange (no gradient)
         lse = heads_to_seq(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), hp, group)

@@ -104,13 +104,25 @@ def _local(x_padded: torch.Tensor, pl, rank: int, dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def _group_order(plan: Plan) -> list[int]:
+    """Per plan rank, its index among the group's members (ordered by global rank)."""
+    by_global = sorted(plan.group_ranks)
+    if list(plan.group_ranks) == by_global:
+        return list(range(len(by_global)))
+    where = {g: i for i, g in enumerate(by_global)}
+    return [where[g] for g in plan.group_ranks]
+
+
 def _gather(x_local: torch.Tensor, plan: Plan, pl, dim: int, name: str = "x_local"):
     _agree(x_local, plan, dim, name=name)
     shards = all_gather_tensor(x_local, plan.group)
     shape = list(x_local.shape)
     shape[dim] = pl.padded_len
     full = x_local.new_empty(shape)
-    for r, shard in enumerate(shards):
+    # Shards come in the group's order; a plan from a DeviceMesh may order its ranks
+    # otherwise (plan rank r is global rank plan.group_ranks[r]).
+    order = _group_order(plan)
+    for r, shard in enumerate(shards[i] for i in order):
         pos = 0
         for a, b in pl.rank_ranges[r]:
             full.narrow(dim, a, b - a).copy_(shard.narrow(dim, pos, b - a))

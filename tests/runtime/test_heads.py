@@ -68,6 +68,12 @@ def _case(ctx, schedule, degree, hq, hk, mask_name, dispatch, s, batch, seed, ba
     return {key: max_err(got[key], want[key]) for key in got}
 
 
+def _c(schedule, degree, hq, hk, mask_name, dispatch, **kw):
+    """One case for :func:`_case` (s, batch, seed, backward as keywords)."""
+    return dict(schedule=schedule, degree=degree, hq=hq, hk=hk, mask_name=mask_name,
+                dispatch=dispatch, **{"s": 41, "batch": 1, "seed": 7, **kw})  # fmt: skip
+
+
 def _run(ctx, cases):
     out = []
     for c in cases:
@@ -94,17 +100,7 @@ def _check(per_rank, cases, w):
 @pytest.mark.parametrize("w", [1, 2, 3, 4, 8])
 def test_ulysses_matches_the_oracle(pool, w):
     cases = [
-        dict(
-            schedule="ulysses",
-            degree=None,
-            hq=hq,
-            hk=hk,
-            mask_name=mn,
-            dispatch=d,
-            s=29 + w,
-            batch=2 if mn == "causal" else 1,
-            seed=i,
-        )  # fmt: skip
+        _c("ulysses", None, hq, hk, mn, d, s=29 + w, batch=2 if mn == "causal" else 1, seed=i)
         for i, ((hq, hk), mn, d) in enumerate(
             (h, mn, d) for h in HEADS for mn in MASKS for d in ("zigzag", "minheap")
         )
@@ -124,17 +120,7 @@ def test_ulysses_matches_the_oracle(pool, w):
 )
 def test_hybrids_match_the_oracle(pool, w, degree, schedules):
     cases = [
-        dict(
-            schedule=sc,
-            degree=degree,
-            hq=hq,
-            hk=hk,
-            mask_name=mn,
-            dispatch=d,
-            s=41,
-            batch=1,
-            seed=7,
-        )  # fmt: skip
+        _c(sc, degree, hq, hk, mn, d)
         for sc in schedules
         for hq, hk in ((8, 2), (12, 4))
         for mn in ("causal", "docs", "cross")
@@ -145,18 +131,7 @@ def test_hybrids_match_the_oracle(pool, w, degree, schedules):
 
 def test_reversed_backward_inside_a_hybrid_matches_the_oracle(pool):
     cases = [
-        dict(
-            schedule=sc,
-            degree=2,
-            hq=8,
-            hk=2,
-            mask_name=mn,
-            dispatch="zigzag",
-            s=33,
-            batch=1,
-            seed=3,
-            backward="reverse",
-        )  # fmt: skip
+        _c(sc, 2, 8, 2, mn, "zigzag", s=33, batch=1, seed=3, backward="reverse")
         for sc in ("ring", "bidi_ring")
         for mn in ("causal", "full")
     ]
@@ -221,3 +196,62 @@ def test_head_groups_are_consecutive_ranks_and_context_groups_stride():
     q = ha.plan(ha.Mask.causal(64), ha.SimulatedGroup(8, 2), schedule="ring", ulysses_degree=2)
     plain = ha.plan(ha.Mask.causal(64), ha.SimulatedGroup(8, 2), schedule="ring")
     assert p.fingerprint == q.fingerprint != plain.fingerprint
+
+
+def _mesh_cases(ctx, names, shape, cases):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh("cpu", torch.arange(ctx.world_size).reshape(shape), mesh_dim_names=names)
+    real_group = ctx.group
+    ctx.group = mesh  # _case plans on ctx.group
+    try:
+        out = _run(ctx, cases)
+        p = ha.plan(ha.Mask.causal(40), mesh, schedule="ring")
+        out.append(("layout", (p.heads.degree, p.heads.group_ranks, p.heads.inner.group_ranks)))
+    finally:
+        ctx.group = real_group
+    return out
+
+
+@pytest.mark.parametrize("names,shape", [(("cp", "ulysses"), (8, 2)), (("ulysses", "cp"), (4, 4))])
+def test_a_2d_mesh_splits_heads_over_its_ulysses_dim(pool, names, shape):
+    w = 16  # the mesh covers the shared pool's whole world
+    cases = [
+        _c(sc, None, 8, 2, mn, "zigzag", s=53, batch=1, seed=5)
+        for sc in ("ring", "groupcast")
+        for mn in ("causal", "docs")
+    ]
+    per_rank = pool.run(_mesh_cases, w, names, shape, cases)
+    _check(
+        [r[:-1] for r in per_rank],
+        [dict(c, degree=shape[names.index("ulysses")]) for c in cases],
+        w,
+    )
+    u = shape[names.index("ulysses")]
+    mesh = torch.arange(w).reshape(shape)
+    for r, res in enumerate(per_rank):
+        degree, head_ranks, context_ranks = res[-1][1]
+        assert degree == u
+        # The head group is r's row along the ulysses dim of the mesh; the context group
+        # its line along the other dim.
+        where = (mesh == r).nonzero()[0].tolist()
+        h = names.index("ulysses")
+        along = mesh.select(1 - h, where[1 - h]).tolist()
+        across = mesh.select(h, where[h]).tolist()
+        assert list(head_ranks) == along and list(context_ranks) == across
+
+
+def _bad_mesh(ctx):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh("cpu", torch.arange(ctx.world_size).reshape(4, 4), mesh_dim_names=("a", "b"))
+    try:
+        ha.plan(ha.Mask.causal(32), mesh)
+        return "planned"
+    except ValueError as err:
+        return str(err)
+
+
+def test_a_mesh_without_a_head_dim_is_refused_on_every_rank(pool):
+    for msg in pool.run(_bad_mesh, 16):
+        assert "dim named ulysses or heads" in msg and "('a', 'b')" in msg
