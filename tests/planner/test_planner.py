@@ -233,6 +233,10 @@ def test_plan_cli(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "chosen:" in out and "hamilton_2level" in out and "ring" in out
+    # Ulysses and the hybrids are priced beside the schedules (16 devices, 32 heads).
+    rows = {line.split("|")[0].strip(): line for line in out.splitlines() if "|" in line}
+    for name in ("ulysses", "ring+ulysses2", "ring+ulysses4", "ring+ulysses8"):
+        assert name in rows and "n/a" not in rows[name], name
     args = p.parse_args(["plan", "--topology", "bogus:3", "--seqlen", "1K"])
     assert main(args) == 2
 

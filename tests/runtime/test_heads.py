@@ -244,14 +244,18 @@ def test_a_2d_mesh_splits_heads_over_its_ulysses_dim(pool, names, shape):
 def _bad_mesh(ctx):
     from torch.distributed.device_mesh import DeviceMesh
 
-    mesh = DeviceMesh("cpu", torch.arange(ctx.world_size).reshape(4, 4), mesh_dim_names=("a", "b"))
-    try:
-        ha.plan(ha.Mask.causal(32), mesh)
-        return "planned"
-    except ValueError as err:
-        return str(err)
+    out = []
+    for names, kw in ((("a", "b"), {}), (("cp", "ulysses"), {"ulysses_degree": 2})):
+        mesh = DeviceMesh("cpu", torch.arange(ctx.world_size).reshape(4, 4), mesh_dim_names=names)
+        try:
+            ha.plan(ha.Mask.causal(32), mesh, **kw)
+            out.append("planned")
+        except ValueError as err:
+            out.append(str(err))
+    return out
 
 
 def test_a_mesh_without_a_head_dim_is_refused_on_every_rank(pool):
-    for msg in pool.run(_bad_mesh, 16):
-        assert "dim named ulysses or heads" in msg and "('a', 'b')" in msg
+    for no_head_dim, wrong_degree in pool.run(_bad_mesh, 16):
+        assert "dim named ulysses or heads" in no_head_dim and "('a', 'b')" in no_head_dim
+        assert "the mesh's head dim has 4 ranks, got 2" in wrong_degree
