@@ -49,25 +49,34 @@ def _scale_bits(scale: float) -> int:
     return struct.unpack("<q", struct.pack("<d", scale))[0]
 
 
-def _check(q, k, v, plan: Plan, scale: float, scale_problem: str | None = None) -> None:
+def _check(
+    q, k, v, plan: Plan, scale: float, scale_problem: str | None = None, want_lse: bool = False
+) -> None:
     """Raise ValueError unless every rank's inputs are valid and agree (shapes, dtype,
     scale, plan); with ``check="first"`` a signature agreed once is not exchanged again
     (a rank that later has a problem raises alone: use ``check="always"`` for a
     ValueError on every rank)."""
     problem = _local_problem(q, k, v, plan) or scale_problem or timeout_problem()
-    sig = (tuple(q.shape), tuple(k.shape), q.dtype, scale)
+    # With head parallelism, return_lse adds an exchange: every rank must ask alike.
+    lse_flag = [int(want_lse)] if plan.heads is not None else []
+    sig = (tuple(q.shape), tuple(k.shape), q.dtype, scale, *lse_flag)
     if agreed_before(plan, plan._state.checked, sig, problem):
         return
     shapes = list(q.shape) + list(k.shape) if problem is None else [0] * 8
-    mine = [
-        0 if problem is None else 1,
-        *plan.fingerprint,
-        _DTYPE_CODE.get(q.dtype, 0),
-        _scale_bits(scale),
-    ] + shapes
+    mine = (
+        [
+            0 if problem is None else 1,
+            *plan.fingerprint,
+            _DTYPE_CODE.get(q.dtype, 0),
+            _scale_bits(scale),
+        ]
+        + shapes
+        + lse_flag
+    )
     everyone = exchange_rows(plan, mine, problem, q.device, "calc_attn", _PLAN_OPTIONS)
     if any(row[3:] != mine[3:] for row in everyone):
-        raise ValueError("q, k, v: shapes, dtypes or scale differ across the ranks of the group")
+        what = "shapes, dtypes, scale or return_lse" if lse_flag else "shapes, dtypes or scale"
+        raise ValueError(f"q, k, v: {what} differ across the ranks of the group")
     plan._state.checked.add(sig)
 
 
@@ -111,7 +120,7 @@ def calc_attn(
         scale, scale_problem = 0.0, str(err)
     if scale is None:  # a 0-d q: the shape check below names it
         scale = 1.0
-    _check(q, k, v, plan, scale, scale_problem)
+    _check(q, k, v, plan, scale, scale_problem, return_lse)
     if plan.heads is not None:
         out, lse = attend_heads(q, k, v, plan, scale, return_lse)
     else:

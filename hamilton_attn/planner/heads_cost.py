@@ -94,7 +94,7 @@ def simulate_heads(
     fwd_in, fwd_out = t_q + 2 * t_kv, t_q  # q, k, v in; out back
     bwd_in, bwd_out = t_q, t_q + 2 * t_kv  # dout in; dq, dk, dv back
     a2a = [
-        StepCost(0.0, fwd_in, 0.0, bwd_out, 2 * kv_part * (u - 1)),
+        StepCost(0.0, fwd_in, 0.0, bwd_out, (q_part + 2 * kv_part) * (u - 1)),
         StepCost(0.0, fwd_out, 0.0, bwd_in, q_part * (u - 1)),
     ]
     name = "ulysses" if schedule == "ulysses" else f"{schedule}+ulysses{u}"

@@ -252,18 +252,31 @@ def _pick_dispatch(mask: Mask) -> str:
     return "contiguous" if mask.is_full() else "zigzag"
 
 
-def _pick_schedule(mask: Mask, world_size: int, topology: str | None, heads=None) -> str:
+def _pick_schedule(
+    mask: Mask, world_size: int, topology: str | None, heads=None, degree: int | None = None
+) -> str:
     """The planner's fastest predicted schedule for this mask on ``topology`` (default:
     ``HAMILTON_ATTN_TOPOLOGY``, else one NVSwitch node of W devices); ring if the
     planner has no answer. With ``heads`` ``(Hq, Hk)`` known, Ulysses and the hybrids
-    compete too (a name ``S+ulyssesU``, or ``ulysses``)."""
-    from .cost import auto_schedule
+    compete too (a name ``S+ulyssesU``, or ``ulysses``). With a ``degree`` the user
+    chose, only the schedules at that degree compete (heads unknown: priced with 32,
+    or 8 per member where 32 does not split)."""
+    from .cost import DEFAULT_CANDIDATES, auto_schedule
     from .model import Shapes
 
     topology = topology or config.get().topology
     shapes = None if heads is None else Shapes(heads=heads[0], kv_heads=heads[1])
+    candidates = None
+    if degree is not None and degree > 1:
+        if shapes is None:
+            hq = 32 if 32 % degree == 0 else 8 * degree
+            shapes = Shapes(heads=hq, kv_heads=hq // 4 if hq % 4 == 0 else hq)
+        bases = [n for n in DEFAULT_CANDIDATES if n != "hamilton_2level"]
+        candidates = (
+            ["ulysses"] if degree == world_size else [f"{n}+ulysses{degree}" for n in bases]
+        )
     try:
-        return auto_schedule(mask, world_size, topology, shapes=shapes)
+        return auto_schedule(mask, world_size, topology, shapes=shapes, candidates=candidates)
     except (ValueError, KeyError) as err:
         if topology is not None:  # the user's own topology is wrong: say so
             msg = str(err)
@@ -385,7 +398,8 @@ def _build_plan(mask: Mask, group, o: PlanOptions) -> Plan:
     dispatch = _pick_dispatch(mask) if o.dispatch == "auto" else o.dispatch
     schedule, picked_degree = o.schedule, None
     if schedule == "auto":
-        schedule, picked_degree = split_name(_pick_schedule(mask, w, o.topology, o.heads))
+        picked = _pick_schedule(mask, w, o.topology, o.heads, o.ulysses_degree)
+        schedule, picked_degree = split_name(picked)
         if schedule != "ulysses" and spec_of(schedule).node_size and "node_size" not in extra:
             schedule = "ring"  # it needs the node size the user did not give
         picked_degree = None if picked_degree in (0, 1) else picked_degree
@@ -445,10 +459,19 @@ def _head_parallel_plan(mask, padded, placement, kv_placement, schedule, degree,
     gp = group_placement(placement, degree)
     gkv = gp if kv_placement is placement else group_placement(kv_placement, degree)
     inner_name = "ring" if schedule == "ulysses" else schedule
+    extra = dict(o.schedule_options)
+    m = extra.get("node_size")
+    if m is not None:  # a context group has m / degree ranks in each node
+        if m % degree:
+            raise ValueError(
+                f"node_size: {m} devices per node do not hold whole head groups of "
+                f"{degree} (ulysses_degree)"
+            )
+        extra["node_size"] = m // degree
     made = verified_schedule(
         inner_name,
         gkv,
-        dict(o.schedule_options),
+        extra,
         lambda parts: MaskBlocks(padded, gp, gkv, parts),
         backward=o.backward,
     )
@@ -559,11 +582,17 @@ def plan(
     rank_order = None
     if is_mesh(group):  # 2-d: heads over one dim, the sequence over the other
         group, rank_order, degree = head_mesh_layout(group)
+        if schedule == "ulysses":
+            raise ValueError(
+                "schedule: 'ulysses' splits heads over all ranks, but the mesh splits them "
+                "over its head dim alone: give the schedule for its sequence dim (or "
+                "'auto'), or pass a process group for Ulysses over every rank"
+            )
         if ulysses_degree not in (None, degree):
             raise ValueError(
                 f"ulysses_degree: the mesh's head dim has {degree} ranks, got {ulysses_degree}"
             )
-        ulysses_degree = None if schedule == "ulysses" else degree
+        ulysses_degree = degree
     if schedule in BUILDERS and spec_of(schedule).node_size:
         if schedule_options.get("node_size") is None:  # torchrun's devices per node
             schedule_options["node_size"] = config.get().local_world_size

@@ -245,7 +245,9 @@ def _bad_mesh(ctx):
     from torch.distributed.device_mesh import DeviceMesh
 
     out = []
-    for names, kw in ((("a", "b"), {}), (("cp", "ulysses"), {"ulysses_degree": 2})):
+    cases = ((("a", "b"), {}), (("cp", "ulysses"), {"ulysses_degree": 2}),
+             (("cp", "ulysses"), {"schedule": "ulysses"}))  # fmt: skip
+    for names, kw in cases:
         mesh = DeviceMesh("cpu", torch.arange(ctx.world_size).reshape(4, 4), mesh_dim_names=names)
         try:
             ha.plan(ha.Mask.causal(32), mesh, **kw)
@@ -256,6 +258,42 @@ def _bad_mesh(ctx):
 
 
 def test_a_mesh_without_a_head_dim_is_refused_on_every_rank(pool):
-    for no_head_dim, wrong_degree in pool.run(_bad_mesh, 16):
+    for no_head_dim, wrong_degree, all_ranks in pool.run(_bad_mesh, 16):
         assert "dim named ulysses or heads" in no_head_dim and "('a', 'b')" in no_head_dim
         assert "the mesh's head dim has 4 ranks, got 2" in wrong_degree
+        assert "splits heads over all ranks, but the mesh" in all_ranks
+
+
+def test_auto_keeps_the_degree_the_user_gave():
+    # auto used to pick "ulysses" (all ranks) and then refuse the user's degree.
+    m = ha.Mask.full(8192)
+    p = ha.plan(m, ha.SimulatedGroup(8), ulysses_degree=2, heads=(32, 8))
+    assert p.heads.degree == 2
+    assert ha.plan(m, ha.SimulatedGroup(8), ulysses_degree=8).heads.degree == 8
+
+
+def test_the_inner_plan_gets_the_node_size_of_a_context_group():
+    # 2 nodes of 8, heads over pairs: each context group has 4 ranks per node.
+    p = ha.plan(ha.Mask.causal(4096), ha.SimulatedGroup(16), schedule="hamilton_2level",
+                ulysses_degree=2, node_size=8)  # fmt: skip
+    assert p.heads.inner.world_size == 8 and p.heads.inner.schedule.name == "hamilton_2level"
+    with pytest.raises(ValueError, match="whole head groups"):
+        ha.plan(ha.Mask.causal(4096), ha.SimulatedGroup(16), schedule="groupcast",
+                ulysses_degree=4, node_size=2)  # fmt: skip
+
+
+def _lse_mismatch(ctx):
+    p = ha.plan(ha.Mask.causal(32), ctx.group, schedule="ring", ulysses_degree=2,
+                check="always")  # fmt: skip
+    q = torch.randn(1, p.local_len, 4, 8)
+    try:
+        ha.calc_attn(q, q[:, :, :2].clone(), q[:, :, :2].clone(), p, return_lse=ctx.rank == 0)
+        return "ran"
+    except ValueError as err:
+        return str(err)
+
+
+def test_return_lse_on_one_rank_only_raises_on_every_rank(pool):
+    # With head parallelism return_lse adds an exchange: a mismatch used to hang.
+    for msg in pool.run(_lse_mismatch, 4):
+        assert "return_lse differ across the ranks" in msg, msg
