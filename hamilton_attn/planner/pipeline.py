@@ -38,20 +38,23 @@ def placement_for(
     keys: bool = False,
     slack: float = 0.0,
     call_cost: float = 0.0,
+    also: tuple[Mask, ...] = (),
 ) -> Placement:
     """Queries' (``keys=False``) or keys' placement; balanced kinds cost a chunk by the
-    mask's area in its rows (or columns), plus ``call_cost`` pairs for each dense piece
-    that starts in its rows (queries' placement of a mask of several pieces; see
-    :func:`~hamilton_attn.placement.layouts.balanced`)."""
+    mask's area in its rows (or columns), summed over ``mask`` and the masks ``also``
+    (the other layers of a model sharing this placement), plus ``call_cost`` pairs for
+    each dense piece of ``mask`` that starts in its rows (queries' placement of a mask
+    of several pieces; see :func:`~hamilton_attn.placement.layouts.balanced`)."""
     if kind in BALANCED:
+        every = (mask, *also)
         if keys:
 
             def cost(a, b):
-                return mask.slice((0, mask.seqlen_q), (a, b)).area()
+                return sum(m.slice((0, m.seqlen_q), (a, b)).area() for m in every)
         else:
 
             def cost(a, b):
-                return mask.slice((a, b), (0, mask.seqlen_k)).area()
+                return sum(m.slice((a, b), (0, m.seqlen_k)).area() for m in every)
 
         n = mask.seqlen_k if keys else mask.seqlen_q
         chunk_keys = None
@@ -81,6 +84,32 @@ def placement_for(
             call_cost=call_cost,
         )
     return make_placement(kind, mask.seqlen_k if keys else mask.seqlen_q, w, chunk_size=chunk_size)
+
+
+def shared_placements(shared, o, mask: Mask, w: int) -> tuple[Placement, Placement]:
+    """``shared`` (queries' and keys' placements taken from another plan), checked
+    against this plan's mask, group size and options ``o``."""
+    pl, kv = shared
+    if pl.world_size != w:
+        raise ValueError(f"placement: the other plan is for {pl.world_size} ranks, not {w}")
+    if pl.seqlen != mask.seqlen_q:
+        raise ValueError(
+            f"placement: the other plan places {pl.seqlen} query tokens, the mask has "
+            f"{mask.seqlen_q}"
+        )
+    if o.dispatch != "auto" and o.dispatch != pl.kind:
+        raise ValueError(
+            f"dispatch: {o.dispatch!r} disagrees with the shared placement's {pl.kind!r}"
+        )
+    if o.kv_dispatch is None:
+        if mask.seqlen_k != mask.seqlen_q:
+            raise ValueError("mask: self-attention needs a square mask (see kv_dispatch)")
+        return pl, pl
+    if kv.seqlen != mask.seqlen_k:
+        raise ValueError(
+            f"placement: the other plan places {kv.seqlen} key tokens, the mask has {mask.seqlen_k}"
+        )
+    return pl, kv
 
 
 def _merge_intervals(ivs) -> tuple[list[int], list[int]]:

@@ -19,7 +19,7 @@ from ..schedule import BUILDERS, PieceId, Schedule, ScheduleReport, spec_of
 from .cost import split_name
 from .fingerprint import plan_digest
 from .heads import HeadParallel, check_degree, group_placement, head_layout
-from .pipeline import MaskBlocks, placement_for, verified_schedule
+from .pipeline import MaskBlocks, placement_for, shared_placements, verified_schedule
 
 
 class Members(NamedTuple):
@@ -250,6 +250,11 @@ class PlanOptions:
     #: The group's global ranks in plan order (from a 2-d DeviceMesh), or None: the
     #: group's own order.
     rank_order: tuple[int, ...] | None = None
+    #: ``(queries' placement, keys' placement)`` taken from another plan (``placement=``):
+    #: every layer of a model then holds the same tokens on each rank.
+    shared_placement: tuple[Placement, Placement] | None = None
+    #: Other masks whose work the balanced dispatches weigh with this one's.
+    balance_masks: tuple[Mask, ...] = ()
     schedule_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
@@ -336,18 +341,14 @@ def _build_plan(mask: Mask, group, o: PlanOptions) -> Plan:
         if schedule != "ulysses" and spec_of(schedule).node_size and "node_size" not in extra:
             schedule = "ring"  # it needs the node size the user did not give
         picked_degree = None if picked_degree in (0, 1) else picked_degree
-    placement = placement_for(
-        dispatch,
-        mask,
-        w,
-        o.chunk_size,
-        o.dispatch_seed,
-        slack=o.balance_slack,
-        call_cost=o.call_cost,
-    )
-    if o.kv_dispatch is None:
-        kv_placement = placement
+    if o.shared_placement is not None:
+        placement, kv_placement = shared_placements(o.shared_placement, o, mask, w)
     else:
+        placement = placement_for(dispatch, mask, w, o.chunk_size, o.dispatch_seed,
+                                  slack=o.balance_slack, call_cost=o.call_cost,
+                                  also=o.balance_masks)  # fmt: skip
+        kv_placement = placement
+    if o.kv_dispatch is not None and o.shared_placement is None:
         kv_dispatch = _pick_dispatch(mask) if o.kv_dispatch == "auto" else o.kv_dispatch
         kv_placement = placement_for(
             kv_dispatch, mask, w, o.chunk_size, o.dispatch_seed, keys=True, slack=o.balance_slack
@@ -447,6 +448,8 @@ def plan(
     call_cost: float | None = None,
     ulysses_degree: int | None = None,
     heads: tuple[int, int] | None = None,
+    placement: Plan | None = None,
+    balance_masks=(),
     **schedule_options,
 ) -> Plan:
     """Plan context-parallel attention of ``mask`` (over the global sequence) on ``group``.
@@ -465,6 +468,15 @@ def plan(
             once-per-node crossing), any registered schedule, ``ulysses`` (heads split
             over all ranks by all-to-all, each rank attends over the whole sequence), or
             ``auto`` (the planner's fastest predicted for ``topology``).
+        placement: another plan whose token placement this one takes (queries', and
+            keys' for cross-attention), so that tensors dispatched once serve every layer
+            of a model (full, sliding-window, other windows): plan the first layer with
+            ``balance_masks=`` (the other layers' masks, weighed with its own by the
+            balanced dispatches), the others with ``placement=`` that plan. What a plan
+            can detect of a tensor is its local length: two plans with different
+            placements of equal lengths take each other's tensors without an error and
+            give wrong results, hence one shared placement.
+        balance_masks: masks of the other layers that will share this plan's placement.
         heads: ``(Hq, Hk)`` the calls will use, so that ``schedule="auto"`` may pick
             Ulysses or a hybrid (unknown heads: context-parallel schedules only).
         ulysses_degree: head parallelism of degree u (a divisor of W): head groups of
@@ -529,10 +541,26 @@ def plan(
     if schedule in BUILDERS and spec_of(schedule).node_size:
         if schedule_options.get("node_size") is None:  # torchrun's devices per node
             schedule_options["node_size"] = config.get().local_world_size
+    shared = None
+    if placement is not None:
+        if not isinstance(placement, Plan):
+            raise ValueError(
+                f"placement: expected another hamilton_attn.Plan, got {type(placement).__name__}"
+            )
+        shared = (placement.placement, placement.kv_placement)
+    balance_masks = tuple(balance_masks)
+    for i, m in enumerate(balance_masks):
+        if not isinstance(m, Mask) or m.shape != mask.shape:
+            raise ValueError(
+                f"balance_masks[{i}]: expected a Mask of the same shape {mask.shape}, got "
+                f"{getattr(m, 'shape', type(m).__name__)}"
+            )
     given = locals()
     options = PlanOptions(
         **{f.name: given[f.name] for f in fields(PlanOptions) if f.name in _PLAN_ARGS},
         rank_order=rank_order,
+        shared_placement=shared,
+        balance_masks=balance_masks,
         schedule_options=schedule_options,
     )
     # Before the cache: whether this process may plan on ``group`` can change without
