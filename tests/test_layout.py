@@ -40,7 +40,7 @@ def _modules():
 def _imports(path: Path, parts: tuple[str, ...]):
     """(absolute module inside the package or None, raw module name) of each import."""
     tree = ast.parse(path.read_text(), str(path))
-    pkg = list(parts[:-1]) if parts[-1] != "__init__" else list(parts[:-1])
+    pkg = list(parts[:-1])  # the package the module is in (a package's own __init__ too)
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:

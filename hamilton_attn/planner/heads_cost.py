@@ -44,10 +44,8 @@ def _sub_cluster(cluster: Cluster, n: int, consecutive: bool) -> str:
                 return f"nvswitch:{n}"  # inside one node
             if n % m == 0:
                 return f"nodes:{n // m}x{m}"
-        else:
-            per_node = m // (w // n) if m % (w // n) == 0 else 0
-            if per_node >= 1:
-                return f"nodes:{nodes}x{per_node}" if per_node > 1 else f"nodes:{nodes}x1"
+        elif m % (w // n) == 0:  # every node holds m / u ranks of the group
+            return f"nodes:{nodes}x{m // (w // n)}"
     raise ValueError(
         f"ulysses_degree: head parallelism is priced on nvswitch, full_mesh and nodes "
         f"clusters whose nodes the head groups fit, not on {cluster.name}"

@@ -18,14 +18,11 @@ from .comm import start_p2p
 from .executor import ContextParallelFunction
 
 
-def _exchange(parts: list[torch.Tensor], like: list[torch.Tensor], hp: HeadParallel, group):
-    """Send ``parts[m]`` to member m and receive member m's part for this rank into a
-    buffer shaped like ``like[m]``; this rank's own part is kept as it is."""
+def _exchange(parts: list[torch.Tensor], hp: HeadParallel, group):
+    """Send ``parts[m]`` to member m and receive member m's part for this rank (parts
+    are all alike in shape) into a contiguous buffer; this rank's own part stays."""
     me = hp.member
-    got = [
-        parts[me] if m == me else like[m].new_empty(like[m].shape)  # contiguous buffers
-        for m in range(hp.degree)
-    ]
+    got = [parts[me] if m == me else parts[m].new_empty(parts[m].shape) for m in range(hp.degree)]
     sends = [(parts[m].contiguous(), m) for m in range(hp.degree) if m != me]
     recvs = [(got[m], m) for m in range(hp.degree) if m != me]
     if sends:
@@ -37,13 +34,13 @@ def seq_to_heads(x: torch.Tensor, hp: HeadParallel, group) -> torch.Tensor:
     """``[B, L, H, D]`` (this rank's tokens, all heads) -> ``[B, u*L, H/u, D]`` (the head
     group's tokens in member order, this member's heads)."""
     parts = list(x.split(x.shape[2] // hp.degree, dim=2))
-    return torch.cat(_exchange(parts, [parts[0]] * hp.degree, hp, group), dim=1)
+    return torch.cat(_exchange(parts, hp, group), dim=1)
 
 
 def heads_to_seq(x: torch.Tensor, hp: HeadParallel, group) -> torch.Tensor:
     """The inverse of :func:`seq_to_heads`."""
     parts = list(x.split(x.shape[1] // hp.degree, dim=1))
-    return torch.cat(_exchange(parts, [parts[0]] * hp.degree, hp, group), dim=2)
+    return torch.cat(_exchange(parts, hp, group), dim=2)
 
 
 class _Swap(torch.autograd.Function):

@@ -434,7 +434,7 @@ def _mutate(sched: Schedule, rng) -> Schedule:
     n, w = len(steps), sched.world_size
     if kind == "budget":
         return dataclasses.replace(sched, buffer_budget=sched.buffer_budget * rng.random())
-    lists = {"d": steps, "g": grads}.get(kind[0], steps) if kind != "none" else steps
+    lists = grads if kind.startswith("g") else steps
     if kind in ("drop", "dup", "move", "readdress", "gdrop", "gdup", "gmove"):
         nonempty = [s for s in range(n) if lists[s]]
         if not nonempty:
