@@ -44,6 +44,17 @@ two GPUs, checks and probes:
   trace_ring                trace_run.py: per-step profile of ring/zigzag causal (.json, .txt)
   op_profile_fb_causal_docs gpu_op_profile.py: kernel tables, causal and docs f+b (.txt)
   op_profile_docs_fwd       gpu_op_profile.py: docs forward, ring and groupcast (.txt)
+issue #20's two-GPU round (benchmarks/README.md, \"The issue-20 round\"):
+  x2_demo                   hamilton-attn demo --device cuda: schedules, Ulysses, hybrids,
+                            variants, forward and backward against one GPU (.txt)
+  x2_bench_16k              bench 16K/GPU: causal/full/docs/docs_short x ring/groupcast/
+                            ulysses x zigzag/minheap x triton/auto, torch context_parallel
+  x2_bench_64k              the same at 64K/GPU (fewer repeats)
+  x2_variants               bench 16K/GPU ring/zigzag: softmax/softcap/sigmoid x auto/triton
+  x2_hf                     hf_train_step.py: Llama ~0.5B training step at 32K/128K/256K,
+                            one GPU (sdpa/flex/hamilton, +-checkpointing) vs CP over all GPUs
+                            (installs transformers from benchmarks/wheels if missing)
+  (the session-5 dense table again: stage cp_efficiency_dense)
 "
 if [ $# -eq 0 ]; then
   echo "usage: bash benchmarks/gpu_run.sh STAGE[:SECONDS] ...$STAGES_HELP"
@@ -70,6 +81,23 @@ DATE=$(date -u +%F)
 HW1=$GPU          # one-GPU stages
 HW=${GPU}x$NGPU   # stages on every GPU of the machine (two for the probes)
 BENCH=(python -m hamilton_attn bench --device cuda --tokens-per-device 16384)
+
+# transformers for x2_hf: installed from the wheels carried in benchmarks/wheels
+# (benchmarks/fetch_wheels.sh) when the image lacks it; into the environment if pip may,
+# else into /tmp/hf_site (no dependencies resolved there: every carried wheel by name).
+ensure_transformers() {
+  python -c "import transformers" 2>/dev/null && return 0
+  [ -d benchmarks/wheels ] || { echo "no transformers and no benchmarks/wheels"; return 1; }
+  pip install --no-index --find-links benchmarks/wheels transformers \
+    && python -c "import transformers" && return 0
+  local names
+  names=$(ls benchmarks/wheels | sed 's/-.*//' | sort -u)
+  # shellcheck disable=SC2086  # one package name per word
+  pip install --no-index --no-deps --find-links benchmarks/wheels --target /tmp/hf_site \
+    $names || return 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/hf_site"
+  python -c "import transformers; print('transformers', transformers.__version__)"
+}
 
 pack() { tar czf "$FINAL/gpu_results.tar.gz" -C /tmp gpu_out; }
 # run LOG LIMIT CMD...: the command's output goes to the screen and to LOG.
@@ -189,6 +217,34 @@ for item in "$@"; do
           --out "$OUT" --name "${stage}_${sc}_${HW}_${DATE}" --mask docs --schedule "$sc" \
           --dispatch balanced_zigzag --fwd-only --backward replay
       done ;;
+    x2_demo)
+      run "$OUT/$name.txt" "$limit" python -m hamilton_attn demo --device cuda --seqlen 4096 ;;
+    x2_bench_16k | x2_bench_64k)
+      # 2 backends x 3 schedules x 2 dispatches on 4 masks, one device per backend and
+      # torch's context_parallel (causal, full) in the same run.
+      if [ "$stage" = x2_bench_16k ]; then
+        tok=(--tokens-per-device 16384 --repeats 5 --inner 3)
+      else
+        tok=(--tokens-per-device 65536 --warmup 1 --repeats 3 --inner 1)
+      fi
+      run "$log" "$limit" python -m hamilton_attn bench --device cuda "${tok[@]}" \
+        --masks causal full docs docs_short --schedules ring groupcast ulysses \
+        --dispatches zigzag minheap --backends triton auto --out "$OUT" --name "$name" ;;
+    x2_variants)
+      run "$log" "$limit" "${BENCH[@]}" --masks causal docs --schedules ring \
+        --dispatches zigzag --variants softmax softcap sigmoid --backends auto triton \
+        --repeats 5 --inner 3 --no-torch-cp --out "$OUT" --name "$name" ;;
+    x2_hf)
+      if ensure_transformers; then
+        # checkpointing on first: an OOM inside a collective on one rank can hang the
+        # other; the file is rewritten after every configuration, so what ran is kept.
+        run "$log" "$limit" python -m torch.distributed.run --standalone \
+          --nproc_per_node "$NGPU" benchmarks/hf_train_step.py --seqlens 32768 131072 262144 \
+          --ckpt on off --steps 3 --warmup 1 --timeout-min 8 --out "$OUT" \
+          --name "hf_train_${HW}_${DATE}"
+      else
+        echo "x2_hf: transformers missing and not installable" | tee "$log"
+      fi ;;
     *)
       echo "unknown stage: $stage (bash benchmarks/gpu_run.sh lists them)" ;;
   esac

@@ -6,6 +6,8 @@ The public API, by what it is for (``docs/DESIGN.md`` draws the layers behind it
   range kinds), :class:`AttnMaskType`;
 * attention on one device, any mask: :func:`attention`; partial results combined
   exactly: :func:`merge`, :func:`merge_many`;
+* attention variants as data (:mod:`hamilton_attn.variants`): :class:`Softmax`
+  (softcap, ALiBi, sinks), :class:`Sigmoid`, :class:`ReLU`, and ``score_mod``;
 * context parallelism: :func:`plan` (where tokens live and how KV moves, verified
   before anything runs; :class:`Plan`), :func:`dispatch` / :func:`undispatch`
   (global <-> local tensors), :func:`calc_attn` (the distributed call, forward and
@@ -27,6 +29,7 @@ from .masks import AttnMaskType, Mask
 # Attention on one device, and the exact merge of partial results.
 from .attention import attention
 from .merge import merge, merge_many
+from .variants import ReLU, Sigmoid, Softmax
 
 # Context parallelism: plan, move tokens, attend.
 from .api import (
@@ -54,6 +57,10 @@ __all__ = [
     "attention",
     "merge",
     "merge_many",
+    # variants
+    "ReLU",
+    "Sigmoid",
+    "Softmax",
     # context parallelism
     "ContextParallelAttention",
     "Plan",

@@ -6,6 +6,7 @@ import struct
 
 import torch
 
+from . import variants as _variants
 from .attention import resolve_scale
 from .planner.heads import heads_problem
 from .planner.plans import Plan, plan
@@ -49,8 +50,30 @@ def _scale_bits(scale: float) -> int:
     return struct.unpack("<q", struct.pack("<d", scale))[0]
 
 
+def _variant_code(var, score_mod) -> list[int]:
+    """Three int64s the ranks must agree on for a call's variant: its kind, the float64
+    bits of its softcap (or sigmoid bias), and which of ALiBi, sink, score_mod it uses."""
+    if var is None:
+        return [0, 0, 0]
+    kind = {"softmax": 1, "sigmoid": 2, "relu": 3}[var.kind]
+    num = getattr(var, "softcap", None) if kind == 1 else getattr(var, "bias", 0.0)
+    flags = (
+        (getattr(var, "alibi_slopes", None) is not None)
+        | (getattr(var, "sink", None) is not None) << 1
+        | (score_mod is not None) << 2
+    )
+    return [kind, 0 if num is None else _scale_bits(float(num)), int(flags)]
+
+
 def _check(
-    q, k, v, plan: Plan, scale: float, scale_problem: str | None = None, want_lse: bool = False
+    q,
+    k,
+    v,
+    plan: Plan,
+    scale: float,
+    scale_problem: str | None = None,
+    want_lse: bool = False,
+    variant_code: tuple = (0, 0, 0),
 ) -> None:
     """Raise ValueError unless every rank's inputs are valid and agree (shapes, dtype,
     scale, plan); with ``check="first"`` a signature agreed once is not exchanged again
@@ -59,7 +82,7 @@ def _check(
     problem = _local_problem(q, k, v, plan) or scale_problem or timeout_problem()
     # With head parallelism, return_lse adds an exchange: every rank must ask alike.
     lse_flag = [int(want_lse)] if plan.heads is not None else []
-    sig = (tuple(q.shape), tuple(k.shape), q.dtype, scale, *lse_flag)
+    sig = (tuple(q.shape), tuple(k.shape), q.dtype, scale, *variant_code, *lse_flag)
     if agreed_before(plan, plan._state.checked, sig, problem):
         return
     shapes = list(q.shape) + list(k.shape) if problem is None else [0] * 8
@@ -71,9 +94,18 @@ def _check(
             _scale_bits(scale),
         ]
         + shapes
+        + list(variant_code)
         + lse_flag
     )
     everyone = exchange_rows(plan, mine, problem, q.device, "calc_attn", _PLAN_OPTIONS)
+    nv = len(variant_code) + len(lse_flag)
+    if any(
+        row[-nv : -len(lse_flag) or None] != mine[-nv : -len(lse_flag) or None] for row in everyone
+    ):
+        raise ValueError(
+            "variant: the ranks of the group passed different variants (kind, softcap or "
+            "bias, ALiBi, sink, score_mod must agree)"
+        )
     if any(row[3:] != mine[3:] for row in everyone):
         what = "shapes, dtypes, scale or return_lse" if lse_flag else "shapes, dtypes or scale"
         raise ValueError(f"q, k, v: {what} differ across the ranks of the group")
@@ -91,6 +123,8 @@ def calc_attn(
     *,
     scale: float | None = None,
     return_lse: bool = False,
+    variant=None,
+    score_mod=None,
 ):
     """Context-parallel attention of this rank's local shards; differentiable.
 
@@ -100,6 +134,12 @@ def calc_attn(
             self-attention; cross-attention plans dispatch keys with ``role="kv"``).
         plan: from :func:`plan`; the same on every rank.
         scale: softmax scale, default ``1 / sqrt(D)``.
+        variant, score_mod: as for :func:`hamilton_attn.attention`, on GLOBAL token
+            indices (ALiBi distances and ``score_mod``'s ``q_idx`` / ``kv_idx`` are
+            positions in the whole sequence, as :func:`get_position_ids` gives them). A
+            sink is counted once per row; ``sink.grad`` gets this rank's rows' share
+            (sum it over the ranks, as any gradient of a parameter used on sharded
+            tokens); so does ``alibi_slopes.grad``. Every rank passes the same variant.
 
     Returns ``out`` ``[B, S_local, Hq, D]`` in q's dtype, or ``(out, lse)`` with lse
     ``[B, Hq, S_local]`` float32 (float64 for float64 inputs; no gradient). Inputs are
@@ -120,19 +160,42 @@ def calc_attn(
         scale, scale_problem = 0.0, str(err)
     if scale is None:  # a 0-d q: the shape check below names it
         scale = 1.0
-    _check(q, k, v, plan, scale, scale_problem, return_lse)
+    var, var_problem = None, None
+    try:
+        b, hq = (q.shape[0], q.shape[2]) if q.dim() == 4 else (1, 1)
+        sq, sk = plan.user_mask.shape
+        var = _variants.resolve_variant(
+            variant, score_mod, batch=b, heads=hq, device=q.device, seqlen_q=sq, seqlen_k=sk
+        )
+        if return_lse and var is not None and not var.normalised:
+            raise ValueError(f"return_lse: the {var.kind} variant is not normalised and has no lse")
+    except ValueError as err:
+        var, var_problem = None, str(err)
+    code = tuple(_variant_code(var, score_mod))
+    _check(q, k, v, plan, scale, scale_problem or var_problem, return_lse, code)
+    sq, sk = plan.user_mask.shape
     if plan.heads is not None:
-        out, lse = attend_heads(q, k, v, plan, scale, return_lse)
+        out, lse = attend_heads(q, k, v, plan, scale, return_lse, var, score_mod, sk - sq)
     else:
-        out, lse = ContextParallelFunction.apply(q, k, v, plan, scale)
+        bv = _variants.bind(
+            var, score_mod, batch=q.shape[0], heads=slice(0, q.shape[2]), shift=sk - sq
+        )
+        sink, alibi = getattr(var, "sink", None), getattr(var, "alibi_slopes", None)
+        out, lse = ContextParallelFunction.apply(q, k, v, plan, scale, bv, sink, alibi)
     return (out, lse) if return_lse else out
 
 
 class ContextParallelAttention(torch.nn.Module):
-    """``calc_attn`` as a module; built from a Plan or from ``plan()``'s arguments."""
+    """``calc_attn`` as a module; built from a Plan or from ``plan()``'s arguments
+    (``group``: a process group or a DeviceMesh, as :func:`plan` takes it)."""
 
     def __init__(self, plan_or_mask, group=None, *, scale: float | None = None, **plan_options):
         super().__init__()
+        if isinstance(plan_or_mask, Plan) and (group is not None or plan_options):
+            raise ValueError(
+                "group: a Plan carries its own group and options; pass a Mask to plan with "
+                f"these ({', '.join(['group'] * (group is not None) + sorted(plan_options))})"
+            )
         self.plan = (
             plan_or_mask
             if isinstance(plan_or_mask, Plan)
@@ -140,8 +203,17 @@ class ContextParallelAttention(torch.nn.Module):
         )
         self.scale = scale
 
-    def forward(self, q, k, v, return_lse: bool = False):
-        return calc_attn(q, k, v, self.plan, scale=self.scale, return_lse=return_lse)
+    def forward(self, q, k, v, return_lse: bool = False, variant=None, score_mod=None):
+        return calc_attn(
+            q,
+            k,
+            v,
+            self.plan,
+            scale=self.scale,
+            return_lse=return_lse,
+            variant=variant,
+            score_mod=score_mod,
+        )
 
 
 __all__ = [

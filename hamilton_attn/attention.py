@@ -8,7 +8,9 @@ import numbers
 
 import torch
 
+from . import variants as _variants
 from .kernels import BACKENDS, check_block, empty_result, select_kernel
+from .kernels.base import zeros_bhsd
 from .masks import Mask
 
 LAYOUTS = ("bshd", "bhsd", "thd")
@@ -85,15 +87,67 @@ def once_differentiable(backward):
     return wrapper
 
 
+def run_forward(kernel, q, k, v, mask, scale, variant):
+    """A kernel's ``(out, lse)`` for one block, the empty block answered here; ``lse`` is
+    None for the unnormalised variants (sigmoid, relu)."""
+    if mask.is_empty():
+        if variant is not None and not variant.normalised:
+            return zeros_bhsd(q, v.shape[-1]), None
+        return empty_result(q, v)
+    if variant is None:
+        return kernel.forward(q, k, v, mask, scale)
+    return kernel.forward(q, k, v, mask, scale, variant=variant)
+
+
+def run_backward(kernel, dout, q, k, v, out, lse, mask, scale, variant):
+    """A kernel's share ``(dq, dk, dv)`` of one block (zeros for an empty block)."""
+    if mask.is_empty():
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if variant is None:
+        return kernel.backward(dout, q, k, v, out, lse, mask, scale)
+    return kernel.backward(dout, q, k, v, out, lse, mask, scale, variant=variant)
+
+
+def param_grads(bv, sink, alibi, heads: slice, dout, out, lse):
+    """The gradients of a call's ``sink`` and ``alibi_slopes`` (user shapes, zeros off
+    this call's heads ``heads``) from the finished rows (bhsd) and what the kernels added
+    to ``bv.alibi_grad``; None for those that need none."""
+    dsink = dalibi = None
+    if sink is not None and sink.requires_grad:
+        dsink = torch.zeros_like(sink)
+        dsink[heads] = _variants.sink_grad(dout, out, lse, sink[heads])
+    if alibi is not None and alibi.requires_grad and bv is not None and bv.alibi_grad is not None:
+        full = torch.zeros(
+            (bv.alibi_grad.shape[0], alibi.shape[-1]),
+            dtype=bv.alibi_grad.dtype,
+            device=alibi.device,
+        )
+        full[:, heads] = bv.alibi_grad
+        dalibi = (full.sum(0) if alibi.dim() == 1 else full).to(alibi.dtype)
+    return dsink, dalibi
+
+
+def alibi_accumulator(bv, alibi):
+    """A fresh d(slopes) accumulator on ``bv`` (``bv.alibi``'s dtype) when the slopes
+    require grad."""
+    if bv is not None and alibi is not None and alibi.requires_grad:
+        bv.alibi_grad = torch.zeros_like(bv.alibi)
+
+
 class _Attention(torch.autograd.Function):
+    """One-device attention of one block; ``bv`` the bound variant (None: plain), ``sink``
+    and ``alibi`` the user's tensors (inputs, so that their gradients flow)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, kernel):
-        if mask.is_empty():
-            out, lse = empty_result(q, v)
-        else:
-            out, lse = kernel.forward(q, k, v, mask, scale)
+    def forward(ctx, q, k, v, mask, scale, kernel, bv, sink, alibi):
+        out, lse = run_forward(kernel, q, k, v, mask, scale, bv)
+        if sink is not None:
+            out, lse = _variants.apply_sink(out, lse, sink)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.scale, ctx.kernel = mask, scale, kernel
+        ctx.mask, ctx.scale, ctx.kernel, ctx.bv = mask, scale, kernel, bv
+        ctx.sink, ctx.alibi = sink, alibi
+        if lse is None:
+            lse = out.new_empty(0)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -101,10 +155,12 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if ctx.mask.is_empty():
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
-        dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.mask, ctx.scale)
-        return dq, dk, dv, None, None, None
+        bv, sink, alibi = ctx.bv, ctx.sink, ctx.alibi
+        alibi_accumulator(bv, alibi)
+        dq, dk, dv = run_backward(ctx.kernel, dout, q, k, v, out, lse, ctx.mask, ctx.scale, bv)
+        heads = slice(0, q.shape[1])
+        dsink, dalibi = param_grads(bv, sink, alibi, heads, dout, out, lse)
+        return dq, dk, dv, None, None, None, None, dsink, dalibi
 
 
 def resolve_scale(scale, q: torch.Tensor) -> float | None:
@@ -151,8 +207,11 @@ def attention(
     layout: str = "bshd",
     backend: str = "auto",
     return_lse: bool = False,
+    variant=None,
+    score_mod=None,
 ):
-    """Exact softmax attention on one device, for any mask; differentiable in q, k, v.
+    """Exact attention on one device, for any mask and variant; differentiable in q, k,
+    v (and in a variant's ``sink`` / ``alibi_slopes`` where they require grad).
 
     Args:
         q: ``[B, Sq, Hq, D]`` (layout ``bshd``, as flash-attn), ``[B, Hq, Sq, D]``
@@ -163,8 +222,16 @@ def attention(
             bottom-right causal with ``causal=True`` (query i sees keys
             ``j <= i + Sk - Sq``). Giving both is an error.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``auto`` (fastest that can run the mask), ``reference``, ``sdpa``, ``flex``.
-        return_lse: also return the log-sum-exp of the scores per query row.
+        backend: ``auto`` (fastest that can run the mask and variant), ``reference``,
+            ``sdpa``, ``flex``, ``triton``.
+        return_lse: also return the log-sum-exp of the scores per query row (softmax
+            variants only; with a sink it counts the sink).
+        variant: :class:`~hamilton_attn.variants.Softmax` (default; with ``softcap``,
+            ``alibi_slopes``, ``sink``), :class:`~hamilton_attn.variants.Sigmoid` or
+            :class:`~hamilton_attn.variants.ReLU` (:mod:`hamilton_attn.variants` gives
+            the formulas).
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the
+            scaled scores first (FlexAttention's signature, called on broadcast tensors).
 
     Returns:
         ``out`` in q's layout and dtype, or ``(out, lse)`` with lse float32 of shape
@@ -183,9 +250,31 @@ def attention(
     mask = resolve_mask(mask, causal, q4.shape[2], k4.shape[2])
     check_block(q4, k4, v4, mask)
     scale = resolve_scale(scale, q4)
-    kernel = select_kernel(backend, q4, k4, v4, mask)
-    native = kernel.differentiable(q4, k4, v4, mask, scale) if torch.is_grad_enabled() else None
-    out4, lse = native if native is not None else _Attention.apply(q4, k4, v4, mask, scale, kernel)
+    var = _variants.resolve_variant(
+        variant,
+        score_mod,
+        batch=q4.shape[0],
+        heads=q4.shape[1],
+        device=q4.device,
+        seqlen_q=q4.shape[2],
+        seqlen_k=k4.shape[2],
+    )
+    if return_lse and var is not None and not var.normalised:
+        raise ValueError(f"return_lse: the {var.kind} variant is not normalised and has no lse")
+    hq = q4.shape[1]
+    bv = _variants.bind(
+        var, score_mod, batch=q4.shape[0], heads=slice(0, hq), shift=k4.shape[2] - q4.shape[2]
+    )
+    kernel = select_kernel(backend, q4, k4, v4, mask, bv)
+    sink = getattr(var, "sink", None)
+    alibi = getattr(var, "alibi_slopes", None)
+    native = None
+    if bv is None and sink is None and torch.is_grad_enabled():
+        native = kernel.differentiable(q4, k4, v4, mask, scale)
+    if native is not None:
+        out4, lse = native
+    else:
+        out4, lse = _Attention.apply(q4, k4, v4, mask, scale, kernel, bv, sink, alibi)
     out = from_bhsd(out4, layout)
     if not return_lse:
         return out

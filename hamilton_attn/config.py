@@ -70,6 +70,10 @@ class Config:
     local_rank: int | None = None
     #: ``GLOO_SOCKET_IFNAME``: the network interface gloo binds, or None (gloo's choice).
     gloo_socket_ifname: str | None = None
+    #: ``TRITON_INTERPRET`` (Triton's own switch): run the ``triton`` kernel backend
+    #: through Triton's interpreter, on CPU tensors too (tests without a GPU). Read here
+    #: and applied when the backend builds its kernels, so import order does not matter.
+    triton_interpret: bool = False
 
     def __post_init__(self):
         problem = _timeout_problem(self.timeout_s)
@@ -86,6 +90,8 @@ class Config:
             raise ValueError(f"ce_slot_mb: expected a positive number, got {self.ce_slot_mb!r}")
         if not isinstance(self.compile_merge, bool):
             raise ValueError(f"compile_merge: expected a bool, got {self.compile_merge!r}")
+        if not isinstance(self.triton_interpret, bool):
+            raise ValueError(f"triton_interpret: expected a bool, got {self.triton_interpret!r}")
         if self.topology is not None and not isinstance(self.topology, str):
             raise ValueError(f"topology: expected a string or None, got {self.topology!r}")
         for name in ("local_world_size", "launched_world_size", "launched_rank", "local_rank"):
@@ -112,6 +118,7 @@ ENV: Mapping[str, str] = {
     "launched_rank": "RANK",
     "local_rank": "LOCAL_RANK",
     "gloo_socket_ifname": "GLOO_SOCKET_IFNAME",
+    "triton_interpret": "TRITON_INTERPRET",
 }
 
 
@@ -173,6 +180,9 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
     raw = env.get(ENV["compile_merge"])
     if raw is not None:
         kw["compile_merge"] = raw != "0"
+    raw = env.get(ENV["triton_interpret"])
+    if raw is not None:  # Triton's own reading of its switch
+        kw["triton_interpret"] = raw.strip().lower() in ("1", "true", "yes", "on")
     for name in ("topology", "gloo_socket_ifname"):
         kw[name] = env.get(ENV[name]) or None
     raw = env.get(ENV["local_world_size"])

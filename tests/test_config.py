@@ -35,6 +35,7 @@ def test_every_variable_is_read():
         "RANK": "3",
         "LOCAL_RANK": "3",
         "GLOO_SOCKET_IFNAME": "lo",
+        "TRITON_INTERPRET": "1",
     }
     cfg = config.from_env(env)
     assert dataclasses.asdict(cfg) == dict(
@@ -50,6 +51,7 @@ def test_every_variable_is_read():
         launched_rank=3,
         local_rank=3,
         gloo_socket_ifname="lo",
+        triton_interpret=True,
     )
     assert cfg.torchrun
     assert set(config.ENV.values()) == set(env)  # the table names every variable read

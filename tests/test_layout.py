@@ -17,13 +17,14 @@ MAX_LINES = 600
 LAYER = {
     "config": 0, "tables": 0,
     "masks": 1,
-    "merge": 2, "placement": 2, "topology": 2,
+    "merge": 2, "placement": 2, "topology": 2, "variants": 2,
     "kernels": 3, "schedule": 3,
     "attention": 4,
     "planner": 5,
     "runtime": 6,
     "api": 7, "testing": 7,
     "compat": 8, "cli": 8, "__init__": 8, "__main__": 8,
+    "integrations": 9,
 }  # fmt: skip
 #: Imports that cross upward on purpose: the planner reads a group's rank and size (and
 #: resolves a DeviceMesh) through runtime.comm, and makes each plan's runtime state.

@@ -39,7 +39,13 @@ def _parser() -> argparse.ArgumentParser:
         help="schedules, 'ulysses', or hybrids of heads x context such as ring+ulysses2",
     )
     b.add_argument("--dispatches", nargs="+", default=["zigzag"])
-    b.add_argument("--masks", nargs="+", default=["causal", "full", "docs"])
+    b.add_argument(
+        "--masks",
+        nargs="+",
+        default=["causal", "full", "docs"],
+        help="causal, full, docs (long-tailed packed documents), docs_short (64-512 tokens), "
+        "window",
+    )
     b.add_argument("--tokens-per-device", type=int, nargs="+", default=[16384])
     b.add_argument("--heads", type=int, default=32)
     b.add_argument("--kv-heads", type=int, default=None)
@@ -79,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         choices=["nccl", "ce"],
         help="GPU transfer paths to time side by side (ce: copy engine within a host)",
+    )
+    b.add_argument(
+        "--backends",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "reference", "sdpa", "flex", "triton"],
+        help="local kernels to time side by side (one device and ours alike; default auto)",
+    )
+    b.add_argument(
+        "--variants",
+        nargs="+",
+        default=["softmax"],
+        choices=["softmax", "softcap", "sigmoid"],
+        help="attention variants to time (softcap 30; sigmoid bias -log S); PyTorch's row "
+        "and the ratios to it are plain softmax",
     )
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--name", default=None, help="file stem under --out")

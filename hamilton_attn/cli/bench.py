@@ -91,6 +91,8 @@ def _config(args) -> dict:
         "fwd_only": bool(getattr(args, "fwd_only", False)),
         "rounds": getattr(args, "rounds", 1),
         "transports": getattr(args, "transports", None),
+        "backends": getattr(args, "backends", None) or ["auto"],
+        "variants": getattr(args, "variants", None) or ["softmax"],
     }
 
 

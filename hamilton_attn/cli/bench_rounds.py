@@ -25,10 +25,14 @@ def bench_masks(seqlen: int, names) -> dict[str, Mask]:
             out[name] = Mask.full(seqlen)
         elif name == "docs":
             out[name] = Mask.varlen(doc_boundaries(seqlen), causal=True)
+        elif name == "docs_short":
+            out[name] = Mask.varlen(short_doc_boundaries(seqlen), causal=True)
         elif name == "window":
             out[name] = Mask.sliding_window(seqlen, (max(1, seqlen // 8), 0))
         else:
-            raise ValueError(f"masks: unknown mask {name!r} (causal, full, docs, window)")
+            raise ValueError(
+                f"masks: unknown mask {name!r} (causal, full, docs, docs_short, window)"
+            )
     return out
 
 
@@ -40,6 +44,34 @@ def doc_boundaries(seqlen: int, seed: int = 0) -> list[int]:
         n = int(torch.empty(1).log_normal_(mean=0.0, std=1.0, generator=g).item() * seqlen / 20)
         cu.append(min(seqlen, cu[-1] + max(16, n)))
     return cu
+
+
+def short_doc_boundaries(seqlen: int, lo: int = 64, hi: int = 512, seed: int = 0) -> list[int]:
+    """Packed short documents, lengths uniform in [lo, hi] (seeded; the last one cut)."""
+    g = torch.Generator().manual_seed(seed)
+    cu = [0]
+    while cu[-1] < seqlen:
+        n = int(torch.randint(lo, hi + 1, (1,), generator=g).item())
+        cu.append(min(seqlen, cu[-1] + n))
+    return cu
+
+
+#: The bench's attention variants (``--variants``): plain softmax, Gemma-2-style logit
+#: soft-capping and sigmoid attention (bias -log S, as in the demo).
+VARIANT_NAMES = ("softmax", "softcap", "sigmoid")
+
+
+def bench_variant(name: str, seqlen: int):
+    """The variant object of a ``--variants`` name (None: plain softmax)."""
+    from ..variants import Sigmoid, Softmax
+
+    if name == "softmax":
+        return None
+    if name == "softcap":
+        return Softmax(softcap=30.0)
+    if name == "sigmoid":
+        return Sigmoid(bias=-float(torch.tensor(float(seqlen)).log()))
+    raise ValueError(f"variants: unknown variant {name!r} ({', '.join(VARIANT_NAMES)})")
 
 
 # Replay alone: the graph reads the inputs in place and hands out its own outputs, as
@@ -91,7 +123,10 @@ def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
         for disp in cfg["dispatches"]
         for tr in transports
     ]
-    per_round = len(cases) * (2 + len(combos))
+    backends = cfg.get("backends") or ["auto"]
+    variants = cfg.get("variants") or ["softmax"]
+    kinds = [(be, va) for be in backends for va in variants]
+    per_round = len(cases) * (1 + len(kinds) * (1 + len(combos)))
     total = per_round * n_rounds
     done = per_round * round_i
 
@@ -102,6 +137,13 @@ def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
             bar = "#" * (30 * done // total)
             print(f"\r[{bar:<30}] {done}/{total} {label:<40}", end="", file=sys.stderr, flush=True)
 
+    def tag(be, va) -> str:
+        """The label suffix of a backend x variant (empty for the default alone)."""
+        parts = ([be] if len(backends) > 1 or be != "auto" else []) + (
+            [va] if len(variants) > 1 or va != "softmax" else []
+        )
+        return f" [{', '.join(parts)}]" if parts else ""
+
     for n, mname in cases:
         s = n * w
         mask = bench_masks(s, [mname])[mname]
@@ -111,39 +153,49 @@ def _run_round(ctx, cfg: dict, round_i: int, n_rounds: int) -> list[dict]:
             torch.randn(1, s, h, d, generator=gen).to(dev, dtype) for h in (hq, hk, hk, hq)
         )
         base = {"mask": mname, "tokens_per_device": n, "seqlen": s, "world_size": w}
-        # (a) one device, the whole problem (rank 0; the others wait at the broadcast).
-        one = _one_device_times(ctx, dev, cfg, mask, qkvg)
-        progress(f"{mname} {n}: one device")
-        rows.append(
-            dict(
-                base,
-                impl="one device",
-                schedule="-",
-                dispatch="-",
-                **rates(one, one, flops_f, 1),
-                peak_mem_ratio=None,
-            )
-        )
-        # (b) PyTorch's context parallel.
         tcp = None
-        if mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
-            row, tcp = torch_cp_row(ctx, dev, cfg, base, mname, qkvg, one, flops_f)
-            rows.append(row)
-        progress(f"{mname} {n}: torch context_parallel")
-        # (c) our schedules, each transport's under its own setting.
-        for sched, bw, disp, tr in combos:
-            with config.override(transport=tr):
-                rows.append(
-                    _ours_row(ctx, dev, cfg, base, mask, qkvg, sched, bw, disp, one, flops_f)
+        for be, va in kinds:
+            variant = bench_variant(va, s)
+            kind = dict(backend=be, variant=va)
+            sfx = tag(be, va)
+            # (a) one device, the whole problem (rank 0; the others wait at the broadcast).
+            one = _one_device_times(ctx, dev, cfg, mask, qkvg, backend=be, variant=variant)
+            progress(f"{mname} {n}: one device{sfx}")
+            rows.append(
+                dict(
+                    base,
+                    impl="one device",
+                    schedule="-" + sfx,
+                    dispatch="-",
+                    **kind,
+                    **rates(one, one, flops_f, 1),
+                    peak_mem_ratio=None,
                 )
-            row = rows[-1]
-            if len(transports) > 1:
-                row["schedule"] += f" [{tr}]"
-            if tcp and "error" not in row:
-                row["vs_torch_fwd"] = tcp["fwd"] / row["fwd_ms"]
-                if row["fwd_bwd_ms"]:
-                    row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / row["fwd_bwd_ms"]
-            progress(f"{mname} {n}: {sched}/{disp}")
+            )
+            # (b) PyTorch's context parallel (plain softmax, cuDNN), once per mask and
+            # length, after the first backend x variant's one device (its efficiency's).
+            if (be, va) == kinds[0]:
+                if mname in ("causal", "full") and cfg["torch_cp"] and w > 1:
+                    row, tcp = torch_cp_row(ctx, dev, cfg, base, mname, qkvg, one, flops_f)
+                    rows.append(row)
+                progress(f"{mname} {n}: torch context_parallel")
+            # (c) our schedules, each transport's under its own setting.
+            for sched, bw, disp, tr in combos:
+                with config.override(transport=tr):
+                    row = _ours_row(
+                        ctx, dev, cfg, base, mask, qkvg, sched, bw, disp, one, flops_f,
+                        backend=be, variant=variant,
+                    )  # fmt: skip
+                rows.append(dict(row, **kind))
+                row = rows[-1]
+                if len(transports) > 1:
+                    row["schedule"] += f" [{tr}]"
+                row["schedule"] += sfx
+                if tcp and "error" not in row and va == "softmax":
+                    row["vs_torch_fwd"] = tcp["fwd"] / row["fwd_ms"]
+                    if row["fwd_bwd_ms"]:
+                        row["vs_torch_fwd_bwd"] = tcp["fwd_bwd"] / row["fwd_bwd_ms"]
+                progress(f"{mname} {n}: {sched}/{disp}{sfx}")
         qkvg = None  # free the inputs before the next size
     if ctx.rank == 0 and cfg.get("progress", True):
         print(file=sys.stderr)
@@ -175,7 +227,9 @@ def _times(attn, qkvg, dev, cfg: dict, group=None):
     return times, fwd
 
 
-def _one_device_times(ctx, dev, cfg: dict, mask: Mask, qkvg) -> dict:
+def _one_device_times(
+    ctx, dev, cfg: dict, mask: Mask, qkvg, backend: str = "auto", variant=None
+) -> dict:
     """Milliseconds of ``attention`` over the whole problem on rank 0's device (forward,
     forward+backward, and graph replay if asked), sent to every rank."""
     import torch.distributed as dist
@@ -184,7 +238,12 @@ def _one_device_times(ctx, dev, cfg: dict, mask: Mask, qkvg) -> dict:
 
     one = {}
     if ctx.rank == 0:
-        one, _ = _times(lambda a, b, c: ha.attention(a, b, c, mask), qkvg, dev, cfg)
+        one, _ = _times(
+            lambda a, b, c: ha.attention(a, b, c, mask, backend=backend, variant=variant),
+            qkvg,
+            dev,
+            cfg,
+        )
     keys = ("fwd", "fwd_bwd", "fwd_graph")
     t1 = torch.tensor([one.get(x) or 0.0 for x in keys], dtype=torch.float64, device=dev)
     dist.broadcast(t1, dist.get_global_rank(ctx.group, 0), group=ctx.group)
@@ -194,7 +253,9 @@ def _one_device_times(ctx, dev, cfg: dict, mask: Mask, qkvg) -> dict:
     return one
 
 
-def _ours_row(ctx, dev, cfg, base, mask, qkvg, sched, bw, disp, one, flops_f) -> dict:
+def _ours_row(
+    ctx, dev, cfg, base, mask, qkvg, sched, bw, disp, one, flops_f, backend="auto", variant=None
+) -> dict:
     """One schedule x backward x dispatch, planned and timed under the transport in
     force: its row (with ``error`` where the planner refuses the combination)."""
     import hamilton_attn as ha
@@ -207,13 +268,18 @@ def _ours_row(ctx, dev, cfg, base, mask, qkvg, sched, bw, disp, one, flops_f) ->
     if degree > 1:
         opts["ulysses_degree"] = degree
     try:
-        p = ha.plan(mask, ctx.group, schedule=base_name, dispatch=disp, backward=bw, **opts)
+        p = ha.plan(
+            mask, ctx.group, schedule=base_name, dispatch=disp, backward=bw, backend=backend,
+            **opts,
+        )  # fmt: skip
     except ValueError as err:
         return dict(base, impl="hamilton-attn", schedule=sched, dispatch=disp, error=str(err)[:120])
     local = tuple(ha.dispatch(t, p) for t in qkvg)
     ql, kl, vl, _ = local
-    ha.calc_attn(ql, kl, vl, p)  # first call: cross-rank checks, warm caches
-    ours, fwd = _times(lambda a, b, c: ha.calc_attn(a, b, c, p), local, dev, cfg, ctx.group)
+    ha.calc_attn(ql, kl, vl, p, variant=variant)  # first call: cross-rank checks, warm caches
+    ours, fwd = _times(
+        lambda a, b, c: ha.calc_attn(a, b, c, p, variant=variant), local, dev, cfg, ctx.group
+    )
     mem = _peak_mem_ratio(fwd, dev, ql, kl, vl, p) if dev.type == "cuda" else None
     return dict(
         base,

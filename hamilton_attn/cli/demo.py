@@ -13,7 +13,8 @@ from ..planner.cost import split_name
 from ..planner.heads import kv_repeat
 from ..schedule import SCHEDULES, spec_of
 from ..tables import format_table
-from ..testing.oracle import dense_attention, error_bound, max_err
+from ..testing.oracle import dense_attention, error_bound, max_err, variant_attention_oracle
+from ..variants import ReLU, Sigmoid, Softmax
 
 
 def demo_masks(seqlen: int) -> dict[str, Mask]:
@@ -37,6 +38,36 @@ def demo_masks(seqlen: int) -> dict[str, Mask]:
 HEAD_CASES = (("ulysses", "zigzag"), ("ring+ulysses2", "zigzag"), ("groupcast+ulysses4", "minheap"))
 
 
+#: Attention variants beside plain softmax, each under ring/zigzag and groupcast on the
+#: packed documents (global indices and the merge of unnormalised sums matter there).
+VARIANT_CASES = ("softcap", "alibi", "sink", "sigmoid", "relu", "score_mod")
+VARIANT_SCHEDULES = (("ring", "zigzag"), ("groupcast", "minheap"))
+
+
+def demo_variant(name: str | None, hq: int, seqlen: int, dev, dtype):
+    """``(variant, score_mod, params)`` of a demo case, the same on every rank; params:
+    the tensors whose gradients are checked (sink, slopes)."""
+    if name is None:
+        return None, None, []
+    if name == "softcap":
+        return Softmax(softcap=5.0), None, []
+    if name == "alibi":
+        slopes = (2.0 ** -torch.arange(1, hq + 1, dtype=dtype, device=dev)).requires_grad_()
+        return Softmax(alibi_slopes=slopes), None, [slopes]
+    if name == "sink":
+        sink = torch.linspace(-1.0, 2.0, hq, dtype=dtype, device=dev).requires_grad_()
+        return Softmax(sink=sink), None, [sink]
+    if name == "sigmoid":
+        return Sigmoid(bias=-float(torch.tensor(seqlen).log())), None, []
+    if name == "relu":
+        return ReLU(), None, []
+
+    def near(score, b, h, q_idx, kv_idx):  # a head-dependent distance penalty
+        return score - 0.002 * (h + 1) * (q_idx - kv_idx).abs()
+
+    return None, near, []
+
+
 def demo_cases(schedules=None):
     names = [
         (s, d) for s in schedules or sorted(SCHEDULES) if s in SCHEDULES for d in spec_of(s).demo
@@ -44,7 +75,11 @@ def demo_cases(schedules=None):
     names += [c for c in HEAD_CASES if schedules is None or c[0] in schedules]
     for sched, disp in names:  # each schedule with the dispatches it registered
         for mask_name in ("causal", "docs"):
-            yield sched, disp, mask_name
+            yield sched, disp, mask_name, None
+    for sched, disp in VARIANT_SCHEDULES:
+        if schedules is None or sched in schedules:
+            for variant in VARIANT_CASES:
+                yield sched, disp, "docs", variant
 
 
 def run_rank(
@@ -58,8 +93,9 @@ def run_rank(
     hq, hk = heads
     rows = []
     masks = demo_masks(seqlen)
-    for sched, disp, mask_name in demo_cases(schedules):
+    for sched, disp, mask_name, vname in demo_cases(schedules):
         mask = masks[mask_name]
+        label = mask_name if vname is None else f"{mask_name}+{vname}"
         gen = torch.Generator().manual_seed(1234)
         full = [torch.randn(1, seqlen, h, head_dim, generator=gen) for h in (hq, hk, hk)]
         g = torch.randn(1, seqlen, hq, head_dim, generator=gen).to(dev)
@@ -68,8 +104,8 @@ def run_rank(
         if ctx.rank == 0:
             odt = torch.float64 if dev.type == "cpu" else torch.float32
             dense = mask.to_dense(dev)
-            ref, ref_g = _oracle(full, g, dense, dev, odt)
-            low, low_g = _oracle(full, g, dense, dev, dtype)
+            ref, ref_g = _oracle(full, g, dense, dev, odt, vname, seqlen)
+            low, low_g = _oracle(full, g, dense, dev, dtype, vname, seqlen)
             base_f = max_err(low, ref)
             base_b = max(max_err(a, b) for a, b in zip(low_g, ref_g))
         x = [t.to(dev, dtype).requires_grad_() for t in full]
@@ -86,7 +122,7 @@ def run_rank(
                 (
                     sched,
                     disp,
-                    mask_name,
+                    label,
                     "-",
                     "-",
                     "-",
@@ -101,9 +137,13 @@ def run_rank(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
+        var, smod, params = demo_variant(vname, hq, seqlen, dev, torch.float32)
         local = [ha.dispatch(t, p) for t in x]
-        out = ha.undispatch(ha.calc_attn(*local, p), p)
-        grads = torch.autograd.grad((out.float() * g).sum(), x)
+        out = ha.undispatch(ha.calc_attn(*local, p, variant=var, score_mod=smod), p)
+        grads = list(torch.autograd.grad((out.float() * g).sum(), x + params))
+        for i in range(len(x), len(grads)):  # each rank holds its rows' share of a param
+            grads[i] = grads[i].contiguous()
+            torch.distributed.all_reduce(grads[i], group=ctx.group)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         run_ms = (time.perf_counter() - t0) * 1e3
@@ -121,7 +161,7 @@ def run_rank(
             (
                 sched,
                 disp,
-                mask_name,
+                label,
                 f"{ef:.1e}",
                 f"{eb:.1e}",
                 p.schedule.num_steps,
@@ -134,11 +174,22 @@ def run_rank(
     return rows
 
 
-def _oracle(full, g, dense, dev, dtype):
+def _oracle(full, g, dense, dev, dtype, vname=None, seqlen=0):
     x = [t.to(dev, dtype).requires_grad_() for t in full]
-    out = dense_attention(*(t.transpose(1, 2) for t in x), dense).transpose(1, 2)
+    if vname is None:
+        out = dense_attention(*(t.transpose(1, 2) for t in x), dense).transpose(1, 2)
+        params = []
+    else:
+        pdt = torch.float64 if dtype == torch.float64 else torch.float32
+        var, smod, params = demo_variant(vname, full[0].shape[2], seqlen, dev, pdt)
+        q4, k4, v4 = (t.transpose(1, 2) for t in x)
+        o4, _ = variant_attention_oracle(
+            q4, k4, v4, dense, scale=None, variant=var or Softmax(), score_mod=smod, dtype=pdt
+        )
+        out = o4.transpose(1, 2).to(dtype)
     grads = torch.autograd.grad(
-        (out.float() * g.float()).sum() if dtype != torch.float64 else (out * g.double()).sum(), x
+        (out.float() * g.float()).sum() if dtype != torch.float64 else (out * g.double()).sum(),
+        x + params,
     )
     return out, grads
 

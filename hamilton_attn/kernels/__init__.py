@@ -3,7 +3,8 @@
 ``get_kernel(name)`` returns a backend: ``reference`` (plain torch, any mask),
 ``sdpa`` (torch's aten attention ops that return lse: cuDNN / flash / efficient on
 GPU, the CPU flash op on CPU; FULL and CAUSAL pieces), ``flex`` (FlexAttention, any
-mask). ``select_kernel("auto", ...)`` picks the fastest backend that can run a block;
+mask), ``triton`` (our own fused Triton kernel: any mask in one launch, and the
+variants). ``select_kernel("auto", ...)`` picks the fastest backend that can run a block;
 ``memo_kernel`` remembers that choice per block for the context-parallel executor.
 """
 
@@ -17,7 +18,7 @@ from ..masks import Mask
 from .base import AttentionKernel, check_block, empty_result
 from .reference import ReferenceKernel
 
-BACKENDS = ("auto", "reference", "sdpa", "flex")
+BACKENDS = ("auto", "reference", "sdpa", "flex", "triton")
 
 
 @functools.cache
@@ -32,36 +33,96 @@ def get_kernel(name: str) -> AttentionKernel:
         from .flex import FlexKernel
 
         return FlexKernel()
+    if name == "triton":
+        from .triton import TritonKernel
+
+        return TritonKernel()
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
 
 
+def variant_key(variant) -> tuple | None:
+    """What a kernel choice reads of a :class:`~hamilton_attn.variants.BlockVariant`:
+    its kind and which features it uses (None: plain softmax)."""
+    if variant is None:
+        return None
+    return (
+        variant.kind,
+        variant.softcap is not None,
+        variant.alibi is not None,
+        variant.score_mod is not None,
+    )
+
+
+def _variant_order(q: torch.Tensor, variant) -> tuple[str, ...]:
+    """``auto``'s candidates, fastest first, for a block with a variant. On GPU, softmax
+    variants (softcap, ALiBi, score_mod) go to compiled flex first: our Triton kernel
+    ran them at 239-292 TF/s on causal 32K (results/triton_H200_2026-12-02.md), below
+    flex's plain rate there (419); sigmoid and relu, which flex cannot run (it
+    normalises), go to the Triton kernel. On CPU the reference kernel (flex's CPU path
+    materialises the scores too, and is slower)."""
+    if not q.is_cuda:
+        return ("reference",)
+    if variant.kind == "softmax":
+        return ("flex", "triton", "reference")
+    return ("triton", "reference")
+
+
 def select_kernel(
-    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Mask,
+    variant=None,
 ) -> AttentionKernel:
     """The kernel that runs this block: ``backend`` itself, or for ``auto`` the fastest
-    that supports it: on GPU, where both sdpa (FULL / CAUSAL pieces) and flex can run
-    it, the one :mod:`.choice`'s cost model expects to finish first; else sdpa, flex,
-    reference in that order. Raises ValueError if a named backend cannot run it."""
+    that supports it: on GPU, among sdpa (FULL / CAUSAL pieces), triton and flex, the
+    one :mod:`.choice`'s cost model expects to finish first; else sdpa, flex,
+    reference in that order. A block with a ``variant``
+    (:class:`~hamilton_attn.variants.BlockVariant`) goes to a backend that supports it
+    (:meth:`AttentionKernel.variant_problem`). Raises ValueError if a named backend
+    cannot run it."""
     if backend != "auto":
         kernel = get_kernel(backend)
         if not kernel.available(q.device):
             raise ValueError(f"backend: {backend!r} is not available on {q.device}")
         reason = kernel.unsupported_reason(q, k, v, mask)
+        if reason is None and variant is not None:
+            reason = kernel.variant_problem(variant)
         if reason is not None:
             raise ValueError(f"backend: {backend!r} cannot run this block: {reason}")
         return kernel
+    if variant is not None:
+        for name in _variant_order(q, variant):
+            kernel = get_kernel(name)
+            if (
+                kernel.available(q.device)
+                and kernel.variant_problem(variant) is None
+                and kernel.unsupported_reason(q, k, v, mask) is None
+            ):
+                return kernel
+        return get_kernel("reference")
     if q.is_cuda:
-        sdpa, flex = get_kernel("sdpa"), get_kernel("flex")
-        calls = sdpa._plan(q, k, v, mask) if sdpa.available(q.device) else ""
-        if (
-            not isinstance(calls, str)
-            and flex.available(q.device)
-            and flex.unsupported_reason(q, k, v, mask) is None
-        ):
-            from .choice import prefer_sdpa
+        from .choice import choose
 
+        sdpa, flex, tri = get_kernel("sdpa"), get_kernel("flex"), get_kernel("triton")
+        calls = sdpa._plan(q, k, v, mask) if sdpa.available(q.device) else ""
+        runs = {
+            "flex": flex.available(q.device) and flex.unsupported_reason(q, k, v, mask) is None,
+            "triton": tri.available(q.device) and tri.unsupported_reason(q, k, v, mask) is None,
+        }
+        if not isinstance(calls, str) or runs["flex"] or runs["triton"]:
             per_pair = 4.0 * q.shape[0] * q.shape[1] * q.shape[-1]
-            return sdpa if prefer_sdpa(mask, calls, per_pair) else flex
+            name = choose(
+                mask,
+                None if isinstance(calls, str) else calls,
+                per_pair,
+                q.shape[-1],
+                runs["flex"],
+                runs["triton"],
+            )
+            if name is not None:
+                return get_kernel(name)
     order = ("sdpa", "flex", "reference") if q.is_cuda else ("sdpa", "reference")
     for name in order:
         kernel = get_kernel(name)
@@ -88,16 +149,23 @@ def selection_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
 
 
 def memo_kernel(
-    memo: dict, block, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
+    memo: dict,
+    block,
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Mask,
+    variant=None,
 ) -> AttentionKernel:
     """:func:`select_kernel` for the block named ``block`` (whose mask is ``mask``),
     remembered in ``memo`` per backend and :func:`selection_key`: the context-parallel
     executor runs the same blocks on every call (``memo`` is the plan's). A refusal
     (ValueError) is not remembered: it is raised again on the next call."""
-    key = (block, backend, selection_key(q, k, v))
+    key = (block, backend, selection_key(q, k, v), variant_key(variant))
     kernel = memo.get(key)
     if kernel is None:
-        kernel = memo[key] = select_kernel(backend, q, k, v, mask)
+        kernel = memo[key] = select_kernel(backend, q, k, v, mask, variant)
     return kernel
 
 
@@ -110,4 +178,5 @@ __all__ = [
     "memo_kernel",
     "select_kernel",
     "selection_key",
+    "variant_key",
 ]

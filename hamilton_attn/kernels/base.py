@@ -13,6 +13,12 @@ Contract of every backend:
   dtypes. ``out`` and ``lse`` may be the *merged* result over many blocks (as a
   context-parallel executor has them); the block's gradient is then its share of the
   exact gradient, so the shares of all blocks sum to the true gradient.
+- A backend that runs attention variants (:meth:`AttentionKernel.variant_problem`
+  returns None for them) takes ``variant=`` (a
+  :class:`~hamilton_attn.variants.BlockVariant`) in both; for the unnormalised kinds
+  (sigmoid, relu) ``forward`` returns ``(out, None)`` and ``backward`` ignores out /
+  lse; with ALiBi slopes that require grad, ``backward`` adds the block's d(slopes)
+  into ``variant.alibi_grad``. Sinks never reach a kernel.
 """
 
 from __future__ import annotations
@@ -36,7 +42,13 @@ class AttentionKernel:
         """None if this backend can run the block, else why not (for errors and `auto`)."""
         return None
 
-    def forward(self, q, k, v, mask: Mask, scale: float):
+    def variant_problem(self, variant) -> str | None:
+        """None if this backend runs the :class:`~hamilton_attn.variants.BlockVariant`
+        ``variant`` (its ``forward`` / ``backward`` take it as ``variant=``), else why
+        not. The default: plain softmax only."""
+        return f"runs plain softmax only, not the {variant.kind} variant given"
+
+    def forward(self, q, k, v, mask: Mask, scale: float, variant=None):
         raise NotImplementedError
 
     def differentiable(self, q, k, v, mask: Mask, scale: float):
@@ -44,7 +56,7 @@ class AttentionKernel:
         faster than forward + backward (one-device calls use it); None otherwise."""
         return None
 
-    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
+    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, variant=None):
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -74,30 +86,34 @@ class FastPathKernel(AttentionKernel):
     def _backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, prepared):
         raise NotImplementedError
 
-    def forward(self, q, k, v, mask: Mask, scale: float):
-        """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] in lse_dtype(q.dtype))``."""
+    def forward(self, q, k, v, mask: Mask, scale: float, variant=None):
+        """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] in lse_dtype(q.dtype))``.
+        A ``variant`` (only where :meth:`variant_problem` allows it) reaches
+        :meth:`_forward` as its keyword ``variant``."""
         check_block(q, k, v, mask)
         self._ready()
         if mask.is_empty():
             return empty_result(q, v)
         prepared = self._prepare(q, k, v, mask)
+        kw = {} if variant is None else {"variant": variant}
         if not q.is_cuda and not all_finite(k, v):
             # The CPU fast paths' P @ V meets a non-finite V at keys a row does not see
             # (0 x NaN). On GPU the check would cost a host synchronisation per block
             # (docs/DESIGN.md).
-            return reference_kernel().forward(q, k, v, mask, scale)
-        return self._forward(q, k, v, mask, scale, prepared)
+            return reference_kernel().forward(q, k, v, mask, scale, **kw)
+        return self._forward(q, k, v, mask, scale, prepared, **kw)
 
-    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
+    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, variant=None):
         """This block's share of ``(dq, dk, dv)`` given the (possibly merged) out / lse."""
         check_block(q, k, v, mask)
         self._ready()
         if mask.is_empty():
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         prepared = self._prepare(q, k, v, mask)
+        kw = {} if variant is None else {"variant": variant}
         if not q.is_cuda and not all_finite(q, k, v, dout, out, lse=lse):
-            return reference_kernel().backward(dout, q, k, v, out, lse, mask, scale)
-        return self._backward(dout, q, k, v, out, lse, mask, scale, prepared)
+            return reference_kernel().backward(dout, q, k, v, out, lse, mask, scale, **kw)
+        return self._backward(dout, q, k, v, out, lse, mask, scale, prepared, **kw)
 
 
 def check_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> None:

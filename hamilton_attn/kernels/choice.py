@@ -1,5 +1,6 @@
-"""The ``auto`` backend's choice between cuDNN calls (``sdpa``) and one FlexAttention
-call (``flex``) for a block both can run, from a small cost model.
+"""The ``auto`` backend's choice among cuDNN calls (``sdpa``), one FlexAttention call
+(``flex``) and one call of our Triton kernel (``triton``) for a plain-softmax block on
+GPU, from a small cost model.
 
 ``sdpa`` runs a block as one op call per dense piece (two for a bottom-right causal
 rectangle on cuDNN) and merges calls that share rows; ``flex`` runs it as one call
@@ -13,6 +14,10 @@ Model, in seconds, for ``F`` flops (``4 B Hq D`` per visible pair):
   sum(F_call / CUDNN_RATE + GPU_CALL))``: host issue and GPU run overlap, the slower
   one sets the pace.
 - flex: ``HOST_FLEX + F / FLEX_RATE``.
+- triton: ``HOST_TRITON + F_tiles / TRITON_RATE * (1 + TRITON_PARTIAL * partial /
+  tiles)``, ``F_tiles`` the flops of every tile the kernel visits (its work lists:
+  whole tiles, so short documents cost their tiles' area, not their pairs), ``partial``
+  the visited tiles that test their elements against the bands.
 
 Constants from ``benchmarks/gpu_block_choice.py`` on one H200 (bf16, 32 heads, head dim
 128; ``benchmarks/results/block_choice_H200_2026-11-30.md``): cuDNN runs large calls at 590-640
@@ -32,6 +37,13 @@ GPU_CALL = 20e-6
 CUDNN_RATE = 620e12
 HOST_FLEX = 200e-6
 FLEX_RATE = 300e12
+# The Triton kernel (benchmarks/results/triton_H200_2026-12-02.md, bf16, head dim 128,
+# forward): about 430 TF/s over the area of full 128 x 128 tiles (dense causal); 64-512
+# token documents, two thirds of their 64 x 64 tiles partial, run at 150 over the tiles'
+# area, hence the partial tiles' weight.
+HOST_TRITON = 40e-6
+TRITON_RATE = 430e12
+TRITON_PARTIAL = 2.75
 
 
 def _flops(q0, q1, k0, k1, causal: bool, per_pair: float) -> float:
@@ -65,4 +77,30 @@ def prefer_sdpa(mask: Mask, calls: tuple, per_pair: float) -> bool:
     return sdpa_seconds(calls, per_pair) <= flex_seconds(mask, per_pair)
 
 
-__all__ = ["prefer_sdpa", "sdpa_seconds", "flex_seconds"]
+def triton_seconds(mask: Mask, per_pair: float, head_dim: int) -> float:
+    from .triton import forward_work
+
+    tiles, partial, area = forward_work(mask, head_dim)
+    if tiles == 0:
+        return HOST_TRITON
+    return HOST_TRITON + per_pair * area / TRITON_RATE * (1 + TRITON_PARTIAL * partial / tiles)
+
+
+@functools.lru_cache(maxsize=4096)
+def choose(
+    mask: Mask, calls: tuple | None, per_pair: float, head_dim: int, flex: bool, triton: bool
+) -> str | None:
+    """The backend expected to finish first among those that can run the block:
+    ``sdpa`` (when ``calls`` is not None), ``flex``, ``triton``; None if none can
+    (cached)."""
+    cands = []
+    if calls is not None:
+        cands.append((sdpa_seconds(calls, per_pair), "sdpa"))
+    if triton:
+        cands.append((triton_seconds(mask, per_pair, head_dim), "triton"))
+    if flex:
+        cands.append((flex_seconds(mask, per_pair), "flex"))
+    return min(cands)[1] if cands else None
+
+
+__all__ = ["choose", "flex_seconds", "prefer_sdpa", "sdpa_seconds", "triton_seconds"]

@@ -202,7 +202,7 @@ def flex_mask(
 # ---------------------------------------------------------------------------------------
 
 
-def _call_flex(fn, q, k, v, fm: FlexMask, scale: float):
+def _call_flex(fn, q, k, v, fm: FlexMask, scale: float, score_mod=None):
     """(out, lse) from flex, lse natural log in flex's dtype (differentiable)."""
     gqa = q.shape[1] != k.shape[1]
     if AuxRequest is not None:
@@ -210,21 +210,57 @@ def _call_flex(fn, q, k, v, fm: FlexMask, scale: float):
             q,
             k,
             v,
+            score_mod=score_mod,
             block_mask=fm.block_mask,
             scale=scale,
             enable_gqa=gqa,
             return_aux=AuxRequest(lse=True),
         )
         return out, aux.lse
-    return fn(q, k, v, block_mask=fm.block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+    return fn(
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=fm.block_mask,
+        scale=scale,
+        enable_gqa=gqa,
+        return_lse=True,
+    )
 
 
-def _dense_forward(q, k, v, mask: Mask, scale: float):
+def variant_score_mod(variant, sq: int, sk: int, device, alibi=None):
+    """A softmax :class:`~hamilton_attn.variants.BlockVariant` as one flex ``score_mod``
+    (scores arrive scaled): the user's score_mod on global positions and heads, then
+    softcap, then ALiBi; ``alibi`` overrides the variant's slopes (a leaf to
+    differentiate against). None for plain softmax."""
+    if variant is None:
+        return None
+    qp, kp = variant.positions(slice(0, sq), sk, device)
+    user, cap, head0, shift = variant.score_mod, variant.softcap, variant.head0, variant.shift
+    slopes = variant.alibi if alibi is None else alibi
+
+    def mod(score, b, h, q_idx, kv_idx):
+        i, j = qp[q_idx], kp[kv_idx]
+        if user is not None:
+            score = user(score, b, h + head0, i, j)
+        if cap is not None:
+            score = cap * torch.tanh(score / cap)
+        if slopes is not None:
+            score = score - slopes[b, h].to(score.dtype) * (i + shift - j).abs().to(score.dtype)
+        return score
+
+    return mod
+
+
+def _dense_forward(q, k, v, mask: Mask, scale: float, variant=None, alibi=None):
     """Differentiable masked softmax attention in torch (CPU recompute path)."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     hq = q.shape[1]
     kf, vf = expand_kv(k.to(ct), hq), expand_kv(v.to(ct), hq)
     s = torch.matmul(q.to(ct), kf.transpose(-1, -2)) * scale
+    if variant is not None:
+        s = variant.transform(s, slice(0, q.shape[2]), alibi=alibi)
     s = s.masked_fill(~mask.to_dense(q.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
@@ -232,11 +268,12 @@ def _dense_forward(q, k, v, mask: Mask, scale: float):
     return out.to(q.dtype), lse
 
 
-def share_of_gradient(fwd, dout, q, k, v, out, lse):
+def share_of_gradient(fwd, dout, q, k, v, out, lse, extra=None):
     """This block's share of ``(dq, dk, dv)`` by recompute (see module docstring).
 
     ``fwd(q, k, v) -> (out_i, lse_i)`` is the block's differentiable forward; ``out`` /
-    ``lse`` the (possibly merged) result the loss saw.
+    ``lse`` the (possibly merged) result the loss saw. ``extra``: a leaf ``fwd`` also
+    reads (ALiBi slopes); its gradient share comes back as a fourth result.
     """
     with torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -249,10 +286,13 @@ def share_of_gradient(fwd, dout, q, k, v, out, lse):
         delta = (dout.to(ct) * out.to(ct)).sum(-1)
         g_lse = (g_out.to(ct) * out_i.detach().to(ct)).sum(-1) - c * delta
         g_lse = torch.where(dead, torch.zeros_like(g_lse), g_lse)
-        dq, dk, dv = torch.autograd.grad(
-            (out_i, lse_i), (qg, kg, vg), (g_out, g_lse.to(lse_i.dtype))
+        leaves = (qg, kg, vg) if extra is None else (qg, kg, vg, extra)
+        grads = torch.autograd.grad(
+            (out_i, lse_i), leaves, (g_out, g_lse.to(lse_i.dtype)), allow_unused=True
         )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dq, dk, dv = grads[:3]
+    shares = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
+    return shares if extra is None else (*shares, grads[3])
 
 
 class FlexKernel(FastPathKernel):
@@ -289,6 +329,13 @@ class FlexKernel(FastPathKernel):
             return f"{slots} key intervals in one row, more than {MAX_SLOTS}"
         return None
 
+    def variant_problem(self, variant) -> str | None:
+        """Softmax variants (score_mod, softcap, ALiBi) through flex's own score_mod;
+        not the unnormalised kinds (flex normalises)."""
+        if variant.kind != "softmax":
+            return f"FlexAttention normalises: it cannot run the {variant.kind} variant"
+        return None
+
     def _prepared(self, q, mask: Mask) -> FlexMask:
         return flex_mask(mask, q.device, self.block_size, self.block_size)
 
@@ -299,7 +346,7 @@ class FlexKernel(FastPathKernel):
         if reason is not None:
             raise ValueError(f"flex backend cannot run this block: {reason}")
 
-    def _forward(self, q, k, v, mask: Mask, scale: float, prepared: None):
+    def _forward(self, q, k, v, mask: Mask, scale: float, prepared: None, variant=None):
         # Flex's CPU path materialises the scores (0 x NaN at masked pairs): the base
         # class has sent CPU blocks with non-finite K or V to the reference kernel.
         fm = self._prepared(q, mask)
@@ -307,14 +354,15 @@ class FlexKernel(FastPathKernel):
         q, k, v = q.detach(), k.detach(), v.detach()
         if q.is_cuda:
             k, v = _hide_unseen(k, v, fm)
+        mod = variant_score_mod(variant, q.shape[2], k.shape[2], q.device)
         with torch.no_grad():
             if q.is_cuda:
-                out, lse = _call_flex(compiled_flex_attention(), q, k, v, fm, scale)
+                out, lse = _call_flex(compiled_flex_attention(), q, k, v, fm, scale, mod)
             else:
                 with warnings.catch_warnings():
                     # The eager-path performance warning is expected here.
                     warnings.simplefilter("ignore")
-                    out, lse = _call_flex(flex_attention, q, k, v, fm, scale)
+                    out, lse = _call_flex(flex_attention, q, k, v, fm, scale, mod)
         lse = lse.to(lse_dtype(q.dtype))
         if fm.empty_rows.numel():
             out = out.index_fill(2, fm.empty_rows, 0.0)
@@ -335,19 +383,29 @@ class FlexKernel(FastPathKernel):
             lse = lse.index_fill(2, fm.empty_rows, float("-inf"))
         return out, lse
 
-    def _backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, prepared: None):
+    def _backward(
+        self, dout, q, k, v, out, lse, mask: Mask, scale: float, prepared: None, variant=None
+    ):
+        want_alibi = variant is not None and variant.alibi_grad is not None
+        alibi = variant.alibi.detach().requires_grad_() if want_alibi else None
         if q.is_cuda:
             fm = self._prepared(q, mask)
             fn = compiled_flex_attention()
+            mod = variant_score_mod(variant, q.shape[2], k.shape[2], q.device, alibi)
 
             def fwd(qg, kg, vg):
-                return _call_flex(fn, qg, *_hide_unseen(kg, vg, fm), fm, scale)
+                return _call_flex(fn, qg, *_hide_unseen(kg, vg, fm), fm, scale, mod)
         else:
 
             def fwd(qg, kg, vg):
-                return _dense_forward(qg, kg, vg, mask, scale)
+                return _dense_forward(qg, kg, vg, mask, scale, variant, alibi)
 
-        return share_of_gradient(fwd, dout, q, k, v, out, lse)
+        got = share_of_gradient(fwd, dout, q, k, v, out, lse, alibi)
+        if want_alibi:
+            if got[3] is not None:
+                variant.alibi_grad += got[3].to(variant.alibi_grad.dtype)
+            got = got[:3]
+        return got
 
 
 @functools.lru_cache(maxsize=4096)

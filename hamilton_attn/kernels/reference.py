@@ -86,7 +86,10 @@ def _visible_mm(a: torch.Tensor, b: _Split, vis: torch.Tensor) -> torch.Tensor:
 class ReferenceKernel(AttentionKernel):
     name = "reference"
 
-    def forward(self, q, k, v, mask: Mask, scale: float):
+    def variant_problem(self, variant) -> str | None:
+        return None  # every variant, score_mod included (in plain torch)
+
+    def forward(self, q, k, v, mask: Mask, scale: float, variant=None):
         check_block(q, k, v, mask)
         ct = _compute_dtype(q)
         hq = q.shape[1]
@@ -94,11 +97,21 @@ class ReferenceKernel(AttentionKernel):
         dense = _dense(mask, q.device)
         exact = not all_finite(k, v)  # a non-finite q only reaches its own row
         vs = _Split(vf) if exact else None
+        summed = variant is not None and not variant.normalised
         out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
+        lse = (
+            None if summed else torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
+        )
         for r0, r1 in _row_chunks(q, k.shape[2]):
             vis = dense[r0:r1]
             s = torch.matmul(q[:, :, r0:r1].to(ct), kf.transpose(-1, -2)) * scale
+            if variant is not None:
+                s = variant.transform(s, slice(r0, r1))
+            if summed:
+                w = variant.weights(s).masked_fill(~vis, 0.0)
+                mm = _visible_mm(w, vs, vis) if exact else torch.matmul(w, vf)
+                out[:, :, r0:r1] = mm.to(q.dtype)
+                continue
             s = s.masked_fill(~vis, float("-inf"))
             l = torch.logsumexp(s, dim=-1)
             empty = torch.isneginf(l)
@@ -117,15 +130,19 @@ class ReferenceKernel(AttentionKernel):
             lse[:, :, r0:r1] = l.to(lse.dtype)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float):
+    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, variant=None):
         check_block(q, k, v, mask)
         ct = _compute_dtype(q)
         hq, hk = q.shape[1], k.shape[1]
         kf, vf = expand_kv(k.to(ct), hq), expand_kv(v.to(ct), hq)
         dense = _dense(mask, q.device)
+        summed = variant is not None and not variant.normalised
         # A merged out / lse may be NaN on rows poisoned by another block, and dout on
         # the rows a loss made NaN from them: each would reach every key through 0 x NaN.
-        exact = not all_finite(q, k, v, dout, out, lse=lse)
+        if summed:
+            exact = not all_finite(q, k, v, dout)
+        else:
+            exact = not all_finite(q, k, v, dout, out, lse=lse)
         ks = _Split(kf) if exact else None
         dq = torch.empty_like(q, dtype=ct)
         dk = torch.zeros_like(kf)
@@ -134,14 +151,12 @@ class ReferenceKernel(AttentionKernel):
             vis = dense[r0:r1]
             qc = q[:, :, r0:r1].to(ct)
             do = dout[:, :, r0:r1].to(ct)
-            l = lse[:, :, r0:r1].to(ct)
-            safe = torch.where(torch.isneginf(l), torch.full_like(l, float("inf")), l)
             s = torch.matmul(qc, kf.transpose(-1, -2)) * scale
-            s = s.masked_fill(~vis, float("-inf"))
-            p = torch.exp(s - safe.unsqueeze(-1))  # rows with lse=-inf get p = 0
-            delta = (do * out[:, :, r0:r1].to(ct)).sum(-1, keepdim=True)
             dp = torch.matmul(do, vf.transpose(-1, -2))
-            ds = p * (dp - delta)
+            if variant is None:
+                p, ds = self._softmax_grads(s, vis, dp, do, out, lse, r0, r1, ct)
+            else:
+                p, ds = _variant_grads(variant, s, vis, dp, do, out, lse, r0, r1, ct)
             if exact:
                 # dp = dO V^T needs no care: off the mask it only meets p = 0 here.
                 p, ds = p.masked_fill(~vis, 0.0), ds.masked_fill(~vis, 0.0)
@@ -158,3 +173,42 @@ class ReferenceKernel(AttentionKernel):
             reduce_kv_grad(dk, hk).to(k.dtype),
             reduce_kv_grad(dv, hk).to(v.dtype),
         )
+
+    @staticmethod
+    def _softmax_grads(s, vis, dp, do, out, lse, r0, r1, ct):
+        """Plain softmax: the weights ``p`` and the scores' gradient ``ds``."""
+        l = lse[:, :, r0:r1].to(ct)
+        safe = torch.where(torch.isneginf(l), torch.full_like(l, float("inf")), l)
+        s = s.masked_fill(~vis, float("-inf"))
+        p = torch.exp(s - safe.unsqueeze(-1))  # rows with lse=-inf get p = 0
+        delta = (do * out[:, :, r0:r1].to(ct)).sum(-1, keepdim=True)
+        return p, p * (dp - delta)
+
+
+def _variant_grads(variant, s, vis, dp, do, out, lse, r0, r1, ct):
+    """A variant's weights ``p`` (softmax probabilities, or ``f(t)``) and the gradient
+    of the RAW scores ``s``, through score_mod / softcap / ALiBi by autograd. ALiBi is
+    the pipeline's last step (``t -= slope * dist``), so the block's d(slopes) is
+    ``-sum dt * dist``, summed in float64 into ``variant.alibi_grad`` (a sum over every
+    visible pair: float32 would lose digits the other gradients keep)."""
+    with torch.enable_grad():
+        s_leaf = s.detach().requires_grad_(True)
+        t = variant.transform(s_leaf, slice(r0, r1))
+        td = t.detach()
+        if variant.normalised:
+            l = lse[:, :, r0:r1].to(ct)
+            safe = torch.where(torch.isneginf(l), torch.full_like(l, float("inf")), l)
+            p = torch.exp(td.masked_fill(~vis, float("-inf")) - safe.unsqueeze(-1))
+            delta = (do * out[:, :, r0:r1].to(ct)).sum(-1, keepdim=True)
+            dt = p * (dp - delta)
+        else:
+            p = variant.weights(td).masked_fill(~vis, 0.0)
+            dt = (variant.weights_grad(td) * dp).masked_fill(~vis, 0.0)
+        (ds,) = torch.autograd.grad(t, (s_leaf,), dt, allow_unused=True)
+    if variant.alibi is not None and variant.alibi_grad is not None:
+        qp, kp = variant.positions(slice(r0, r1), s.shape[-1], s.device)
+        dist = (qp.view(-1, 1) + variant.shift - kp.view(1, -1)).abs().to(torch.float64)
+        share = -(dt.to(torch.float64) * dist).sum((2, 3))
+        variant.alibi_grad += share.to(variant.alibi_grad.dtype)
+    ds = torch.zeros_like(s) if ds is None else ds
+    return p, ds.masked_fill(~vis, 0.0)

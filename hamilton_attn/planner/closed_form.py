@@ -50,14 +50,19 @@ def _fast(name, cluster, seqlen, kind, shapes, dev, options) -> Prediction:
     t_kvg, _, _ = cost(1.0, kvb + gb)  # KV and grads share the step's resources
 
     def comp(n_blocks: int, area: float, rows: float, dense: bool, first: bool):
+        # A step's blocks run as one kernel call (the executor's fused block): one
+        # launch and one merge, at the fused rate when it joins several.
         fl = shapes.flops_per_pair * area
-        rf = dev.fwd_tflops_full if dense else dev.fwd_tflops_masked
-        rb = dev.bwd_tflops_full if dense else dev.bwd_tflops_masked
-        merges = n_blocks - (1 if first else 0)
-        f = fl / (rf * 1e12) + n_blocks * dev.block_overhead_s
+        if n_blocks > 1:
+            rf, rb = dev.fwd_tflops_fused, dev.bwd_tflops_fused
+        else:
+            rf = dev.fwd_tflops_full if dense else dev.fwd_tflops_masked
+            rb = dev.bwd_tflops_full if dense else dev.bwd_tflops_masked
+        merges = 0 if first else 1
+        f = fl / (rf * 1e12) + dev.block_overhead_s
         f += merges * rows * shapes.row_elems / dev.merge_elems_per_s
-        b = dev.bwd_flops_factor * fl / (rb * 1e12) + n_blocks * dev.block_overhead_s
-        b += n_blocks * rows * shapes.row_elems / dev.bwd_block_elems_per_s
+        b = dev.bwd_flops_factor * fl / (rb * 1e12) + dev.block_overhead_s
+        b += rows * shapes.row_elems / dev.bwd_block_elems_per_s
         return f, b, fl / (rf * 1e12)
 
     local_dense = kind == "full"

@@ -141,6 +141,16 @@ def _block_stat_mask(mask, q_ranges, k_ranges) -> BlockStat:
 # -- transfer cost --------------------------------------------------------------------
 
 
+def step_rates(dev: DeviceModel, stats) -> tuple[float, float]:
+    """Forward and backward TF/s of one step's kernel call over blocks ``stats``: a lone
+    block at the dense or masked rate, several joined into one call at the fused rate."""
+    if len(stats) > 1:
+        return dev.fwd_tflops_fused, dev.bwd_tflops_fused
+    if stats[0].dense:
+        return dev.fwd_tflops_full, dev.bwd_tflops_full
+    return dev.fwd_tflops_masked, dev.bwd_tflops_masked
+
+
 def predict_schedule(
     schedule,
     cluster: Cluster,
@@ -175,18 +185,22 @@ def predict_schedule(
         bcomp = [0.0] * w
         kern = [0.0] * w
         for r in range(w):
-            for p in step.compute[r]:
-                st = block_stat(r, p)
-                fl = shapes.flops_per_pair * st.area
-                rf = dev.fwd_tflops_full if st.dense else dev.fwd_tflops_masked
-                rb = dev.bwd_tflops_full if st.dense else dev.bwd_tflops_masked
-                comp[r] += fl / (rf * 1e12) + dev.block_overhead_s
-                kern[r] += fl / (rf * 1e12)
-                if started[r]:
-                    comp[r] += st.rows * shapes.row_elems / dev.merge_elems_per_s
-                started[r] = True
-                bcomp[r] += dev.bwd_flops_factor * fl / (rb * 1e12) + dev.block_overhead_s
-                bcomp[r] += st.rows * shapes.row_elems / dev.bwd_block_elems_per_s
+            pieces = step.compute[r]
+            if not pieces:
+                continue
+            # The executor runs a step's pieces as ONE kernel call (Plan.fused_block): one
+            # launch, one merge, at the rate of that call's shape.
+            stats = [block_stat(r, p) for p in pieces]
+            rows = max(st.rows for st in stats)
+            fl = shapes.flops_per_pair * sum(st.area for st in stats)
+            rf, rb = step_rates(dev, stats)
+            comp[r] += fl / (rf * 1e12) + dev.block_overhead_s
+            kern[r] += fl / (rf * 1e12)
+            if started[r]:
+                comp[r] += rows * shapes.row_elems / dev.merge_elems_per_s
+            started[r] = True
+            bcomp[r] += dev.bwd_flops_factor * fl / (rb * 1e12) + dev.block_overhead_s
+            bcomp[r] += rows * shapes.row_elems / dev.bwd_block_elems_per_s
         kv = [(t.src, t.dst, plen[t.piece.part] * kvb) for t in step.transfers]
         gr = [(t.src, t.dst, plen[t.piece.part] * gb) for t in step.grad_transfers]
         t_kv, mx = transfer_time(cluster, kv, loads if s < n_fwd else None)

@@ -55,6 +55,15 @@ class DeviceModel:
     #: backward TF/s counted as 2.5x the forward flops (32K full 550, causal 545).
     bwd_tflops_full: float = 550.0
     bwd_tflops_masked: float = 545.0
+    #: forward / backward TF/s of a step that joins several pieces into one kernel call
+    #: (``Plan.fused_block``: a staircase of rectangles for causal zigzag, documents cut
+    #: across owners), as the executor runs it (one kernel call per step; on ``auto``
+    #: the sdpa backend's per-piece cuDNN calls). Measured by ``benchmarks/gpu_triton.py``
+    #: on the fused block of one ``hamilton`` step at W = 8, 8K tokens per rank, causal
+    #: zigzag (results/triton_H200_2026-12-02.md): 553 TF/s forward, 532 forward+backward,
+    #: so 524 for the backward alone (2.5x the forward's flops).
+    fwd_tflops_fused: float = 553.0
+    bwd_tflops_fused: float = 524.0
     #: eager merge of two partials: 16K x 32 x 128 in 0.685 ms -> 9.8e10 elements/s.
     merge_elems_per_s: float = 9.8e10
     #: backward fp32 dQ/dK/dV accumulation per block, fitted to the 2 x H200 ring trace

@@ -13,7 +13,7 @@ from ..kernels import BACKENDS
 from ..masks import Mask
 from ..placement import DISPATCHES, Placement
 from ..placement.layouts import LOCALITY_SLACK
-from ..runtime.comm import group_info, head_mesh_layout, is_mesh, resolve_group
+from ..runtime.comm import as_group, group_info, resolve_group
 from ..runtime.state import PlanState
 from ..schedule import BUILDERS, PieceId, Schedule, ScheduleReport, spec_of
 from .cost import split_name
@@ -456,12 +456,13 @@ def plan(
 
     Args:
         mask: a square :class:`Mask` over the whole (unpadded) sequence.
-        group: the process group (default: the world group; none: one process), or a
-            2-d DeviceMesh with a dim named ``ulysses`` (or ``heads``): heads are split
-            over that dim and the sequence over the other (``ulysses_degree`` is its
-            size). This process must be a member. Under a launcher (``WORLD_SIZE`` > 1) with no
-            process group, the default is refused; ``SimulatedGroup(1)`` plans for
-            this rank alone.
+        group: the process group (default: the world group; none: one process), a
+            1-d DeviceMesh (e.g. the sub-mesh ``mesh["cp"]`` of a ``dp x cp`` mesh: the
+            ranks that share one sequence), or a 2-d DeviceMesh with a dim named
+            ``ulysses`` (or ``heads``): heads are split over that dim and the sequence
+            over the other (``ulysses_degree`` is its size). This process must be a
+            member. Under a launcher (``WORLD_SIZE`` > 1) with no process group, the
+            default is refused; ``SimulatedGroup(1)`` plans for this rank alone.
         schedule: how KV moves: ``ring``, ``bidi_ring``, ``line``, ``allgather``,
             ``hamilton``, ``hamilton_2level``, ``direct``, ``groupcast`` (each KV chunk
             only to the ranks that need it, in ``degree=`` stages, ``node_size=`` for
@@ -469,7 +470,9 @@ def plan(
             over all ranks by all-to-all, each rank attends over the whole sequence), or
             ``auto`` (the planner's fastest predicted for ``topology``).
         placement: another plan whose token placement this one takes (queries', and
-            keys' for cross-attention), so that tensors dispatched once serve every layer
+            keys' for cross-attention), or a :class:`~hamilton_attn.placement.Placement`
+            (self-attention: which global tokens each rank holds, as a peer's API shards
+            them), so that tensors dispatched once serve every layer
             of a model (full, sliding-window, other windows): plan the first layer with
             ``balance_masks=`` (the other layers' masks, weighed with its own by the
             balanced dispatches), the others with ``placement=`` that plan. What a plan
@@ -524,9 +527,9 @@ def plan(
     """
     if not isinstance(mask, Mask):
         raise ValueError(f"mask: expected a hamilton_attn.Mask, got {type(mask).__name__}")
-    rank_order = None
-    if is_mesh(group):  # 2-d: heads over one dim, the sequence over the other
-        group, rank_order, degree = head_mesh_layout(group)
+    spec = as_group(group)  # a process group, or a 1-d / head-parallel 2-d DeviceMesh
+    group, rank_order, degree = spec.group, spec.rank_order, spec.ulysses_degree
+    if degree is not None:  # 2-d: heads over one dim, the sequence over the other
         if schedule == "ulysses":
             raise ValueError(
                 "schedule: 'ulysses' splits heads over all ranks, but the mesh splits them "
@@ -543,11 +546,15 @@ def plan(
             schedule_options["node_size"] = config.get().local_world_size
     shared = None
     if placement is not None:
-        if not isinstance(placement, Plan):
+        if isinstance(placement, Plan):
+            shared = (placement.placement, placement.kv_placement)
+        elif isinstance(placement, Placement):  # a layout given as data (peers' shards)
+            shared = (placement, placement)
+        else:
             raise ValueError(
-                f"placement: expected another hamilton_attn.Plan, got {type(placement).__name__}"
+                "placement: expected another hamilton_attn.Plan or a Placement, got "
+                f"{type(placement).__name__}"
             )
-        shared = (placement.placement, placement.kv_placement)
     balance_masks = tuple(balance_masks)
     for i, m in enumerate(balance_masks):
         if not isinstance(m, Mask) or m.shape != mask.shape:

@@ -287,6 +287,7 @@ _MESH_GROUPS = _MeshGroups()
 
 
 def is_mesh(obj) -> bool:
+    """Whether ``obj`` is a ``torch.distributed.device_mesh.DeviceMesh``."""
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - torch without distributed
@@ -310,7 +311,7 @@ def mesh_group(mesh):
 HEAD_DIM_NAMES = ("ulysses", "heads")
 
 
-def head_mesh_layout(mesh) -> tuple[object, tuple[int, ...], int]:
+def head_mesh_layout(mesh, name: str = "group") -> tuple[object, tuple[int, ...], int]:
     """``(group, global ranks in plan order, ulysses degree)`` of a 2-d DeviceMesh with
     a dim named ``ulysses`` (or ``heads``): plan rank ``c * u + j`` is the mesh's rank at
     index j of the head dim and c of the other, so head groups are runs of u plan ranks
@@ -319,10 +320,76 @@ def head_mesh_layout(mesh) -> tuple[object, tuple[int, ...], int]:
     heads = [i for i, n in enumerate(names) if n in HEAD_DIM_NAMES]
     if mesh.ndim != 2 or len(heads) != 1:
         raise ValueError(
-            f"group: a DeviceMesh must be 2-d with one dim named {' or '.join(HEAD_DIM_NAMES)}"
+            f"{name}: a DeviceMesh must be 2-d with one dim named {' or '.join(HEAD_DIM_NAMES)}"
             f" (head parallelism) and one for the sequence, got {mesh.ndim}-d with names "
             f"{names or None}; pass a process group for context parallelism alone"
         )
     h = heads[0]
     order = mesh.mesh.permute(1 - h, h).reshape(-1).tolist()
     return mesh_group(mesh), tuple(int(r) for r in order), int(mesh.mesh.shape[h])
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What a ``group`` argument (a process group or a DeviceMesh) means to the library:
+    the process group the plan runs on, and what a 2-d mesh adds. ``rank_order``: the
+    group's global ranks in plan order (a head-parallel mesh), else None (the group's
+    own order); ``ulysses_degree``: the size of a mesh's head dim, else None;
+    ``node_size``: a hierarchical mesh's inner (intra-node) size, else None."""
+
+    group: object
+    rank_order: tuple[int, ...] | None = None
+    ulysses_degree: int | None = None
+    node_size: int | None = None
+
+
+def _is_group(obj) -> bool:
+    """A torch ProcessGroup, a :class:`SimulatedGroup`, None (the default group), or the
+    marker ``new_group`` returns to a non-member (``group_info`` then names the problem)."""
+    if obj is None or isinstance(obj, SimulatedGroup):
+        return True
+    if not dist.is_available():  # pragma: no cover - torch without distributed
+        return False
+    from torch.distributed.distributed_c10d import GroupMember
+
+    return isinstance(obj, dist.ProcessGroup) or obj is GroupMember.NON_GROUP_MEMBER
+
+
+def as_group(obj, name: str = "group", *, two_d: str | None = "heads") -> GroupSpec:
+    """The one reading of a ``group`` argument, used wherever the library takes one.
+
+    Accepted: None (the default group), a ``ProcessGroup``, a :class:`SimulatedGroup`, a
+    1-d ``DeviceMesh`` (a named sub-mesh such as ``mesh["cp"]`` is one: its own group),
+    and a 2-d DeviceMesh as ``two_d`` says: ``"heads"`` (one dim named ``ulysses`` or
+    ``heads`` splits heads, the other the sequence: :func:`head_mesh_layout`), ``"nodes"``
+    (MagiAttention's ``(inter, intra)`` hierarchy: one group over all its ranks,
+    ``node_size`` = the inner size) or None (refused). Anything else, or a mesh of
+    another shape, raises ValueError naming ``name``; no message is sent, except for a
+    2-d mesh over part of the world, whose group is made once, collectively
+    (:func:`mesh_group`)."""
+    if _is_group(obj):
+        return GroupSpec(obj)
+    if not is_mesh(obj):
+        raise ValueError(
+            f"{name}: expected a torch.distributed ProcessGroup, a DeviceMesh (1-d, or a "
+            "sub-mesh such as mesh['cp']), a hamilton_attn.SimulatedGroup or None, got "
+            f"{type(obj).__name__}"
+        )
+    names = tuple(obj.mesh_dim_names or ())
+    if obj.ndim == 1:
+        return GroupSpec(obj.get_group())
+    if obj.ndim == 2 and two_d == "heads" and any(n in HEAD_DIM_NAMES for n in names):
+        group, order, degree = head_mesh_layout(obj, name)
+        return GroupSpec(group, rank_order=order, ulysses_degree=degree)
+    if obj.ndim == 2 and two_d == "nodes":
+        return GroupSpec(mesh_group(obj), node_size=int(obj.mesh.shape[1]))
+    wants = {
+        "heads": f" or a 2-d one with a dim named {' or '.join(HEAD_DIM_NAMES)} (head "
+        "parallelism) and one for the sequence",
+        "nodes": " or a 2-d one (inter-node, intra-node)",
+    }.get(two_d, "")
+    hint = f"; pass the sequence dim's sub-mesh, e.g. mesh[{names[-1]!r}]" if names else ""
+    raise ValueError(
+        f"{name}: expected a 1-d DeviceMesh{wants}, got a {obj.ndim}-d mesh of shape "
+        f"{tuple(obj.mesh.shape)} with dim names {names or None}{hint}"
+    )

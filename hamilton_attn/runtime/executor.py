@@ -14,16 +14,24 @@ their own (:mod:`.pieces`); dK/dV accumulators travel the same way, in float32 u
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from ..attention import once_differentiable
+from ..attention import (
+    alibi_accumulator,
+    once_differentiable,
+    param_grads,
+    run_backward,
+    run_forward,
+)
 from ..kernels import memo_kernel
 from ..kernels.base import zeros_bhsd
 from ..merge import acc_dtype, merge_, merge_last_
 from ..planner.plans import Plan
 from ..schedule import PieceId
+from ..variants import apply_sink
 from . import profile
 from .pieces import _fates, _Held, _kv_transfers, _last_use, _step_kv
 from .transports import Transport, transport_for
@@ -40,6 +48,25 @@ def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _bhsd(kv, i: int) -> torch.Tensor:
     """K (i = 0) or V (i = 1) of a held piece ``(k_BSHD, v_BSHD)`` as a bhsd view."""
     return kv[i].transpose(1, 2)
+
+
+def _block_variant(plan: Plan, bv, pieces, block, device):
+    """The call's bound variant ``bv`` for this rank's block of ``pieces`` (None: plain):
+    with the global positions of the block's rows and keys (cached per plan), which
+    ALiBi and score_mod read."""
+    if bv is None or (bv.alibi is None and bv.score_mod is None):
+        return bv
+    _, (qa, qb), (ka, kb) = block
+    key = (plan.rank, pieces, device)
+    hit = plan._state.positions.get(key)
+    if hit is None:
+        rows = plan.placement.global_indices(plan.rank)
+        keys = [i for p in pieces for a, b in plan.piece_ranges(p) for i in range(a, b)]
+        hit = plan._state.positions[key] = (
+            torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(keys, dtype=torch.long, device=device),
+        )
+    return dataclasses.replace(bv, q_pos=hit[0][qa:qb], k_pos=hit[1][ka:kb])
 
 
 def _transport(plan: Plan, k_BSHD: torch.Tensor) -> Transport:
@@ -86,8 +113,8 @@ class _Pass:
 
     phase = ""  # "fwd" | "bwd"
 
-    def __init__(self, plan: Plan, steps, q_BSHD, k_BSHD, v_BSHD):
-        self.plan, self.steps = plan, steps
+    def __init__(self, plan: Plan, steps, q_BSHD, k_BSHD, v_BSHD, bv=None):
+        self.plan, self.steps, self.bv = plan, steps, bv
         self.q = q_BSHD.transpose(1, 2)
         self.k_BSHD, self.v_BSHD = k_BSHD, v_BSHD
         self.held = _Held(plan, k_BSHD, v_BSHD)
@@ -114,10 +141,11 @@ class _Pass:
                 m, (qa, qb), (ka, kb) = block = plan.fused_block(r, pieces)
                 q_rows = q[:, :, qa:qb]
                 k, v = _bhsd(kv, 0)[:, :, ka:kb], _bhsd(kv, 1)[:, :, ka:kb]
+                bv = _block_variant(plan, self.bv, pieces, block, q.device)
                 kernel = memo_kernel(
-                    plan._state.kernels, (r, pieces), plan.backend, q_rows, k, v, m
+                    plan._state.kernels, (r, pieces), plan.backend, q_rows, k, v, m, bv
                 )
-                self._compute(s, pieces, kernel, block, q_rows, k, v)
+                self._compute(s, pieces, kernel, block, q_rows, k, v, bv)
             _finish_step(rec, pending, q.device)
             held.update(received)
             self._arrived(grads_in)
@@ -130,8 +158,9 @@ class _Pass:
         what :meth:`_arrived` takes once they are in."""
         return []
 
-    def _compute(self, s: int, pieces, kernel, block, q_rows, k, v) -> None:
-        """Run step ``s``'s block (``block``: :meth:`Plan.fused_block` of ``pieces``)."""
+    def _compute(self, s: int, pieces, kernel, block, q_rows, k, v, bv) -> None:
+        """Run step ``s``'s block (``block``: :meth:`Plan.fused_block` of ``pieces``;
+        ``bv`` its bound variant or None)."""
         raise NotImplementedError
 
     def _arrived(self, grads_in: list) -> None:
@@ -149,8 +178,9 @@ class _Forward(_Pass):
 
     phase = "fwd"
 
-    def __init__(self, plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None):
-        super().__init__(plan, plan.schedule.forward_steps(), q_BSHD, k_BSHD, v_BSHD)
+    def __init__(self, plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept, bv=None):
+        super().__init__(plan, plan.schedule.forward_steps(), q_BSHD, k_BSHD, v_BSHD, bv)
+        self.summed = bv is not None and not bv.normalised
         r = plan.rank
         self.scale, self.kept = scale, kept
         self.last_compute = max((s for s, st in enumerate(self.steps) if st.compute[r]), default=-1)
@@ -159,10 +189,13 @@ class _Forward(_Pass):
         self.acc_out = self.acc_lse = None
         self.low = False  # acc_out holds one unmerged block in the kernel's dtype
 
-    def _compute(self, s, pieces, kernel, block, q_rows, k, v) -> None:
+    def _compute(self, s, pieces, kernel, block, q_rows, k, v, bv) -> None:
         m, (qa, qb), _ = block
         q, dt = self.q, self.dt
-        o, l = kernel.forward(q_rows, k, v, m, self.scale)
+        o, l = run_forward(kernel, q_rows, k, v, m, self.scale, bv)
+        if self.summed:
+            self._add(s, qa, qb, o)
+            return
         if self.acc_out is None:
             b, hq, sq, _ = q.shape
             if (qa, qb) == (0, sq):  # covers every row: no fill, no copy
@@ -180,6 +213,25 @@ class _Forward(_Pass):
                 self.acc_out, self.low = self.acc_out.to(dt), False
             merge_(self.acc_out[:, :, qa:qb], self.acc_lse[:, :, qa:qb], o, l)
 
+    def _add(self, s, qa, qb, o) -> None:
+        """An unnormalised variant's partial result: the merge is a sum (in float32, and
+        rounded once into the first block's own output when there are only two)."""
+        q, dt = self.q, self.dt
+        if self.acc_out is None:
+            if (qa, qb) == (0, q.shape[2]):
+                self.acc_out = o
+            else:
+                self.acc_out = zeros_bhsd(q, o.shape[-1], o.dtype)
+                self.acc_out[:, :, qa:qb] = o
+            self.low = self.acc_out.dtype != dt
+        elif self.low and s == self.last_compute:
+            rows = self.acc_out[:, :, qa:qb]
+            rows.copy_(rows.to(dt) + o.to(dt))
+        else:
+            if self.low:
+                self.acc_out, self.low = self.acc_out.to(dt), False
+            self.acc_out[:, :, qa:qb] += o
+
     def _release(self, p: PieceId) -> None:
         if self.kept is not None and p in self.keep:
             self.kept[p] = self.held[p]
@@ -191,15 +243,18 @@ class _Forward(_Pass):
             b, hq, sq, _ = q.shape
             acc_out = zeros_bhsd(q, self.v_BSHD.shape[-1])
             acc_lse = torch.full((b, hq, sq), -math.inf, dtype=self.dt, device=q.device)
+        if self.summed:
+            return acc_out.to(q.dtype).transpose(1, 2), None
         lse = acc_lse if q.dtype == torch.float64 else acc_lse.float()
         return acc_out.to(q.dtype).transpose(1, 2), lse
 
 
-def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None = None):
-    """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32) for the local queries.
+def forward(plan: Plan, q_BSHD, k_BSHD, v_BSHD, scale: float, kept: dict | None = None, bv=None):
+    """Returns ``out_BSHD`` (q's dtype) and ``lse_BHS`` (float32; None for an unnormalised
+    variant) for the local queries, under the bound variant ``bv`` (None: plain softmax).
     Received pieces the schedule's backward keeps (``retain``) go into ``kept``.
     Accumulation: :class:`_Forward`."""
-    run = _Forward(plan, q_BSHD, k_BSHD, v_BSHD, scale, kept)
+    run = _Forward(plan, q_BSHD, k_BSHD, v_BSHD, scale, kept, bv)
     run.run()
     return run.result()
 
@@ -264,9 +319,11 @@ class _Backward(_Pass):
 
     phase = "bwd"
 
-    def __init__(self, plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale, kept):
+    def __init__(
+        self, plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale, kept, bv=None
+    ):
         steps = plan.schedule.backward_steps or plan.schedule.steps
-        super().__init__(plan, steps, q_BSHD, k_BSHD, v_BSHD)
+        super().__init__(plan, steps, q_BSHD, k_BSHD, v_BSHD, bv)
         self.held.update(kept or {})
         self.dout, self.out = dout_BSHD.transpose(1, 2), out_BSHD.transpose(1, 2)
         self.lse, self.scale = lse_BHS, scale
@@ -297,18 +354,21 @@ class _Backward(_Pass):
                 grads_in.append((t.piece, buf))
         return grads_in
 
-    def _compute(self, s, pieces, kernel, block, q_rows, k, v) -> None:
+    def _compute(self, s, pieces, kernel, block, q_rows, k, v, bv) -> None:
         m, (qa, qb), (ka, kb) = block
         q, rows, grad_acc = self.q, slice(qa, qb), self.grad_acc
-        dq_b, dk_b, dv_b = kernel.backward(
+        lse = None if self.lse is None else self.lse[:, :, rows]
+        dq_b, dk_b, dv_b = run_backward(
+            kernel,
             self.dout[:, :, rows],
             q_rows,
             k,
             v,
             self.out[:, :, rows],
-            self.lse[:, :, rows],
+            lse,
             m,
             self.scale,
+            bv,
         )
         if self.dq is None and (qa, qb) == (0, q.shape[2]) and dq_b.dtype == self.dq_dt:
             self.dq = dq_b  # the first share covers every row: no fill, no copy
@@ -385,34 +445,55 @@ def backward(
     lse_BHS,
     scale: float,
     kept: dict | None = None,
+    bv=None,
 ):
-    """Returns ``dq, dk, dv`` for the local shards, in the inputs' dtypes. Runs the
+    """Returns ``dq, dk, dv`` for the local shards, in the inputs' dtypes, under the bound
+    variant ``bv`` (its ``alibi_grad`` takes the d(slopes) shares). Runs the
     schedule's own backward (with the pieces ``kept`` from the forward) if it has one,
     else replays the forward steps with their grad transfers. Sums accumulate in float32
     (float64 for float64) except where :func:`grad_precision` shows the inputs' dtype
     gives the same bits."""
-    run = _Backward(plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale, kept)
+    run = _Backward(plan, dout_BSHD, q_BSHD, k_BSHD, v_BSHD, out_BSHD, lse_BHS, scale, kept, bv)
     run.run()
     return run.result(q_BSHD.dtype)
 
 
 class ContextParallelFunction(torch.autograd.Function):
-    """Forward and backward of one context-parallel attention call, as one Function."""
+    """Forward and backward of one context-parallel attention call, as one Function.
+
+    ``bv``: the call's bound variant (None: plain softmax; positions are filled per
+    block); ``sink`` / ``alibi``: the user's tensors (inputs, so their gradients flow),
+    of which this call uses heads ``heads`` (all of them but under head parallelism)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
+    def forward(ctx, q, k, v, plan, scale, bv=None, sink=None, alibi=None, heads=None):
         kept: dict = {}
-        out, lse = forward(plan, q, k, v, scale, kept)
+        out, lse = forward(plan, q, k, v, scale, kept, bv)
+        heads = slice(0, q.shape[2]) if heads is None else heads
+        if sink is not None:  # counted once per row, on the merged result
+            out4, lse = apply_sink(out.transpose(1, 2), lse, sink[heads])
+            out = out4.transpose(1, 2)
         pieces = sorted(kept)
-        ctx.save_for_backward(q, k, v, out, lse, *(t for p in pieces for t in kept[p]))
+        saved_lse = out.new_empty(0) if lse is None else lse
+        ctx.save_for_backward(q, k, v, out, saved_lse, *(t for p in pieces for t in kept[p]))
         ctx.plan, ctx.scale, ctx.kept_pieces = plan, scale, pieces
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.bv, ctx.sink, ctx.alibi, ctx.heads, ctx.summed = bv, sink, alibi, heads, lse is None
+        ctx.mark_non_differentiable(saved_lse)
+        return out, saved_lse
 
     @staticmethod
     @once_differentiable  # no double backward: raise, not give wrong numbers
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *flat = ctx.saved_tensors
+        lse = None if ctx.summed else lse
         kept = {p: (flat[2 * i], flat[2 * i + 1]) for i, p in enumerate(ctx.kept_pieces)}
-        dq, dk, dv = backward(ctx.plan, dout.contiguous(), q, k, v, out, lse, ctx.scale, kept)
-        return dq, dk, dv, None, None
+        bv, sink, alibi = ctx.bv, ctx.sink, ctx.alibi
+        alibi_accumulator(bv, alibi)
+        dout = dout.contiguous()
+        dq, dk, dv = backward(ctx.plan, dout, q, k, v, out, lse, ctx.scale, kept, bv)
+        dsink, dalibi = (
+            param_grads(bv, sink, alibi, ctx.heads, dout.transpose(1, 2), out.transpose(1, 2), lse)
+            if sink is not None or alibi is not None
+            else (None, None)
+        )
+        return dq, dk, dv, None, None, None, dsink, dalibi, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import variants
 from ..attention import once_differentiable
 from ..planner.heads import HeadParallel, kv_repeat
 from .comm import start_p2p
@@ -59,16 +60,23 @@ class _Swap(torch.autograd.Function):
         return back(g.contiguous(), ctx.hp, ctx.group), None, None, None
 
 
-def attend(q, k, v, plan, scale: float, want_lse: bool):
+def attend(q, k, v, plan, scale: float, want_lse: bool, var=None, score_mod=None, shift=0):
     """``(out, lse or None)`` of a head-parallel plan for this rank's sequence shards
-    (inputs already checked on every rank)."""
+    (inputs already checked on every rank), under the resolved variant ``var`` (None:
+    plain softmax) bound to this member's query heads."""
     hp: HeadParallel = plan.heads
     group = plan.group
     r = kv_repeat(k.shape[2], hp.degree)
     if r > 1:  # each KV head repeated so the members split them evenly (differentiable)
         k, v = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2)
     qh, kh, vh = (_Swap.apply(t, hp, group, True) for t in (q, k, v))
-    out_h, lse_h = ContextParallelFunction.apply(qh, kh, vh, hp.inner, scale)
+    n = qh.shape[2]
+    heads = slice(hp.member * n, (hp.member + 1) * n)
+    bv = variants.bind(var, score_mod, batch=q.shape[0], heads=heads, shift=shift)
+    sink, alibi = getattr(var, "sink", None), getattr(var, "alibi_slopes", None)
+    out_h, lse_h = ContextParallelFunction.apply(
+        qh, kh, vh, hp.inner, scale, bv, sink, alibi, heads
+    )
     out = _Swap.apply(out_h, hp, group, False)
     lse = None
     if want_lse:  # [B, H/u, u*L] -> [B, H, L], through the same exchange (no gradient)

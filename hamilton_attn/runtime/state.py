@@ -36,3 +36,7 @@ class PlanState:
     #: The kernel of each block: ``(rank, pieces, backend, kernels.selection_key(...))``
     #: -> kernel (``kernels.memo_kernel``).
     kernels: dict = field(default_factory=dict)
+    #: Global positions of a block's rows and keys for the variants (ALiBi, score_mod):
+    #: ``(rank, pieces, device)`` -> ``(q_pos, k_pos)`` int64 tensors
+    #: (``executor._block_variant``).
+    positions: dict = field(default_factory=dict)

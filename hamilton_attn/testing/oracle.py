@@ -217,3 +217,103 @@ def assert_close_to_oracle(
         f"{name}: max error {err:.3e} vs float64 oracle exceeds {factor} x "
         f"{base:.3e} (same-precision oracle) + {atol:.1e}"
     )
+
+
+# -- attention variants ----------------------------------------------------------------
+
+
+def _variant_fields(variant):
+    """``(kind, softcap, alibi_slopes, sink, bias)`` read off a variant: None or
+    ``"softmax"`` / ``"sigmoid"`` / ``"relu"``, or an object with those attributes
+    (``hamilton_attn.variants.Softmax(...)`` etc.; only its data is read)."""
+    if variant is None:
+        return "softmax", None, None, None, 0.0
+    if isinstance(variant, str):
+        return variant.lower(), None, None, None, 0.0
+    return (
+        variant.kind,
+        getattr(variant, "softcap", None),
+        getattr(variant, "alibi_slopes", None),
+        getattr(variant, "sink", None),
+        float(getattr(variant, "bias", 0.0)),
+    )
+
+
+def variant_attention_oracle(
+    q_BHSD,
+    k_BHSD,
+    v_BHSD,
+    dense_SqSk,
+    *,
+    scale,
+    variant,
+    score_mod=None,
+    q_pos=None,
+    k_pos=None,
+    shift=None,
+    dtype=torch.float64,
+):
+    """Attention of any variant, from the formulas, differentiable by autograd in q, k,
+    v and in the variant's ``sink`` / ``alibi_slopes`` (used as given, not detached).
+
+    With ``s = scale * q_i . k_j`` (``scale`` None: ``1/sqrt(D)``), ``i = q_pos[row]``,
+    ``j = k_pos[col]`` (global token indices; default ``arange``), ``shift = Sk - Sq``
+    (default: of the given tensors)::
+
+        s = score_mod(s, b, h, i, j)        # on broadcast index tensors, h = query head
+        softmax: s = cap * tanh(s / cap); s -= slope[h] * |i + shift - j|   (slopes [Hq]
+                 or [B, Hq]); out_i = sum_j e^{s_ij} v_j / (e^{sink_h} + sum_j e^{s_ij}),
+                 lse_i = log(e^{sink_h} + sum_j e^{s_ij})
+        sigmoid: out_i = sum_j sigmoid(s_ij + bias) v_j        relu: sum_j relu(s_ij) v_j
+
+    sums over the keys ``dense_SqSk`` (bool, True = visible) lets row i see. Computes in
+    ``dtype`` (float64: the oracle; float32: the same-precision baseline of the error
+    bound). Returns ``(out_BHSD, lse_BHS)``, lse None for sigmoid / relu. A row that
+    sees nothing gets out 0, lse -inf (``sink_h`` with a sink) and zero gradients.
+    """
+    kind, cap, slopes, sink, bias = _variant_fields(variant)
+    if kind not in ("softmax", "sigmoid", "relu"):
+        raise ValueError(f"variant: unknown kind {kind!r}")
+    q, k, v, scale = _heads_and_scale(q_BHSD, k_BHSD, v_BHSD, scale, dtype)
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    dev = q.device
+    qp = torch.arange(sq, device=dev) if q_pos is None else torch.as_tensor(q_pos).to(dev)
+    kp = torch.arange(sk, device=dev) if k_pos is None else torch.as_tensor(k_pos).to(dev)
+    shift = sk - sq if shift is None else shift
+    visible = dense_SqSk.to(dev).view(1, 1, sq, sk)
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if score_mod is not None:
+        bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+        hi = torch.arange(h, device=dev).view(1, h, 1, 1)
+        s = torch.broadcast_to(
+            score_mod(s, bi, hi, qp.view(1, 1, sq, 1), kp.view(1, 1, 1, sk)), s.shape
+        ).to(dtype)
+    if kind == "sigmoid":
+        w = torch.where(visible, torch.sigmoid(s + bias), torch.zeros_like(s))
+        return torch.einsum("bhij,bhjd->bhid", w, v), None
+    if kind == "relu":
+        w = torch.where(visible, torch.relu(s), torch.zeros_like(s))
+        return torch.einsum("bhij,bhjd->bhid", w, v), None
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
+    if slopes is not None:
+        sl = slopes.to(dtype)
+        sl = sl.view(1, h, 1, 1) if sl.dim() == 1 else sl.view(b, h, 1, 1)
+        dist = (qp.view(-1, 1) + shift - kp.view(1, -1)).abs().to(dtype)
+        s = s - sl * dist
+    s = torch.where(visible, s, torch.full_like(s, float("-inf")))
+    # The stabiliser m does not change the result; detached, it keeps empty rows finite.
+    m = s.detach().amax(dim=-1, keepdim=True)
+    if sink is not None:
+        snk = sink.to(dtype).view(1, h, 1, 1).expand(b, h, sq, 1)
+        m = torch.maximum(m, snk.detach())
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(snk - m)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = torch.einsum("bhij,bhjd->bhid", p, v) / safe
+    lse = (m + torch.log(denom)).squeeze(-1)
+    return out, lse

@@ -92,6 +92,11 @@ def test_shared_placement_refuses_what_cannot_share_it():
     with pytest.raises(ValueError, match="dispatch: 'zigzag' disagrees"):
         ha.plan(ha.Mask.full(S), g, placement=first, dispatch="zigzag")
     with pytest.raises(ValueError, match="placement: expected another hamilton_attn.Plan"):
-        ha.plan(ha.Mask.full(S), g, placement=first.placement)
+        ha.plan(ha.Mask.full(S), g, placement=first.placement.rank_ranges)
+    # A Placement as data (a peer's shard layout) is taken as it is, checked alike.
+    taken = ha.plan(ha.Mask.full(S), g, placement=first.placement)
+    assert taken.placement is first.placement and taken.kv_placement is first.placement
+    with pytest.raises(ValueError, match="places 67 query tokens, the mask has 60"):
+        ha.plan(ha.Mask.causal(60), g, placement=first.placement)
     with pytest.raises(ValueError, match=r"balance_masks\[0\]"):
         ha.plan(ha.Mask.full(S), g, dispatch="minheap", balance_masks=(ha.Mask.full(5),))

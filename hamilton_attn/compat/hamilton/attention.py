@@ -14,7 +14,7 @@ from ...api import calc_attn
 from ...masks import Mask
 from ...planner.plans import plan
 from ...runtime.comm import group_info
-from .checks import check_k_mxu, check_two_level, unsupported
+from .checks import check_k_mxu, check_two_level, seed_group, unsupported
 
 _LAYOUTS = ("BSND", "BNSD")
 
@@ -48,6 +48,7 @@ def ring_attention_forward_flash_attn(
     dropout_p=0, causal=False, window_size=(-1, -1),
 ):  # fmt: skip
     """Ring attention over contiguous shards; returns ``(out, lse)``."""
+    process_group = seed_group(process_group)
     unsupported(dropout_p)
     return _run_ring(process_group, q, k, v, softmax_scale, causal, window_size, "contiguous")
 
@@ -58,6 +59,7 @@ def zigzag_ring_attention_forward_flash_attn(
 ):  # fmt: skip
     """Ring attention over zigzag shards (load-balanced causal); returns ``(out, lse)``.
     ``deterministic`` is accepted: results here are always deterministic."""
+    process_group = seed_group(process_group)
     unsupported(dropout_p, alibi_slopes)
     return _run_ring(process_group, q, k, v, softmax_scale, causal, window_size, "zigzag")
 
@@ -129,6 +131,7 @@ def hamilton_attention_forward_full_flash_attn(
     ``1 / sqrt(D)``. ``layout``: ``BSND`` or ``BNSD`` (out follows it; lse is
     ``[B, N, S_local]``).
     """
+    process_group = seed_group(process_group)
     unsupported(dropout_p)
     chunks = check_k_mxu(process_group, world_size, looping, out_mapping, in_mapping)
     return _run_hamilton(process_group, q, k, v, softmax_scale0, layout, chunks, False, "hamilton")
@@ -160,6 +163,7 @@ def hamilton_attention_forward_causal_flash_attn(
     library's cycles; the causal skipping itself comes from the plan. Other arguments as
     :func:`hamilton_attention_forward_full_flash_attn`.
     """
+    process_group = seed_group(process_group)
     unsupported(dropout_p)
     chunks = check_k_mxu(
         process_group, world_size, looping, out_mapping, in_mapping, source_rank_per_iter
@@ -185,6 +189,7 @@ def hamilton_attention_forward_full_flash_attn_two_nodes(
     ``calculate_intra_node_*_mapping_two_nodes`` tables of ``gen_hamilton_path_local``
     (node 0's or this rank's node's).
     """
+    process_group = seed_group(process_group)
     unsupported(dropout_p)
     m = check_two_level(
         process_group, node_size, inter_in_mapping, inter_out_mapping, out_mapping, in_mapping

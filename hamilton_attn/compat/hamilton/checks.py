@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ... import config
-from ...runtime.comm import group_info
+from ...runtime.comm import as_group, group_info
 from .causal import calculate_source_rank_per_iter, source_rank_per_iter
 from .cycles import gen_hamilton_circle, gen_hamilton_circle_two_nodes, gen_hamilton_path_local
 from .mapping import (
@@ -54,6 +54,13 @@ def _require_match(name: str, given, *expected) -> None:
             f"{name}: differs from the one hamilton_attn computes for this group "
             f"(omit it, or pass what hamilton_attn.compat.hamilton's generators return)"
         )
+
+
+def seed_group(process_group):
+    """The seed's ``process_group``: a process group, None (the default group) or a 1-d
+    DeviceMesh (e.g. ``mesh["cp"]``), as the process group it names (ValueError for
+    anything else, before any communication)."""
+    return as_group(process_group, "process_group", two_d=None).group
 
 
 def check_k_mxu(process_group, world_size, looping, out_mapping, in_mapping, source=None):

@@ -8,12 +8,14 @@ import torch
 import torch.distributed as dist
 
 from ...runtime.comm import PendingOps, default_timeout, group_info, start_p2p
+from .checks import seed_group
 
 
 class RingComm:
     """Send to the next rank of the group and receive from the previous one."""
 
     def __init__(self, process_group=None):
+        process_group = seed_group(process_group)
         self.rank, self.world_size, self._ranks = group_info(process_group)
         self._group = process_group
         self.send_rank = (self.rank + 1) % self.world_size
@@ -50,6 +52,7 @@ class A2AComm:
     """All-to-all: ``send_tensors[i]`` goes to rank i, ``recv_tensors[i]`` comes from rank i."""
 
     def __init__(self, process_group=None):
+        process_group = seed_group(process_group)
         self.rank, self.world_size, self._ranks = group_info(process_group)
         self._group = process_group
 

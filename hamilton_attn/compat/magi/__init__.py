@@ -78,10 +78,17 @@ Package layout, as MagiAttention's (each module names its MagiAttention original
 """
 
 from . import api
+from . import v1_1 as v1_1  # MagiAttention 1.1's forms (key functions without x, ...)
 from .api import *  # noqa: F403 - the api's names, listed once in api.__all__
 from .common import AttnRange as AttnRange
 from .config import DispatchAlg as DispatchAlg
 from .dist_attn_runtime_mgr import DistAttnRuntimeKey as DistAttnRuntimeKey
+from .v1_1 import AttnForwardMeta as AttnForwardMeta
+from .v1_1 import clear_cache as clear_cache
+from .v1_1 import roll as roll
+from .v1_1 import roll_simple as roll_simple
 
-# The api's names and three types MagiAttention exports from their own modules.
-__all__ = sorted([*api.__all__, "AttnRange", "DispatchAlg", "DistAttnRuntimeKey"])
+# The api's names and three types MagiAttention exports from their own modules; the
+# names MagiAttention 1.1 added that do not clash with the seed's forms, and v1_1.
+_V1_1 = ["AttnForwardMeta", "clear_cache", "roll", "roll_simple", "v1_1"]
+__all__ = sorted([*api.__all__, "AttnRange", "DispatchAlg", "DistAttnRuntimeKey", *_V1_1])

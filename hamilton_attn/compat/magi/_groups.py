@@ -16,16 +16,7 @@ layout.
 
 from __future__ import annotations
 
-from ...runtime.comm import group_info, is_mesh, mesh_group
-
-
-def _mesh_group(cp_mesh):
-    """``(group, node_size or None)`` of a 1-d or 2-d DeviceMesh."""
-    if cp_mesh.ndim == 1:
-        return cp_mesh.get_group(), None
-    if cp_mesh.ndim != 2:
-        raise ValueError(f"cp_mesh: expected a 1-d or 2-d mesh, got {cp_mesh.ndim}-d")
-    return mesh_group(cp_mesh), int(cp_mesh.mesh.shape[1])
+from ...runtime.comm import as_group, group_info, is_mesh
 
 
 def resolve_group(cp_group, cp_mesh, domain_size: int):
@@ -33,14 +24,13 @@ def resolve_group(cp_group, cp_mesh, domain_size: int):
     ``cp_mesh`` and ``DistAttnConfig.high_bandwith_domain_size``."""
     if cp_group is not None and cp_mesh is not None:
         raise ValueError("cp_group, cp_mesh: give one of them, not both")
-    if is_mesh(cp_group):  # MagiAttention >= 1.0 passes ``cp_group_or_mesh``
-        cp_group, cp_mesh = None, cp_group
-    if cp_mesh is None:
-        group, node_size = cp_group, None
+    if cp_mesh is None:  # MagiAttention >= 1.0 passes a mesh as ``cp_group_or_mesh``
+        spec = as_group(cp_group, "cp_group", two_d="nodes")
     elif is_mesh(cp_mesh):
-        group, node_size = _mesh_group(cp_mesh)
+        spec = as_group(cp_mesh, "cp_mesh", two_d="nodes")
     else:
         raise ValueError(f"cp_mesh: expected a DeviceMesh, got {type(cp_mesh).__name__}")
+    group, node_size = spec.group, spec.node_size
     _, w, _ = group_info(group)
     if domain_size > 1:
         if node_size is not None and node_size != domain_size:

@@ -1,0 +1,522 @@
+"""Check and time the ``triton`` kernel beside cuDNN, compiled FlexAttention and ``auto``.
+
+Run on one H100 / H200 from the repository root (a few minutes, most of it compiling)::
+
+    python benchmarks/gpu_triton.py [--quick] [--sweep]
+
+(a) Correctness, small shapes: the Triton kernel's out / lse / dq / dk / dv (and d
+slopes) against the float64 reference, per tensor ``max|err| <= 2 * max|err of the
+reference kernel run in the same dtype| + atol`` (flash-attention's rule), for masks
+(causal, bottom-right causal, packed documents, a fused zigzag step), GQA, head dims
+64 / 128 / 256, bf16 / fp16 / fp32 and every variant.
+
+(b) Speed, bf16, B = 1, 32 heads, head dim 128, CUDA events (median of 5 after warm-up,
+2 calls per repeat). Only visible pairs count: forward ``4 * pairs * D * H`` flops,
+forward+backward 3.5x that (backward 2.5x, as ``gpu_kernels.py``). Columns: ``triton``
+(this kernel), ``cudnn`` (one cuDNN SDPA call for dense masks; the ``sdpa`` backend's
+per-piece cuDNN calls otherwise), ``flex`` (the ``flex`` backend: compiled
+FlexAttention; forward+backward through its own autograd graph, as one-device calls
+run it), ``auto`` (``select_kernel("auto")``'s pick now, and before this kernel
+existed). Fused steps: the block of one multi-piece step of ``hamilton`` / ``direct`` /
+``groupcast`` at W = 8 (``SimulatedGroup(8)`` plans), beside one dense causal cuDNN
+call with the same number of visible pairs.
+
+(c) Writes ``benchmarks/results/triton_<GPU>_<date>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import hamilton_attn as ha  # noqa: E402
+from hamilton_attn.kernels import choice, get_kernel, select_kernel  # noqa: E402
+from hamilton_attn.kernels import triton as tk  # noqa: E402
+from hamilton_attn.masks import Mask  # noqa: E402
+from hamilton_attn.variants import BlockVariant  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def bench_ms(fn, warmup=1, reps=5, inner=2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def docs_mask(lens) -> Mask:
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return Mask.varlen(cu, causal=True)
+
+
+def uniform_docs(total, lo, hi, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+    lens[-1] -= sum(lens) - total
+    return [n for n in lens if n > 0]
+
+
+def lognormal_docs(total, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    mu = 7.0 + math.log(total / 32768)
+    while sum(lens) < total:
+        lens.append(max(16, int(torch.empty(1).log_normal_(mu, 1.2, generator=g).item())))
+    lens[-1] -= sum(lens) - total
+    if lens[-1] <= 0:
+        lens.pop()
+        lens[-1] += total - sum(lens)
+    return lens
+
+
+# -- correctness -----------------------------------------------------------------------
+
+
+def check(name, mask, dtype, hq=4, hk=4, d=128, variant=None, merged=False):
+    sq, sk = mask.shape
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = torch.randn(1, sq, hq, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(1, sk, hk, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(1, sk, hk, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
+    do = torch.randn(1, hq, sq, d, device=DEV, generator=g).to(dtype)
+    tri = get_kernel("triton")
+
+    def run(kern, cast, var):
+        qc, kc, vc, dc = (t.to(cast) for t in (q, k, v, do))
+        if var is None:
+            o, l_ = kern.forward(qc, kc, vc, mask, 0.1)
+            grads = kern.backward(dc, qc, kc, vc, o, l_, mask, 0.1)
+            return [o, l_, *grads]
+        ag = torch.zeros_like(var.alibi) if var.alibi is not None else None
+        vv = dataclasses.replace(var, alibi_grad=ag)
+        o, l_ = kern.forward(qc, kc, vc, mask, 0.1, variant=vv)
+        grads = kern.backward(dc, qc, kc, vc, o, l_, mask, 0.1, variant=vv)
+        return [o, l_, *grads] + ([ag] if ag is not None else [])
+
+    def ref_run(cast):
+        var = BlockVariant(kind="softmax") if variant is None else variant
+        return oracle(q.to(cast), k.to(cast), v.to(cast), do.to(cast), mask, 0.1, var)
+
+    exact = ref_run(torch.float64)
+    same = ref_run(dtype)
+    got = run(tri, dtype, variant)
+    names = ["out", "lse", "dq", "dk", "dv", "dslope"]
+    worst, ok = 0.0, True
+    for n, a, b, c in zip(names, got, exact, same, strict=False):
+        if a is None or b is None:
+            continue
+        fin = torch.isfinite(b)
+        err = (a.double() - b.double())[fin].abs().max().item() if fin.any() else 0.0
+        base = (c.double() - b.double())[fin].abs().max().item() if fin.any() else 0.0
+        atol = 1e-4 * max(1.0, b[fin].abs().max().item()) if fin.any() else 1e-4
+        if err > 2 * base + atol:
+            ok = False
+        worst = max(worst, err / (2 * base + atol))
+        if not torch.equal(torch.isneginf(a), torch.isneginf(b)) and n == "lse":
+            ok = False
+    print(f"check {name:<40} {'ok' if ok else 'FAIL'} worst {worst:.2f} of budget", flush=True)
+    return {"check": name, "ok": ok, "worst_ratio": worst}
+
+
+def oracle(q, k, v, do, mask, scale, var):
+    """Plain torch attention of a variant (the formulas of hamilton_attn.variants) in q's
+    dtype: float64 for the oracle, bf16 / fp16 / fp32 for the same-precision reference."""
+    ct = q.dtype
+    hq, hk = q.shape[1], k.shape[1]
+    q_, k_, v_ = (t.to(ct).detach() for t in (q, k, v))
+    k_ = k_.repeat_interleave(hq // hk, 1).requires_grad_()
+    v_ = v_.repeat_interleave(hq // hk, 1).requires_grad_()
+    q_ = q_.requires_grad_()
+    al = var.alibi.to(ct).clone().requires_grad_() if var.alibi is not None else None
+    vis = mask.to_dense(q.device)
+    s = q_ @ k_.transpose(-1, -2) * scale
+    s = var.transform(s, slice(0, q.shape[2]), alibi=al)
+    if al is not None:
+        s = s.to(ct)
+    if var.kind == "softmax":
+        s = s.masked_fill(~vis, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - torch.where(torch.isneginf(lse), 0, lse).unsqueeze(-1))
+        out = p @ v_
+    else:
+        lse = None
+        out = torch.where(vis, var.weights(s), 0) @ v_
+    gs = torch.autograd.grad(out, [q_, k_, v_] + ([al] if al is not None else []), do.to(ct))
+    dk = gs[1].view(1, hk, hq // hk, *gs[1].shape[2:]).sum(2)
+    dv = gs[2].view(1, hk, hq // hk, *gs[2].shape[2:]).sum(2)
+    return [out.detach(), lse.detach() if lse is not None else None, gs[0], dk, dv] + list(gs[3:])
+
+
+def run_checks(quick):
+    bf, fp16, f32 = torch.bfloat16, torch.float16, torch.float32
+    res = []
+    cases = [
+        ("causal 1000 bf16", Mask.causal(1000), bf, {}),
+        ("bottom-right causal 300x1100 fp16", Mask.causal(300, 1100), fp16, {}),
+        (
+            "docs 64-512 2000 GQA 8/2 bf16",
+            docs_mask(uniform_docs(2000, 64, 512)),
+            bf,
+            dict(hq=8, hk=2),
+        ),
+        ("window (100,0) 999 fp32 D64", Mask.sliding_window(999, (100, 0)), f32, dict(d=64)),
+        ("full 777 bf16 D256 MQA", Mask.full(777), bf, dict(d=256, hq=4, hk=1)),
+        ("full 513 bf16 D80", Mask.full(513), bf, dict(d=80)),
+    ]
+    p = ha.plan(
+        Mask.causal(8 * 512), ha.SimulatedGroup(8, 3), schedule="hamilton", dispatch="zigzag"
+    )
+    steps = [s.compute[3] for s in p.schedule.forward_steps() if s.compute[3]]
+    fused = max(steps, key=len)
+    cases.append(("fused hamilton zigzag step bf16", p.fused_block(3, fused)[0], bf, {}))
+    slopes = torch.rand(1, 4, device=DEV)
+    for kind, kw in (
+        ("softcap", dict(kind="softmax", softcap=20.0)),
+        ("alibi", dict(kind="softmax", alibi=slopes, shift=5)),
+        ("sigmoid", dict(kind="sigmoid", bias=-2.0)),
+        ("relu", dict(kind="relu")),
+    ):
+        cases.append(
+            (f"{kind} causal 700 bf16", Mask.causal(700), bf, dict(variant=BlockVariant(**kw)))
+        )
+    for name, m, dt, kw in cases[: 4 if quick else None]:
+        try:
+            res.append(check(name, m, dt, **kw))
+        except Exception as err:  # noqa: BLE001 - report and go on
+            traceback.print_exc()
+            res.append({"check": name, "ok": False, "error": repr(err)})
+    return res
+
+
+# -- speed -----------------------------------------------------------------------------
+
+
+def rand_bhsd(s, h, d, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(1, s, h, d, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+
+
+def time_kernel(kern, q, k, v, mask, variant=None):
+    """(fwd ms, fwd+bwd ms) through the kernel API."""
+    kw = {} if variant is None else {"variant": variant}
+    o, l_ = kern.forward(q, k, v, mask, 0.088, **kw)
+    do = torch.randn_like(o)
+    tf = bench_ms(lambda: kern.forward(q, k, v, mask, 0.088, **kw))
+
+    def fb():
+        o, l_ = kern.forward(q, k, v, mask, 0.088, **kw)
+        kern.backward(do, q, k, v, o, l_, mask, 0.088, **kw)
+
+    diff = None
+    if variant is None:
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        diff = kern.differentiable(qg, kg, vg, mask, 0.088)
+    if diff is not None:  # the backend's own autograd graph, as one-device calls use it
+
+        def fb():  # noqa: F811 - the faster path replaces the kernel-API one
+            o, _ = kern.differentiable(qg, kg, vg, mask, 0.088)
+            torch.autograd.grad(o, (qg, kg, vg), do)
+
+    return tf, bench_ms(fb)
+
+
+def time_cudnn_dense(s, causal, h=32, d=128):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (rand_bhsd(s, h, d, i).contiguous().requires_grad_() for i in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        f = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+        o = f()
+        g = torch.randn_like(o)
+        tf = bench_ms(f)
+        tfb = bench_ms(lambda: torch.autograd.grad(f(), (q, k, v), g))
+    return tf, tfb
+
+
+def old_auto(q, k, v, mask):
+    """What ``auto`` chose before the triton backend: sdpa or flex by the old model."""
+    calls = get_kernel("sdpa")._plan(q, k, v, mask)
+    if isinstance(calls, str):
+        return "flex"
+    per_pair = 4.0 * q.shape[1] * q.shape[-1]
+    return "sdpa" if choice.prefer_sdpa(mask, calls, per_pair) else "flex"
+
+
+def perf_case(
+    rows, case, mask, *, variant=None, impls=("triton", "cudnn", "flex"), dense=None, h=32, d=128
+):
+    sq, sk = mask.shape
+    q, k, v = rand_bhsd(sq, h, d, 1), rand_bhsd(sk, h, d, 2), rand_bhsd(sk, h, d, 3)
+    flops = 4.0 * h * d * mask.area()
+    row = {"case": case, "pairs_M": mask.area() / 1e6}
+    for impl in impls:
+        try:
+            if impl == "cudnn" and dense is not None:
+                tf, tfb = time_cudnn_dense(*dense, h=h, d=d)
+            else:
+                kern = get_kernel("sdpa" if impl == "cudnn" else impl)
+                tf, tfb = time_kernel(kern, q, k, v, mask, variant)
+            row[impl] = (flops / tf / 1e9, 3.5 * flops / tfb / 1e9)
+        except Exception as err:  # noqa: BLE001 - a backend that cannot run the case
+            row[impl] = None
+            print(f"  {impl} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+    if variant is None:
+        row["auto"] = select_kernel("auto", q, k, v, mask).name
+        row["auto_before"] = old_auto(q, k, v, mask)
+    rows.append(row)
+    cells = "  ".join(
+        f"{i} {row[i][0]:6.1f}/{row[i][1]:6.1f}" for i in impls if row.get(i) is not None
+    )
+    print(
+        f"{case:<44} {cells}  auto={row.get('auto')} (before {row.get('auto_before')})", flush=True
+    )
+    del q, k, v
+    torch.cuda.empty_cache()
+    return row
+
+
+def fused_blocks(sched, mask_name, per_rank):
+    w = 8
+    total = w * per_rank
+    if mask_name == "causal":
+        m = Mask.causal(total)
+    else:
+        m = docs_mask(lognormal_docs(total))
+    p = ha.plan(m, ha.SimulatedGroup(w, 3), schedule=sched, dispatch="zigzag")
+    steps = [s.compute[3] for s in p.schedule.forward_steps() if s.compute[3]]
+    pieces = max(steps, key=len)
+    return p.fused_block(3, pieces)[0], len(pieces)
+
+
+def _fused_case(rows, sched, mname, per_rank):
+    m, n = fused_blocks(sched, mname, per_rank)
+    s_eq = int(round(math.sqrt(2 * m.area())))
+    case = f"{sched} {mname} {per_rank // 1024}K/rank step ({n} pieces)"
+    perf_case(rows, case, m, impls=("triton", "cudnn"))
+    tf, tfb = time_cudnn_dense(s_eq, True)
+    fl = 4.0 * 32 * 128 * s_eq * (s_eq + 1) / 2
+    rows[-1]["dense_cudnn"] = (fl / tf / 1e9, 3.5 * fl / tfb / 1e9)
+    print(f"  dense causal cuDNN S={s_eq}: {rows[-1]['dense_cudnn']}", flush=True)
+
+
+def _relative_bias(score, b, h, q_idx, kv_idx):
+    return score - 0.01 * (q_idx - kv_idx)
+
+
+def perf_cases():
+    """Every case, most important first (``--budget-s`` stops the run between cases)."""
+    s32, s128 = 32768, 131072
+    causal = Mask.causal(s32)
+    alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
+    cases = [
+        lambda r: perf_case(r, "docs 64-512, 32K", docs_mask(uniform_docs(s32, 64, 512))),
+        lambda r: perf_case(r, "lognormal docs (median ~1K), 32K", docs_mask(lognormal_docs(s32))),
+        lambda r: perf_case(r, "dense causal 32K", causal, dense=(s32, True)),
+        lambda r: perf_case(
+            r, "sigmoid causal 32K", causal, variant=BlockVariant(kind="sigmoid"), impls=("triton",)
+        ),
+        lambda r: perf_case(
+            r,
+            "softcap 30 causal 32K",
+            causal,
+            variant=BlockVariant(kind="softmax", softcap=30.0),
+            impls=("triton", "flex"),
+        ),
+        lambda r: perf_case(r, "alibi causal 32K", causal, variant=alibi, impls=("triton", "flex")),
+        lambda r: perf_case(
+            r,
+            "score_mod (relative bias) causal 32K",
+            causal,
+            variant=BlockVariant(kind="softmax", score_mod=_relative_bias),
+            impls=("flex",),
+        ),
+    ]
+    for sched in ("hamilton", "direct", "groupcast"):
+        cases.append(lambda r, s=sched: _fused_case(r, s, "causal", 8192))
+    cases += [
+        lambda r: perf_case(r, "docs 64-512, 128K", docs_mask(uniform_docs(s128, 64, 512))),
+        lambda r: perf_case(r, "dense full 32K", Mask.full(s32), dense=(s32, False)),
+    ]
+    for sched in ("hamilton", "direct", "groupcast"):
+        cases.append(lambda r, s=sched: _fused_case(r, s, "docs", 8192))
+    for sched in ("hamilton", "direct", "groupcast"):
+        for mname in ("causal", "docs"):
+            cases.append(lambda r, s=sched, n=mname: _fused_case(r, s, n, 32768))
+    return cases
+
+
+def run_perf(budget_s, save):
+    rows = []
+    t0 = time.monotonic()
+    cases = perf_cases()
+    for i, case in enumerate(cases):
+        if time.monotonic() - t0 > budget_s:
+            print(f"time budget spent: {len(cases) - i} cases not run", flush=True)
+            break
+        try:
+            case(rows)
+        except Exception as err:  # noqa: BLE001 - report and go on
+            traceback.print_exc()
+            print(f"case {i} failed: {err!r}", flush=True)
+        save(rows)
+    return rows
+
+
+def sweep():
+    """Forward / backward configs on two cases (tuning; not saved)."""
+    masks = {"causal32K": Mask.causal(32768), "docs64-512": docs_mask(uniform_docs(32768, 64, 512))}
+    fwd = [
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+        (64, 64, 4, 3),
+        (64, 32, 4, 3),
+        (64, 32, 4, 4),
+        (64, 32, 4, 2),
+        (64, 64, 4, 4),
+    ]
+    bwd = [
+        ((64, 32, 4, 3), (32, 64, 4, 3)),
+        ((64, 32, 4, 4), (32, 64, 4, 4)),
+        ((64, 64, 8, 3), (64, 64, 8, 3)),
+        ((128, 32, 8, 3), (32, 128, 8, 3)),
+        ((64, 32, 4, 2), (32, 64, 4, 2)),
+        ((32, 32, 4, 3), (32, 32, 4, 3)),
+        ((64, 64, 4, 3), (64, 32, 4, 3)),
+    ]
+    kern = get_kernel("triton")
+    saved = {p: dict(c) for p, c in tk.CONFIGS.items()}
+    for name, m in masks.items():
+        q, k, v = (rand_bhsd(32768, 32, 128, i) for i in range(3))
+        fl = 4.0 * 32 * 128 * m.area()
+        for cfg in fwd:
+            tk.CONFIGS["fwd"][128] = [cfg]
+            tk._pick.cache_clear()
+            try:
+                tf = bench_ms(lambda: kern.forward(q, k, v, m, 0.088), reps=5)  # noqa: B023
+                print(f"sweep {name} fwd {cfg}: {fl / tf / 1e9:.1f}", flush=True)
+            except Exception as err:  # noqa: BLE001
+                print(f"sweep {name} fwd {cfg}: failed {str(err)[:120]}", flush=True)
+        tk.CONFIGS["fwd"] = dict(saved["fwd"])
+        tk._pick.cache_clear()
+        o, l_ = kern.forward(q, k, v, m, 0.088)
+        do = torch.randn_like(o)
+        for dq, dkv in bwd:
+            tk.CONFIGS["dq"][128], tk.CONFIGS["dkdv"][128] = [dq], [dkv]
+            tk._pick.cache_clear()
+            try:
+                tb = bench_ms(lambda: kern.backward(do, q, k, v, o, l_, m, 0.088), reps=5)  # noqa: B023
+                print(f"sweep {name} bwd {dq} {dkv}: {2.5 * fl / tb / 1e9:.1f}", flush=True)
+            except Exception as err:  # noqa: BLE001
+                print(f"sweep {name} bwd {dq} {dkv}: failed {str(err)[:120]}", flush=True)
+        tk.CONFIGS.update({p: dict(c) for p, c in saved.items()})
+        tk._pick.cache_clear()
+
+
+def fmt(x):
+    return "-" if x is None else f"{x[0]:.0f} / {x[1]:.0f}"
+
+
+def write(rows, checks, argv, out_dir, quiet=False):
+    gpu = torch.cuda.get_device_name().split()[-1]
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    name = f"triton_{gpu}_{date}"
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/gpu_triton.py " + " ".join(argv),
+        "name": name,
+    }
+    lines = [
+        f"# Triton kernel on one {gpu}: {env['date']}",
+        "",
+        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
+        f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
+        "forward / forward+backward (3.5x the forward's flops). `cudnn`: one cuDNN call "
+        "(dense) or the `sdpa` backend's per-piece cuDNN calls; `flex`: the `flex` backend "
+        "(compiled FlexAttention); `auto`: the pick now (before this kernel).",
+        "",
+        f"Checks against float64: {sum(c['ok'] for c in checks)} passed, "
+        f"{sum(not c['ok'] for c in checks)} failed.",
+        "",
+        "| case | pairs (M) | triton | cudnn | flex | auto | dense cuDNN, same pairs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        auto = f"{r.get('auto', '-')} ({r.get('auto_before', '-')})" if "auto" in r else "-"
+        lines.append(
+            f"| {r['case']} | {r['pairs_M']:.0f} | {fmt(r.get('triton'))} | "
+            f"{fmt(r.get('cudnn'))} | {fmt(r.get('flex'))} | {auto} | "
+            f"{fmt(r.get('dense_cudnn'))} |"
+        )
+    lines += ["", "## Checks", ""] + [
+        f"- {c['check']}: {'ok' if c['ok'] else 'FAIL'} "
+        f"({c.get('worst_ratio', float('nan')):.2f} of the error budget)"
+        for c in checks
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.json").write_text(
+        json.dumps({"environment": env, "rows": rows, "checks": checks}, indent=1)
+    )
+    if not quiet:
+        print("\n".join(lines))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-perf", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no case after this")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 256
+    checks = run_checks(args.quick)
+    if args.sweep:
+        sweep()
+
+    def save(rows):
+        write(rows, checks, argv, args.out_dir, quiet=True)
+
+    rows = [] if args.no_perf else run_perf(args.budget_s, save)
+    write(rows, checks, argv, args.out_dir)
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""``triton``: our own fused attention kernel, any mask in one launch.
+
+A block's mask (a union of bands: MagiAttention's four rectangle types, windows,
+packed documents, the staircase of a fused context-parallel step) becomes host-side
+work lists (:mod:`.tiles`: per query tile the key tiles it meets, full or partial, and
+the transposed lists for dK/dV), and one Triton kernel walks them (:mod:`.jit`):
+
+- forward: ONE launch for the whole block, ``(out, lse)`` (``(out, None)`` for the
+  unnormalised sigmoid / relu variants);
+- backward: three launches: ``delta = rowsum(dout * out)`` (softmax), dQ over query
+  tiles, dK/dV over key tiles (GQA heads summed in the program, no atomics), from the
+  given, possibly merged, ``out`` / ``lse``.
+
+Variants (:class:`~hamilton_attn.variants.BlockVariant`) compile in as constexpr
+specialisations: softmax with softcap and / or ALiBi (``alibi_grad`` gets this block's
+d slopes), sigmoid, relu; ``score_mod`` is refused (``auto`` then takes flex or the
+reference). Inputs: ``bhsd`` views with unit stride on D (bshd / thd memory passes its
+strides, nothing is copied), GQA / MQA, head dims up to 256 (padded to a power of two),
+fp16 / bf16 / fp32 (fp32 dots in IEEE precision, so the kernel is exact like the others).
+
+On CPU the kernels run under Triton's interpreter when ``config.triton_interpret``
+(``TRITON_INTERPRET=1``) is on; tile sizes are then 16 so tiny tests cover many tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ... import config
+from ...masks import Mask
+from ..base import AttentionKernel, check_block, empty_result, zeros_bhsd
+from .tiles import TileLists, tile_counts, tile_lists
+
+_KINDS = {"softmax": 0, "sigmoid": 1, "relu": 2}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+#: Launch configurations ``(BM, BN, num_warps, num_stages)`` by head-dim bucket, per pass
+#: (forward; dQ; dK/dV). The forward's first entry is its default; the others are
+#: tried per mask by :func:`_pick` (small tiles waste less on short documents).
+#: Tuned on one H200 (``benchmarks/gpu_triton.py``).
+CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 128, 8, 2), (64, 64, 4, 3)],
+        256: [(64, 32, 4, 2)],
+    },
+    "dq": {
+        64: [(64, 32, 4, 3)],
+        128: [(64, 32, 4, 2)],
+        256: [(64, 32, 8, 1)],
+    },
+    "dkdv": {
+        64: [(32, 64, 4, 3)],
+        128: [(32, 64, 4, 2)],
+        256: [(32, 32, 8, 1)],
+    },
+}
+#: Relative speed of each candidate on a dense tile (the first is 1): the pick minimises
+#: ``tiles * BM * BN / speed``.
+SPEED = {"fwd": (1.0, 0.9), "dq": (1.0,), "dkdv": (1.0,)}
+_INTERP_CONFIG = (16, 16, 1, 1)
+
+
+@functools.cache
+def load(interpret: bool):
+    """The kernels module (:mod:`.jit`) decorated for one mode: compiled, or Triton's
+    interpreter. Executed afresh per mode, since ``@triton.jit`` picks the mode when it
+    decorates (Triton's ``TRITON_INTERPRET`` knob, set here from the config)."""
+    import triton
+
+    path = Path(__file__).with_name("jit.py")
+    name = f"{__name__}._jit_{'interp' if interpret else 'gpu'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def _bucket(d: int) -> int:
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def _pow2(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=1024)
+def _pick(mask: Mask, pass_: str, d: int, interpret: bool, device: torch.device):
+    """``(config, tile lists)`` for one pass of ``mask``: the candidate with the least
+    estimated work (tiles visited times their area, over the candidate's speed)."""
+    transpose = pass_ == "dkdv"
+    if interpret:
+        cfg = _INTERP_CONFIG
+        return cfg, tile_lists(mask, cfg[0], cfg[1], transpose, device)
+    best = None
+    for cfg, speed in zip(CONFIGS[pass_][_bucket(d)], SPEED[pass_], strict=False):
+        lists = tile_lists(mask, cfg[0], cfg[1], transpose, device)
+        cost = lists.n_entries * cfg[0] * cfg[1] / speed
+        if best is None or cost < best[0]:
+            best = (cost, cfg, lists)
+    return best[1], best[2]
+
+
+@functools.lru_cache(maxsize=4096)
+def forward_work(mask: Mask, d: int) -> tuple[int, int, int]:
+    """``(tiles, partial tiles, pairs of the tiles)`` the compiled forward visits for
+    ``mask`` at head dim ``d`` (for :mod:`..choice`; host arrays only)."""
+    best = None
+    for cfg, speed in zip(CONFIGS["fwd"][_bucket(d)], SPEED["fwd"], strict=False):
+        n, partial = tile_counts(mask, cfg[0], cfg[1])
+        cost = n * cfg[0] * cfg[1] / speed
+        if best is None or cost < best[0]:
+            best = (cost, n, partial, n * cfg[0] * cfg[1])
+    return best[1], best[2], best[3]
+
+
+def _interpret(device: torch.device) -> bool:
+    return config.get().triton_interpret or device.type != "cuda"
+
+
+class TritonKernel(AttentionKernel):
+    """The ``triton`` backend (module docstring)."""
+
+    name = "triton"
+
+    def available(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        if device.type != "cuda" and not config.get().triton_interpret:
+            return False
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return device.type != "cuda" or torch.cuda.is_available()
+
+    def unsupported_reason(self, q, k, v, mask: Mask) -> str | None:
+        if not self.available(q.device):
+            return f"needs CUDA (or TRITON_INTERPRET=1 on CPU), got {q.device}"
+        if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+            return f"runs float16 / bfloat16 / float32 only, got {q.dtype}"
+        d = q.shape[-1]
+        if d > 256 or v.shape[-1] != d:
+            return f"runs head dims up to 256 with Dv == D, got D={d}, Dv={v.shape[-1]}"
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return "needs unit stride on the head dim"
+        return None
+
+    def variant_problem(self, variant) -> str | None:
+        if variant is None:
+            return None
+        if variant.kind not in _KINDS:
+            return f"has no {variant.kind!r} variant"
+        if variant.score_mod is not None:
+            return "cannot compile a Python score_mod (flex or the reference runs it)"
+        if variant.alibi is not None and variant.alibi.dtype != torch.float32:
+            return f"takes float32 ALiBi slopes, got {variant.alibi.dtype}"
+        return None
+
+    # -- shared launch arguments ---------------------------------------------------------
+
+    def _check(self, q, k, v, mask, variant):
+        check_block(q, k, v, mask)
+        reason = self.unsupported_reason(q, k, v, mask)
+        if reason is None and variant is not None:
+            reason = self.variant_problem(variant)
+        if reason is not None:
+            raise ValueError(f"backend: 'triton' cannot run this block: {reason}")
+
+    @staticmethod
+    def _variant_args(q, variant):
+        dev = q.device
+        kind = 0 if variant is None else _KINDS[variant.kind]
+        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+        dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
+        if variant is None:
+            return dict(
+                kind=kind,
+                softcap=1.0,
+                bias=0.0,
+                shift=0,
+                alibi=dummy_f,
+                qpos=dummy_i,
+                kpos=dummy_i,
+                SOFTCAP=False,
+                ALIBI_ON=False,
+                QPOS_ON=False,
+                KPOS_ON=False,
+            )
+        alibi = variant.alibi
+        on = alibi is not None
+        if on:
+            alibi = alibi.to(device=dev, dtype=torch.float32).expand(q.shape[0], q.shape[1])
+            alibi = alibi.contiguous()
+        qpos = variant.q_pos if on and variant.q_pos is not None else None
+        kpos = variant.k_pos if on and variant.k_pos is not None else None
+        return dict(
+            kind=kind,
+            softcap=float(variant.softcap) if variant.softcap is not None else 1.0,
+            bias=float(variant.bias),
+            shift=int(variant.shift),
+            alibi=alibi if on else dummy_f,
+            qpos=qpos.to(device=dev, dtype=torch.int64).contiguous()
+            if qpos is not None
+            else dummy_i,
+            kpos=kpos.to(device=dev, dtype=torch.int64).contiguous()
+            if kpos is not None
+            else dummy_i,
+            SOFTCAP=variant.softcap is not None,
+            ALIBI_ON=on,
+            QPOS_ON=qpos is not None,
+            KPOS_ON=kpos is not None,
+        )
+
+    @staticmethod
+    def _lists_args(L: TileLists):
+        return (L.order, L.ptr, L.mid, L.col, L.b0, L.b1, L.band_idx, L.bands)
+
+    # -- forward / backward --------------------------------------------------------------
+
+    def forward(self, q, k, v, mask: Mask, scale: float, variant=None):
+        """``(out [B, Hq, Sq, D] in q.dtype, lse [B, Hq, Sq] float32)``; lse is None for
+        the sigmoid / relu variants."""
+        self._check(q, k, v, mask, variant)
+        normalised = variant is None or variant.kind == "softmax"
+        if mask.is_empty():
+            out, lse = empty_result(q, v)
+            return (out, lse) if normalised else (out, None)
+        interp = _interpret(q.device)
+        if interp and q.dtype == torch.bfloat16:
+            # Triton 3.6's interpreter (numpy) has no bfloat16: run float32 copies.
+            out, lse = self.forward(q.float(), k.float(), v.float(), mask, scale, variant)
+            return out.to(q.dtype), lse
+        jit = load(interp)
+        b, hq, sq, d = q.shape
+        hk, sk = k.shape[1], k.shape[2]
+        (bm, bn, warps, stages), L = _pick(mask, "fwd", d, interp, q.device)
+        va = self._variant_args(q, variant)
+        out = zeros_bhsd(q, fill=False)
+        lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        extra = {} if interp else dict(num_warps=warps, num_stages=stages)
+        jit.fwd_kernel[(L.n_rows, b * hq)](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            *self._lists_args(L),
+            va["alibi"],
+            va["qpos"],
+            va["kpos"],
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *out.stride()[:3],
+            hq,
+            hq // hk,
+            sq,
+            sk,
+            float(scale),
+            va["softcap"],
+            va["bias"],
+            va["shift"],
+            KIND=va["kind"],
+            SOFTCAP=va["SOFTCAP"],
+            ALIBI_ON=va["ALIBI_ON"],
+            QPOS_ON=va["QPOS_ON"],
+            KPOS_ON=va["KPOS_ON"],
+            D=d,
+            BD=_pow2(d),
+            BM=bm,
+            BN=bn,
+            PREC=prec,
+            UNIT=LOG2E if va["kind"] == 0 else 1.0,
+            INTERP=interp,
+            **extra,
+        )
+        return (out, lse) if normalised else (out, None)
+
+    def backward(self, dout, q, k, v, out, lse, mask: Mask, scale: float, variant=None):
+        """This block's share of ``(dq, dk, dv)`` given the (possibly merged) ``out`` /
+        ``lse`` (unused by sigmoid / relu); adds d slopes into ``variant.alibi_grad``."""
+        self._check(q, k, v, mask, variant)
+        if mask.is_empty():
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        interp = _interpret(q.device)
+        if interp and q.dtype == torch.bfloat16:  # as in forward
+            f = [t.float() for t in (dout, q, k, v, out)]
+            grads = self.backward(*f, lse, mask, scale, variant)
+            return tuple(g.to(torch.bfloat16) for g in grads)
+        jit = load(interp)
+        b, hq, sq, d = q.shape
+        hk, sk = k.shape[1], k.shape[2]
+        va = self._variant_args(q, variant)
+        softmax = va["kind"] == 0
+        bd = _pow2(d)
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        unit = LOG2E if softmax else 1.0
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        if softmax:
+            if out.stride(-1) != 1:
+                out = out.contiguous()
+            lse = lse.to(torch.float32).contiguous()
+            delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+            dbm = 16 if interp else 64
+            jit.delta_kernel[(triton_cdiv(sq, dbm), b * hq)](
+                out,
+                dout,
+                delta,
+                *out.stride()[:3],
+                *dout.stride()[:3],
+                hq,
+                sq,
+                D=d,
+                BD=bd,
+                BM=dbm,
+            )
+        else:
+            lse = delta = torch.zeros(1, dtype=torch.float32, device=q.device)
+        agrad = variant.alibi_grad if variant is not None else None
+        agrad_on = agrad is not None and va["ALIBI_ON"]
+        ag = torch.zeros((b, hq), dtype=torch.float32, device=q.device) if agrad_on else lse
+        dq = zeros_bhsd(q, fill=False)
+        (bm, bn, warps, stages), L = _pick(mask, "dq", d, interp, q.device)
+        extra = {} if interp else dict(num_warps=warps, num_stages=stages)
+        common = dict(
+            KIND=va["kind"],
+            SOFTCAP=va["SOFTCAP"],
+            ALIBI_ON=va["ALIBI_ON"],
+            QPOS_ON=va["QPOS_ON"],
+            KPOS_ON=va["KPOS_ON"],
+            D=d,
+            BD=bd,
+            PREC=prec,
+            UNIT=unit,
+            INTERP=interp,
+        )
+        jit.dq_kernel[(L.n_rows, b * hq)](
+            q,
+            k,
+            v,
+            dout,
+            dq,
+            lse,
+            delta,
+            *self._lists_args(L),
+            va["alibi"],
+            va["qpos"],
+            va["kpos"],
+            ag,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *dout.stride()[:3],
+            *dq.stride()[:3],
+            hq,
+            hq // hk,
+            sq,
+            sk,
+            float(scale),
+            va["softcap"],
+            va["bias"],
+            va["shift"],
+            AGRAD_ON=agrad_on,
+            BM=bm,
+            BN=bn,
+            **common,
+            **extra,
+        )
+        dk, dv = zeros_bhsd(k, fill=False), zeros_bhsd(v, fill=False)
+        (bm, bn, warps, stages), L = _pick(mask, "dkdv", d, interp, q.device)
+        extra = {} if interp else dict(num_warps=warps, num_stages=stages)
+        jit.dkdv_kernel[(L.n_rows, b * hk)](
+            q,
+            k,
+            v,
+            dout,
+            dk,
+            dv,
+            lse,
+            delta,
+            *self._lists_args(L),
+            va["alibi"],
+            va["qpos"],
+            va["kpos"],
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *dout.stride()[:3],
+            *dk.stride()[:3],
+            *dv.stride()[:3],
+            hq,
+            hk,
+            hq // hk,
+            sq,
+            sk,
+            float(scale),
+            va["softcap"],
+            va["bias"],
+            va["shift"],
+            BM=bm,
+            BN=bn,
+            **common,
+            **extra,
+        )
+        if agrad_on:
+            agrad.add_(ag.to(agrad.dtype).view_as(agrad) if agrad.dim() == 2 else ag)
+        return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["CONFIGS", "TritonKernel", "forward_work", "load"]

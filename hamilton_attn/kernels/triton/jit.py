@@ -1,0 +1,422 @@
+"""The Triton kernels of the ``triton`` backend: forward, delta, dQ and dK/dV.
+
+Not imported as a normal module: :func:`hamilton_attn.kernels.triton.load` executes this
+file once per mode (compiled, or Triton's interpreter when ``config.triton_interpret``),
+because ``@triton.jit`` fixes the mode when it decorates, and a jit helper of one mode
+cannot be called from a kernel of the other.
+
+Every kernel walks CSR work lists (:mod:`.tiles`): a program owns one row tile (a query
+tile, or a key tile for dK/dV) of one head and loops over the tiles of the other axis
+that its mask meets; a tile with bands to test ("partial") gets each element checked
+against them (``q0 <= i < q1``, ``k0 <= j < k1``, ``lo <= j - i <= hi``), a full one
+none. Scores: ``s = scale * q.k``, softcap ``c * tanh(s / c)``, ALiBi ``s -= slope *
+|i_pos + shift - j_pos|``; softmax works in base 2 (``log2 e`` folded into the scale),
+sigmoid ``sigmoid(s + bias)`` and relu ``max(s, 0)`` in natural units. Masked scores are
+-inf, which every weighting maps to 0.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Reductions through the standard library's combine functions, not tl.sum / tl.max /
+# tl.zeros: those are jit functions decorated when triton.language was imported, in
+# whichever mode that was, while the interpreter recognises these combiners (and runs
+# them as numpy reductions).
+_ADD = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+
+
+@triton.jit
+def _bound(x, INTERP: tl.constexpr):
+    """A loaded scalar as a loop bound. Triton 3.6's interpreter takes ``int()`` of a
+    1-element array there, which NumPy >= 2.3 refuses: make the array 0-d (compiled
+    code never generates this constexpr branch)."""
+    if INTERP:
+        x.handle.data = x.handle.data.reshape(())
+    return x
+
+
+@triton.jit
+def _score(
+    qk,
+    qp,
+    kp,
+    slope,
+    scale,
+    softcap,
+    UNIT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+):
+    """Transformed scores (times ``UNIT``) of raw dots ``qk``, and tanh for softcap's
+    derivative. ``qp`` / ``kp`` broadcast against ``qk`` (either orientation)."""
+    if SOFTCAP:
+        # tanh through exp: the interpreter has no libdevice; 1 - 2/(e^2x + 1) saturates
+        # cleanly at both ends.
+        th = 1.0 - 2.0 / (tl.exp(qk * (2.0 * scale / softcap)) + 1.0)
+        s = th * (softcap * UNIT)
+    else:
+        th = qk
+        s = qk * (scale * UNIT)
+    if ALIBI:
+        s = s - (slope * UNIT) * tl.abs(qp - kp).to(tl.float32)
+    return s, th
+
+
+@triton.jit
+def _visible(qi, kj, BANDS, BAND_IDX, j0, j1, INTERP: tl.constexpr):
+    """Whether pair (qi, kj) lies in any of bands ``BAND_IDX[j0:j1]`` (broadcast)."""
+    vis = (qi < 0) & (kj < 0)
+    d = kj - qi
+    for j in range(_bound(j0, INTERP), _bound(j1, INTERP)):
+        row = BANDS + tl.load(BAND_IDX + j) * 6
+        q0 = tl.load(row)
+        q1 = tl.load(row + 1)
+        k0 = tl.load(row + 2)
+        k1 = tl.load(row + 3)
+        lo = tl.load(row + 4)
+        hi = tl.load(row + 5)
+        vis = vis | ((qi >= q0) & (qi < q1) & (kj >= k0) & (kj < k1) & (d >= lo) & (d <= hi))
+    return vis
+
+
+@triton.jit
+def _load(ptr, idx, stride, n, D: tl.constexpr, BD: tl.constexpr, CHECK: tl.constexpr):
+    """Rows ``idx`` of a ``[n, D]`` matrix as ``[len(idx), BD]`` (zeros past the ends);
+    bounds are tested only where they can fail (``CHECK``: rows; BD > D: columns)."""
+    dd = tl.arange(0, BD)
+    p = ptr + idx[:, None] * stride + dd[None, :]
+    if CHECK:
+        return tl.load(p, mask=(idx[:, None] < n) & (dd[None, :] < D), other=0.0)
+    elif BD != D:
+        return tl.load(p, mask=dd[None, :] < D, other=0.0)
+    else:
+        return tl.load(p)
+
+
+@triton.jit
+def _store(ptr, idx, stride, n, x, D: tl.constexpr, BD: tl.constexpr):
+    dd = tl.arange(0, BD)
+    p = ptr + idx[:, None] * stride + dd[None, :]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=(idx[:, None] < n) & (dd[None, :] < D))
+
+
+@triton.jit
+def _positions(POS, idx, n, shift, ON: tl.constexpr):
+    if ON:
+        return tl.load(POS + idx, mask=idx < n, other=0) + shift
+    else:
+        return idx.to(tl.int64) + shift
+
+
+# fmt: off
+@triton.jit
+def _fwd_tile(
+    acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, qp, KPOS, slope,
+    scale, softcap, bias, SK, BANDS, BAND_IDX,
+    KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    KPOS_ON: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+):
+    """One key tile of the forward: the online softmax update (or the plain sum)."""
+    cols = u * BN + tl.arange(0, BN)
+    k = _load(k_ptr, cols, s_kn, SK, D, BD, MASKED)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
+    s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
+                   ALIBI_ON)
+    if MASKED:
+        vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
+        s = tl.where(vis, s, float("-inf"))
+    if KIND == 0:
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    elif KIND == 1:
+        p = 1.0 / (1.0 + tl.exp(-(s + bias)))
+    else:
+        p = tl.maximum(s, 0.0)
+    v = _load(v_ptr, cols, s_vn, SK, D, BD, MASKED)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def fwd_kernel(
+    Q, K, V, O, LSE, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS, ALIBI, QPOS, KPOS,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+    HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
+    KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    t = tl.load(ORDER + tl.program_id(0))
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // GROUP
+    rows = t * BM + tl.arange(0, BM)
+    q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
+    k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+    v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
+    qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.full([BM], 0.0, tl.float32)
+    acc = tl.full([BM, BD], 0.0, tl.float32)
+    e0 = tl.load(PTR + t)
+    em = tl.load(MID + t)
+    e1 = tl.load(PTR + t + 1)
+    for e in range(_bound(e0, INTERP), _bound(em, INTERP)):
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), 0, 0, rows, qp,
+            KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP,
+            ALIBI_ON, KPOS_ON, False, D, BD, BN, PREC, UNIT, INTERP)
+    for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), tl.load(B0 + e),
+            tl.load(B1 + e), rows, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
+            BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, D, BD, BN, PREC, UNIT, INTERP)
+    if KIND == 0:
+        seen = l_i > 0.0
+        acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+        tl.store(LSE + bh.to(tl.int64) * SQ + rows, lse, mask=rows < SQ)
+    _store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, rows, s_om, SQ, acc, D, BD)
+# fmt: on
+
+
+@triton.jit
+def delta_kernel(
+    O,
+    DO,
+    DELTA,
+    s_ob,
+    s_oh,
+    s_om,
+    s_db,
+    s_dh,
+    s_dm,
+    HQ,
+    SQ,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """``delta[b, h, i] = dout_i . out_i`` in float32 (the softmax backward's row term)."""
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    dd = tl.arange(0, BD)
+    m = (rows[:, None] < SQ) & (dd[None, :] < D)
+    o = tl.load(
+        O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + rows[:, None] * s_om + dd[None, :],
+        mask=m,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + rows[:, None] * s_dm + dd[None, :],
+        mask=m,
+        other=0.0,
+    ).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * SQ + rows, tl.reduce(o * do, 1, _ADD), mask=rows < SQ)
+
+
+# fmt: off
+@triton.jit
+def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, SOFTCAP: tl.constexpr):
+    """``(weights, d(loss)/d(final score))`` from masked scores ``s``, ``dp = dO . v``
+    (``lse2`` / ``delta`` broadcast like ``s``); the softcap factor is applied by the
+    caller after the ALiBi slope's use of the final-score gradient."""
+    if KIND == 0:
+        p = tl.exp2(s - lse2)
+        ds = p * (dp - delta)
+    elif KIND == 1:
+        p = 1.0 / (1.0 + tl.exp(-(s + bias)))
+        ds = dp * p * (1.0 - p)
+    else:
+        p = tl.maximum(s, 0.0)
+        ds = tl.where(s > 0.0, dp, 0.0)
+    return p, ds
+
+
+@triton.jit
+def _dq_tile(
+    dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, qp, KPOS,
+    slope, scale, softcap, bias, SK, BANDS, BAND_IDX,
+    KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    cols = u * BN + tl.arange(0, BN)
+    k = _load(k_ptr, cols, s_kn, SK, D, BD, MASKED)
+    v = _load(v_ptr, cols, s_vn, SK, D, BD, MASKED)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
+    s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
+                   ALIBI_ON)
+    if MASKED:
+        vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
+        s = tl.where(vis, s, float("-inf"))
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    p, ds = _ds(s, dp, th, lse2[:, None], delta[:, None], bias, KIND, SOFTCAP)
+    if AGRAD_ON:
+        dsl += tl.reduce(ds * tl.abs(qp[:, None] - kp[None, :]).to(tl.float32), 1, _ADD)
+    if SOFTCAP:
+        ds = ds * (1.0 - th * th)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq, dsl
+
+
+@triton.jit
+def dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
+    ALIBI, QPOS, KPOS, AGRAD,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
+    s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
+    KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+):
+    """dQ of one query tile of one head (and its rows' share of d slope for ALiBi)."""
+    t = tl.load(ORDER + tl.program_id(0))
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // GROUP
+    rows = t * BM + tl.arange(0, BM)
+    q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
+    do = _load(DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh, rows, s_dm, SQ, D, BD,
+               True)
+    k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+    v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    if KIND == 0:
+        lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=float("inf"))
+        # A row that sees nothing anywhere (lse -inf) has p = 0 everywhere.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        delta = tl.load(DELTA + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=0.0)
+    else:
+        lse2 = tl.full([BM], 0.0, tl.float32)
+        delta = lse2
+    slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
+    qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
+    dq = tl.full([BM, BD], 0.0, tl.float32)
+    dsl = tl.full([BM], 0.0, tl.float32)
+    e0 = tl.load(PTR + t)
+    em = tl.load(MID + t)
+    e1 = tl.load(PTR + t + 1)
+    for e in range(_bound(e0, INTERP), _bound(em, INTERP)):
+        dq, dsl = _dq_tile(
+            dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), 0, 0,
+            rows, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND,
+            SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, D, BD, BN, PREC, UNIT, INTERP)
+    for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
+        dq, dsl = _dq_tile(
+            dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e),
+            tl.load(B0 + e), tl.load(B1 + e), rows, qp, KPOS, slope, scale, softcap, bias,
+            SK, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True, D, BD, BN,
+            PREC, UNIT, INTERP)
+    _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, SQ, dq * scale, D,
+           BD)
+    if AGRAD_ON:
+        tl.atomic_add(AGRAD + bh, -tl.reduce(dsl, 0, _ADD))
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, j0, j1, cols, kp, QPOS,
+    slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX,
+    KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    QPOS_ON: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+):
+    """One query tile's share of a key tile's dK / dV (scores transposed: keys x rows)."""
+    rows = t * BM + tl.arange(0, BM)
+    q = _load(q_ptr, rows, s_qm, SQ, D, BD, MASKED)
+    do = _load(do_ptr, rows, s_dm, SQ, D, BD, MASKED)
+    qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
+    qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
+    s, th = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
+                   ALIBI_ON)
+    if MASKED:
+        vis = _visible(rows[None, :], cols[:, None], BANDS, BAND_IDX, j0, j1, INTERP)
+        s = tl.where(vis, s, float("-inf"))
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    if KIND == 0:
+        if MASKED:
+            lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=float("inf"))
+            delta = tl.load(DELTA + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=0.0)
+        else:
+            lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows)
+            delta = tl.load(DELTA + bh.to(tl.int64) * SQ + rows)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    else:
+        lse2 = tl.full([BM], 0.0, tl.float32)
+        delta = lse2
+    pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, SOFTCAP)
+    if SOFTCAP:
+        dsT = dsT * (1.0 - th * th)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
+    ALIBI, QPOS, KPOS,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
+    s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn,
+    HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
+    KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """dK and dV of one key tile of one KV head, summed over the query heads sharing it
+    (GQA: no atomics, no reduction pass)."""
+    u = tl.load(ORDER + tl.program_id(0))
+    bhk = tl.program_id(1)
+    b = bhk // HK
+    hk = bhk % HK
+    cols = u * BN + tl.arange(0, BN)
+    k = _load(K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh, cols, s_kn, SK, D, BD, True)
+    v = _load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh, cols, s_vn, SK, D, BD, True)
+    kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
+    dk = tl.full([BN, BD], 0.0, tl.float32)
+    dv = tl.full([BN, BD], 0.0, tl.float32)
+    e0 = tl.load(PTR + u)
+    em = tl.load(MID + u)
+    e1 = tl.load(PTR + u + 1)
+    for g in range(0, _bound(GROUP, INTERP)):
+        h = hk * GROUP + g
+        bh = b * HQ + h
+        q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        do_ptr = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
+        slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
+        for e in range(_bound(e0, INTERP), _bound(em, INTERP)):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),
+                0, 0, cols, kp, QPOS, slope, scale, softcap, bias, shift, SQ, BANDS,
+                BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, D, BD, BM, PREC, UNIT,
+                INTERP)
+        for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),
+                tl.load(B0 + e), tl.load(B1 + e), cols, kp, QPOS, slope, scale, softcap, bias,
+                shift, SQ, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, True, D, BD,
+                BM, PREC, UNIT, INTERP)
+    _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, SK, dk * scale,
+           D, BD)
+    _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, SK, dv, D, BD)
+# fmt: on

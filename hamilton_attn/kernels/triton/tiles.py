@@ -1,0 +1,206 @@
+"""Host-side work lists of the Triton kernel: which key tiles each query tile meets.
+
+A mask is a union of bands (``q0 <= i < q1``, ``k0 <= j < k1``, ``lo <= j - i <= hi``).
+Cut the ``Sq x Sk`` grid into tiles of ``BM`` rows by ``BN`` keys; a tile is
+
+- *skipped* when no band meets it,
+- *full* when one band covers all of it (the kernel then tests nothing), or
+- *partial*: the kernel tests every element against the bands listed for the tile.
+
+:func:`tile_lists` builds, for every "row" tile (query tiles for the forward and dQ
+pass, key tiles for the dK/dV pass) the CSR list of the tiles it meets on the other axis,
+each with the range of its bands in a flat band-index array (an empty range: full).
+Built with numpy over (band, row tile) pairs, no Python loop per tile; cached per mask,
+tile sizes, direction and device, since a plan runs the same blocks every step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...masks import Mask
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """Work lists of one (mask, tile sizes, direction) on one device (int32 tensors).
+
+    ``order`` ``[n_rows]``: every row tile, the heaviest first (the launch order: heavy
+    tiles start in the first wave, light ones fill the tail; tiles meeting nothing come
+    last and write zeros). ``ptr`` ``[n_rows + 1]``:
+    entries ``ptr[t]:ptr[t+1]`` belong to row tile ``t``, its full ones
+    first: ``ptr[t]:mid[t]`` (``mid`` ``[n_rows]``). Per entry: ``col`` the other
+    axis's tile, ``b0``/``b1`` its range in ``band_idx`` (``b0 == b1``: full tile).
+    ``bands`` ``[n_bands, 6]``: ``q0, q1, k0, k1, lo, hi`` (diagonals clamped to the
+    grid, so every value fits int32)."""
+
+    order: torch.Tensor
+    ptr: torch.Tensor
+    mid: torch.Tensor
+    col: torch.Tensor
+    b0: torch.Tensor
+    b1: torch.Tensor
+    band_idx: torch.Tensor
+    bands: torch.Tensor
+    n_rows: int
+    n_entries: int
+    n_partial: int
+
+
+def _band_table(mask: Mask) -> np.ndarray:
+    sq, sk = mask.shape
+    rows = []
+    for b in mask.bands:
+        lo = max(b.lo, b.k0 - (b.q1 - 1), -sq)
+        hi = min(b.hi, (b.k1 - 1) - b.q0, sk)
+        rows.append((b.q0, b.q1, b.k0, b.k1, lo, hi))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 6)
+
+
+def _triples(bt: np.ndarray, bm: int, bn: int):
+    """All (band, q tile, k tile) meeting, with whether the band covers the whole tile."""
+    q0, q1, k0, k1, lo, hi = (bt[:, i] for i in range(6))
+    t_first, t_last = q0 // bm, (q1 - 1) // bm
+    n_t = t_last - t_first + 1
+    band = np.repeat(np.arange(len(bt)), n_t)
+    start = np.repeat(np.cumsum(n_t) - n_t, n_t)
+    qt = np.repeat(t_first, n_t) + (np.arange(band.size) - start)
+    # Rows of the tile inside the band, and the keys those rows see.
+    ra = np.maximum(q0[band], qt * bm)
+    rb = np.minimum(q1[band], (qt + 1) * bm) - 1
+    kl = np.maximum(k0[band], ra + lo[band])
+    kh = np.minimum(k1[band] - 1, rb + hi[band])
+    ok = kl <= kh
+    band, qt, kl, kh = band[ok], qt[ok], kl[ok], kh[ok]
+    u_first, u_last = kl // bn, kh // bn
+    n_u = u_last - u_first + 1
+    b2 = np.repeat(band, n_u)
+    start = np.repeat(np.cumsum(n_u) - n_u, n_u)
+    kt = np.repeat(u_first, n_u) + (np.arange(b2.size) - start)
+    qt2 = np.repeat(qt, n_u)
+    # Unclipped tile bounds: a tile reaching past Sq or Sk is never "full", so the
+    # kernel masks the padding rows / keys through the band test.
+    a, b = qt2 * bm, qt2 * bm + bm - 1
+    c, d = kt * bn, kt * bn + bn - 1
+    full = (
+        (a >= q0[b2])
+        & (b < q1[b2])
+        & (c >= k0[b2])
+        & (d < k1[b2])
+        & (c - b >= lo[b2])
+        & (d - a <= hi[b2])
+    )
+    # A band may meet the tile's row range only in rows that see other keys: keep
+    # only tiles where the band really has a pair (a diagonal strip can pass between).
+    ra = np.maximum(q0[b2], a)
+    rb = np.minimum(q1[b2] - 1, b)
+    # keys of rows ra..rb: [max(k0, r + lo), min(k1 - 1, r + hi)]; a pair exists in
+    # [c, d] iff some row's interval meets it: the union of intervals is contiguous.
+    klo = np.maximum(k0[b2], ra + lo[b2])
+    khi = np.minimum(k1[b2] - 1, rb + hi[b2])
+    hit = (klo <= d) & (khi >= c)
+    return b2[hit], qt2[hit], kt[hit], full[hit]
+
+
+def _build(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.device) -> TileLists:
+    sq, sk = mask.shape
+    bt = _band_table(mask)
+    band, qt, kt, full = _triples(bt, bm, bn)
+    rows_, cols_ = (kt, qt) if transpose else (qt, kt)
+    n_rows = -(-(sk if transpose else sq) // (bn if transpose else bm))
+    n_cols = -(-(sq if transpose else sk) // (bm if transpose else bn))
+    key = rows_ * n_cols + cols_
+    o = np.lexsort((band, key))
+    key, band, full = key[o], band[o], full[o]
+    uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
+    if uniq.size:
+        any_full = np.maximum.reduceat(full.astype(np.int8), first).astype(bool)
+    else:
+        any_full = np.zeros(0, dtype=bool)
+    e_row, e_col = uniq // n_cols, uniq % n_cols
+    # Per row tile: full entries first, then partial ones (the kernels run them in two
+    # loops, the first without any masking code).
+    perm = np.lexsort((e_col, ~any_full, e_row))
+    e_row, e_col, partial, counts = e_row[perm], e_col[perm], ~any_full[perm], counts[perm]
+    # Bands of the partial entries, in the new entry order.
+    ent = np.repeat(np.arange(uniq.size), np.diff(np.append(first, key.size)))
+    pos = np.empty(uniq.size, dtype=np.int64)
+    pos[perm] = np.arange(uniq.size)
+    keep = ~any_full[ent]
+    t_pos, t_band = pos[ent[keep]], band[keep]
+    band_idx = t_band[np.argsort(t_pos, kind="stable")]
+    nb = np.where(partial, counts, 0)
+    b1 = np.cumsum(nb)
+    b0 = b1 - nb
+    per_row = np.bincount(e_row, minlength=n_rows)
+    ptr = np.concatenate([[0], np.cumsum(per_row)])
+    mid = ptr[:-1] + np.bincount(e_row, weights=~partial, minlength=n_rows).astype(np.int64)
+    # Heaviest first; partial tiles weigh more (the band test), ties by index.
+    weight = np.bincount(e_row, weights=1.0 + 0.5 * partial, minlength=n_rows)
+    order = np.lexsort((np.arange(n_rows), -weight))
+
+    def t(x):
+        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.int32), device=device)
+
+    bands = bt if len(bt) else np.zeros((1, 6), dtype=np.int64)
+    return TileLists(
+        order=t(order),
+        ptr=t(ptr),
+        mid=t(mid),
+        col=t(e_col),
+        b0=t(b0),
+        b1=t(b1),
+        band_idx=t(band_idx if band_idx.size else np.zeros(1)),
+        bands=t(bands),
+        n_rows=int(order.size),
+        n_entries=int(uniq.size),
+        n_partial=int(partial.sum()),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def tile_counts(mask: Mask, bm: int, bn: int) -> tuple[int, int]:
+    """``(tiles visited, partial tiles)`` for ``bm x bn`` tiles (no device arrays)."""
+    if mask.is_empty():
+        return 0, 0
+    _, sk = mask.shape
+    band, qt, kt, full = _triples(_band_table(mask), bm, bn)
+    key = qt * (-(-sk // bn)) + kt
+    uniq = np.unique(key)
+    n_full = np.unique(key[full]).size
+    return int(uniq.size), int(uniq.size - n_full)
+
+
+@functools.lru_cache(maxsize=1024)
+def tile_lists(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.device) -> TileLists:
+    """The work lists of ``mask`` for ``bm x bn`` tiles (rows x keys): per query tile,
+    or per key tile when ``transpose`` (the dK/dV pass), on ``device`` (cached)."""
+    return _build(mask, bm, bn, transpose, device)
+
+
+def dense_of(lists: TileLists, mask: Mask, bm: int, bn: int, transpose: bool) -> np.ndarray:
+    """The element mask the lists describe ``[Sq, Sk]`` (tests: lists == mask)."""
+    sq, sk = mask.shape
+    out = np.zeros((sq, sk), dtype=bool)
+    ptr = lists.ptr.cpu().numpy()
+    col, b0, b1 = (x.cpu().numpy() for x in (lists.col, lists.b0, lists.b1))
+    bi, bt = lists.band_idx.cpu().numpy(), lists.bands.cpu().numpy()
+    ii, jj = np.arange(sq)[:, None], np.arange(sk)[None, :]
+    for r in range(len(ptr) - 1):
+        for e in range(ptr[r], ptr[r + 1]):
+            qt, kt = (col[e], r) if transpose else (r, col[e])
+            rs, cs = slice(qt * bm, (qt + 1) * bm), slice(kt * bn, (kt + 1) * bn)
+            if b0[e] == b1[e]:
+                out[rs, cs] = True
+                continue
+            for j in bi[b0[e] : b1[e]]:
+                q0, q1, k0, k1, lo, hi = bt[j]
+                i, k = ii[rs], jj[:, cs]
+                out[rs, cs] |= (
+                    (q0 <= i) & (i < q1) & (k0 <= k) & (k < k1) & (lo <= k - i) & (k - i <= hi)
+                )
+    return out

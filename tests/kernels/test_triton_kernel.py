@@ -1,0 +1,258 @@
+"""The ``triton`` backend under Triton's interpreter on CPU: tiny shapes, 16 x 16 tiles,
+so a few dozen tokens cross many tiles (full, partial, skipped) and the kernels'
+indexing is tested without a GPU.
+
+Oracle: float64 attention written from :mod:`hamilton_attn.variants`' formulas (the
+variant's own score pipeline ``BlockVariant.transform`` / ``weights``) over the mask's
+dense form, differentiated by autograd; bound: flash-attention's rule, the kernel's error
+at most twice that of the same oracle run in the kernel's dtype, plus a small slack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from hamilton_attn import config
+from hamilton_attn.kernels import get_kernel, select_kernel
+from hamilton_attn.masks import Mask
+from hamilton_attn.variants import BlockVariant
+
+pytest.importorskip("triton")
+
+from hamilton_attn.kernels.triton import TritonKernel  # noqa: E402
+from hamilton_attn.kernels.triton.tiles import dense_of, tile_lists  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    with config.override(triton_interpret=True):
+        yield
+
+
+def _docs_with_gap() -> Mask:
+    # Rows 20..24 see nothing; three causal documents and one full one.
+    return Mask.from_ranges(
+        [(0, 11), (11, 20), (25, 40), (40, 53)],
+        [(0, 11), (11, 20), (25, 40), (40, 53)],
+        ["causal", "causal", "full", "causal"],
+        53,
+        53,
+    )
+
+
+def _magi() -> Mask:
+    # Overlapping ranges of all four MagiAttention types.
+    return Mask.from_ranges(
+        [(0, 30), (10, 37), (5, 25), (20, 37)],
+        [(0, 40), (15, 53), (30, 50), (0, 20)],
+        ["causal", "inv_causal", "bi_causal", "full"],
+        37,
+        53,
+    )
+
+
+MASKS = {
+    "full": Mask.full(37, 53),
+    "causal": Mask.causal(53),
+    "bottom_right": Mask.causal(37, 53),
+    "window": Mask.sliding_window(53, (7, 3)),
+    "docs_gap": _docs_with_gap(),
+    "magi": _magi(),
+}
+
+
+def oracle(q, k, v, do, mask, scale, var: BlockVariant, ct=torch.float64):
+    """``[out, lse, dq, dk, dv, dslopes]`` of the variant in dtype ``ct``."""
+    hq, hk = q.shape[1], k.shape[1]
+    qf, kf, vf = (t.detach().to(ct).requires_grad_() for t in (q, k, v))
+    ke, ve = kf.repeat_interleave(hq // hk, 1), vf.repeat_interleave(hq // hk, 1)
+    al = var.alibi.to(ct).clone().requires_grad_() if var.alibi is not None else None
+    vis = mask.to_dense(q.device)
+    s = var.transform(qf @ ke.transpose(-1, -2) * scale, slice(0, q.shape[2]), alibi=al)
+    s = s.to(ct)
+    if var.kind == "softmax":
+        s = s.masked_fill(~vis, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        out = torch.exp(s - safe.unsqueeze(-1)) @ ve
+    else:
+        lse = None
+        out = torch.where(vis, var.weights(s), torch.zeros_like(s)) @ ve
+    leaves = [qf, kf, vf] + ([al] if al is not None else [])
+    grads = torch.autograd.grad(out, leaves, do.to(ct))
+    return [out.detach(), None if lse is None else lse.detach(), *grads]
+
+
+def run_triton(q, k, v, do, mask, scale, var):
+    kern = get_kernel("triton")
+    if var is not None and var.alibi is not None:
+        var = dataclasses.replace(var, alibi_grad=torch.zeros_like(var.alibi))
+    out, lse = kern.forward(q, k, v, mask, scale, variant=var)
+    grads = kern.backward(do, q, k, v, out, lse, mask, scale, variant=var)
+    extra = [var.alibi_grad] if var is not None and var.alibi is not None else []
+    return [out, lse, *grads, *extra]
+
+
+def assert_close(got, exact, same, names=("out", "lse", "dq", "dk", "dv", "dslopes")):
+    for name, a, b, c in zip(names, got, exact, same, strict=False):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape, name
+        if name == "lse":
+            assert torch.equal(torch.isneginf(a), torch.isneginf(b)), "rows that see nothing"
+        fin = torch.isfinite(b)
+        err = (a.double() - b)[fin].abs().max().item() if fin.any() else 0.0
+        base = (c.double() - b)[fin].abs().max().item() if fin.any() else 0.0
+        atol = 1e-5 * max(1.0, b[fin].abs().max().item() if fin.any() else 1.0)
+        assert err <= 2 * base + atol, f"{name}: error {err:.3g} > 2 x {base:.3g} + {atol:.1g}"
+
+
+def _inputs(mask, hq, hk, d, dtype, layout, seed=0):
+    sq, sk = mask.shape
+    g = torch.Generator().manual_seed(seed)
+
+    def make(s, h):
+        x = torch.randn(s, h, d, generator=g).to(dtype)
+        if layout == "thd":  # [T, H, D] memory, a bhsd view
+            return x.unsqueeze(0).transpose(1, 2)
+        if layout == "bshd":
+            return x.unsqueeze(0).contiguous().transpose(1, 2)
+        return x.transpose(0, 1).unsqueeze(0).contiguous()
+
+    q, k, v = make(sq, hq), make(sk, hk), make(sk, hk)
+    do = torch.randn(1, hq, sq, d, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def check(mask, var=None, hq=2, hk=1, d=16, dtype=torch.float32, layout="bshd"):
+    q, k, v, do = _inputs(mask, hq, hk, d, dtype, layout)
+    spec = BlockVariant(kind="softmax") if var is None else var
+    got = run_triton(q, k, v, do, mask, 0.3, var)
+    exact = oracle(q, k, v, do, mask, 0.3, spec)
+    same = oracle(q, k, v, do, mask, 0.3, spec, ct=dtype)
+    assert got[0].dtype == dtype and got[2].dtype == dtype and got[3].dtype == dtype
+    assert_close(got, exact, same)
+
+
+@pytest.mark.parametrize(
+    "name,hq,hk,d,dtype,layout",
+    [
+        ("full", 2, 2, 16, torch.float32, "bshd"),
+        ("causal", 4, 1, 32, torch.float16, "thd"),
+        ("bottom_right", 4, 2, 16, torch.bfloat16, "bhsd"),
+        ("window", 2, 1, 16, torch.float32, "thd"),
+        ("docs_gap", 2, 2, 24, torch.float32, "bshd"),
+        ("magi", 3, 1, 16, torch.float16, "bshd"),
+    ],
+)
+def test_masks_forward_backward(name, hq, hk, d, dtype, layout):
+    check(MASKS[name], hq=hq, hk=hk, d=d, dtype=dtype, layout=layout)
+
+
+def _alibi(hq, q_pos=None, k_pos=None, shift=0):
+    slopes = torch.tensor([[0.5, 0.25, 0.125, 0.0625][:hq]], dtype=torch.float32)
+    return BlockVariant(kind="softmax", alibi=slopes, q_pos=q_pos, k_pos=k_pos, shift=shift)
+
+
+@pytest.mark.parametrize(
+    "label,var,mask",
+    [
+        ("softcap", BlockVariant(kind="softmax", softcap=2.0), "magi"),
+        ("alibi", _alibi(2, shift=16), "bottom_right"),
+        (
+            "alibi_pos",
+            _alibi(
+                2,
+                q_pos=torch.arange(37, dtype=torch.int64) * 2 + 5,
+                k_pos=torch.arange(53, dtype=torch.int64) + 3,
+                shift=-4,
+            ),
+            "full",
+        ),
+        (
+            "softcap_alibi",
+            dataclasses.replace(_alibi(2, shift=0), softcap=3.0),
+            "docs_gap",
+        ),
+        ("sigmoid", BlockVariant(kind="sigmoid", bias=-1.5), "docs_gap"),
+        ("relu", BlockVariant(kind="relu"), "magi"),
+    ],
+)
+def test_variants_forward_backward(label, var, mask):
+    check(MASKS[mask], var=var, hq=2, hk=1, layout="thd" if label == "relu" else "bshd")
+
+
+def test_merged_lse_backward_is_the_blocks_share():
+    """Two key blocks, forward each, merge, backward each with the merged out / lse:
+    the shares sum to the gradient of the whole."""
+    mask = MASKS["magi"]
+    q, k, v, do = _inputs(mask, 2, 1, 16, torch.float32, "bshd", seed=3)
+    kern = get_kernel("triton")
+    cut = 29
+    parts = [(0, cut), (cut, 53)]
+    res = []
+    for a, b in parts:
+        m = mask.slice((0, 37), (a, b))
+        res.append((m, *kern.forward(q, k[:, :, a:b], v[:, :, a:b], m, 0.3)))
+    lse = torch.logaddexp(res[0][2], res[1][2])
+    w = [torch.exp(r[2] - lse).nan_to_num(0.0).unsqueeze(-1) for r in res]
+    out = (w[0] * res[0][1] + w[1] * res[1][1]).to(q.dtype)
+    lse = torch.where(torch.isnan(lse), torch.full_like(lse, float("-inf")), lse)
+    dq = torch.zeros_like(q)
+    dks, dvs = [], []
+    for (a, b), (m, _, _) in zip(parts, res, strict=True):
+        g = kern.backward(do, q, k[:, :, a:b], v[:, :, a:b], out, lse, m, 0.3)
+        dq += g[0]
+        dks.append(g[1])
+        dvs.append(g[2])
+    whole = oracle(q, k, v, do, mask, 0.3, BlockVariant(kind="softmax"))
+    for got, want in ((out, whole[0]), (dq, whole[2])):
+        assert (got.double() - want).abs().max() < 1e-4
+    assert (torch.cat(dks, 2).double() - whole[3]).abs().max() < 1e-4
+    assert (torch.cat(dvs, 2).double() - whole[4]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tile_lists_cover_the_mask_exactly(name, transpose):
+    mask = MASKS[name]
+    for bm, bn in ((16, 16), (16, 8), (32, 16)):
+        lists = tile_lists(mask, bm, bn, transpose, torch.device("cpu"))
+        got = dense_of(lists, mask, bm, bn, transpose)
+        assert np.array_equal(got, mask.to_dense("cpu").numpy())
+        ptr, mid = lists.ptr.numpy(), lists.mid.numpy()
+        b0, b1 = lists.b0.numpy(), lists.b1.numpy()
+        for r in range(len(mid)):  # full entries first, then partial ones
+            assert (b0[ptr[r] : mid[r]] == b1[ptr[r] : mid[r]]).all()
+            assert (b0[mid[r] : ptr[r + 1]] < b1[mid[r] : ptr[r + 1]]).all()
+        assert sorted(lists.order.tolist()) == list(range(len(mid)))
+
+
+def test_empty_mask_and_unsupported_inputs():
+    kern = TritonKernel()
+    q = torch.randn(1, 2, 8, 16)
+    empty = Mask([], 8, 8)
+    out, lse = kern.forward(q, q, q, empty, 0.3)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out, lse = kern.forward(q, q, q, empty, 0.3, variant=BlockVariant(kind="relu"))
+    assert lse is None and (out == 0).all()
+    reason = kern.unsupported_reason(q.double(), q.double(), q.double(), Mask.causal(8))
+    assert reason is not None and "float64" in reason
+    with pytest.raises(ValueError, match="backend"):
+        select_kernel("triton", q.double(), q.double(), q.double(), Mask.causal(8))
+    sm = BlockVariant(kind="softmax", score_mod=lambda s, b, h, i, j: s)
+    assert kern.variant_problem(sm) is not None
+    assert kern.variant_problem(BlockVariant(kind="sigmoid")) is None
+
+
+def test_backend_off_cuda_without_interpreter_names_backend():
+    q = torch.randn(1, 2, 8, 16)
+    with config.override(triton_interpret=False):
+        assert not get_kernel("triton").available(q.device)
+        with pytest.raises(ValueError, match="backend"):
+            select_kernel("triton", q, q, q, Mask.causal(8))
