@@ -93,15 +93,7 @@ def select_kernel(
             raise ValueError(f"backend: {backend!r} cannot run this block: {reason}")
         return kernel
     if variant is not None:
-        for name in _variant_order(q, variant):
-            kernel = get_kernel(name)
-            if (
-                kernel.available(q.device)
-                and kernel.variant_problem(variant) is None
-                and kernel.unsupported_reason(q, k, v, mask) is None
-            ):
-                return kernel
-        return get_kernel("reference")
+        return _first_able(_variant_order(q, variant), q, k, v, mask, variant)
     if q.is_cuda:
         from .choice import choose
 
@@ -124,9 +116,19 @@ def select_kernel(
             if name is not None:
                 return get_kernel(name)
     order = ("sdpa", "flex", "reference") if q.is_cuda else ("sdpa", "reference")
+    return _first_able(order, q, k, v, mask)
+
+
+def _first_able(order, q, k, v, mask: Mask, variant=None) -> AttentionKernel:
+    """The first backend of ``order`` that can run the block (and its variant); the
+    reference kernel, which runs everything, if none can."""
     for name in order:
         kernel = get_kernel(name)
-        if kernel.available(q.device) and kernel.unsupported_reason(q, k, v, mask) is None:
+        if (
+            kernel.available(q.device)
+            and (variant is None or kernel.variant_problem(variant) is None)
+            and kernel.unsupported_reason(q, k, v, mask) is None
+        ):
             return kernel
     return get_kernel("reference")
 

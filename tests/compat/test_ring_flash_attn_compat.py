@@ -402,6 +402,14 @@ def test_llama3_mismatched_ranks_raise_everywhere(pool):
 def test_bad_arguments_name_them():
     g = SimulatedGroup(2)
     x = torch.zeros(1, 4, 2, 8)
+    cu = torch.tensor([0, 4])
+
+    def llama3(heads_k_stride, local_k_slice):
+        t = x[0]
+        return rfa.llama3_flash_attn_varlen_func(
+            t, t, t, cu, cu, 4, 4, heads_k_stride, local_k_slice, group=g
+        )
+
     cases = [
         (lambda: rfa.ring_flash_attn_func(x, x, x, dropout_p=0.1, group=g), "dropout_p"),
         (lambda: rfa.ring_flash_attn_func(x, x, x, window_size=(-2, 0), group=g), "window_size"),
@@ -441,36 +449,8 @@ def test_bad_arguments_name_them():
             ),
             "even",
         ),  # fmt: skip
-        (
-            lambda: rfa.llama3_flash_attn_varlen_func(
-                x[0],
-                x[0],
-                x[0],
-                torch.tensor([0, 4]),
-                torch.tensor([0, 4]),
-                4,
-                4,
-                3,
-                slice(0, 4),
-                group=g,
-            ),
-            "heads_k_stride",
-        ),  # fmt: skip
-        (
-            lambda: rfa.llama3_flash_attn_varlen_func(
-                x[0],
-                x[0],
-                x[0],
-                torch.tensor([0, 4]),
-                torch.tensor([0, 4]),
-                4,
-                4,
-                1,
-                slice(0, 5),
-                group=g,
-            ),
-            "local_k_slice",
-        ),  # fmt: skip
+        (lambda: llama3(3, slice(0, 4)), "heads_k_stride"),
+        (lambda: llama3(1, slice(0, 5)), "local_k_slice"),
     ]
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):

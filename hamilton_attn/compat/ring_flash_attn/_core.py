@@ -23,6 +23,7 @@ import torch
 
 from ... import Mask, Plan, calc_attn, plan
 from ...placement import Placement
+from ...placement.layouts import _coalesce
 from ...runtime.comm import group_info
 
 #: Schedules that match each family's communication (ring: KV passed around the ring;
@@ -33,21 +34,9 @@ RING, ALLGATHER = "ring", "allgather"
 # -- placements of the shard layouts ------------------------------------------------------
 
 
-def _coalesce(ranges) -> tuple[tuple[int, int], ...]:
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if a >= b:
-            continue
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return tuple(out)
-
-
 def _placement(kind: str, seqlen: int, w: int, per_rank) -> Placement:
     """A placement without padding from each rank's global ranges (in local order)."""
-    ranges = tuple(_coalesce(rr) for rr in per_rank)
+    ranges = tuple(tuple(_coalesce(rr)) for rr in per_rank)
     lens = [b - a for rr in ranges for a, b in rr]
     chunk = functools.reduce(math.gcd, lens, 0) or 1
     return Placement(kind, seqlen, seqlen, w, ranges, chunk)
@@ -232,3 +221,14 @@ def attend_bshd(q, k, v, p: Plan, scale, variant):
 def finish(out, lse, return_attn_probs: bool):
     """flash-attn's return: ``out``, or ``(out, softmax_lse, None)`` (no probabilities)."""
     return (out, lse, None) if return_attn_probs else out
+
+
+def named_forms(family: str, module: str, forms, doc) -> tuple:
+    """Name the ``(suffix, function, args)`` forms of one function family
+    (``{family}_func``, ``_kvpacked_func``, ...) as ring-flash-attention does, each with
+    the docstring ``doc(name, args)``; returns the functions in order."""
+    for suffix, f, args in forms:
+        f.__name__ = f.__qualname__ = f"{family}_{suffix}"
+        f.__doc__ = doc(f.__name__, args)
+        f.__module__ = module
+    return tuple(f for _, f, _ in forms)

@@ -63,20 +63,20 @@ def _make(layout: str, family: str):
         return _batch(layout, q, k, v, dropout_p, softmax_scale, causal, window_size,
                       alibi_slopes, deterministic, return_attn_probs, group)  # fmt: skip
 
-    made = {}
-    for suffix, f, args in (
+    forms = (
         ("func", func, "q, k, v ``[B, S_local, H, D]``"),
         ("kvpacked_func", kvpacked, "q ``[B, S_local, Hq, D]``, kv ``[B, S_local, 2, Hk, D]``"),
         ("qkvpacked_func", qkvpacked, "qkv ``[B, S_local, 3, H, D]``"),
-    ):
-        f.__name__ = f.__qualname__ = f"{family}_{suffix}"
-        f.__doc__ = (
-            f"ring-flash-attention's ``{f.__name__}`` on the core: {args}, the ``{layout}`` "
+    )
+    return _core.named_forms(
+        family,
+        __name__,
+        forms,
+        lambda name, args: (
+            f"ring-flash-attention's ``{name}`` on the core: {args}, the ``{layout}`` "
             "shard layout (see :mod:`hamilton_attn.compat.ring_flash_attn.batch`)."
-        )
-        f.__module__ = __name__
-        made[suffix] = f
-    return made["func"], made["kvpacked_func"], made["qkvpacked_func"]
+        ),
+    )
 
 
 ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func = _make(

@@ -76,21 +76,21 @@ def _make(layout: str, family: str):
                        causal, window_size, alibi_slopes, deterministic, return_attn_probs,
                        group)  # fmt: skip
 
-    made = []
-    for suffix, f, args in (
+    forms = (
         ("func", func, "q, k, v ``[T_local, H, D]``"),
         ("kvpacked_func", kvpacked, "q ``[T_local, Hq, D]``, kv ``[T_local, 2, Hk, D]``"),
         ("qkvpacked_func", qkvpacked, "qkv ``[T_local, 3, H, D]``"),
-    ):
-        f.__name__ = f.__qualname__ = f"{family}_{suffix}"
-        f.__doc__ = (
-            f"ring-flash-attention's ``{f.__name__}`` on the core: {args} and the local "
+    )
+    return _core.named_forms(
+        family,
+        __name__,
+        forms,
+        lambda name, args: (
+            f"ring-flash-attention's ``{name}`` on the core: {args} and the local "
             f"``cu_seqlens``, the ``{layout}`` per-document layout (see "
             ":mod:`hamilton_attn.compat.ring_flash_attn.varlen`)."
-        )
-        f.__module__ = __name__
-        made.append(f)
-    return tuple(made)
+        ),
+    )
 
 
 (
