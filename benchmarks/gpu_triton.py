@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gpu_kernels import doc_lengths  # noqa: E402  (this folder's kernel benchmark)
+
 import hamilton_attn as ha  # noqa: E402
 from hamilton_attn.kernels import choice, get_kernel, select_kernel  # noqa: E402
 from hamilton_attn.kernels import triton as tk  # noqa: E402
@@ -52,6 +54,7 @@ from hamilton_attn.masks import Mask  # noqa: E402
 from hamilton_attn.variants import BlockVariant  # noqa: E402
 
 DEV = torch.device("cuda")
+ONLY_TRITON = False
 
 
 def bench_ms(fn, warmup=1, reps=5, inner=2) -> float:
@@ -87,16 +90,8 @@ def uniform_docs(total, lo, hi, seed=0):
 
 
 def lognormal_docs(total, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    lens = []
-    mu = 7.0 + math.log(total / 32768)
-    while sum(lens) < total:
-        lens.append(max(16, int(torch.empty(1).log_normal_(mu, 1.2, generator=g).item())))
-    lens[-1] -= sum(lens) - total
-    if lens[-1] <= 0:
-        lens.pop()
-        lens[-1] += total - sum(lens)
-    return lens
+    """Long-tailed document lengths: the same documents as ``gpu_kernels.py``'s."""
+    return doc_lengths(total, seed)
 
 
 # -- correctness -----------------------------------------------------------------------
@@ -177,7 +172,7 @@ def oracle(q, k, v, do, mask, scale, var):
     return [out.detach(), lse.detach() if lse is not None else None, gs[0], dk, dv] + list(gs[3:])
 
 
-def run_checks(quick):
+def run_checks(quick, only=None):
     bf, fp16, f32 = torch.bfloat16, torch.float16, torch.float32
     res = []
     cases = [
@@ -209,6 +204,8 @@ def run_checks(quick):
         cases.append(
             (f"{kind} causal 700 bf16", Mask.causal(700), bf, dict(variant=BlockVariant(**kw)))
         )
+    if only:
+        cases = [c for c in cases if any(w in c[0] for w in only.split(","))]
     for name, m, dt, kw in cases[: 4 if quick else None]:
         try:
             res.append(check(name, m, dt, **kw))
@@ -279,6 +276,8 @@ def perf_case(
     q, k, v = rand_bhsd(sq, h, d, 1), rand_bhsd(sk, h, d, 2), rand_bhsd(sk, h, d, 3)
     flops = 4.0 * h * d * mask.area()
     row = {"case": case, "pairs_M": mask.area() / 1e6}
+    if ONLY_TRITON:
+        impls = ("triton",)
     for impl in impls:
         try:
             if impl == "cudnn" and dense is not None:
@@ -323,6 +322,8 @@ def _fused_case(rows, sched, mname, per_rank):
     s_eq = int(round(math.sqrt(2 * m.area())))
     case = f"{sched} {mname} {per_rank // 1024}K/rank step ({n} pieces)"
     perf_case(rows, case, m, impls=("triton", "cudnn"))
+    if ONLY_TRITON:
+        return
     tf, tfb = time_cudnn_dense(s_eq, True)
     fl = 4.0 * 32 * 128 * s_eq * (s_eq + 1) / 2
     rows[-1]["dense_cudnn"] = (fl / tf / 1e9, 3.5 * fl / tfb / 1e9)
@@ -392,55 +393,55 @@ def run_perf(budget_s, save):
     return rows
 
 
-def sweep():
-    """Forward / backward configs on two cases (tuning; not saved)."""
-    masks = {"causal32K": Mask.causal(32768), "docs64-512": docs_mask(uniform_docs(32768, 64, 512))}
-    fwd = [
-        (128, 64, 8, 3),
-        (128, 64, 8, 4),
-        (128, 128, 8, 2),
-        (64, 64, 4, 3),
-        (64, 32, 4, 3),
-        (64, 32, 4, 4),
-        (64, 32, 4, 2),
-        (64, 64, 4, 4),
-    ]
-    bwd = [
-        ((64, 32, 4, 3), (32, 64, 4, 3)),
-        ((64, 32, 4, 4), (32, 64, 4, 4)),
-        ((64, 64, 8, 3), (64, 64, 8, 3)),
-        ((128, 32, 8, 3), (32, 128, 8, 3)),
-        ((64, 32, 4, 2), (32, 64, 4, 2)),
-        ((32, 32, 4, 3), (32, 32, 4, 3)),
-        ((64, 64, 4, 3), (64, 32, 4, 3)),
-    ]
+def sweep(budget_s=1e9):
+    """Forward / dQ / dK-dV configs on three masks (tuning; printed, not saved): each
+    pass's candidates with the other passes at their defaults."""
+    t0 = time.monotonic()
+    masks = {
+        "causal32K": Mask.causal(32768),
+        "docs64-512": docs_mask(uniform_docs(32768, 64, 512)),
+        "lognormal": docs_mask(lognormal_docs(32768)),
+    }
+    cands = {
+        "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+                (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)],
+        "dq": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 3)],
+        "dkdv": [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+                 (32, 32, 4, 3)],
+    }  # fmt: skip
     kern = get_kernel("triton")
-    saved = {p: dict(c) for p, c in tk.CONFIGS.items()}
+    saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     for name, m in masks.items():
         q, k, v = (rand_bhsd(32768, 32, 128, i) for i in range(3))
         fl = 4.0 * 32 * 128 * m.area()
-        for cfg in fwd:
-            tk.CONFIGS["fwd"][128] = [cfg]
-            tk._pick.cache_clear()
-            try:
-                tf = bench_ms(lambda: kern.forward(q, k, v, m, 0.088), reps=5)  # noqa: B023
-                print(f"sweep {name} fwd {cfg}: {fl / tf / 1e9:.1f}", flush=True)
-            except Exception as err:  # noqa: BLE001
-                print(f"sweep {name} fwd {cfg}: failed {str(err)[:120]}", flush=True)
-        tk.CONFIGS["fwd"] = dict(saved["fwd"])
-        tk._pick.cache_clear()
         o, l_ = kern.forward(q, k, v, m, 0.088)
         do = torch.randn_like(o)
-        for dq, dkv in bwd:
-            tk.CONFIGS["dq"][128], tk.CONFIGS["dkdv"][128] = [dq], [dkv]
+        for pass_, cfgs in cands.items():
+            for cfg in cfgs:
+                if time.monotonic() - t0 > budget_s:
+                    print("sweep: budget spent", flush=True)
+                    return
+                tk.CONFIGS[pass_][128] = [cfg]
+                tk._pick.cache_clear()
+                try:
+                    if pass_ == "fwd":
+                        t = bench_ms(lambda: kern.forward(q, k, v, m, 0.088), reps=5)  # noqa: B023
+                        rate = fl / t / 1e9
+                    else:
+                        t = bench_ms(lambda: kern.backward(do, q, k, v, o, l_, m, 0.088), reps=5)  # noqa: B023, E501
+                        rate = 2.5 * fl / t / 1e9
+                    n, part = tk.tile_counts(m, cfg[0], cfg[1]) if pass_ != "dkdv" else (0, 0)
+                    print(
+                        f"sweep {name} {pass_} {cfg}: {rate:.1f} TF/s  ({t:.3f} ms, tiles "
+                        f"{n}, partial {part})",
+                        flush=True,
+                    )
+                except Exception as err:  # noqa: BLE001
+                    print(f"sweep {name} {pass_} {cfg}: failed {str(err)[:300]}", flush=True)
+                tk.CONFIGS[pass_] = {d: list(c) for d, c in saved[pass_].items()}
             tk._pick.cache_clear()
-            try:
-                tb = bench_ms(lambda: kern.backward(do, q, k, v, o, l_, m, 0.088), reps=5)  # noqa: B023
-                print(f"sweep {name} bwd {dq} {dkv}: {2.5 * fl / tb / 1e9:.1f}", flush=True)
-            except Exception as err:  # noqa: BLE001
-                print(f"sweep {name} bwd {dq} {dkv}: failed {str(err)[:120]}", flush=True)
-        tk.CONFIGS.update({p: dict(c) for p, c in saved.items()})
-        tk._pick.cache_clear()
+        q = k = v = o = do = None  # noqa: F841 - free before the next mask
+        torch.cuda.empty_cache()
 
 
 def fmt(x):
@@ -501,14 +502,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-budget-s", type=float, default=1e9)
+    ap.add_argument("--checks", default=None, help="run only checks naming one of these (a,b)")
+    ap.add_argument("--triton-only", action="store_true", help="time only the triton kernel")
     ap.add_argument("--no-perf", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no case after this")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 256
-    checks = run_checks(args.quick)
+    checks = run_checks(args.quick, args.checks)
     if args.sweep:
-        sweep()
+        sweep(args.sweep_budget_s)
+    if args.triton_only:
+        global ONLY_TRITON
+        ONLY_TRITON = True
 
     def save(rows):
         write(rows, checks, argv, args.out_dir, quiet=True)

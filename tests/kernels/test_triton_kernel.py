@@ -256,3 +256,38 @@ def test_backend_off_cuda_without_interpreter_names_backend():
         assert not get_kernel("triton").available(q.device)
         with pytest.raises(ValueError, match="backend"):
             select_kernel("triton", q, q, q, Mask.causal(8))
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_row_intervals_and_runs_describe_the_mask(name):
+    """Per-row key intervals (when given) are the mask exactly; the runs of full tiles are
+    exactly the full entries of each row tile."""
+    from hamilton_attn.kernels.triton.tiles import row_intervals
+
+    mask = MASKS[name]
+    rows = row_intervals(mask, torch.device("cpu"))
+    dense = mask.to_dense("cpu").numpy()
+    if rows is not None:
+        lo, hi = (x.numpy()[:, None] for x in rows)
+        j = np.arange(mask.shape[1])[None, :]
+        assert np.array_equal((j >= lo) & (j <= hi), dense)
+    else:  # only where some row's keys have a gap
+        assert any(np.diff(np.flatnonzero(r)).max(initial=1) > 1 for r in dense)
+    for transpose in (False, True):
+        lists = tile_lists(mask, 16, 8, transpose, torch.device("cpu"))
+        ptr, mid, col = lists.ptr.numpy(), lists.mid.numpy(), lists.col.numpy()
+        rp, rs, rl = (x.numpy() for x in (lists.run_ptr, lists.run_start, lists.run_len))
+        for r in range(len(mid)):
+            got = [c for i in range(rp[r], rp[r + 1]) for c in range(rs[i], rs[i] + rl[i])]
+            assert got == list(col[ptr[r] : mid[r]])
+
+
+@pytest.mark.parametrize("name", ["causal", "docs_gap", "window"])
+def test_band_test_path_without_row_intervals(name, monkeypatch):
+    """The partial tiles' band test (used where rows' keys are not one interval), forced
+    on masks that have row intervals."""
+    from hamilton_attn.kernels import triton as tk
+
+    monkeypatch.setattr(tk, "USE_ROW_INTERVALS", False)
+    check(MASKS[name], hq=2, hk=1, d=16, dtype=torch.float32)
+    check(MASKS[name], var=BlockVariant(kind="sigmoid", bias=0.5), hq=2, hk=1)

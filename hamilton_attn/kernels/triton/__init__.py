@@ -33,7 +33,7 @@ import torch
 from ... import config
 from ...masks import Mask
 from ..base import AttentionKernel, check_block, empty_result, zeros_bhsd
-from .tiles import TileLists, tile_counts, tile_lists
+from .tiles import TileLists, row_intervals, tile_counts, tile_lists
 
 _KINDS = {"softmax": 0, "sigmoid": 1, "relu": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,24 +46,29 @@ LOG2E = 1.4426950408889634
 CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "fwd": {
         64: [(128, 64, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 128, 8, 2), (64, 64, 4, 3)],
+        128: [(128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
         256: [(64, 32, 4, 2)],
     },
     "dq": {
         64: [(64, 32, 4, 3)],
-        128: [(64, 32, 4, 2)],
+        128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
         256: [(64, 32, 8, 1)],
     },
     "dkdv": {
         64: [(32, 64, 4, 3)],
-        128: [(32, 64, 4, 2)],
+        128: [(64, 128, 8, 3), (32, 64, 4, 2)],
         256: [(32, 32, 8, 1)],
     },
 }
 #: Relative speed of each candidate on a dense tile (the first is 1): the pick minimises
 #: ``tiles * BM * BN / speed``.
-SPEED = {"fwd": (1.0, 0.9), "dq": (1.0,), "dkdv": (1.0,)}
+#: (2026-12-02 sweep, H200, D 128: causal 32K picks the first of each pass, lognormal
+#: documents 128 x 128 / 64 x 64 / 64 x 128, 64-512-token documents the smallest.)
+SPEED = {"fwd": (1.0, 0.94, 0.9), "dq": (1.0, 0.99, 0.95), "dkdv": (1.0, 0.85)}
 _INTERP_CONFIG = (16, 16, 1, 1)
+#: Test partial tiles against per-row key intervals where the mask allows
+#: (:func:`.tiles.row_intervals`); off: always against the bands (tests switch it).
+USE_ROW_INTERVALS = True
 
 
 @functools.cache
@@ -92,15 +97,16 @@ def _pow2(d: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _pick(mask: Mask, pass_: str, d: int, interpret: bool, device: torch.device):
+def _pick(mask: Mask, pass_: str, d: int, interpret: bool, device: torch.device, wide=False):
     """``(config, tile lists)`` for one pass of ``mask``: the candidate with the least
-    estimated work (tiles visited times their area, over the candidate's speed)."""
+    estimated work (tiles visited times their area, over the candidate's speed). ``wide``
+    (float32 inputs): the smallest tiles (those of head dim 256), which fit shared memory."""
     transpose = pass_ == "dkdv"
     if interpret:
         cfg = _INTERP_CONFIG
         return cfg, tile_lists(mask, cfg[0], cfg[1], transpose, device)
     best = None
-    for cfg, speed in zip(CONFIGS[pass_][_bucket(d)], SPEED[pass_], strict=False):
+    for cfg, speed in zip(CONFIGS[pass_][256 if wide else _bucket(d)], SPEED[pass_], strict=False):
         lists = tile_lists(mask, cfg[0], cfg[1], transpose, device)
         cost = lists.n_entries * cfg[0] * cfg[1] / speed
         if best is None or cost < best[0]:
@@ -219,8 +225,16 @@ class TritonKernel(AttentionKernel):
         )
 
     @staticmethod
-    def _lists_args(L: TileLists):
-        return (L.order, L.ptr, L.mid, L.col, L.b0, L.b1, L.band_idx, L.bands)
+    def _lists_args(L: TileLists, rows):
+        rlo, rhi = rows if rows is not None else (L.ptr, L.ptr)
+        return (
+            L.order, L.ptr, L.mid, L.col, L.b0, L.b1, L.band_idx, L.bands,
+            L.run_ptr, L.run_start, L.run_len, rlo, rhi,
+        )  # fmt: skip
+
+    @staticmethod
+    def _rows(mask, device):
+        return row_intervals(mask, device) if USE_ROW_INTERVALS else None
 
     # -- forward / backward --------------------------------------------------------------
 
@@ -240,19 +254,23 @@ class TritonKernel(AttentionKernel):
         jit = load(interp)
         b, hq, sq, d = q.shape
         hk, sk = k.shape[1], k.shape[2]
-        (bm, bn, warps, stages), L = _pick(mask, "fwd", d, interp, q.device)
+        (bm, bn, warps, stages), L = _pick(
+            mask, "fwd", d, interp, q.device, q.dtype == torch.float32
+        )
         va = self._variant_args(q, variant)
         out = zeros_bhsd(q, fill=False)
         lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         extra = {} if interp else dict(num_warps=warps, num_stages=stages)
+        rows = self._rows(mask, q.device)
+        plain = va["kind"] == 0 and not va["SOFTCAP"] and not va["ALIBI_ON"]
         jit.fwd_kernel[(L.n_rows, b * hq)](
             q,
             k,
             v,
             out,
             lse,
-            *self._lists_args(L),
+            *self._lists_args(L, rows),
             va["alibi"],
             va["qpos"],
             va["kpos"],
@@ -273,6 +291,9 @@ class TritonKernel(AttentionKernel):
             ALIBI_ON=va["ALIBI_ON"],
             QPOS_ON=va["QPOS_ON"],
             KPOS_ON=va["KPOS_ON"],
+            ROWS=rows is not None,
+            FUSE=plain and scale > 0,
+            FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
             BD=_pow2(d),
             BM=bm,
@@ -329,7 +350,10 @@ class TritonKernel(AttentionKernel):
         agrad_on = agrad is not None and va["ALIBI_ON"]
         ag = torch.zeros((b, hq), dtype=torch.float32, device=q.device) if agrad_on else lse
         dq = zeros_bhsd(q, fill=False)
-        (bm, bn, warps, stages), L = _pick(mask, "dq", d, interp, q.device)
+        rows = self._rows(mask, q.device)
+        (bm, bn, warps, stages), L = _pick(
+            mask, "dq", d, interp, q.device, q.dtype == torch.float32
+        )
         extra = {} if interp else dict(num_warps=warps, num_stages=stages)
         common = dict(
             KIND=va["kind"],
@@ -337,6 +361,8 @@ class TritonKernel(AttentionKernel):
             ALIBI_ON=va["ALIBI_ON"],
             QPOS_ON=va["QPOS_ON"],
             KPOS_ON=va["KPOS_ON"],
+            ROWS=rows is not None,
+            FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
             BD=bd,
             PREC=prec,
@@ -351,7 +377,7 @@ class TritonKernel(AttentionKernel):
             dq,
             lse,
             delta,
-            *self._lists_args(L),
+            *self._lists_args(L, rows),
             va["alibi"],
             va["qpos"],
             va["kpos"],
@@ -376,7 +402,9 @@ class TritonKernel(AttentionKernel):
             **extra,
         )
         dk, dv = zeros_bhsd(k, fill=False), zeros_bhsd(v, fill=False)
-        (bm, bn, warps, stages), L = _pick(mask, "dkdv", d, interp, q.device)
+        (bm, bn, warps, stages), L = _pick(
+            mask, "dkdv", d, interp, q.device, q.dtype == torch.float32
+        )
         extra = {} if interp else dict(num_warps=warps, num_stages=stages)
         jit.dkdv_kernel[(L.n_rows, b * hk)](
             q,
@@ -387,7 +415,7 @@ class TritonKernel(AttentionKernel):
             dv,
             lse,
             delta,
-            *self._lists_args(L),
+            *self._lists_args(L, rows),
             va["alibi"],
             va["qpos"],
             va["kpos"],

@@ -39,6 +39,36 @@ def _bound(x, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    """tanh: the GPU's ``tanh.approx.f32`` (relative error about 2^-11, one special-function
+    op) when ``FAST`` (bfloat16 inputs, compiled), else through exp (the interpreter has no
+    libdevice; 1 - 2/(e^2x + 1) saturates cleanly at both ends)."""
+    if FAST:
+        # b32 registers (PTX accepts bit-size operands for f32 instructions).
+        y = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;",
+            "=r,r",
+            [x.to(tl.float32).to(tl.int32, bitcast=True)],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+        return y.to(tl.float32, bitcast=True)
+    else:
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    """sigmoid; ``FAST``: ``0.5 tanh(x / 2) + 0.5`` with the approximate tanh (one
+    special-function op instead of exp and a division)."""
+    if FAST:
+        return 0.5 * _tanh(0.5 * x, True) + 0.5
+    else:
+        return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _score(
     qk,
     qp,
@@ -49,13 +79,12 @@ def _score(
     UNIT: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """Transformed scores (times ``UNIT``) of raw dots ``qk``, and tanh for softcap's
     derivative. ``qp`` / ``kp`` broadcast against ``qk`` (either orientation)."""
     if SOFTCAP:
-        # tanh through exp: the interpreter has no libdevice; 1 - 2/(e^2x + 1) saturates
-        # cleanly at both ends.
-        th = 1.0 - 2.0 / (tl.exp(qk * (2.0 * scale / softcap)) + 1.0)
+        th = _tanh(qk * (scale / softcap), FAST)
         s = th * (softcap * UNIT)
     else:
         th = qk
@@ -63,6 +92,12 @@ def _score(
     if ALIBI:
         s = s - (slope * UNIT) * tl.abs(qp - kp).to(tl.float32)
     return s, th
+
+
+@triton.jit
+def _rows_vis(rows_lo, rows_hi, kj):
+    """Per-row interval visibility (``lo[i] <= j <= hi[i]``, broadcast)."""
+    return (kj >= rows_lo) & (kj <= rows_hi)
 
 
 @triton.jit
@@ -105,43 +140,67 @@ def _store(ptr, idx, stride, n, x, D: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _positions(POS, idx, n, shift, ON: tl.constexpr):
+    """ALiBi positions: the given ones (int64), else ``idx + shift`` in int32 (int64 only
+    when ``shift`` needs it)."""
     if ON:
         return tl.load(POS + idx, mask=idx < n, other=0) + shift
     else:
-        return idx.to(tl.int64) + shift
+        return idx + shift
 
 
 # fmt: off
 @triton.jit
 def _fwd_tile(
-    acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, qp, KPOS, slope,
+    acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, rlo, rhi, qp, KPOS, slope,
     scale, softcap, bias, SK, BANDS, BAND_IDX,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-    KPOS_ON: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
+    FAST: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """One key tile of the forward: the online softmax update (or the plain sum)."""
+    """One key tile of the forward: the online softmax update (or the plain sum).
+    ``FUSE`` (plain softmax, scale > 0): the row max is taken on raw dots and the scale
+    folded into one multiply-add per score, as FlashAttention does."""
     cols = u * BN + tl.arange(0, BN)
     k = _load(k_ptr, cols, s_kn, SK, D, BD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
-    s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
-                   ALIBI_ON)
     if MASKED:
-        vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
-        s = tl.where(vis, s, float("-inf"))
-    if KIND == 0:
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        if ROWS:
+            vis = _rows_vis(rlo[:, None], rhi[:, None], cols[None, :])
+        else:
+            vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
+    if FUSE:
+        c = scale * UNIT
+        if MASKED:
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * c)
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
+        p = tl.exp2(qk * c - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
         acc = acc * alpha[:, None]
         m_i = m_new
-    elif KIND == 1:
-        p = 1.0 / (1.0 + tl.exp(-(s + bias)))
     else:
-        p = tl.maximum(s, 0.0)
+        kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
+        s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
+                       ALIBI_ON, FAST)
+        if MASKED:
+            s = tl.where(vis, s, float("-inf"))
+        if KIND == 0:
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        elif KIND == 1:
+            p = _sigmoid(s + bias, FAST)  # 0 at s = -inf (tanh.approx(-inf) is -1)
+        else:
+            p = tl.maximum(s, 0.0)
     v = _load(v_ptr, cols, s_vn, SK, D, BD, MASKED)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, m_i, l_i
@@ -149,11 +208,13 @@ def _fwd_tile(
 
 @triton.jit
 def fwd_kernel(
-    Q, K, V, O, LSE, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS, ALIBI, QPOS, KPOS,
+    Q, K, V, O, LSE, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS, RPTR, RSTART, RLEN,
+    RLO, RHI, ALIBI, QPOS, KPOS,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
+    FAST: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
@@ -168,22 +229,33 @@ def fwd_kernel(
     v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
+    if ROWS:
+        rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
+        rhi = tl.load(RHI + rows, mask=rows < SQ, other=0)
+    else:
+        rlo = rows
+        rhi = rows
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.full([BM], 0.0, tl.float32)
     acc = tl.full([BM, BD], 0.0, tl.float32)
-    e0 = tl.load(PTR + t)
+    r0 = tl.load(RPTR + t)
+    r1 = tl.load(RPTR + t + 1)
+    for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
+        u0 = tl.load(RSTART + r)
+        u1 = u0 + tl.load(RLEN + r)
+        for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
+                KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP,
+                ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, D, BD, BN, PREC, UNIT, INTERP)
     em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
-    for e in range(_bound(e0, INTERP), _bound(em, INTERP)):
-        acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), 0, 0, rows, qp,
-            KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP,
-            ALIBI_ON, KPOS_ON, False, D, BD, BN, PREC, UNIT, INTERP)
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), tl.load(B0 + e),
-            tl.load(B1 + e), rows, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
-            BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, D, BD, BN, PREC, UNIT, INTERP)
+            tl.load(B1 + e), rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
+            BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST, D, BD, BN,
+            PREC, UNIT, INTERP)
     if KIND == 0:
         seen = l_i > 0.0
         acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -232,7 +304,7 @@ def delta_kernel(
 
 # fmt: off
 @triton.jit
-def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, SOFTCAP: tl.constexpr):
+def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
     """``(weights, d(loss)/d(final score))`` from masked scores ``s``, ``dp = dO . v``
     (``lse2`` / ``delta`` broadcast like ``s``); the softcap factor is applied by the
     caller after the ALiBi slope's use of the final-score gradient."""
@@ -240,7 +312,7 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, SOFTCAP: tl.constexpr)
         p = tl.exp2(s - lse2)
         ds = p * (dp - delta)
     elif KIND == 1:
-        p = 1.0 / (1.0 + tl.exp(-(s + bias)))
+        p = _sigmoid(s + bias, FAST)
         ds = dp * p * (1.0 - p)
     else:
         p = tl.maximum(s, 0.0)
@@ -250,10 +322,11 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, SOFTCAP: tl.constexpr)
 
 @triton.jit
 def _dq_tile(
-    dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, qp, KPOS,
-    slope, scale, softcap, bias, SK, BANDS, BAND_IDX,
+    dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, rlo, rhi, qp,
+    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-    KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr,
+    KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr,
+    ROWS: tl.constexpr, FAST: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
@@ -263,12 +336,15 @@ def _dq_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
     s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
-                   ALIBI_ON)
+                   ALIBI_ON, FAST)
     if MASKED:
-        vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
+        if ROWS:
+            vis = _rows_vis(rlo[:, None], rhi[:, None], cols[None, :])
+        else:
+            vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
         s = tl.where(vis, s, float("-inf"))
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    p, ds = _ds(s, dp, th, lse2[:, None], delta[:, None], bias, KIND, SOFTCAP)
+    p, ds = _ds(s, dp, th, lse2[:, None], delta[:, None], bias, KIND, FAST)
     if AGRAD_ON:
         dsl += tl.reduce(ds * tl.abs(qp[:, None] - kp[None, :]).to(tl.float32), 1, _ADD)
     if SOFTCAP:
@@ -280,11 +356,12 @@ def _dq_tile(
 @triton.jit
 def dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    ALIBI, QPOS, KPOS, AGRAD,
+    RPTR, RSTART, RLEN, RLO, RHI, ALIBI, QPOS, KPOS, AGRAD,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
     s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
+    ROWS: tl.constexpr, FAST: tl.constexpr,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -310,22 +387,33 @@ def dq_kernel(
         delta = lse2
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
+    if ROWS:
+        rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
+        rhi = tl.load(RHI + rows, mask=rows < SQ, other=0)
+    else:
+        rlo = rows
+        rhi = rows
     dq = tl.full([BM, BD], 0.0, tl.float32)
     dsl = tl.full([BM], 0.0, tl.float32)
-    e0 = tl.load(PTR + t)
+    r0 = tl.load(RPTR + t)
+    r1 = tl.load(RPTR + t + 1)
+    for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
+        u0 = tl.load(RSTART + r)
+        u1 = u0 + tl.load(RLEN + r)
+        for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
+            dq, dsl = _dq_tile(
+                dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
+                rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND,
+                SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, D, BD, BN, PREC,
+                UNIT, INTERP)
     em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
-    for e in range(_bound(e0, INTERP), _bound(em, INTERP)):
-        dq, dsl = _dq_tile(
-            dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), 0, 0,
-            rows, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND,
-            SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, D, BD, BN, PREC, UNIT, INTERP)
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         dq, dsl = _dq_tile(
             dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e),
-            tl.load(B0 + e), tl.load(B1 + e), rows, qp, KPOS, slope, scale, softcap, bias,
-            SK, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True, D, BD, BN,
-            PREC, UNIT, INTERP)
+            tl.load(B0 + e), tl.load(B1 + e), rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
+            bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True, ROWS,
+            FAST, D, BD, BN, PREC, UNIT, INTERP)
     _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, SQ, dq * scale, D,
            BD)
     if AGRAD_ON:
@@ -335,9 +423,10 @@ def dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, j0, j1, cols, kp, QPOS,
-    slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX,
+    RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-    QPOS_ON: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One query tile's share of a key tile's dK / dV (scores transposed: keys x rows)."""
@@ -347,9 +436,14 @@ def _dkdv_tile(
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
     s, th = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
-                   ALIBI_ON)
+                   ALIBI_ON, FAST)
     if MASKED:
-        vis = _visible(rows[None, :], cols[:, None], BANDS, BAND_IDX, j0, j1, INTERP)
+        if ROWS:
+            rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
+            rhi = tl.load(RHI + rows, mask=rows < SQ, other=0)
+            vis = _rows_vis(rlo[None, :], rhi[None, :], cols[:, None])
+        else:
+            vis = _visible(rows[None, :], cols[:, None], BANDS, BAND_IDX, j0, j1, INTERP)
         s = tl.where(vis, s, float("-inf"))
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     if KIND == 0:
@@ -363,7 +457,7 @@ def _dkdv_tile(
     else:
         lse2 = tl.full([BM], 0.0, tl.float32)
         delta = lse2
-    pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, SOFTCAP)
+    pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, FAST)
     if SOFTCAP:
         dsT = dsT * (1.0 - th * th)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
@@ -374,12 +468,13 @@ def _dkdv_tile(
 @triton.jit
 def dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    ALIBI, QPOS, KPOS,
+    RPTR, RSTART, RLEN, RLO, RHI, ALIBI, QPOS, KPOS,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
     s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn,
     HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
@@ -395,7 +490,8 @@ def dkdv_kernel(
     kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
     dk = tl.full([BN, BD], 0.0, tl.float32)
     dv = tl.full([BN, BD], 0.0, tl.float32)
-    e0 = tl.load(PTR + u)
+    r0 = tl.load(RPTR + u)
+    r1 = tl.load(RPTR + u + 1)
     em = tl.load(MID + u)
     e1 = tl.load(PTR + u + 1)
     for g in range(0, _bound(GROUP, INTERP)):
@@ -404,18 +500,21 @@ def dkdv_kernel(
         q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
         do_ptr = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
         slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
-        for e in range(_bound(e0, INTERP), _bound(em, INTERP)):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),
-                0, 0, cols, kp, QPOS, slope, scale, softcap, bias, shift, SQ, BANDS,
-                BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, D, BD, BM, PREC, UNIT,
-                INTERP)
+        for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
+            t0 = tl.load(RSTART + r)
+            t1 = t0 + tl.load(RLEN + r)
+            for t in range(_bound(t0, INTERP), _bound(t1, INTERP)):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
+                    kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
+                    BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST, D, BD, BM,
+                    PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),
-                tl.load(B0 + e), tl.load(B1 + e), cols, kp, QPOS, slope, scale, softcap, bias,
-                shift, SQ, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, True, D, BD,
-                BM, PREC, UNIT, INTERP)
+                tl.load(B0 + e), tl.load(B1 + e), cols, kp, QPOS, RLO, RHI, slope, scale,
+                softcap, bias, shift, SQ, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON,
+                True, ROWS, FAST, D, BD, BM, PREC, UNIT, INTERP)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, SK, dk * scale,
            D, BD)
     _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, SK, dv, D, BD)

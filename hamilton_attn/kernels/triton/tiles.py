@@ -12,6 +12,13 @@ pass, key tiles for the dK/dV pass) the CSR list of the tiles it meets on the ot
 each with the range of its bands in a flat band-index array (an empty range: full).
 Built with numpy over (band, row tile) pairs, no Python loop per tile; cached per mask,
 tile sizes, direction and device, since a plan runs the same blocks every step.
+
+Full entries are also given as runs of consecutive tiles (``run_ptr`` / ``run_start`` /
+``run_len``): the kernels walk a run with a plain counted loop (regular strides, which
+Triton's software pipeliner overlaps), not one indirect entry at a time. When every
+query row sees one contiguous key interval (causal, windows, packed documents, a single
+band), :func:`row_intervals` gives it per row, and partial tiles test two bounds per
+element instead of every band.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ class TileLists:
     first: ``ptr[t]:mid[t]`` (``mid`` ``[n_rows]``). Per entry: ``col`` the other
     axis's tile, ``b0``/``b1`` its range in ``band_idx`` (``b0 == b1``: full tile).
     ``bands`` ``[n_bands, 6]``: ``q0, q1, k0, k1, lo, hi`` (diagonals clamped to the
-    grid, so every value fits int32)."""
+    grid, so every value fits int32). ``run_ptr`` ``[n_rows + 1]``: runs
+    ``run_ptr[t]:run_ptr[t+1]`` cover row tile ``t``'s full entries, run ``r`` the tiles
+    ``run_start[r] .. run_start[r] + run_len[r] - 1`` of the other axis."""
 
     order: torch.Tensor
     ptr: torch.Tensor
@@ -46,6 +55,9 @@ class TileLists:
     b1: torch.Tensor
     band_idx: torch.Tensor
     bands: torch.Tensor
+    run_ptr: torch.Tensor
+    run_start: torch.Tensor
+    run_len: torch.Tensor
     n_rows: int
     n_entries: int
     n_partial: int
@@ -142,6 +154,14 @@ def _build(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.device) 
     # Heaviest first; partial tiles weigh more (the band test), ties by index.
     weight = np.bincount(e_row, weights=1.0 + 0.5 * partial, minlength=n_rows)
     order = np.lexsort((np.arange(n_rows), -weight))
+    # Runs of consecutive full tiles (full entries are sorted by column within a row).
+    fi = np.flatnonzero(~partial)
+    fr, fc = e_row[fi], e_col[fi]
+    brk = np.ones(fi.size, dtype=bool)
+    brk[1:] = (fr[1:] != fr[:-1]) | (fc[1:] != fc[:-1] + 1)
+    starts = np.flatnonzero(brk)
+    run_len = np.diff(np.append(starts, fi.size))
+    run_ptr = np.concatenate([[0], np.cumsum(np.bincount(fr[starts], minlength=n_rows))])
 
     def t(x):
         return torch.as_tensor(np.ascontiguousarray(x, dtype=np.int32), device=device)
@@ -156,6 +176,9 @@ def _build(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.device) 
         b1=t(b1),
         band_idx=t(band_idx if band_idx.size else np.zeros(1)),
         bands=t(bands),
+        run_ptr=t(run_ptr),
+        run_start=t(fc[starts] if starts.size else np.zeros(1)),
+        run_len=t(run_len if starts.size else np.zeros(1)),
         n_rows=int(order.size),
         n_entries=int(uniq.size),
         n_partial=int(partial.sum()),
@@ -180,6 +203,18 @@ def tile_lists(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.devi
     """The work lists of ``mask`` for ``bm x bn`` tiles (rows x keys): per query tile,
     or per key tile when ``transpose`` (the dK/dV pass), on ``device`` (cached)."""
     return _build(mask, bm, bn, transpose, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def row_intervals(mask: Mask, device: torch.device):
+    """``(lo, hi)`` int32 ``[Sq]`` tensors on ``device`` when every row's visible keys
+    are one interval ``lo[i] <= j <= hi[i]`` (rows that see nothing: ``lo > hi``), else
+    None (some row sees two disjoint intervals; cached). :meth:`Mask.row_intervals`
+    with one slot."""
+    lo, hi = mask.row_intervals(device)
+    if lo.shape[0] != 1:
+        return None
+    return lo[0].contiguous(), hi[0].contiguous()
 
 
 def dense_of(lists: TileLists, mask: Mask, bm: int, bn: int, transpose: bool) -> np.ndarray:
