@@ -2,8 +2,10 @@
 # Wheels for the GPU image's `x2_hf` stage (benchmarks/gpu_run.sh): transformers==5.24.0
 # and its runtime dependencies, for CPython 3.11 and 3.12 on x86_64 Linux (5.24 requires
 # Python >= 3.11; GPU_FACTS.md says the image has 3.12), into
-# benchmarks/wheels/ (gitignored). The GPU image has no network and may lack transformers;
-# the stage installs from here with `pip install --no-index --find-links benchmarks/wheels`.
+# benchmarks/wheels/ (gitignored); and for its `linear` stage fla-core==0.6.0
+# (flash-linear-attention) with einops and packaging, all pure Python. The GPU image has
+# no network and may lack transformers and fla; the stages install from here with
+# `pip install --no-index --find-links benchmarks/wheels`.
 #
 #   bash benchmarks/fetch_wheels.sh        # here, with network; then carry benchmarks/wheels
 #
@@ -26,6 +28,10 @@ for py in 3.11 3.12; do  # transformers 5.24 needs Python >= 3.11 (no 3.10 build
     --python-version "$py" --abi "$abi" --abi abi3 --abi none "${PLATFORMS[@]}" \
     "transformers==5.24.0"
 done
+# fla-core is pure Python (py3-none-any); it declares only einops (torch and triton are
+# extras the image already has) and imports packaging without declaring it.
+pip download --quiet --dest "$DEST" --no-deps --only-binary=:all: \
+  "fla-core==0.6.0" einops packaging
 rm -f "$DEST"/numpy-*.whl  # the GPU image has numpy
 ls -1 "$DEST"
 du -sh "$DEST"

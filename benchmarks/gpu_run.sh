@@ -10,7 +10,8 @@
 # for one-GPU stages (kernels_H200_2026-12-02.md / .json), the date in UTC; its log goes
 # to log/. Everything lands in /tmp/gpu_out and is packed into $OUT/gpu_results.tar.gz
 # (or ./gpu_out/) after every stage, so a later stage running out of time loses nothing.
-# A stage's time limit is SECONDS (default 300). benchmarks/README.md says which stage
+# A stage's time limit is SECONDS (default 300). TAG (environment) is appended to every
+# name, for a second run of a stage on one day (TAG=_b). benchmarks/README.md says which stage
 # made which file in benchmarks/results/.
 set -uo pipefail
 
@@ -18,8 +19,19 @@ STAGES_HELP="
 one GPU:
   kernels                   gpu_kernels.py: sdpa/flex/auto against float64, and TF/s
   verify_cuda               hamilton-attn verify --device cuda (.txt)
+  verify_variants_cuda      the same, only the attention variants' cases (.txt)
   block_choice              gpu_block_choice.py: each fused block through sdpa and flex
   edge_check                gpu_edge_check.py: non-finite K/V at unseen keys, per backend
+  triton                    gpu_triton.py: the triton kernel against float64, and its TF/s
+                            beside cuDNN, compiled flex and auto in the same run
+  triton_variants           the same, only the variant checks and the first six cases
+                            (short / long-tailed documents, dense causal, sigmoid, softcap,
+                            ALiBi)
+  kernels_perf              gpu_kernels.py's timings only (auto beside cuDNN and flex)
+  ae_quickstart             examples/attention_engine_quickstart.py on the GPU (.txt)
+  linear, linear_timing     linear_attention.py: fla's chunk_simple_gla beside our linear
+                            attention (checks, TF/s), the state exchange's share of a step
+                            (installs fla-core from benchmarks/wheels if missing)
 two GPUs, efficiency (hamilton-attn bench at 16K tokens per GPU):
   cp_efficiency_dense       causal and full, ring and groupcast, replay and reverse, graphs
   cp_efficiency_docs        packed documents forward, eager and graph, NCCL and copy engine
@@ -99,6 +111,24 @@ ensure_transformers() {
   python -c "import transformers; print('transformers', transformers.__version__)"
 }
 
+# fla-core (flash-linear-attention) for the linear stage, likewise: pure-Python wheels
+# (fla-core, einops, packaging, which fla imports without declaring it) from
+# benchmarks/wheels; into /tmp/fla_site (only what is missing) where pip may not write.
+ensure_fla() {
+  python -c "import fla.ops.simple_gla" 2>/dev/null && return 0
+  [ -d benchmarks/wheels ] || { echo "no fla-core and no benchmarks/wheels"; return 1; }
+  pip install --no-index --find-links benchmarks/wheels fla-core==0.6.0 einops packaging \
+    && python -c "import fla.ops.simple_gla" && return 0
+  local names=fla-core
+  python -c "import einops" 2>/dev/null || names="$names einops"
+  python -c "import packaging" 2>/dev/null || names="$names packaging"
+  # shellcheck disable=SC2086  # one package name per word
+  pip install --no-index --no-deps --find-links benchmarks/wheels --target /tmp/fla_site \
+    $names || return 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/fla_site"
+  python -c "import fla; print('fla-core', fla.__version__)"
+}
+
 pack() { tar czf "$FINAL/gpu_results.tar.gz" -C /tmp gpu_out; }
 # run LOG LIMIT CMD...: the command's output goes to the screen and to LOG.
 run() {
@@ -114,14 +144,37 @@ for item in "$@"; do
   stage=${item%%:*}
   limit=${item#*:}
   [ "$limit" = "$item" ] && limit=300
-  name=${stage}_${HW}_${DATE}
-  name1=${stage}_${HW1}_${DATE}
+  name=${stage}_${HW}_${DATE}${TAG:-}
+  name1=${stage}_${HW1}_${DATE}${TAG:-}
   log="$OUT/log/$stage.txt"
   case $stage in
     kernels)
       run "$log" "$limit" python benchmarks/gpu_kernels.py --out-dir "$OUT" --name "$name1" ;;
     verify_cuda)
       run "$OUT/$name1.txt" "$limit" python -m hamilton_attn verify --device cuda ;;
+    triton)
+      # start no timed case in the last 40 s of the stage (the file is saved after each)
+      run "$log" "$limit" python benchmarks/gpu_triton.py --budget-s "$((limit - 40))" \
+        --out-dir "$OUT" --name "$name1" ;;
+    triton_variants)
+      run "$log" "$limit" python benchmarks/gpu_triton.py --checks softcap,alibi,sigmoid \
+        --first 6 --budget-s "$((limit - 40))" --out-dir "$OUT" --name "$name1" ;;
+    kernels_perf)
+      run "$log" "$limit" python benchmarks/gpu_kernels.py --no-check --out-dir "$OUT" \
+        --name "$name1" ;;
+    ae_quickstart)
+      run "$OUT/$name1.txt" "$limit" python examples/attention_engine_quickstart.py ;;
+    linear | linear_timing)
+      # linear_timing: without the float64 checks (their recurrence oracle takes minutes)
+      lin=(); [ "$stage" = linear_timing ] && lin=(--no-check)
+      # without fla the script still runs ours and records fla as missing; no timed case
+      # starts in the stage's last 60 s (the files are rewritten after each case)
+      ensure_fla || echo "linear: fla-core missing and not installable"
+      run "$log" "$limit" python benchmarks/linear_attention.py --budget-s "$((limit - 60))" \
+        "${lin[@]}" --out-dir "$OUT" --name "$name1" ;;
+    verify_variants_cuda)
+      run "$OUT/$name1.txt" "$limit" python -m hamilton_attn verify --device cuda \
+        --variants-only ;;
     block_choice)
       run "$log" "$limit" python benchmarks/gpu_block_choice.py --tokens 16384 --out "$OUT" \
         --name "$name1" ;;

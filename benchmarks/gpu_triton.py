@@ -376,10 +376,10 @@ def perf_cases():
     return cases
 
 
-def run_perf(budget_s, save):
+def run_perf(budget_s, save, first=None):
     rows = []
     t0 = time.monotonic()
-    cases = perf_cases()
+    cases = perf_cases()[:first]
     for i, case in enumerate(cases):
         if time.monotonic() - t0 > budget_s:
             print(f"time budget spent: {len(cases) - i} cases not run", flush=True)
@@ -448,10 +448,10 @@ def fmt(x):
     return "-" if x is None else f"{x[0]:.0f} / {x[1]:.0f}"
 
 
-def write(rows, checks, argv, out_dir, quiet=False):
+def write(rows, checks, argv, out_dir, quiet=False, name=None):
     gpu = torch.cuda.get_device_name().split()[-1]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    name = f"triton_{gpu}_{date}"
+    name = name or f"triton_{gpu}_{date}"
     env = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -506,8 +506,10 @@ def main(argv=None):
     ap.add_argument("--checks", default=None, help="run only checks naming one of these (a,b)")
     ap.add_argument("--triton-only", action="store_true", help="time only the triton kernel")
     ap.add_argument("--no-perf", action="store_true")
+    ap.add_argument("--first", type=int, default=None, help="time only the first N cases")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no case after this")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--name", default=None, help="file stem (default triton_GPU_date)")
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 256
     checks = run_checks(args.quick, args.checks)
@@ -518,10 +520,10 @@ def main(argv=None):
         ONLY_TRITON = True
 
     def save(rows):
-        write(rows, checks, argv, args.out_dir, quiet=True)
+        write(rows, checks, argv, args.out_dir, quiet=True, name=args.name)
 
-    rows = [] if args.no_perf else run_perf(args.budget_s, save)
-    write(rows, checks, argv, args.out_dir)
+    rows = [] if args.no_perf else run_perf(args.budget_s, save, args.first)
+    write(rows, checks, argv, args.out_dir, name=args.name)
     return 0 if all(c["ok"] for c in checks) else 1
 
 

@@ -14,6 +14,9 @@ The public API, by what it is for (``docs/DESIGN.md`` draws the layers behind it
   backward), :class:`ContextParallelAttention` (the same as a module),
   :func:`get_position_ids`, :func:`compute_pad_size`, :class:`SimulatedGroup` (plans
   for ranks that exist only on paper);
+* linear attention (:mod:`hamilton_attn.linear`): :func:`linear_attention` (a scalar
+  decay per head or per token, one device or context parallel: states, not KV, move
+  between ranks), :func:`retention`, :func:`simple_gla`, :func:`ssd` (Mamba2);
 * CUDA-graph replay: :func:`cuda_graph`, :class:`CudaGraphed`;
 * settings: :mod:`hamilton_attn.config` (every environment variable, one typed
   object, ``config.override`` for a block).
@@ -44,6 +47,9 @@ from .api import (
 from .placement import compute_pad_size
 from .runtime.comm import SimulatedGroup
 
+# Linear attention (retention, simple GLA, Mamba2's SSD), one device or context parallel.
+from .linear import linear_attention, retention, simple_gla, ssd
+
 # CUDA-graph replay of any of the above.
 from .runtime.graphs import CudaGraphed, cuda_graph
 
@@ -71,6 +77,11 @@ __all__ = [
     "get_position_ids",
     "plan",
     "undispatch",
+    # linear attention
+    "linear_attention",
+    "retention",
+    "simple_gla",
+    "ssd",
     # CUDA graphs
     "CudaGraphed",
     "cuda_graph",

@@ -109,17 +109,21 @@ def _check_param(t, name: str, shapes: list[tuple], device) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (q's device), got {t.device}")
 
 
-def probe_score_mod(score_mod: Callable, heads: int = 2, seqlen_q: int = 3, seqlen_k: int = 4):
+def probe_score_mod(
+    score_mod: Callable, heads: int = 2, seqlen_q: int = 3, seqlen_k: int = 4, device=None
+):
     """Call ``score_mod`` on a small broadcast probe (scores ``[1, h, i, j]`` with h, i, j
     at most 2, 3, 4 and within the call's heads and lengths, indices broadcastable to
-    it, as the reference kernel calls it); ValueError if it fails or returns something
-    that is not a tensor broadcastable to the scores' shape."""
+    it, as the reference kernel calls it) on ``device`` (the call's: a score_mod that
+    reads tensors it captured on that device must see its own device); ValueError if it
+    fails or returns something that is not a tensor broadcastable to the scores' shape."""
     h_n, q_n, k_n = (max(1, min(n, cap)) for n, cap in ((heads, 2), (seqlen_q, 3), (seqlen_k, 4)))
-    s = torch.randn(1, h_n, q_n, k_n)
-    b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-    h = torch.arange(h_n).view(1, h_n, 1, 1)
-    qi = torch.arange(q_n).view(1, 1, q_n, 1)
-    kj = torch.arange(k_n).view(1, 1, 1, k_n)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    s = torch.randn(1, h_n, q_n, k_n).to(dev)
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+    h = torch.arange(h_n, device=dev).view(1, h_n, 1, 1)
+    qi = torch.arange(q_n, device=dev).view(1, 1, q_n, 1)
+    kj = torch.arange(k_n, device=dev).view(1, 1, 1, k_n)
     shape = list(s.shape)
     try:
         got = score_mod(s, b, h, qi, kj)
@@ -165,7 +169,7 @@ def resolve_variant(
     if score_mod is not None:
         if not callable(score_mod):
             raise ValueError(f"score_mod: expected a callable, got {type(score_mod).__name__}")
-        probe_score_mod(score_mod, heads, seqlen_q, seqlen_k)
+        probe_score_mod(score_mod, heads, seqlen_q, seqlen_k, device)
     if isinstance(variant, Softmax):
         cap = variant.softcap
         if cap is not None and (

@@ -22,7 +22,7 @@ LAYER = {
     "attention": 4,
     "planner": 5,
     "runtime": 6,
-    "api": 7, "testing": 7,
+    "api": 7, "testing": 7, "linear": 7,
     "compat": 8, "cli": 8, "__init__": 8, "__main__": 8,
     "integrations": 9,
 }  # fmt: skip

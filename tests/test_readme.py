@@ -1,4 +1,4 @@
-"""Every example in README.md runs as written.
+"""Every example in README.md (and in the user pages of ``DOCS``) runs as written.
 
 Python blocks run in a fresh interpreter each; a block that starts with a
 ``# NAME.py`` line and says how to run it under ``torchrun`` runs that way (2 CPU
@@ -19,9 +19,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+#: The pages whose python blocks run, README first.
+DOCS = ("README.md", "docs/linear_attention.md")
+
+
+def python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), flags=re.S)
+
+
+README = (ROOT / DOCS[0]).read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
-PYTHON = [body for lang, body in BLOCKS if lang == "python"]
+PYTHON = [(page, i) for page in DOCS for i in range(len(python_blocks(page)))]
 
 
 def _env():
@@ -33,19 +41,21 @@ def _env():
 
 
 def test_readme_has_examples():
-    assert len(PYTHON) >= 2 and any(lang == "bash" for lang, _ in BLOCKS)
+    assert len(python_blocks(DOCS[0])) >= 2 and any(lang == "bash" for lang, _ in BLOCKS)
+    assert all(python_blocks(page) for page in DOCS[1:])
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON)))
-def test_readme_python_block_runs(index, tmp_path):
-    body = PYTHON[index]
+@pytest.mark.parametrize("page, index", PYTHON)
+def test_readme_python_block_runs(page, index, tmp_path):
+    body = python_blocks(page)[index]
     first = body.splitlines()[0].strip()
     named = re.fullmatch(r"#\s*(\w+\.py)", first)
     script = tmp_path / (named.group(1) if named else "block.py")
     script.write_text(body)
     if named:
-        launch = re.search(rf"`torchrun --nproc_per_node (\d+) {re.escape(script.name)}`", README)
-        assert launch, f"README: say how to run {script.name}"
+        text = (ROOT / page).read_text()
+        launch = re.search(rf"`torchrun --nproc_per_node (\d+) {re.escape(script.name)}`", text)
+        assert launch, f"{page}: say how to run {script.name}"
         cmd = [
             sys.executable,
             "-m",

@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     v.add_argument("--seqlen", type=int, default=None, help="default 97 on CPU, 1000 on GPU")
     v.add_argument("--head-dim", type=int, default=None, help="default 32 on CPU, 64 on GPU")
+    v.add_argument(
+        "--variants-only", action="store_true", help="only the attention variants' cases"
+    )
     b = sub.add_parser("bench", help="schedules vs one device and PyTorch's context_parallel")
     b.add_argument(
         "--device",
@@ -130,6 +133,7 @@ def main(argv=None) -> int:
                 device,
                 seqlen=args.seqlen or (1000 if gpu else 97),
                 head_dim=args.head_dim or (64 if gpu else 32),
+                plain=not args.variants_only,
             )
             else 1
         )

@@ -1,5 +1,6 @@
 """``hamilton-attn demo``: every schedule on W ranks (gloo on CPU, NCCL on GPUs),
-checked against the single-device reference, forward and backward."""
+checked against the single-device reference, forward and backward; then linear
+attention's state exchanges (:mod:`.demo_linear`; ``--schedules linear`` alone)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from ..schedule import SCHEDULES, spec_of
 from ..tables import format_table
 from ..testing.oracle import dense_attention, error_bound, max_err, variant_attention_oracle
 from ..variants import ReLU, Sigmoid, Softmax
+from .demo_linear import H as LINEAR_HEADS
+from .demo_linear import K as LINEAR_DIM
+from .demo_linear import linear_rows
 
 
 def demo_masks(seqlen: int) -> dict[str, Mask]:
@@ -151,7 +155,7 @@ def run_rank(
             continue
         ef = max_err(out, ref)
         eb = max(max_err(a, b) for a, b in zip(grads, ref_g))
-        atol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-3)
+        atol = _atol(dtype)
         ok = ef <= error_bound(base_f, atol=atol) and eb <= error_bound(base_b, atol=atol)
         bytes_per_token = 2 * hk * head_dim * x[1].element_size()
         if p.heads is not None:  # the inner schedule moves the head shard: KV heads / u
@@ -171,7 +175,14 @@ def run_rank(
                 "PASS" if ok else "FAIL",
             )
         )
+    if schedules is None or "linear" in schedules:
+        rows += linear_rows(ctx, masks["docs"], dev, dtype, _atol(dtype))
     return rows
+
+
+def _atol(dtype: torch.dtype) -> float:
+    """The absolute slack of the demo's error bounds, by the run's dtype."""
+    return 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-3)
 
 
 def _oracle(full, g, dense, dev, dtype, vname=None, seqlen=0):
@@ -236,7 +247,8 @@ def main(
         world_size = torch.cuda.device_count() if device == "cuda" else 8
     printer(
         f"hamilton-attn demo: {world_size} {'NCCL' if device == 'cuda' else 'gloo'} ranks "
-        f"on {device}, seqlen {seqlen}, {dtype_name}, heads 8/2 (GQA), head dim 64"
+        f"on {device}, seqlen {seqlen}, {dtype_name}, heads 8/2 (GQA), head dim 64 "
+        f"(linear rows: {LINEAR_HEADS} heads, K = V = {LINEAR_DIM})"
     )
     t0 = time.perf_counter()
     backend = "nccl" if device == "cuda" else "gloo"

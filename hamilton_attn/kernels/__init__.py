@@ -54,16 +54,17 @@ def variant_key(variant) -> tuple | None:
 
 
 def _variant_order(q: torch.Tensor, variant) -> tuple[str, ...]:
-    """``auto``'s candidates, fastest first, for a block with a variant. On GPU, softmax
-    variants (softcap, ALiBi, score_mod) go to compiled flex first: our Triton kernel
-    ran them at 239-292 TF/s on causal 32K (results/triton_H200_2026-12-02.md), below
-    flex's plain rate there (419); sigmoid and relu, which flex cannot run (it
-    normalises), go to the Triton kernel. On CPU the reference kernel (flex's CPU path
-    materialises the scores too, and is slower)."""
+    """``auto``'s candidates, fastest first, for a block with a variant. On GPU our
+    Triton kernel first: beside compiled flex in one run (causal 32K, bf16,
+    results/triton_H200_2026-12-02_s2.md) it ran softcap at 419 / 352 TF/s (flex 201 /
+    155) and ALiBi at 446 / 368 (flex 298 / 231), and sigmoid and relu, which flex cannot
+    run (it normalises), only it runs; a ``score_mod`` (which it cannot compile) falls to
+    flex. On CPU the reference kernel (flex's CPU path materialises the scores too, and
+    is slower)."""
     if not q.is_cuda:
         return ("reference",)
     if variant.kind == "softmax":
-        return ("flex", "triton", "reference")
+        return ("triton", "flex", "reference")
     return ("triton", "reference")
 
 

@@ -13,7 +13,8 @@ Model, in seconds, for ``F`` flops (``4 B Hq D`` per visible pair):
 - sdpa: ``max(n_calls * HOST_CALL + n_merges * HOST_MERGE,
   sum(F_call / CUDNN_RATE + GPU_CALL))``: host issue and GPU run overlap, the slower
   one sets the pace.
-- flex: ``HOST_FLEX + F / FLEX_RATE``.
+- flex: ``HOST_FLEX + F_blocks / FLEX_RATE * (1 + FLEX_PARTIAL * partial / blocks)``
+  over flex's 128 x 128 blocks (it computes whole blocks too).
 - triton: ``HOST_TRITON + F_tiles / TRITON_RATE * (1 + TRITON_PARTIAL * partial /
   tiles)``, ``F_tiles`` the flops of every tile the kernel visits (its work lists:
   whole tiles, so short documents cost their tiles' area, not their pairs), ``partial``
@@ -21,8 +22,10 @@ Model, in seconds, for ``F`` flops (``4 B Hq D`` per visible pair):
 
 Constants from ``benchmarks/gpu_block_choice.py`` on one H200 (bf16, 32 heads, head dim
 128; ``benchmarks/results/block_choice_H200_2026-11-30.md``): cuDNN runs large calls at 590-640
-TF/s and costs 0.06-0.16 ms of host time per call; flex (compiled, dynamic shapes) runs
-at 230-300 TF/s on packed documents and about 380 on dense causal blocks.
+TF/s and costs 0.06-0.16 ms of host time per call. The flex and triton rates are fitted
+to ``benchmarks/results/triton_H200_2026-12-02_s2.md`` (the three kernels in one run):
+flex 411 TF/s dense causal 32K, 363 on long-tailed documents, 96 on 64-512-token
+documents (most of its blocks partial); triton 503, 438 and 142 on the same.
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ HOST_MERGE = 80e-6
 GPU_CALL = 20e-6
 CUDNN_RATE = 620e12
 HOST_FLEX = 200e-6
-FLEX_RATE = 300e12
-# The Triton kernel (benchmarks/results/triton_H200_2026-12-02.md, bf16, head dim 128,
-# forward): about 430 TF/s over the area of full 128 x 128 tiles (dense causal); 64-512
-# token documents, two thirds of their 64 x 64 tiles partial, run at 150 over the tiles'
-# area, hence the partial tiles' weight.
+FLEX_RATE = 415e12
+FLEX_PARTIAL = 1.1
+FLEX_BLOCK = 128
+# The Triton kernel (bf16, head dim 128, forward): about 510 TF/s over the area of the
+# tiles it visits (dense causal); 64-512-token documents, 60% of their 64 x 32 tiles
+# partial, run at 211 over their tiles' area, hence the partial tiles' weight.
 HOST_TRITON = 40e-6
-TRITON_RATE = 430e12
-TRITON_PARTIAL = 2.75
+TRITON_RATE = 510e12
+TRITON_PARTIAL = 2.4
 
 
 def _flops(q0, q1, k0, k1, causal: bool, per_pair: float) -> float:
@@ -68,7 +72,13 @@ def sdpa_seconds(calls, per_pair: float) -> float:
 
 
 def flex_seconds(mask: Mask, per_pair: float) -> float:
-    return HOST_FLEX + per_pair * mask.area() / FLEX_RATE
+    from .triton.tiles import tile_counts
+
+    blocks, partial = tile_counts(mask, FLEX_BLOCK, FLEX_BLOCK)
+    if blocks == 0:
+        return HOST_FLEX
+    area = blocks * FLEX_BLOCK * FLEX_BLOCK
+    return HOST_FLEX + per_pair * area / FLEX_RATE * (1 + FLEX_PARTIAL * partial / blocks)
 
 
 @functools.lru_cache(maxsize=4096)

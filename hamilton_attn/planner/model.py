@@ -59,10 +59,11 @@ class DeviceModel:
     #: (``Plan.fused_block``: a staircase of rectangles for causal zigzag, documents cut
     #: across owners), as the executor runs it (one kernel call per step; on ``auto``
     #: the sdpa backend's per-piece cuDNN calls). Measured by ``benchmarks/gpu_triton.py``
-    #: on the fused block of one ``hamilton`` step at W = 8, 8K tokens per rank, causal
-    #: zigzag (results/triton_H200_2026-12-02.md): 553 TF/s forward, 532 forward+backward,
-    #: so 524 for the backward alone (2.5x the forward's flops).
-    fwd_tflops_fused: float = 553.0
+    #: on the fused block of one ``hamilton`` step at W = 8, causal zigzag
+    #: (results/triton_H200_2026-12-02_s2.md): 581 / 533 TF/s forward / forward+backward at
+    #: 8K tokens per rank, 587 / 546 at 32K, so 584 forward and 524 for the backward alone
+    #: (2.5x the forward's flops).
+    fwd_tflops_fused: float = 584.0
     bwd_tflops_fused: float = 524.0
     #: eager merge of two partials: 16K x 32 x 128 in 0.685 ms -> 9.8e10 elements/s.
     merge_elems_per_s: float = 9.8e10

@@ -311,10 +311,10 @@ def test_recognition_on_probes():
     assert classify_online(OnlineIdentity(), {}) == "identity"
     assert classify_online(OnlineRetention(), {"r_wo_clamp": 0.0, "r": 0.0}) is None
     assert classify_online(OnlineSoftmaxOne(), {"m": -math.inf, "r": 0.0}) is None
-    io, sizes = CustomIO(), (2, 3, 50, 60)
+    io = CustomIO()
 
     def fit(fn):
-        return classify_score_mod(lambda s, c, b, h, i, j: fn(s), io, {}, sizes)
+        return classify_score_mod(lambda s, c, b, h, i, j: fn(s), io, {})
 
     assert fit(lambda s: s * 0.3 + 2).kind == "affine"
     f = fit(lambda s: (s * 0.7 - 1.5).sigmoid())
@@ -436,8 +436,11 @@ def test_bad_input_names_the_argument():
     mod = AttentionEngine(meta, io, score_mod=lambda s, c, b, h, i, j: s * c.input_tensors["mask"])
     with pytest.raises(ValueError, match="mask: declared shape"):
         mod(q, k, v, torch.ones(1, 2, 16, 15, dtype=F64))
+    # A score_mod is probed at the first call, on q's device (where tensors it closes
+    # over live), before any transfer.
+    mod = AttentionEngine(meta, CustomIO(), score_mod=lambda s, c, b, h, i, j: s.nope())
     with pytest.raises(ValueError, match="score_mod"):
-        AttentionEngine(meta, CustomIO(), score_mod=lambda s, c, b, h, i, j: s.nope())
+        mod(q, k, v)
     with pytest.warns(UserWarning, match="tune_file"):
         AttentionEngine(meta, CustomIO(), **good, tune=True, tune_file="t.json")
     with warnings.catch_warnings():

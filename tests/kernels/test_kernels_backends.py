@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,6 +230,43 @@ def test_auto_choice_cost_model():
     shared = (Call(0, 512, 0, 512, False, "cudnn"), Call(0, 512, 512, 1024, True, "cudnn"))
     disjoint = (Call(0, 512, 0, 512, False, "cudnn"), Call(512, 1024, 0, 512, True, "cudnn"))
     assert choice.sdpa_seconds(shared, 1.0) > choice.sdpa_seconds(disjoint, 1.0)
+
+
+def test_auto_choice_reproduces_the_three_kernel_run():
+    """The H200 run with cuDNN, flex and triton side by side (triton_H200_2026-12-02_s2.md,
+    bf16, 32 heads, D 128): dense causal 32K sdpa 591 > triton 503 > flex 411 TF/s;
+    long-tailed documents sdpa 481 > triton 438 > flex 363; 64-512-token documents triton
+    142 > flex 96 (the model before this fit sent those to flex). On GPU the softmax
+    variants go to triton first (softcap 419 against flex's 201), score_mod blocks then
+    fall to flex (triton refuses them)."""
+    from types import SimpleNamespace
+
+    from hamilton_attn.kernels import _variant_order, choice
+    from hamilton_attn.kernels.sdpa import Call
+
+    per_pair = 4.0 * 32 * 128
+    gen = np.random.default_rng(0)
+
+    def docs(lens):
+        bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        calls = tuple(Call(a, b, a, b, True, "cudnn") for a, b in zip(bounds, bounds[1:]))
+        return Mask.varlen(bounds, causal=True), calls
+
+    def pick(mask, calls):
+        return choice.choose(mask, calls, per_pair, 128, True, True)
+
+    s = 32768
+    assert pick(Mask.causal(s), (Call(0, s, 0, s, True, "cudnn"),)) == "sdpa"
+    # benchmarks/gpu_triton.py's lognormal documents (seed 1)
+    long_tail = [2425, 1510, 1180, 2311, 637, 898, 176, 1733, 319, 557, 375]
+    long_tail += [1022, 867, 344, 1820, 1511, 661, 594, 166, 945, 12717]
+    assert pick(*docs(long_tail)) == "sdpa"
+    short = gen.integers(64, 513, 200)
+    short = short[: np.searchsorted(np.cumsum(short), s)]
+    assert pick(*docs(short)) == "triton"
+    gpu_q = SimpleNamespace(is_cuda=True)
+    assert _variant_order(gpu_q, SimpleNamespace(kind="softmax"))[:2] == ("triton", "flex")
+    assert _variant_order(gpu_q, SimpleNamespace(kind="sigmoid"))[0] == "triton"
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,14 +8,16 @@ then ``mod(q, k, v, *custom_inputs)`` on ``[B, S, H, D]`` tensors. What runs (th
 online function             score_mod (on the raw ``q.k``)   runs as
 ==========================  ===============================  ==============================
 softmax                     ``c x + d``                      ``attention(scale=c)``
-softmax                     ``cap tanh(c x / cap)``          ``Softmax(softcap=cap)``
+softmax                     ``cap tanh(c x / cap) + e``      ``Softmax(softcap=cap)``
 softmax                     anything else                    ``attention(score_mod=...)``
 weighted sum (identity)     ``sigmoid(c x + d)``             ``Sigmoid(bias=d)``, scale c
 weighted sum (identity)     ``relu(c x)``                    ``ReLU()``, scale c
 anything else               anything                         the blockwise path
 ==========================  ===============================  ==============================
 
-and ``context_parallel=plan`` runs the same through :func:`hamilton_attn.calc_attn`.
+where the score_mod's form is its exact expression (:mod:`.forms`), never a fit to
+samples; ``attention(score_mod=...)`` and the blockwise path run the user's function as
+written. ``context_parallel=plan`` runs the same through :func:`hamilton_attn.calc_attn`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ...variants import ReLU, Sigmoid, Softmax
 from .blockwise import DEFAULT_BLOCK, at_positions, blockwise_attention
 from .masks import resolve_block_mask
 from .online import OnlineFunc, initial_values
-from .recognise import classify_online, classify_score_mod
+from .recognise import check_score_mod, classify_online, classify_score_mod, custom_constants
 from .symbolic import CustomIO, unwrap, wrap
 
 BACKENDS = ("auto", "reference", "sdpa", "flex", "triton", "blockwise")
@@ -47,6 +49,14 @@ def _meta_shape(t, name: str) -> tuple[int, int, int, int]:
             f"got {type(t).__name__}{list(t.shape) if isinstance(t, torch.Tensor) else ''}"
         )
     return tuple(int(x) for x in t.shape)
+
+
+def _meta_dtype(qkv_meta) -> torch.dtype:
+    """The one floating dtype of q, k and v's meta tensors (ValueError otherwise)."""
+    dtypes = {t.dtype for t in qkv_meta}
+    if len(dtypes) != 1 or not qkv_meta[0].is_floating_point():
+        raise ValueError(f"qkv_meta: expected one floating dtype, got {sorted(map(str, dtypes))}")
+    return qkv_meta[0].dtype
 
 
 class _Route:
@@ -105,8 +115,11 @@ class AttentionEngine(torch.nn.Module):
             local shards (``dispatch``) and run under the plan's schedule.
         block_size: keys per block of the blockwise path.
 
-    ``route`` says which path calls take (with custom inputs, decided per call from
-    their values, which costs a host synchronisation when they change).
+    ``route`` says which path calls take. The score_mod is read when the engine is built
+    (AttentionEngine compiles it then): numbers it closes over are taken as they are
+    then, tensors it closes over are never read into a route (it runs as written).
+    Values that change between calls belong in custom inputs: with them the route is
+    decided at every call from their values (one host synchronisation per call).
     """
 
     def __init__(
@@ -136,12 +149,7 @@ class AttentionEngine(torch.nn.Module):
                 f"qkv_meta: shapes disagree: q {[b, hq, sq, d]}, k {[bk, hk, sk, dk]}, "
                 f"v {[bv, hv, sv, dv]} (k / v heads must divide q's)"
             )
-        dtypes = {t.dtype for t in qkv_meta}
-        if len(dtypes) != 1 or not qkv_meta[0].is_floating_point():
-            raise ValueError(
-                f"qkv_meta: expected one floating dtype, got {sorted(map(str, dtypes))}"
-            )
-        self.dtype = qkv_meta[0].dtype
+        self.dtype = _meta_dtype(qkv_meta)
         self.sizes = (b, hq, sq, sk)
         self.heads_kv, self.dims = hk, (d, dv)
         if custom_fwd_inputs is None:
@@ -196,9 +204,8 @@ class AttentionEngine(torch.nn.Module):
         elif self.mask is None:
             self.mask = Mask.full(sq, sk)
         self.online_kind = classify_online(self.online, self.init)
-        self._route_cache: tuple | None = None
-        if not self.custom.names:
-            self._route_cache = ((), self._decide({}))
+        self._route = self._decide({}) if not self.custom.names else None
+        self._checked_on: set[torch.device] = set()
         self._lo_hi = None
 
     def _check_plan(self, plan):
@@ -222,7 +229,7 @@ class AttentionEngine(torch.nn.Module):
         if self.backend == "blockwise" or kind is None:
             why = "forced" if self.backend == "blockwise" else "online function not recognised"
             return _Route("blockwise", f"blockwise ({why})")
-        fit = classify_score_mod(self.score_mod, self.custom, custom_values, self.sizes)
+        fit = classify_score_mod(self.score_mod, self.custom, custom_constants(custom_values))
         if kind == "softmax":
             if fit.kind == "affine":
                 return _Route("fast", f"softmax, scale {fit.c:.6g}", fit.c)
@@ -258,20 +265,16 @@ class AttentionEngine(torch.nn.Module):
         return score_mod
 
     def route_for(self, custom_values) -> _Route:
-        key = tuple(
-            (n, t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
-            for n, t in custom_values.items()
-        )
-        if self._route_cache is not None and self._route_cache[0] == key:
-            return self._route_cache[1]
-        route = self._decide(custom_values)
-        self._route_cache = (key, route)
-        return route
+        """The route of a call with these custom inputs: read from their values at every
+        call (an in-place change, even through ``.data``, is seen), fixed without them."""
+        if self.custom.names:
+            self._route = self._decide(custom_values)
+        return self._route
 
     @property
     def route(self) -> str:
         """The path of the last call (or of every call, without custom inputs)."""
-        return self._route_cache[1].what if self._route_cache else "decided at the first call"
+        return self._route.what if self._route is not None else "decided at the first call"
 
     # -- calls ---------------------------------------------------------------------------
     def _custom_values(self, args, kwargs) -> dict[str, torch.Tensor]:
@@ -344,9 +347,15 @@ class AttentionEngine(torch.nn.Module):
         require grad)."""
         self._check_inputs(q, k, v)
         values = self._custom_values(custom_inputs, custom_kw)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in values.values())
+        if q.device not in self._checked_on:
+            ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+            check_score_mod(self.score_mod, self.custom, values, self.sizes, q.device, ct)
+            self._checked_on.add(q.device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in values.values()):
+            self._route = _Route("blockwise", "blockwise (a custom input requires grad)")
+            return self._blockwise(q, k, v, values)
         route = self.route_for(values)
-        if route.kind == "fast" and not needs_grad:
+        if route.kind == "fast":
             if self.plan is not None:
                 return calc_attn(
                     q, k, v, self.plan, scale=route.scale, variant=route.variant,

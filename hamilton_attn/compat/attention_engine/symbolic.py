@@ -73,9 +73,10 @@ class SymbolScalar:
     """A per-row value of an online function (a row scale, ``o_scale``, ``o``).
 
     Built by the user as ``SymbolScalar("m", Var("-inf"))`` (a declaration: its value is
-    the Var's number) or by the engine around a tensor. Supports ``+ - * / **``, unary
-    ``-``, comparisons, ``abs exp exp2 log tanh sigmoid sqrt``, ``max(other)`` /
-    ``min(other)`` (elementwise with another value or a number), and torch functions
+    the Var's number) or by the engine around a tensor. Supports ``+ - * / ** // %``,
+    unary ``-``, comparisons (``==`` too: elementwise, as on tensors), ``& | ~``,
+    ``abs exp exp2 log tanh sigmoid sqrt``, ``max(other)`` / ``min(other)``
+    (elementwise with another value or a number), and torch functions
     (``torch.exp(x)``) through ``__torch_function__``."""
 
     def __init__(self, varname: str = "", value=None, prev=None, shape_idx=None, require_grad=True):
@@ -160,6 +161,36 @@ class SymbolScalar:
 
     def __ge__(self, o):
         return self._bin(o, lambda a, b: a >= b)
+
+    # Elementwise, as on tensors (so ``(q_idx - kv_idx) == 1`` is a tensor, not False).
+    def __eq__(self, o):
+        return self._bin(o, lambda a, b: a == b)
+
+    def __ne__(self, o):
+        return self._bin(o, lambda a, b: a != b)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __and__(self, o):
+        return self._bin(o, lambda a, b: a & b)
+
+    def __rand__(self, o):
+        return self._bin(o, lambda a, b: a & b, True)
+
+    def __or__(self, o):
+        return self._bin(o, lambda a, b: a | b)
+
+    def __ror__(self, o):
+        return self._bin(o, lambda a, b: a | b, True)
+
+    def __invert__(self):
+        return _wrap_like(~_as_tensor(self.value), self)
+
+    def __mod__(self, o):
+        return self._bin(o, lambda a, b: a % b)
+
+    def __floordiv__(self, o):
+        return self._bin(o, lambda a, b: a // b)
 
     def __bool__(self):
         raise TypeError(

@@ -69,6 +69,11 @@ _INTERP_CONFIG = (16, 16, 1, 1)
 #: Test partial tiles against per-row key intervals where the mask allows
 #: (:func:`.tiles.row_intervals`); off: always against the bands (tests switch it).
 USE_ROW_INTERVALS = True
+#: Walk every entry in one loop (``FLAT``: full tiles tested against the row intervals
+#: too) instead of a loop per run of full tiles: None decides per work list
+#: (:meth:`.tiles.TileLists.short_runs`: short documents); True / False force it where
+#: row intervals exist (tests and the tuning sweep switch it).
+FLAT_LOOP: bool | None = None
 
 
 @functools.cache
@@ -125,6 +130,12 @@ def forward_work(mask: Mask, d: int) -> tuple[int, int, int]:
         if best is None or cost < best[0]:
             best = (cost, n, partial, n * cfg[0] * cfg[1])
     return best[1], best[2], best[3]
+
+
+def _flat(lists: TileLists, rows) -> bool:
+    if rows is None:
+        return False
+    return lists.short_runs() if FLAT_LOOP is None else FLAT_LOOP
 
 
 def _interpret(device: torch.device) -> bool:
@@ -198,6 +209,7 @@ class TritonKernel(AttentionKernel):
                 ALIBI_ON=False,
                 QPOS_ON=False,
                 KPOS_ON=False,
+                CAPMAX=False,
             )
         alibi = variant.alibi
         on = alibi is not None
@@ -222,6 +234,8 @@ class TritonKernel(AttentionKernel):
             ALIBI_ON=on,
             QPOS_ON=qpos is not None,
             KPOS_ON=kpos is not None,
+            # softcap alone bounds the scores (ALiBi would not): c is a valid running max
+            CAPMAX=variant.softcap is not None and not on and variant.softcap * LOG2E <= 60.0,
         )
 
     @staticmethod
@@ -291,7 +305,9 @@ class TritonKernel(AttentionKernel):
             ALIBI_ON=va["ALIBI_ON"],
             QPOS_ON=va["QPOS_ON"],
             KPOS_ON=va["KPOS_ON"],
+            CAPMAX=va["CAPMAX"],
             ROWS=rows is not None,
+            FLAT=_flat(L, rows),
             FUSE=plain and scale > 0,
             FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
@@ -396,6 +412,7 @@ class TritonKernel(AttentionKernel):
             va["bias"],
             va["shift"],
             AGRAD_ON=agrad_on,
+            FLAT=_flat(L, rows),
             BM=bm,
             BN=bn,
             **common,
@@ -434,6 +451,7 @@ class TritonKernel(AttentionKernel):
             va["softcap"],
             va["bias"],
             va["shift"],
+            FLAT=_flat(L, rows),
             BM=bm,
             BN=bn,
             **common,

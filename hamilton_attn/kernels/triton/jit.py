@@ -155,8 +155,9 @@ def _fwd_tile(
     scale, softcap, bias, SK, BANDS, BAND_IDX,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
-    FAST: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    FAST: tl.constexpr, CAPMAX: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     """One key tile of the forward: the online softmax update (or the plain sum).
     ``FUSE`` (plain softmax, scale > 0): the row max is taken on raw dots and the scale
@@ -189,7 +190,12 @@ def _fwd_tile(
                        ALIBI_ON, FAST)
         if MASKED:
             s = tl.where(vis, s, float("-inf"))
-        if KIND == 0:
+        if KIND == 0 and CAPMAX:
+            # softcap bounds every score by c: with c as the running max, no row max,
+            # no rescale (p >= 2^(-2c log2 e), a normal float for c <= 43)
+            p = tl.exp2(s - softcap * UNIT)
+            l_i = l_i + tl.reduce(p, 1, _ADD)
+        elif KIND == 0:
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
@@ -214,9 +220,9 @@ def fwd_kernel(
     HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
-    FAST: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
-    INTERP: tl.constexpr,
+    FLAT: tl.constexpr, FAST: tl.constexpr, CAPMAX: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     t = tl.load(ORDER + tl.program_id(0))
     bh = tl.program_id(1)
@@ -238,25 +244,32 @@ def fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.full([BM], 0.0, tl.float32)
     acc = tl.full([BM, BD], 0.0, tl.float32)
-    r0 = tl.load(RPTR + t)
-    r1 = tl.load(RPTR + t + 1)
-    for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
-        u0 = tl.load(RSTART + r)
-        u1 = u0 + tl.load(RLEN + r)
-        for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
-                KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP,
-                ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, D, BD, BN, PREC, UNIT, INTERP)
-    em = tl.load(MID + t)
+    if FLAT:
+        # one pipelined loop over every entry, full ones tested too (row intervals)
+        em = tl.load(PTR + t)
+    else:
+        r0 = tl.load(RPTR + t)
+        r1 = tl.load(RPTR + t + 1)
+        for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
+            u0 = tl.load(RSTART + r)
+            u1 = u0 + tl.load(RLEN + r)
+            for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
+                acc, m_i, l_i = _fwd_tile(
+                    acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
+                    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP,
+                    ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, D, BD, BN, PREC,
+                    UNIT, INTERP)
+        em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), tl.load(B0 + e),
             tl.load(B1 + e), rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
-            BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST, D, BD, BN,
-            PREC, UNIT, INTERP)
+            BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST, CAPMAX, D, BD,
+            BN, PREC, UNIT, INTERP)
     if KIND == 0:
+        if CAPMAX:
+            m_i = tl.full([BM], 0.0, tl.float32) + softcap * UNIT
         seen = l_i > 0.0
         acc = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
@@ -361,7 +374,7 @@ def dq_kernel(
     s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
-    ROWS: tl.constexpr, FAST: tl.constexpr,
+    ROWS: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -395,18 +408,21 @@ def dq_kernel(
         rhi = rows
     dq = tl.full([BM, BD], 0.0, tl.float32)
     dsl = tl.full([BM], 0.0, tl.float32)
-    r0 = tl.load(RPTR + t)
-    r1 = tl.load(RPTR + t + 1)
-    for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
-        u0 = tl.load(RSTART + r)
-        u1 = u0 + tl.load(RLEN + r)
-        for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
-            dq, dsl = _dq_tile(
-                dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
-                rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND,
-                SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, D, BD, BN, PREC,
-                UNIT, INTERP)
-    em = tl.load(MID + t)
+    if FLAT:  # as in the forward
+        em = tl.load(PTR + t)
+    else:
+        r0 = tl.load(RPTR + t)
+        r1 = tl.load(RPTR + t + 1)
+        for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
+            u0 = tl.load(RSTART + r)
+            u1 = u0 + tl.load(RLEN + r)
+            for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
+                dq, dsl = _dq_tile(
+                    dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
+                    rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND,
+                    SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, D, BD, BN,
+                    PREC, UNIT, INTERP)
+        em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         dq, dsl = _dq_tile(
@@ -473,8 +489,8 @@ def dkdv_kernel(
     s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn,
     HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr,
+    QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
+    FAST: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
@@ -492,7 +508,7 @@ def dkdv_kernel(
     dv = tl.full([BN, BD], 0.0, tl.float32)
     r0 = tl.load(RPTR + u)
     r1 = tl.load(RPTR + u + 1)
-    em = tl.load(MID + u)
+    em = tl.load(PTR + u) if FLAT else tl.load(MID + u)  # FLAT: as in the forward
     e1 = tl.load(PTR + u + 1)
     for g in range(0, _bound(GROUP, INTERP)):
         h = hk * GROUP + g
@@ -500,15 +516,16 @@ def dkdv_kernel(
         q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
         do_ptr = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
         slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
-        for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
-            t0 = tl.load(RSTART + r)
-            t1 = t0 + tl.load(RLEN + r)
-            for t in range(_bound(t0, INTERP), _bound(t1, INTERP)):
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
-                    kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
-                    BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST, D, BD, BM,
-                    PREC, UNIT, INTERP)
+        if not FLAT:
+            for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
+                t0 = tl.load(RSTART + r)
+                t1 = t0 + tl.load(RLEN + r)
+                for t in range(_bound(t0, INTERP), _bound(t1, INTERP)):
+                    dk, dv = _dkdv_tile(
+                        dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
+                        kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
+                        BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST, D,
+                        BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),

@@ -61,6 +61,14 @@ class TileLists:
     n_rows: int
     n_entries: int
     n_partial: int
+    n_runs: int = 0
+
+    def short_runs(self, min_len: float = 4.0) -> bool:
+        """Whether the full tiles come in runs shorter than ``min_len`` on average (or
+        there are few of them): the kernels then walk every entry in one pipelined loop
+        (``FLAT``), since a loop per short run pays its pipeline's fill each time."""
+        full = self.n_entries - self.n_partial
+        return full < min_len * max(self.n_runs, 1) or full < self.n_partial
 
 
 def _band_table(mask: Mask) -> np.ndarray:
@@ -182,6 +190,7 @@ def _build(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.device) 
         n_rows=int(order.size),
         n_entries=int(uniq.size),
         n_partial=int(partial.sum()),
+        n_runs=int(starts.size),
     )
 
 

@@ -1,0 +1,133 @@
+"""The cross-rank state exchange of linear attention, as autograd Functions.
+
+Rank r of a contiguous plan holds one run of tokens. Computed with no incoming state,
+its run leaves a state ``M_r`` ``[B, H, K, V]`` and passes an incoming state on scaled
+by ``a_r`` ``[B, H]`` (``exp`` of the run's summed log decays, or 0 when a document
+starts inside the run: the incoming state stops there). The state entering rank r is
+the prefix combine::
+
+    S_in_0 = 0,    S_in_{r+1} = a_r S_in_r + M_r
+
+and its adjoint runs the other way: with ``U_r`` the gradient reaching ``S_in_{r+1}``,
+``U_{W-1} = 0``, ``U_{r-1} = dS_in_r + a_r U_r``, we get ``dM_r = U_r`` and
+``da_r = sum_{K, V} U_r * S_in_r``.
+
+:class:`StateScan` runs it as ``"allgather"`` (LASP-2: one all-gather of ``(M_r, a_r)``,
+each rank folds the earlier ones; the backward gathers ``dS_in``) or ``"ring"`` (``S_in``
+passes r -> r + 1, W - 1 sequential hops; the backward passes ``U`` back). Every wait has
+the library's timeout (``HAMILTON_ATTN_TIMEOUT``). :class:`GatherFinal` replicates the
+per-sequence final states, each computed by the rank holding the sequence's last token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..runtime.comm import all_gather_tensor, start_p2p
+
+#: gloo tags of the exchange's messages (apart from attention's transfers, tag 0, and
+#: the library's gathers and status exchanges).
+GATHER_TAG = 0x4841_0010
+RING_TAG = 0x4841_0011
+
+
+def _plan_order(plan) -> list[int]:
+    """Per plan rank, its index in a gather's result (group members by global rank)."""
+    where = {g: i for i, g in enumerate(sorted(plan.group_ranks))}
+    return [where[g] for g in plan.group_ranks]
+
+
+def gather_plan_order(x: torch.Tensor, plan) -> list[torch.Tensor]:
+    """Every rank's ``x`` (one shape everywhere), in plan-rank order."""
+    parts = all_gather_tensor(x.contiguous(), plan.group, tag=GATHER_TAG)
+    return [parts[i] for i in _plan_order(plan)]
+
+
+def _hop(send: Callable, dst: int | None, recv_like: torch.Tensor, src: int | None, plan):
+    """Receive a tensor shaped like ``recv_like`` from plan rank ``src`` (zeros for None),
+    then send ``send(received)`` to ``dst`` (None: no send); returns the received one."""
+    got = torch.zeros_like(recv_like)
+    if src is not None:
+        start_p2p([], [(got, src)], plan.group, plan.group_ranks, tag=RING_TAG).wait()
+    if dst is not None:
+        out = send(got).contiguous()
+        start_p2p([(out, dst)], [], plan.group, plan.group_ranks, tag=RING_TAG).wait()
+    return got
+
+
+class StateScan(torch.autograd.Function):
+    """``S_in_r`` from every rank's ``(M_r [B, H, K, V], a_r [B, H])`` (one dtype)."""
+
+    @staticmethod
+    def forward(ctx, m, a, plan, strategy: str):
+        r, w = plan.rank, plan.world_size
+        ctx.plan, ctx.strategy = plan, strategy
+        if w == 1:
+            s_in = torch.zeros_like(m)
+        elif strategy == "allgather":
+            packed = torch.cat([m.reshape(-1), a.reshape(-1)])
+            parts = gather_plan_order(packed, plan)
+            ms = [p[: m.numel()].view_as(m) for p in parts]
+            decays = [p[m.numel() :].view_as(a) for p in parts]
+            s_in = torch.zeros_like(m)
+            for i in range(r):
+                s_in = decays[i][..., None, None] * s_in + ms[i]
+            ctx.decays = decays
+        else:
+            s_in = _hop(
+                lambda got: a[..., None, None] * got + m,
+                r + 1 if r + 1 < w else None,
+                m,
+                r - 1 if r > 0 else None,
+                plan,
+            )
+        ctx.save_for_backward(s_in, a)
+        return s_in
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds_in):
+        s_in, a = ctx.saved_tensors
+        plan = ctx.plan
+        r, w = plan.rank, plan.world_size
+        ds_in = ds_in.contiguous()
+        if w == 1:
+            return torch.zeros_like(s_in), torch.zeros_like(a), None, None
+        if ctx.strategy == "allgather":
+            grads = gather_plan_order(ds_in, plan)
+            u = torch.zeros_like(ds_in)
+            for j in range(w - 1, r, -1):
+                u = grads[j] + ctx.decays[j][..., None, None] * u
+        else:
+            u = _hop(
+                lambda got: ds_in + a[..., None, None] * got,
+                r - 1 if r > 0 else None,
+                ds_in,
+                r + 1 if r + 1 < w else None,
+                plan,
+            )
+        return u, (u * s_in).sum((-1, -2)), None, None
+
+
+class GatherFinal(torch.autograd.Function):
+    """The final states ``[N, H, K, V]`` on every rank: row n from plan rank
+    ``owner[n]`` (whose ``mine`` holds it). Like ``undispatch``, the backward takes this
+    rank's gradient of the replicated result as the whole gradient of its own rows (so
+    every rank must compute the same loss of it)."""
+
+    @staticmethod
+    def forward(ctx, mine, owner: tuple[int, ...], plan):
+        own = torch.tensor([o == plan.rank for o in owner], device=mine.device)
+        ctx.own = own
+        if plan.world_size == 1:
+            return mine.clone()
+        parts = torch.stack(gather_plan_order(mine, plan))
+        rows = torch.arange(len(owner), device=mine.device)
+        return parts[torch.tensor(owner, device=mine.device), rows]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return grad * ctx.own.view(-1, *([1] * (grad.dim() - 1))), None, None
