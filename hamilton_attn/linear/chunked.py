@@ -61,20 +61,24 @@ def _scan(a_nH, m_nHKV, seq, j, init_NHKV):
     has_next = torch.zeros(n, dtype=torch.bool)
     has_next[:-1] = seq[1:] == seq[:-1]
     dev = m_nHKV.device
-    first = levels[0].to(dev)
     if init_NHKV is None:
         e = m_nHKV.new_zeros((len(levels[0]), *m_nHKV.shape[1:]))
     else:
         e = init_NHKV.to(m_nHKV.dtype)[seq[levels[0]].to(dev)]
+    # Chunks in level order once, then split into views: indexing the full tensors per
+    # level would cost each level's backward a zeroed full-size gradient (quadratic).
+    order = torch.cat(levels).to(dev)
+    sizes = [len(lev) for lev in levels]
+    m_lev = torch.split(m_nHKV[order], sizes)
+    a_lev = torch.split(a_nH[order], sizes)
     enters, exits = [e], []
     for i, lev in enumerate(levels):
-        lev_d = first if i == 0 else lev.to(dev)
-        x = a_nH[lev_d][..., None, None] * e + m_nHKV[lev_d]
+        x = a_lev[i][..., None, None] * e + m_lev[i]
         exits.append(x)
         if i + 1 < len(levels):
             e = x[has_next[lev].to(dev)]
             enters.append(e)
-    back = torch.argsort(torch.cat(levels)).to(dev)
+    back = torch.argsort(order)
     return torch.cat(enters)[back], torch.cat(exits)[back]
 
 
