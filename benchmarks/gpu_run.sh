@@ -12,7 +12,8 @@
 # (or ./gpu_out/) after every stage, so a later stage running out of time loses nothing.
 # A stage's time limit is SECONDS (default 300). TAG (environment) is appended to every
 # name, for a second run of a stage on one day (TAG=_b). benchmarks/README.md says which stage
-# made which file in benchmarks/results/.
+# made which file in benchmarks/results/. LINEAR_ARGS (environment) is passed on to
+# benchmarks/linear_attention.py (e.g. "--seqlens 32768 --heads 32").
 set -uo pipefail
 
 STAGES_HELP="
@@ -171,7 +172,7 @@ for item in "$@"; do
       # starts in the stage's last 60 s (the files are rewritten after each case)
       ensure_fla || echo "linear: fla-core missing and not installable"
       run "$log" "$limit" python benchmarks/linear_attention.py --budget-s "$((limit - 60))" \
-        "${lin[@]}" --out-dir "$OUT" --name "$name1" ;;
+        "${lin[@]}" ${LINEAR_ARGS:-} --out-dir "$OUT" --name "$name1" ;;
     verify_variants_cuda)
       run "$OUT/$name1.txt" "$limit" python -m hamilton_attn verify --device cuda \
         --variants-only ;;

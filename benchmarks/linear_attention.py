@@ -34,8 +34,9 @@ with chunk C = 64, counting whole C x C blocks: forward ``2 * B * S * H * (C * (
 GPU: the local chunk (from (b)), and the exchange's math on the worst rank (the last:
 it folds W - 1 gathered states, ``S_in = a_i S_in + M_i``, float32 ``[B, H, Dk, Dv]``),
 plus the incoming state's share of a run that continues an earlier rank's sequence
-(``o += scale * (q * exp(G)) @ S_in`` over all 32K tokens, and the carried final state;
-``linear/api.py``'s ``_run``), forward and forward+backward. MODELLED, not measured:
+(``o += scale * (q * exp(G)) @ S_in`` over all 32K tokens, and the carried final state:
+``linear.api.incoming_share`` itself, bf16 on the tensor cores), forward and
+forward+backward. MODELLED, not measured:
 the transfer, ``W * B * H * Dk * Dv * 4`` bytes (the gathered float32 states) over
 NCCL's 119 GB/s (``shared/GPU_FACTS.md``: two H200s, p2p at 16 MiB, its smallest
 measured message; smaller messages are slower, so this is a lower bound), once in the
@@ -69,6 +70,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from gpu_kernels import bench_ms  # noqa: E402  (this folder's kernel benchmark)
 
 from hamilton_attn.linear import exchange_cost, linear_attention  # noqa: E402
+from hamilton_attn.linear.api import incoming_share  # noqa: E402
 from hamilton_attn.linear.chunked import CHUNK, chunked_local  # noqa: E402
 from hamilton_attn.linear.fla_backend import (  # noqa: E402
     fla_available,
@@ -259,10 +261,8 @@ def exchange_math(s, h, dk, dv, w, dtype, device, reps) -> dict:
         return s_in
 
     def share(q, g, s_in):  # linear/api.py _run: a run continuing an earlier sequence
-        g0 = g.cumsum(1)
-        add = torch.einsum("bshk,bhkv->bshv", q.float() * g0.exp()[..., None], s_in)
-        carried = g0[:, -1].exp()[..., None, None] * s_in
-        return (o.float() + scale * add).to(o.dtype), fin + carried
+        o2, carried = incoming_share(o, q, g, s_in, scale, s)
+        return o2, fin + carried
 
     with torch.no_grad():
         fold_ms = bench_ms(lambda: fold(m, a), device, reps=reps, inner=3)

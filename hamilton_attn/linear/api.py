@@ -27,7 +27,7 @@ from ..runtime.comm import SimulatedGroup, timeout_problem
 from . import checks
 from .chunked import chunked_local, compute_dtype
 from .cost import choose_strategy
-from .scan import GatherFinal, StateScan
+from .scan import GatherFinal, ReplicatedGrad, StateScan
 
 #: ``local_fn(q, k, v, g [B, S, H] float32 (float64 for float64 inputs), scale,
 #: cu_seqlens (int64 [N + 1] on q's device, or None), initial_state ([N, H, K, V] or
@@ -74,7 +74,7 @@ def _fla_gate(g, q: torch.Tensor, needs_grad: bool):
     if g is None:
         return None
     if g.dim() == 1 and not (needs_grad and g.requires_grad):
-        return g.detach().to(compute_dtype(q.dtype))
+        return _floored(g.detach().to(compute_dtype(q.dtype)))
     return _full_gate(g, q)
 
 
@@ -96,13 +96,24 @@ def local_backend(backend: str, q: torch.Tensor, g=None, *, needs_grad: bool = F
     return chunked_local, _full_gate(g, q)
 
 
+#: Log decays below this are raised to it: ``exp`` of either is exactly 0 in float64
+#: (it underflows below -745), as are their gradients, but a huge one (-1e30) would
+#: swamp every small log decay summed after it in the running sums (G = -1e30 + ...).
+GATE_FLOOR = -1000.0
+
+
+def _floored(g: torch.Tensor) -> torch.Tensor:
+    return g.clamp(min=GATE_FLOOR)
+
+
 def _full_gate(g, q: torch.Tensor) -> torch.Tensor:
-    """``g`` as ``[B, S, H]`` in the compute dtype (zeros for None)."""
+    """``g`` as ``[B, S, H]`` in the compute dtype (zeros for None), floored at
+    :data:`GATE_FLOOR`."""
     b, s, h = q.shape[:3]
     cdt = compute_dtype(q.dtype)
     if g is None:
         return torch.zeros(b, s, h, dtype=cdt, device=q.device)
-    return g.to(cdt).expand(b, s, h)
+    return _floored(g.to(cdt)).expand(b, s, h)
 
 
 def _scale(scale, q) -> float:
@@ -161,7 +172,8 @@ def linear_attention(
         return_final_state: also return the state after each sequence's last token,
             ``[N, H, K, V]`` float32 (float64 for float64 inputs). With a plan it is the
             whole tensor on every rank; as with ``undispatch``, every rank must compute
-            the same loss of it (each rank's gradient counts for the rows it computed).
+            the same loss of it (each rank's gradient counts for the rows it computed). It
+            may be fed back as the next call's ``initial_state`` (segment by segment).
         backend: ``"auto"`` (fla-core on CUDA where installed, else torch), ``"torch"``
             (chunked plain torch, any device) or ``"fla"``.
         strategy: the cross-rank exchange: ``"auto"`` (the cheaper by
@@ -173,9 +185,12 @@ def linear_attention(
     Every argument is checked before anything runs; with a plan, every rank hears of any
     rank's problem through one status exchange per call (g's sign is read on every
     call), so a bad input raises ValueError on every rank before a state moves
-    (``plan.check="never"`` skips the exchange: a bad rank then raises alone). Gradients
-    of a replicated ``g`` ``[H]`` and of ``initial_state`` under a plan are this rank's
-    share: sum them over the group, as for any parameter used on sharded tokens.
+    (``plan.check="never"`` skips the exchange: a bad rank then raises alone).
+
+    Gradients under a plan: a replicated ``g`` ``[H]`` gets this rank's share (sum it
+    over the group, as for any parameter used on sharded tokens); ``initial_state``, a
+    replicated state like ``final_state``, gets the gradient of the group's whole loss
+    on every rank (the backward sums the shares), so do not sum it again.
     """
     if plan is not None:
         return _context_parallel(q, k, v, g, scale, plan, cu_seqlens, initial_state,
@@ -318,6 +333,36 @@ def _context_parallel(q, k, v, g, scale, plan, cu_seqlens, h0, want_final, backe
     return _run(q, k, v, g, _scale(scale, q), plan, docs, many, h0, want_final, backend, strategy)
 
 
+def incoming_share(o, q, gate, s_in, scale: float, n0: int):
+    """The incoming state's part of a run whose first ``n0`` tokens continue an earlier
+    rank's sequence: ``o_t += scale * exp(G_t) q_t S_in`` for ``t < n0`` (G the running
+    sum of ``gate`` ``[B, S, H]`` from the run's start), and the state it carries to the
+    run's n0-th token, ``exp(G_{n0 - 1}) S_in`` ``[B, H, K, V]`` (None for n0 = 0).
+
+    The running sum is taken along the last axis of a ``[B, H, S]`` copy (along S in
+    place, CUDA scans each of the B * H columns serially: 6 ms at 32K tokens). For
+    bfloat16 inputs ``q S_in`` runs on the tensor cores in bfloat16 with float32
+    accumulation, as flash-linear-attention's kernels read a state, and the decay
+    scales its rows after; float16 (whose range a state can exceed), float32 and float64
+    stay in the compute dtype."""
+    cdt = s_in.dtype
+    g_bhs = gate[:, :n0].transpose(1, 2).contiguous().double()
+    decay = g_bhs.cumsum(-1).to(cdt).exp().transpose(1, 2)  # [B, n0, H], float64 sums
+    low = q.dtype == torch.bfloat16
+    pdt = q.dtype if low else cdt
+    qs = torch.einsum("bshk,bhkv->bshv", q[:, :n0].to(pdt), (scale * s_in).to(pdt))
+    if low:
+        add = qs * decay.to(pdt)[..., None]
+    else:
+        add = (qs * decay[..., None]).to(cdt)
+    if n0 == o.shape[1]:
+        o = o + add if low else (o.to(cdt) + add).to(o.dtype)
+    else:
+        o = torch.cat([(o[:, :n0].to(cdt) + add).to(o.dtype), o[:, n0:]], dim=1)
+    carried = decay[:, -1][..., None, None] * s_in if n0 else None
+    return o, carried
+
+
 def _run(q, k, v, g, scale, plan, docs, many, h0, want_final, backend, strategy):
     """Checked inputs: the local pass, the exchange, the incoming state's share."""
     seqlen, length, cdt = docs[-1], plan.local_len, compute_dtype(q.dtype)
@@ -337,6 +382,9 @@ def _run(q, k, v, g, scale, plan, docs, many, h0, want_final, backend, strategy)
     else:
         inner, first, n_pieces, cu, first_len = [], 0, 1, None, length
     init = None
+    if h0 is not None and h0.requires_grad and torch.is_grad_enabled():
+        h0 = ReplicatedGrad.apply(h0, plan)  # every rank gets the whole gradient
+    h0_in = h0 if h0 is not None and h0.requires_grad else None
     if h0 is not None and many:
         rows = h0[first + (not starts_here) : first + n_pieces]
         if not starts_here:
@@ -354,28 +402,20 @@ def _run(q, k, v, g, scale, plan, docs, many, h0, want_final, backend, strategy)
         a = gate.double().sum(1).exp().to(cdt)
     else:
         a = gate.new_zeros(gate.shape[0], gate.shape[2])
-    s_in = StateScan.apply(m, a, plan, strategy)
+    s_in = StateScan.apply(m, a, h0_in, plan, strategy)
     # Tokens before this rank's first document start continue the previous rank's
     # sequence (none where the run starts at one; the empty term keeps s_in in the
     # graph, so every rank's backward joins the exchange).
     n0 = 0 if starts_here else first_len
-    g0 = gate[:, :n0].double().cumsum(1).to(cdt)  # float64 sums: see chunked_local
-    add = torch.einsum("bshk,bhkv->bshv", q[:, :n0].to(cdt) * g0.exp()[..., None], s_in)
-    o = torch.cat([(o[:, :n0].to(cdt) + scale * add).to(o.dtype), o[:, n0:]], dim=1)
+    o, carried = incoming_share(o, q, gate, s_in, scale, n0)
     if not want_final:
         return o
     if n0:
-        carried = g0[:, -1].exp()[..., None, None] * s_in  # [B, H, K, V]
         fin = torch.cat([fin[:1] + carried[:1], fin[1:]]) if many else fin + carried
     ends = docs[1:] if many else [seqlen]
-    owner = _owners(plan, ends)
-    n_rows = len(ends) if many else q.shape[0]
-    mine = fin.new_zeros(n_rows, *fin.shape[1:])
+    owner = _owners(plan, ends) if many else _owners(plan, ends) * q.shape[0]
     if many:
-        ids = [first + i for i in range(n_pieces) if owner[first + i] == plan.rank]
-        if ids:
-            at = torch.tensor(ids, device=q.device)
-            mine = mine.index_copy(0, at, fin[at - first])
-    elif owner[0] == plan.rank:
-        mine = fin
-    return o, GatherFinal.apply(mine, owner if many else owner * n_rows, plan)
+        rows = tuple(first + i if owner[first + i] == plan.rank else -1 for i in range(n_pieces))
+    else:
+        rows = tuple(i if owner[i] == plan.rank else -1 for i in range(q.shape[0]))
+    return o, GatherFinal.apply(fin, s_in, rows, owner, plan)

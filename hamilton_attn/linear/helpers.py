@@ -84,7 +84,7 @@ def ssd(x, dt, A, B, C, *, D=None, initial_state=None, return_final_state=False,
 
     Returns ``y [B, S, H, P]`` in x's dtype, or ``(y, final_state)``.
     """
-    if problem := _ssd_problem(x, dt, A, B, C, D):
+    if problem := _ssd_problem(x, dt, A, B, C, D, initial_state):
         raise_on_every_rank(problem, kwargs.get("plan"), exchange_device(C, B, x))
     rep = x.shape[2] // B.shape[2]
     q, k = C.repeat_interleave(rep, dim=2), B.repeat_interleave(rep, dim=2)
@@ -99,7 +99,7 @@ def ssd(x, dt, A, B, C, *, D=None, initial_state=None, return_final_state=False,
     return (y, final.transpose(-1, -2)) if return_final_state else y
 
 
-def _ssd_problem(x, dt, A, B, C, D) -> str | None:
+def _ssd_problem(x, dt, A, B, C, D, initial_state=None) -> str | None:
     """What is wrong with :func:`ssd`'s model arguments (shapes, dtypes, signs), or None."""
     for t, name in ((x, "x"), (dt, "dt"), (A, "A"), (B, "B"), (C, "C")):
         if not isinstance(t, torch.Tensor):
@@ -124,4 +124,6 @@ def _ssd_problem(x, dt, A, B, C, D) -> str | None:
         return "dt: expected finite step sizes >= 0 (after softplus)"
     if D is not None and (not isinstance(D, torch.Tensor) or tuple(D.shape) != (h,)):
         return f"D: expected None or a tensor [H] = ({h},)"
+    if initial_state is not None and not isinstance(initial_state, torch.Tensor):
+        return f"initial_state: expected None or a tensor, got {type(initial_state).__name__}"
     return None

@@ -16,7 +16,9 @@ and its adjoint runs the other way: with ``U_r`` the gradient reaching ``S_in_{r
 each rank folds the earlier ones; the backward gathers ``dS_in``) or ``"ring"`` (``S_in``
 passes r -> r + 1, W - 1 sequential hops; the backward passes ``U`` back). Every wait has
 the library's timeout (``HAMILTON_ATTN_TIMEOUT``). :class:`GatherFinal` replicates the
-per-sequence final states, each computed by the rank holding the sequence's last token.
+per-sequence final states, each computed by the rank holding the sequence's last token;
+:class:`ReplicatedGrad` gives a replicated ``initial_state`` the group's whole gradient,
+so a final state fed back as the next call's initial state differentiates exactly.
 """
 
 from __future__ import annotations
@@ -58,10 +60,12 @@ def _hop(send: Callable, dst: int | None, recv_like: torch.Tensor, src: int | No
 
 
 class StateScan(torch.autograd.Function):
-    """``S_in_r`` from every rank's ``(M_r [B, H, K, V], a_r [B, H])`` (one dtype)."""
+    """``S_in_r`` from every rank's ``(M_r [B, H, K, V], a_r [B, H])`` (one dtype).
+    ``h0``: None, or the call's :class:`ReplicatedGrad` initial state, an input only so
+    that every rank's backward reaches that one's (its gradient here is zero)."""
 
     @staticmethod
-    def forward(ctx, m, a, plan, strategy: str):
+    def forward(ctx, m, a, h0, plan, strategy: str):
         r, w = plan.rank, plan.world_size
         ctx.plan, ctx.strategy = plan, strategy
         if w == 1:
@@ -83,6 +87,7 @@ class StateScan(torch.autograd.Function):
                 r - 1 if r > 0 else None,
                 plan,
             )
+        ctx.h0_like = None if h0 is None else (h0.shape, h0.dtype, h0.device)
         ctx.save_for_backward(s_in, a)
         return s_in
 
@@ -93,8 +98,10 @@ class StateScan(torch.autograd.Function):
         plan = ctx.plan
         r, w = plan.rank, plan.world_size
         ds_in = ds_in.contiguous()
+        d_h0 = None if ctx.h0_like is None else torch.zeros(ctx.h0_like[0], dtype=ctx.h0_like[1],
+                                                            device=ctx.h0_like[2])  # fmt: skip
         if w == 1:
-            return torch.zeros_like(s_in), torch.zeros_like(a), None, None
+            return torch.zeros_like(s_in), torch.zeros_like(a), d_h0, None, None
         if ctx.strategy == "allgather":
             grads = gather_plan_order(ds_in, plan)
             u = torch.zeros_like(ds_in)
@@ -108,26 +115,58 @@ class StateScan(torch.autograd.Function):
                 r + 1 if r + 1 < w else None,
                 plan,
             )
-        return u, (u * s_in).sum((-1, -2)), None, None
+        return u, (u * s_in).sum((-1, -2)), d_h0, None, None
 
 
-class GatherFinal(torch.autograd.Function):
-    """The final states ``[N, H, K, V]`` on every rank: row n from plan rank
-    ``owner[n]`` (whose ``mine`` holds it). Like ``undispatch``, the backward takes this
-    rank's gradient of the replicated result as the whole gradient of its own rows (so
-    every rank must compute the same loss of it)."""
+class ReplicatedGrad(torch.autograd.Function):
+    """Identity forward on a tensor every rank holds whole (``initial_state``); the
+    backward sums the ranks' gradients (in plan-rank order: the same bits everywhere),
+    so every rank gets the gradient of the group's whole loss. It must be reached on
+    every rank: :class:`StateScan` takes its result as an input for that."""
 
     @staticmethod
-    def forward(ctx, mine, owner: tuple[int, ...], plan):
-        own = torch.tensor([o == plan.rank for o in owner], device=mine.device)
-        ctx.own = own
-        if plan.world_size == 1:
-            return mine.clone()
-        parts = torch.stack(gather_plan_order(mine, plan))
-        rows = torch.arange(len(owner), device=mine.device)
-        return parts[torch.tensor(owner, device=mine.device), rows]
+    def forward(ctx, x, plan):
+        ctx.plan = plan
+        return x.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return grad * ctx.own.view(-1, *([1] * (grad.dim() - 1))), None, None
+        parts = gather_plan_order(grad.contiguous(), ctx.plan)
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        return total, None
+
+
+class GatherFinal(torch.autograd.Function):
+    """The final states ``[N, H, K, V]`` on every rank: row n from plan rank
+    ``owner[n]``. ``fin`` ``[P, H, K, V]`` holds this rank's pieces, piece i being row
+    ``rows[i]`` (-1: a sequence whose last token another rank holds). Like
+    ``undispatch``, the backward takes this rank's gradient of the replicated result as
+    the whole gradient of its own rows (every rank computes the same loss of it).
+    ``s_in`` (this rank's incoming state) is an input only so that every rank's backward
+    reaches the exchange's, also where the loss reads the final states alone."""
+
+    @staticmethod
+    def forward(ctx, fin, s_in, rows: tuple[int, ...], owner: tuple[int, ...], plan):
+        ctx.rows, ctx.s_in_like = rows, (s_in.shape, s_in.dtype, s_in.device)
+        mine = fin.new_zeros(len(owner), *fin.shape[1:])
+        for i, row in enumerate(rows):
+            if row >= 0:
+                mine[row] = fin[i]
+        if plan.world_size == 1:
+            return mine
+        parts = torch.stack(gather_plan_order(mine, plan))
+        at = torch.arange(len(owner), device=fin.device)
+        return parts[torch.tensor(owner, device=fin.device), at]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.s_in_like
+        d_fin = grad.new_zeros(len(ctx.rows), *grad.shape[1:])
+        for i, row in enumerate(ctx.rows):
+            if row >= 0:
+                d_fin[i] = grad[row]
+        return d_fin, torch.zeros(shape, dtype=dtype, device=device), None, None, None

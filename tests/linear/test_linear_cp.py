@@ -4,7 +4,8 @@ Every case runs ``dispatch -> linear_attention(plan=p) -> undispatch`` on ranks 
 the shared ``pool`` (tests/conftest.py) with inputs drawn identically on every rank, and
 compares on every rank the output, the final states and the full gradients of q, k, v,
 g and the initial state (dispatch's backward gathers the sharded ones; a replicated
-``g [H]`` and ``initial_state`` hold each rank's share, summed over the group here) with
+``g [H]`` holds each rank's share, summed over the group here; ``initial_state`` holds
+the whole gradient on every rank) with
 ``linear_recurrence_oracle`` on the whole sequence. W in {1, 2, 3, 4, 8}, both exchange
 strategies, S = 53 (padding on the last rank whenever W does not divide it), documents
 ``DOCS`` that cross rank boundaries, start exactly at a rank's first token (7 and 14
@@ -97,8 +98,8 @@ def _one(ctx, c, seed=0):
     got = torch.autograd.grad(loss, leaves, allow_unused=True)  # h0: ranks without a start
     got = {n: torch.zeros_like(t) if d is None else d
            for n, t, d in zip(names, leaves, got, strict=True)}  # fmt: skip
-    for n in ("h0",) + (("g",) if g is not None and g.dim() == 1 else ()):
-        if n in got:  # each rank's share of a replicated tensor's gradient
+    if g is not None and g.dim() == 1:  # each rank's share of a replicated g's gradient
+        for n in ("g",):
             share = got[n].clone()
             dist.all_reduce(share, group=ctx.group)
             got[n] = share

@@ -27,7 +27,8 @@ DOCS = [0, 5, 13, S]
 def _call(entry: str, kind: str, bad: bool, p, q, k, v, g):
     """``entry``'s call on this rank, with ``kind``'s bad argument where ``bad``: a
     positive log gate (a decay > 1, a negative dt), a -inf one (dt = inf), or a wrong
-    shape (q with one head fewer; g, dt [B, S]; a decay [H - 1])."""
+    shape (q with one head fewer; g, dt [B, S]; a decay [H - 1]); for ssd also an
+    initial state that is not a tensor."""
     bad_kind = kind if bad else ""
     if bad_kind == "positive_g":
         g = g.abs() + 0.1
@@ -45,7 +46,9 @@ def _call(entry: str, kind: str, bad: bool, p, q, k, v, g):
         return ha.retention(q, k, v, decay, plan=p)
     if entry == "ssd":  # dt = -g, A = -1
         dt = -g[:, :, 0] if bad_kind == "shape" else -g
-        return ha.ssd(v, dt, torch.full((H,), -1.0, dtype=q.dtype), k, q, plan=p)
+        h0 = "not a state" if bad_kind == "state" else None
+        return ha.ssd(v, dt, torch.full((H,), -1.0, dtype=q.dtype), k, q, plan=p,
+                      initial_state=h0)  # fmt: skip
     metas = [meta_tensor(1, H, DOCS[-1], d, dtype=q.dtype) for d in (K, K, V)]
     engine = LinearAttentionEngine(metas, context_parallel=p)
     q = q[:, :, :1] if bad_kind == "shape" else q
@@ -93,6 +96,7 @@ CASES = {  # (entry, kind): the argument every rank's message names
     ("ssd", "positive_g"): "dt",
     ("ssd", "inf_g"): "dt",
     ("ssd", "shape"): "dt",
+    ("ssd", "state"): "initial_state",
     ("engine", "positive_g"): "g",
     ("engine", "shape"): "q",
 }

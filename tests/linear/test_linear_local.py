@@ -99,6 +99,22 @@ DOC_LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("shape", ["token", "head"])
+def test_huge_log_decays_do_not_swamp_small_ones(shape):
+    """A log decay of -1e30 (a hard reset) next to -1e-3 ones: the running sum must not
+    lose the small ones after it (before the floor, G = -1e30 + ... rounded them away:
+    decays of 1 instead of exp(-n 1e-3), errors of ~1e-2)."""
+    q, k, v, g, h0 = _draw(1, 2 * CHUNK + 5, "gla", 1, seed=9)
+    if shape == "token":
+        g = torch.full_like(g, -1e-3)
+        g[0, [3, 70, 71], :] = -1e30
+    else:  # one head resets every step
+        g = torch.tensor([-1e-3, -1e30, -0.5], dtype=torch.float64)
+    tensors = (q, k, v, g, h0)
+    _assert_all_close(_run(_ours(None), tensors, torch.float64),
+                      _run(_oracle(None), tensors, torch.float64), F64_TOL, shape)  # fmt: skip
+
+
 @pytest.mark.parametrize("cu", DOC_LAYOUTS)
 @pytest.mark.parametrize("kind", ["retention", "gla"])
 @pytest.mark.parametrize("init", [True, False])
@@ -236,3 +252,33 @@ def test_cost_model_prefers_allgather_on_a_switch_and_ring_on_a_line():
     assert exchange_cost(1, state, "nvswitch:1").allgather_s == 0.0
     with pytest.raises(ValueError, match="topology"):
         exchange_cost(4, state, "nvswitch:8")
+
+
+@pytest.mark.parametrize("n0", [0, 7, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_incoming_state_share_matches_float64(dtype, n0):
+    """A rank's incoming-state share (``api.incoming_share``: bfloat16 on the tensor
+    cores, float16 / float32 in float32) against the same formula in float64: output
+    rows t < n0 gain ``scale exp(G_t) q_t S_in``, the others are unchanged, and the
+    carried state is ``exp(G_{n0-1}) S_in``; within a few roundings of the dtype."""
+    from hamilton_attn.linear.api import incoming_share
+
+    gen = torch.Generator().manual_seed(n0)
+    b, s, h = 1, 40, 3
+    q = torch.randn(b, s, h, K, generator=gen, dtype=torch.float64)
+    o = torch.randn(b, s, h, V, generator=gen, dtype=torch.float64)
+    g = -torch.rand(b, s, h, generator=gen, dtype=torch.float64) * 0.3
+    s_in = torch.randn(b, h, K, V, generator=gen, dtype=torch.float64) * 4
+    cdt = torch.float32
+    got, carried = incoming_share(o.to(dtype), q.to(dtype), g.to(cdt), s_in.to(cdt), 0.4, n0)
+    G = g[:, :n0].cumsum(1)
+    want = o.clone()
+    want[:, :n0] += 0.4 * torch.einsum("bshk,bhkv->bshv", q[:, :n0] * G.exp()[..., None], s_in)
+    assert got.dtype == dtype and got.shape == o.shape
+    eps = torch.finfo(dtype).eps
+    assert max_err(got, want) <= 8 * eps * want.abs().max().item()
+    assert torch.equal(got[:, n0:], o[:, n0:].to(dtype))
+    if n0:
+        assert max_err(carried, G[:, -1].exp()[..., None, None] * s_in) <= 1e-5
+    else:
+        assert carried is None

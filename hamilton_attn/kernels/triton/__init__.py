@@ -218,6 +218,10 @@ class TritonKernel(AttentionKernel):
             alibi = alibi.contiguous()
         qpos = variant.q_pos if on and variant.q_pos is not None else None
         kpos = variant.k_pos if on and variant.k_pos is not None else None
+        # c as the running max puts p in [2^(-2c log2 e), 1]: it must stay a normal number
+        # where the PV product reads it (float16's smallest is 2^-14, bf16's 2^-126)
+        reach_p = 7.0 if q.dtype == torch.float16 else 60.0
+        capmax = variant.softcap is not None and not on and variant.softcap * LOG2E <= reach_p
         return dict(
             kind=kind,
             softcap=float(variant.softcap) if variant.softcap is not None else 1.0,
@@ -235,7 +239,7 @@ class TritonKernel(AttentionKernel):
             QPOS_ON=qpos is not None,
             KPOS_ON=kpos is not None,
             # softcap alone bounds the scores (ALiBi would not): c is a valid running max
-            CAPMAX=variant.softcap is not None and not on and variant.softcap * LOG2E <= 60.0,
+            CAPMAX=capmax,
         )
 
     @staticmethod
