@@ -12,8 +12,15 @@ Model (times in seconds, bytes in bytes):
 * **Transfer** of a step: every Transfer is routed over the cluster
   (:meth:`Cluster.route`); bytes add up per resource; the step's transfer time is
   ``max over resources of bytes / (bandwidth * efficiency(bytes / messages)) + latency``.
-* **Step time** ``max(max over ranks of compute, transfer)``: transfers of step s overlap
-  the compute of step s, as in the executor; ranks move in lockstep.
+* **Pass time** (exact path): each rank has its own timeline, as in the executor, which
+  starts step s's transfers when the rank starts step s and waits for them at its end
+  (a step waits on nothing else, so ranks drift apart by up to a step): rank r ends
+  step s at ``max(start_r + compute_r, max over its step-s transfers of
+  max(start_src, start_dst) + flow time)`` (:func:`drift_total`; flow time: the slowest
+  resource of the transfer's route, with all the step's bytes on it). The pass ends
+  when the last rank does. Each :class:`StepCost` still holds the lock-step figures
+  (``max(max over ranks of compute, transfer)``, an upper bound), which the fast path
+  sums.
 * Backward re-runs the steps with the same KV transfers plus the dK/dV accumulators
   (float32) of ``Step.grad_transfers``; trailing grad-only steps are exposed.
 * **Memory** per device: local q, k, v, out (dtype), lse (fp32), the fp32 output
@@ -52,7 +59,7 @@ from .model import (
     StepCost,
     memory_per_device,
 )
-from .transfers import transfer_time
+from .transfers import flow_times, transfer_time
 
 __all__ = [
     "BlockStat",
@@ -64,6 +71,7 @@ __all__ = [
     "block_stat_closed",
     "choose_schedule",
     "compare",
+    "drift_total",
     "memory_per_device",
     "predict_schedule",
     "simulate",
@@ -175,6 +183,7 @@ def predict_schedule(
             f"topology: {cluster.name} has {cluster.num_devices} devices, the schedule {w}"
         )
     plen = [schedule.part_len(p) for p in range(len(schedule.parts))]
+    timeline_f, timeline_b = [], []  # per step: (compute per rank, flows, flow times)
     kvb, gb = shapes.kv_bytes_per_token, shapes.grad_bytes_per_token
     n_fwd = len(schedule.forward_steps())
     started = [False] * w
@@ -205,6 +214,9 @@ def predict_schedule(
         gr = [(t.src, t.dst, plen[t.piece.part] * gb) for t in step.grad_transfers]
         t_kv, mx = transfer_time(cluster, kv, loads if s < n_fwd else None)
         t_bwd, _ = transfer_time(cluster, kv + gr)
+        if s < n_fwd:
+            timeline_f.append((comp, kv, flow_times(cluster, kv)))
+        timeline_b.append((bcomp, kv + gr, flow_times(cluster, kv + gr)))
         steps.append(
             StepCost(max(comp), t_kv, max(bcomp), t_bwd, mx, s < n_fwd, kernel_s=max(kern))
         )
@@ -222,7 +234,28 @@ def predict_schedule(
         {cluster.resources[r].name: b for r, b in loads.items()},
         memory_per_device(local_len, shapes, peak_tokens),
         exact=True,
+        drift=(
+            drift_total(w, timeline_f),
+            drift_total(w, timeline_b),
+            max((sum(c[r] for c, _, _ in timeline_f) for r in range(w)), default=0.0),
+        ),
     )
+
+
+def drift_total(w: int, steps) -> float:
+    """A pass's time with a timeline per rank: ``steps`` lists per step ``(compute
+    [W] s, flows [(src, dst, bytes)], flow times [s])``. A rank starts step s when it
+    has ended step s - 1 and ends it when its compute is done and each of its step-s
+    flows is, a flow being done its time after the later of its two ends started."""
+    start = [0.0] * w
+    for comp, flows, times in steps:
+        end = [start[r] + comp[r] for r in range(w)]
+        for (src, dst, _), t in zip(flows, times, strict=True):
+            done = max(start[src], start[dst]) + t
+            end[src] = max(end[src], done)
+            end[dst] = max(end[dst], done)
+        start = end
+    return max(start, default=0.0)
 
 
 class _StatBlocks:

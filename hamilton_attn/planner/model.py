@@ -133,14 +133,28 @@ class Prediction:
     exact: bool  # built and verified the schedule (True) or closed form (False)
     notes: str = ""
     meta: dict = field(default_factory=dict)
+    #: The exact path's per-rank timelines (:func:`.cost.drift_total`): forward and
+    #: backward pass times, and the largest forward compute of one rank. None: ranks in
+    #: lock step (each step the slowest rank's compute or its transfers), the closed
+    #: form's model (its schedules are symmetric).
+    drift: tuple[float, float, float] | None = None
 
     @property
     def fwd_s(self) -> float:
+        if self.drift is not None:
+            return self.drift[0]
         return sum(s.time_s * s.repeat for s in self.steps)
 
     @property
     def bwd_s(self) -> float:
+        if self.drift is not None:
+            return self.drift[1]
         return sum(s.bwd_time_s * s.repeat for s in self.steps)
+
+    @property
+    def lockstep_fwd_s(self) -> float:
+        """The forward with ranks in lock step (an upper bound of :attr:`fwd_s`)."""
+        return sum(s.time_s * s.repeat for s in self.steps)
 
     @property
     def fwd_bwd_s(self) -> float:
@@ -152,6 +166,10 @@ class Prediction:
 
     @property
     def compute_s(self) -> float:
+        """Forward compute on the critical path: the busiest rank's (per-rank
+        timelines), or the sum of each step's slowest rank (lock step)."""
+        if self.drift is not None:
+            return self.drift[2]
         return sum(s.compute_s * s.repeat for s in self.steps if s.forward)
 
     @property

@@ -23,6 +23,24 @@ def transfer_time(
     return _time_of_loads(cluster, acc, msgs, loads)
 
 
+def flow_times(cluster: Cluster, flows: list[tuple[int, int, float]]) -> list[float]:
+    """Per flow ``(src, dst, bytes)`` of one step, when it is done after both ends have
+    started it: the slowest resource on its route, each carrying all of the step's bytes
+    that cross it (the step's flows share bandwidth; :func:`transfer_time` is the max)."""
+    acc: dict[int, float] = defaultdict(float)
+    msgs: dict[int, int] = defaultdict(int)
+    routes = [cluster.route(s, d) for s, d, _ in flows]
+    for route, (_, _, b) in zip(routes, flows, strict=True):
+        for r in route:
+            acc[r] += b
+            msgs[r] += 1
+    res_t = {}
+    for r, b in acc.items():
+        res = cluster.resources[r]
+        res_t[r] = b / (res.bandwidth * cluster.efficiency(b / max(msgs[r], 1))) + res.latency
+    return [max((res_t[r] for r in route), default=0.0) for route in routes]
+
+
 def _time_of_loads(cluster, acc, msgs, loads=None) -> tuple[float, float]:
     t = 0.0
     for r, b in acc.items():
