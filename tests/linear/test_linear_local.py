@@ -254,31 +254,44 @@ def test_cost_model_prefers_allgather_on_a_switch_and_ring_on_a_line():
         exchange_cost(4, state, "nvswitch:8")
 
 
+@pytest.mark.parametrize("b", [1, 2])
 @pytest.mark.parametrize("n0", [0, 7, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_incoming_state_share_matches_float64(dtype, n0):
+def test_incoming_state_share_matches_float64(dtype, n0, b):
     """A rank's incoming-state share (``api.incoming_share``: bfloat16 on the tensor
     cores, float16 / float32 in float32) against the same formula in float64: output
     rows t < n0 gain ``scale exp(G_t) q_t S_in``, the others are unchanged, and the
-    carried state is ``exp(G_{n0-1}) S_in``; within a few roundings of the dtype."""
+    carried state is ``exp(G_{n0-1}) S_in``; forward and the gradients of o, q, the gate
+    and S_in, within a few roundings of the dtype."""
     from hamilton_attn.linear.api import incoming_share
 
     gen = torch.Generator().manual_seed(n0)
-    b, s, h = 1, 40, 3
+    s, h = 40, 3
     q = torch.randn(b, s, h, K, generator=gen, dtype=torch.float64)
     o = torch.randn(b, s, h, V, generator=gen, dtype=torch.float64)
     g = -torch.rand(b, s, h, generator=gen, dtype=torch.float64) * 0.3
     s_in = torch.randn(b, h, K, V, generator=gen, dtype=torch.float64) * 4
     cdt = torch.float32
-    got, carried = incoming_share(o.to(dtype), q.to(dtype), g.to(cdt), s_in.to(cdt), 0.4, n0)
-    G = g[:, :n0].cumsum(1)
-    want = o.clone()
-    want[:, :n0] += 0.4 * torch.einsum("bshk,bhkv->bshv", q[:, :n0] * G.exp()[..., None], s_in)
+    leaves = [o.to(dtype), q.to(dtype), g.to(cdt), s_in.to(cdt)]
+    leaves = [t.requires_grad_() for t in leaves]
+    got, carried = incoming_share(*leaves, 0.4, n0)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    eo, eq, eg, es = exact
+    G = eg[:, :n0].cumsum(1)
+    add = 0.4 * torch.einsum("bshk,bhkv->bshv", eq[:, :n0] * G.exp()[..., None], es)
+    want = torch.cat([eo[:, :n0] + add, eo[:, n0:]], dim=1)
     assert got.dtype == dtype and got.shape == o.shape
     eps = torch.finfo(dtype).eps
     assert max_err(got, want) <= 8 * eps * want.abs().max().item()
-    assert torch.equal(got[:, n0:], o[:, n0:].to(dtype))
+    assert torch.equal(got[:, n0:], leaves[0][:, n0:])
     if n0:
-        assert max_err(carried, G[:, -1].exp()[..., None, None] * s_in) <= 1e-5
+        assert max_err(carried, G[:, -1].exp()[..., None, None] * es) <= 1e-5
     else:
         assert carried is None
+    wt = torch.linspace(-1, 1, want.numel(), dtype=torch.float64).view_as(want).cos()
+    if n0 == 0:  # nothing depends on q, g or S_in
+        return
+    dg = torch.autograd.grad((got.double() * wt).sum(), leaves)
+    dw = torch.autograd.grad((want * wt).sum(), exact)
+    for name, a, e in zip(("do", "dq", "dg", "ds_in"), dg, dw, strict=True):
+        assert max_err(a, e) <= 16 * eps * max(1.0, e.abs().max().item()), name
