@@ -269,8 +269,9 @@ def _agree(plan: Plan, problem: str | None, call: _Call | None, device) -> None:
     rows = exchange_rows(plan, mine, problem, device, "linear_attention", "", _unpack_name)
     if any(row[3:] != mine[3:] for row in rows):
         raise ValueError(
-            "q, k, v, g: shapes, dtype, gate shape, scale, initial_state / "
-            "return_final_state or strategy differ across the ranks of the group"
+            "q, k, v, g: shapes, dtype, gate shape, scale, initial_state (given, "
+            "requiring grad) / return_final_state or strategy differ across the ranks of "
+            "the group"
         )
 
 
@@ -327,8 +328,10 @@ def _context_parallel(q, k, v, g, scale, plan, cu_seqlens, h0, want_final, backe
     call = None
     if problem is None:
         bits = struct.unpack("<q", struct.pack("<d", _scale(scale, q)))[0]
+        # initial_state: 0 none, 1 given, 2 requiring grad (its backward gathers)
+        h0_kind = 0 if h0 is None else 1 + bool(h0.requires_grad and torch.is_grad_enabled())
         call = _Call(_DTYPES[q.dtype], *q.shape, v.shape[-1], 0 if g is None else g.dim(),
-                     int(h0 is not None), int(want_final), _STRATEGY_CODE[strategy], bits)  # fmt: skip
+                     h0_kind, int(want_final), _STRATEGY_CODE[strategy], bits)  # fmt: skip
     _agree(plan, problem, call, exchange_device(q))
     return _run(q, k, v, g, _scale(scale, q), plan, docs, many, h0, want_final, backend, strategy)
 

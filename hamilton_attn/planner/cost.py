@@ -189,6 +189,29 @@ def predict_schedule(
     started = [False] * w
     loads: dict[int, float] = {}
     steps = []
+
+    def call(r, pieces):
+        """``(rows, flops, fwd rate, bwd rate)`` of rank r's call on ``pieces``: the
+        executor runs a step's pieces as ONE kernel call (Plan.fused_block): one launch,
+        one merge, at the rate of that call's shape."""
+        stats = [block_stat(r, p) for p in pieces]
+        rf, rb = step_rates(dev, stats)
+        return (
+            max(st.rows for st in stats),
+            shapes.flops_per_pair * sum(st.area for st in stats),
+            rf,
+            rb,
+        )
+
+    def bwd_compute(r, pieces) -> float:
+        rows, fl, _, rb = call(r, pieces)
+        return (dev.bwd_flops_factor * fl / (rb * 1e12) + dev.block_overhead_s
+                + rows * shapes.row_elems / dev.bwd_block_elems_per_s)  # fmt: skip
+
+    def flows(step):
+        kv = [(t.src, t.dst, plen[t.piece.part] * kvb) for t in step.transfers]
+        return kv, [(t.src, t.dst, plen[t.piece.part] * gb) for t in step.grad_transfers]
+
     for s, step in enumerate(schedule.steps):
         comp = [0.0] * w
         bcomp = [0.0] * w
@@ -197,21 +220,14 @@ def predict_schedule(
             pieces = step.compute[r]
             if not pieces:
                 continue
-            # The executor runs a step's pieces as ONE kernel call (Plan.fused_block): one
-            # launch, one merge, at the rate of that call's shape.
-            stats = [block_stat(r, p) for p in pieces]
-            rows = max(st.rows for st in stats)
-            fl = shapes.flops_per_pair * sum(st.area for st in stats)
-            rf, rb = step_rates(dev, stats)
+            rows, fl, rf, _ = call(r, pieces)
             comp[r] += fl / (rf * 1e12) + dev.block_overhead_s
             kern[r] += fl / (rf * 1e12)
             if started[r]:
                 comp[r] += rows * shapes.row_elems / dev.merge_elems_per_s
             started[r] = True
-            bcomp[r] += dev.bwd_flops_factor * fl / (rb * 1e12) + dev.block_overhead_s
-            bcomp[r] += rows * shapes.row_elems / dev.bwd_block_elems_per_s
-        kv = [(t.src, t.dst, plen[t.piece.part] * kvb) for t in step.transfers]
-        gr = [(t.src, t.dst, plen[t.piece.part] * gb) for t in step.grad_transfers]
+            bcomp[r] = bwd_compute(r, pieces)
+        kv, gr = flows(step)
         t_kv, mx = transfer_time(cluster, kv, loads if s < n_fwd else None)
         t_bwd, _ = transfer_time(cluster, kv + gr)
         if s < n_fwd:
@@ -220,6 +236,12 @@ def predict_schedule(
         steps.append(
             StepCost(max(comp), t_kv, max(bcomp), t_bwd, mx, s < n_fwd, kernel_s=max(kern))
         )
+    if schedule.backward_steps is not None:  # its own (reversed) backward runs instead
+        timeline_b = []
+        for step in schedule.backward_steps:
+            bcomp = [bwd_compute(r, p) if p else 0.0 for r, p in enumerate(step.compute)]
+            kv, gr = flows(step)
+            timeline_b.append((bcomp, kv + gr, flow_times(cluster, kv + gr)))
     if report is not None:
         peak_tokens = max(report.peak_buffer_tokens, default=0)
     else:

@@ -96,8 +96,12 @@ def simulate_heads(
         StepCost(0.0, fwd_out, 0.0, bwd_in, q_part * (u - 1)),
     ]
     name = "ulysses" if schedule == "ulysses" else f"{schedule}+ulysses{u}"
+    drift = inner.drift
+    if drift is not None:  # the all-to-alls are exposed: they add to every timeline
+        drift = (drift[0] + fwd_in + fwd_out, drift[1] + bwd_in + bwd_out, drift[2])
     return dataclasses.replace(
         inner,
+        drift=drift,
         schedule=name,
         topology=cluster.name,
         world_size=w,

@@ -174,6 +174,7 @@ class Prediction:
 
     @property
     def transfer_s(self) -> float:
+        """Forward transfer time, each step's slowest (a lock-step sum)."""
         return sum(s.transfer_s * s.repeat for s in self.steps if s.forward)
 
     @property
@@ -183,12 +184,15 @@ class Prediction:
 
     @property
     def kernel_s(self) -> float:
-        """Forward attention-kernel time alone (no merges, no per-block overheads)."""
+        """Forward attention-kernel time alone (no merges, no per-block overheads), each
+        step's slowest rank (a lock-step sum: it can exceed :attr:`compute_s`, the
+        busiest rank's own total, where steps give ranks unequal work)."""
         return sum(s.kernel_s * s.repeat for s in self.steps if s.forward)
 
     @property
     def kernel_exposed_s(self) -> float:
-        """Forward transfer time not hidden behind the attention kernels alone."""
+        """Forward transfer time not hidden behind the attention kernels alone, per step
+        in lock step."""
         return sum(
             (max(s.kernel_s, s.transfer_s) - s.kernel_s) * s.repeat for s in self.steps if s.forward
         )

@@ -190,6 +190,9 @@ def _bad_call(kind, rank, p, q, k, v, g):
         q, k, v, g = q[:, 1:], k[:, 1:], v[:, 1:], g[:, 1:]
     elif kind == "initial_state_shape":
         kw["initial_state"] = torch.zeros(2, H, K, V, dtype=q.dtype)
+    elif kind == "h0_grad_one_rank":  # valid on each rank, but only one backward gathers
+        kw["initial_state"] = torch.zeros(len(DOCS) - 1, H, K, V, dtype=q.dtype)
+        kw["initial_state"].requires_grad_(rank == 0)
     elif kind == "strategy_differs":  # valid on each rank, but not the same
         kw["strategy"] = "ring" if rank % 2 else "allgather"
     elif kind == "dtype_one_rank":
@@ -209,6 +212,7 @@ BAD = {  # kind: the argument the offending rank's error names
     "local_length": "local tokens",
     "initial_state_shape": "initial_state",
     "strategy_differs": "strategy",
+    "h0_grad_one_rank": "initial_state (given, requiring grad)",
     "dtype_one_rank": "q, k, v",
     "zigzag_plan": "plan: linear attention needs dispatch='contiguous'",
     "full_mask_plan": "plan: linear attention needs a causal mask",

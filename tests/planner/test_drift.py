@@ -55,3 +55,19 @@ def test_hamilton_gains_from_its_ranks_drifting():
     ham64 = simulate("hamilton", "full_mesh:8", 65536, mask="causal")
     ring64 = simulate("ring", "full_mesh:8", 65536, mask="causal")
     assert ham64.fwd_s < 0.5 * ring64.fwd_s
+
+
+def test_head_parallel_timelines_keep_their_all_to_alls():
+    """Ulysses and hybrids add their exposed all-to-alls to the inner schedule's
+    timelines (before: the timelines replaced the step sums and dropped them)."""
+    from hamilton_attn.planner.heads_cost import simulate_heads
+    from hamilton_attn.planner.model import Shapes
+
+    for name, degree in (("ring", 8), ("ring", 2), ("direct", 2)):
+        p = simulate_heads(name, "full_mesh:8", 65536, degree, shapes=Shapes(heads=32))
+        a2a_f = sum(st.time_s for st in p.steps[:2])
+        a2a_b = sum(st.bwd_time_s for st in p.steps[:2])
+        assert a2a_f > 0 and a2a_b > 0
+        assert p.fwd_s >= a2a_f + p.compute_s - 1e-12
+        assert p.bwd_s >= a2a_b
+        assert p.fwd_s <= p.lockstep_fwd_s + 1e-12

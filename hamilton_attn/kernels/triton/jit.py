@@ -192,7 +192,8 @@ def _fwd_tile(
             s = tl.where(vis, s, float("-inf"))
         if KIND == 0 and CAPMAX:
             # softcap bounds every score by c: with c as the running max, no row max,
-            # no rescale (p >= 2^(-2c log2 e), a normal float for c <= 43)
+            # no rescale (p >= 2^(-2c log2 e): the host takes this path only where p
+            # stays normal in the PV product's dtype, c log2 e <= 60, 7 for float16)
             p = tl.exp2(s - softcap * UNIT)
             l_i = l_i + tl.reduce(p, 1, _ADD)
         elif KIND == 0:
