@@ -254,6 +254,33 @@ def test_sigmoid_in_the_seed_style():
     assert (da - dr).abs().max().item() <= 1e-9
 
 
+def test_custom_inputs_bad_calls_name_the_argument():
+    """Custom inputs given wrongly at call time: too many, an unknown or repeated name,
+    one missing; each a ValueError naming custom_fwd_inputs."""
+
+    def score_mod(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
+        return score + custom_fwd_inputs.input_tensors["softmax_bias"]
+
+    b, s, h, d = 1, 9, 2, 8
+    q, k, v = _qkv(b, s, h, 1, d, d, _gen("custom_bad"))
+    mod = AttentionEngine(
+        _meta(b, s, h, 1, d, d), CustomIO({"softmax_bias": (1,)}), score_mod=score_mod,
+        block_mask=QS["causal_mask"], online_func=OnlineIdentity(),
+    )  # fmt: skip
+    bias = torch.randn(1, generator=_gen("bias"), dtype=F64)
+    calls = [
+        ("custom_fwd_inputs: missing", lambda: mod(q, k, v)),
+        ("custom_fwd_inputs: the engine takes 1", lambda: mod(q, k, v, bias, bias)),
+        ("custom_fwd_inputs: unknown input 'x'", lambda: mod(q, k, v, bias, x=bias)),
+        ("custom_fwd_inputs: 'softmax_bias' given twice",
+         lambda: mod(q, k, v, bias, softmax_bias=bias)),
+    ]  # fmt: skip
+    for what, call in calls:
+        with pytest.raises(ValueError, match=what):
+            call()
+    assert torch.isfinite(mod(q, k, v, softmax_bias=bias)).all()
+
+
 def test_relu_in_the_seed_style():
     """The seed's relu attention: ``(score * scale).max(0)``, no mask."""
     d = 16

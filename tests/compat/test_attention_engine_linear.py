@@ -185,7 +185,10 @@ def test_bad_input_names_the_argument():
         ("v:", lambda: mod(q, k, v.float(), decay, a, dt)),
         ("decay:", lambda: mod(q, k, v, decay[:, :1], a, dt)),
         ("decay:", lambda: mod(q, k, v, None, a, dt)),
-        ("custom_io", lambda: mod(q, k, v, decay, a)),
+        ("custom_io: missing", lambda: mod(q, k, v, decay, a)),
+        ("custom_io: the engine takes 2", lambda: mod(q, k, v, decay, a, dt, dt)),
+        ("custom_io: unknown input 'x'", lambda: mod(q, k, v, decay, a, dt, x=dt)),
+        ("custom_io: 'A' given twice", lambda: mod(q, k, v, decay, a, dt, A=a)),
         ("A:", lambda: mod(q, k, v, decay, a.view(2, 1), dt)),
         ("g", lambda: mod(q, k, v, decay, -a, dt)),  # a positive log decay: a growing state
     ]

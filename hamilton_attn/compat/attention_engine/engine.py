@@ -279,21 +279,7 @@ class AttentionEngine(torch.nn.Module):
     # -- calls ---------------------------------------------------------------------------
     def _custom_values(self, args, kwargs) -> dict[str, torch.Tensor]:
         names = self.custom.names
-        if len(args) > len(names):
-            raise ValueError(
-                f"custom_fwd_inputs: the engine takes {len(names)} custom inputs {names}, "
-                f"got {len(args)} after q, k, v"
-            )
-        given = dict(zip(names, args))
-        for n, t in kwargs.items():
-            if n not in names:
-                raise ValueError(f"custom_fwd_inputs: unknown input {n!r} (declared: {names})")
-            if n in given:
-                raise ValueError(f"custom_fwd_inputs: {n!r} given twice")
-            given[n] = t
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise ValueError(f"custom_fwd_inputs: missing {missing}")
+        given = self.custom.given(args, kwargs, "custom_fwd_inputs", "q, k, v")
         b, hq, sq, sk = self.sizes
         sizes = (b, hq, sq, sk)
         out = {}

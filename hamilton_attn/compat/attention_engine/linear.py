@@ -171,19 +171,7 @@ class LinearAttentionEngine(torch.nn.Module):
     def _custom_values(self, args, kwargs, seq: int) -> dict[str, torch.Tensor]:
         """Each custom input as ``[B|1, H|1, T|1]`` (declared dims aligned left)."""
         names = self.custom.names
-        if len(args) > len(names):
-            raise ValueError(
-                f"custom_io: the engine takes {len(names)} custom inputs {names}, got "
-                f"{len(args)} after q, k, v, decay"
-            )
-        given = dict(zip(names, args))
-        for n, x in kwargs.items():
-            if n not in names or n in given:
-                raise ValueError(f"custom_io: {n!r} unknown or given twice (declared: {names})")
-            given[n] = x
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise ValueError(f"custom_io: missing {missing}")
+        given = self.custom.given(args, kwargs, "custom_io", "q, k, v, decay")
         b, h = self.shapes["v"][:2]
         sizes = (b, h, seq)
         out = {}

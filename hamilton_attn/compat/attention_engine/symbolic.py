@@ -312,6 +312,28 @@ class CustomIO:
     def names(self) -> list[str]:
         return list(self.input_tensors)
 
+    def given(self, args, kwargs, arg: str, after: str) -> dict:
+        """A call's custom inputs by name, from ``args`` (in declaration order, after
+        ``after``) and ``kwargs``; ValueError naming ``arg`` for too many, an unknown
+        name, one given twice or one missing."""
+        names = self.names
+        if len(args) > len(names):
+            raise ValueError(
+                f"{arg}: the engine takes {len(names)} custom inputs {names}, got "
+                f"{len(args)} after {after}"
+            )
+        given = dict(zip(names, args))
+        for n, x in kwargs.items():
+            if n not in names:
+                raise ValueError(f"{arg}: unknown input {n!r} (declared: {names})")
+            if n in given:
+                raise ValueError(f"{arg}: {n!r} given twice")
+            given[n] = x
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ValueError(f"{arg}: missing {missing}")
+        return given
+
     def bound(self, values: dict[str, SymbolScalar]) -> CustomIO:
         """A copy whose ``input_tensors`` hold ``values`` (what the user's score_mod sees)."""
         io = CustomIO()
