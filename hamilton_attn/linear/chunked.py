@@ -19,7 +19,9 @@ chunks, ``E_{c+1} = a_c E_c + M_c`` with ``a_c = exp(Gc_last)`` and
 sequence, all sequences at once (as many steps as the longest sequence has chunks).
 
 Memory: the chunk tensors copy q, k, v once; the decay and score blocks hold
-``T * H * C`` numbers each; the states ``n * H * K * V`` (n chunks). Sequences shorter
+``T * H * C`` numbers each; the states ``n * H * K * V`` (n chunks): the chunks' own and
+those entering them (the scan copies neither where chunks are already in level order,
+and keeps only each sequence's last exit). Sequences shorter
 than ``C`` still take a whole chunk (many one-token documents pad to ``C`` slots each).
 
 Legend: B batch, S tokens per batch row, T = B * S flat tokens, N sequences, n chunks,
@@ -54,8 +56,9 @@ def _chunk_table(cu: list[int], chunk: int):
 
 
 def _scan(a_nH, m_nHKV, seq, j, init_NHKV):
-    """States entering and leaving each chunk: ``E_c`` (the sequence's initial state at
-    its first chunk) and ``X_c = a_c E_c + M_c``, one step per chunk index."""
+    """States entering each chunk, ``E_c`` (the sequence's initial state at its first
+    chunk), ``[n, H, K, V]``, and the state leaving each sequence's last chunk,
+    ``X_c = a_c E_c + M_c``, ``[N, H, K, V]``; one step per chunk index."""
     n = len(seq)
     levels = [torch.nonzero(j == i).flatten() for i in range(int(j.max()) + 1)]
     has_next = torch.zeros(n, dtype=torch.bool)
@@ -67,19 +70,30 @@ def _scan(a_nH, m_nHKV, seq, j, init_NHKV):
         e = init_NHKV.to(m_nHKV.dtype)[seq[levels[0]].to(dev)]
     # Chunks in level order once, then split into views: indexing the full tensors per
     # level would cost each level's backward a zeroed full-size gradient (quadratic).
-    order = torch.cat(levels).to(dev)
+    # One sequence (or one chunk per sequence) is already in level order: no copies.
+    order_cpu = torch.cat(levels)
+    in_order = bool((order_cpu == torch.arange(n)).all())
+    order = order_cpu.to(dev)
     sizes = [len(lev) for lev in levels]
-    m_lev = torch.split(m_nHKV[order], sizes)
-    a_lev = torch.split(a_nH[order], sizes)
-    enters, exits = [e], []
+    m_lev = torch.split(m_nHKV if in_order else m_nHKV[order], sizes)
+    a_lev = torch.split(a_nH if in_order else a_nH[order], sizes)
+    enters, ends, finals = [e], [], []
     for i, lev in enumerate(levels):
         x = a_lev[i][..., None, None] * e + m_lev[i]
-        exits.append(x)
+        last = ~has_next[lev]
+        if bool(last.any()):  # only a sequence's last chunk's exit is returned
+            ends.append(seq[lev][last])
+            finals.append(x if bool(last.all()) else x[last.to(dev)])
         if i + 1 < len(levels):
             e = x[has_next[lev].to(dev)]
             enters.append(e)
-    back = torch.argsort(order)
-    return torch.cat(enters)[back], torch.cat(exits)[back]
+    enter = torch.cat(enters)
+    if not in_order:
+        enter = enter[torch.argsort(order)]
+    final = torch.cat(finals)
+    if len(finals) > 1:
+        final = final[torch.argsort(torch.cat(ends)).to(dev)]
+    return enter, final
 
 
 def chunked_local(q, k, v, g, scale, cu_seqlens=None, initial_state=None, *, chunk=CHUNK):
@@ -107,7 +121,7 @@ def chunked_local(q, k, v, g, scale, cu_seqlens=None, initial_state=None, *, chu
         cu = [i * s for i in range(b + 1)]
     else:
         cu = [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
-    start, length, seq, j, last = _chunk_table(cu, chunk)
+    start, length, seq, j, _ = _chunk_table(cu, chunk)
     slot = torch.arange(chunk)
     valid = slot < length[:, None]
     idx = torch.where(valid, start[:, None] + slot, 0).to(q.device)
@@ -132,7 +146,7 @@ def chunked_local(q, k, v, g, scale, cu_seqlens=None, initial_state=None, *, chu
     tail = (gcum64[..., -1:] - gcum64).to(cdt).exp()
     m = (k_c * tail[..., None]).transpose(-1, -2) @ v_c
     init = None if initial_state is None else initial_state.to(cdt)
-    enter, leave = _scan(g_last.exp(), m, seq, j, init)
+    enter, final = _scan(g_last.exp(), m, seq, j, init)
     o_c = (o_c + (q_c * gcum.exp()[..., None]) @ enter) * scale
     o = o_c.transpose(1, 2).reshape(-1, h, dv)[valid.reshape(-1)]
-    return o.reshape(b, s, h, dv).to(q.dtype), leave[last.to(q.device)]
+    return o.reshape(b, s, h, dv).to(q.dtype), final
