@@ -96,6 +96,7 @@ DOC_LAYOUTS = [
     [0, 1, 2, 3, 53],  # one-token documents first
     [0, 20, 21, 64, 65, 97],  # documents ending at and just past a chunk edge
     [0, 63, 64, 128, 129, 130],
+    [0, 130, 131, 200],  # 3, 1 and 2 chunks: sequences end at different scan steps
 ]
 
 
