@@ -151,15 +151,19 @@ class GatherFinal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fin, s_in, rows: tuple[int, ...], owner: tuple[int, ...], plan):
         ctx.rows, ctx.s_in_like = rows, (s_in.shape, s_in.dtype, s_in.device)
-        mine = fin.new_zeros(len(owner), *fin.shape[1:])
-        for i, row in enumerate(rows):
-            if row >= 0:
-                mine[row] = fin[i]
+        # Each rank sends only the rows it owns (every rank knows ``owner``), padded to
+        # the most any rank owns: about N / W rows each, not N.
+        owned = [[n for n, o in enumerate(owner) if o == r] for r in range(plan.world_size)]
+        slot = [owned[o].index(n) for n, o in enumerate(owner)]
+        piece = {row: i for i, row in enumerate(rows) if row >= 0}
+        mine = fin.new_zeros(max(map(len, owned)), *fin.shape[1:])
+        for k, row in enumerate(owned[plan.rank]):
+            mine[k] = fin[piece[row]]
         if plan.world_size == 1:
             return mine
-        parts = torch.stack(gather_plan_order(mine, plan))
-        at = torch.arange(len(owner), device=fin.device)
-        return parts[torch.tensor(owner, device=fin.device), at]
+        parts = torch.stack(gather_plan_order(mine, plan))  # [W, most owned, H, K, V]
+        dev = fin.device
+        return parts[torch.tensor(owner, device=dev), torch.tensor(slot, device=dev)]
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -115,3 +115,39 @@ def test_loss_on_final_states_alone_reaches_every_rank(pool, w, strategy):
     for rank, errs in enumerate(pool.run(_final_only, w, strategy)):
         for n, e in errs.items():
             assert e <= TOL, f"W={w} rank {rank} {strategy}: {n} error {e:.3e}"
+
+
+def _final_gather_rows(ctx):
+    """Rows of the final-state gather's message on this rank (the 4-d gathers: the
+    forward's final states; the allgather strategy's own messages are flat)."""
+    from hamilton_attn.linear import scan
+
+    seen, real = [], scan.gather_plan_order
+
+    def record(x, plan):
+        if x.dim() == 4:
+            seen.append(x.shape[0])
+        return real(x, plan)
+
+    docs = [0, 2, 4, 6, 9, 12, 15, 19, 23, 27]  # 9 documents
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _rnd(gen, 1, 27, H, K), _rnd(gen, 1, 27, H, K), _rnd(gen, 1, 27, H, V)
+    p = ha.plan(ha.Mask.varlen(docs, causal=True), ctx.group, dispatch="contiguous",
+                schedule="ring")  # fmt: skip
+    scan.gather_plan_order = record
+    try:
+        with torch.no_grad():
+            _, fin = ha.linear_attention(*(ha.dispatch(t, p) for t in (q, k, v)), plan=p,
+                                         return_final_state=True, strategy="ring")  # fmt: skip
+    finally:
+        scan.gather_plan_order = real
+    _, want = linear_recurrence_oracle(q, k, v, None, cu_seqlens=docs, dtype=torch.float64)
+    return seen, max_err(fin, want)
+
+
+def test_final_states_gather_only_the_rows_each_rank_owns(pool):
+    """9 documents over 4 ranks: each rank sends the rows it owns (at most 3 here), not
+    all 9, and every rank still gets all 9 final states."""
+    for seen, err in pool.run(_final_gather_rows, 4):
+        assert seen and max(seen) <= 3, seen
+        assert err <= TOL
