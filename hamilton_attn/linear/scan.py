@@ -132,11 +132,7 @@ class ReplicatedGrad(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        parts = gather_plan_order(grad.contiguous(), ctx.plan)
-        total = parts[0].clone()
-        for p in parts[1:]:
-            total += p
-        return total, None
+        return torch.stack(gather_plan_order(grad.contiguous(), ctx.plan)).sum(0), None
 
 
 class GatherFinal(torch.autograd.Function):
@@ -154,7 +150,10 @@ class GatherFinal(torch.autograd.Function):
         # Each rank sends only the rows it owns (every rank knows ``owner``), padded to
         # the most any rank owns: about N / W rows each, not N.
         owned = [[n for n, o in enumerate(owner) if o == r] for r in range(plan.world_size)]
-        slot = [owned[o].index(n) for n, o in enumerate(owner)]
+        slot = [0] * len(owner)
+        for rows_r in owned:
+            for k, n in enumerate(rows_r):
+                slot[n] = k
         piece = {row: i for i, row in enumerate(rows) if row >= 0}
         mine = fin.new_zeros(max(map(len, owned)), *fin.shape[1:])
         for k, row in enumerate(owned[plan.rank]):

@@ -228,11 +228,12 @@ def predict_schedule(
             started[r] = True
             bcomp[r] = bwd_compute(r, pieces)
         kv, gr = flows(step)
-        t_kv, mx = transfer_time(cluster, kv, loads if s < n_fwd else None)
-        t_bwd, _ = transfer_time(cluster, kv + gr)
+        times_kv, mx = flow_times(cluster, kv, loads if s < n_fwd else None)
+        times_bwd, _ = flow_times(cluster, kv + gr)
+        t_kv, t_bwd = max(times_kv, default=0.0), max(times_bwd, default=0.0)
         if s < n_fwd:
-            timeline_f.append((comp, kv, flow_times(cluster, kv)))
-        timeline_b.append((bcomp, kv + gr, flow_times(cluster, kv + gr)))
+            timeline_f.append((comp, kv, times_kv))
+        timeline_b.append((bcomp, kv + gr, times_bwd))
         steps.append(
             StepCost(max(comp), t_kv, max(bcomp), t_bwd, mx, s < n_fwd, kernel_s=max(kern))
         )
@@ -241,7 +242,7 @@ def predict_schedule(
         for step in schedule.backward_steps:
             bcomp = [bwd_compute(r, p) if p else 0.0 for r, p in enumerate(step.compute)]
             kv, gr = flows(step)
-            timeline_b.append((bcomp, kv + gr, flow_times(cluster, kv + gr)))
+            timeline_b.append((bcomp, kv + gr, flow_times(cluster, kv + gr)[0]))
     if report is not None:
         peak_tokens = max(report.peak_buffer_tokens, default=0)
     else:

@@ -14,19 +14,17 @@ def transfer_time(
 ) -> tuple[float, float]:
     """Time (s) of one step's transfers ``(src, dst, bytes)`` and the busiest resource's
     bytes. ``loads`` (resource index -> bytes), if given, is added to."""
-    acc: dict[int, float] = defaultdict(float)
-    msgs: dict[int, int] = defaultdict(int)
-    for s, d, b in flows:
-        for r in cluster.route(s, d):
-            acc[r] += b
-            msgs[r] += 1
-    return _time_of_loads(cluster, acc, msgs, loads)
+    times, busiest = flow_times(cluster, list(flows), loads)
+    return max(times, default=0.0), busiest
 
 
-def flow_times(cluster: Cluster, flows: list[tuple[int, int, float]]) -> list[float]:
+def flow_times(
+    cluster: Cluster, flows: list[tuple[int, int, float]], loads: dict | None = None
+) -> tuple[list[float], float]:
     """Per flow ``(src, dst, bytes)`` of one step, when it is done after both ends have
     started it: the slowest resource on its route, each carrying all of the step's bytes
-    that cross it (the step's flows share bandwidth; :func:`transfer_time` is the max)."""
+    that cross it (the step's flows share bandwidth; the step's time is the max); and
+    the busiest resource's bytes. ``loads``, if given, is added to."""
     acc: dict[int, float] = defaultdict(float)
     msgs: dict[int, int] = defaultdict(int)
     routes = [cluster.route(s, d) for s, d, _ in flows]
@@ -34,19 +32,23 @@ def flow_times(cluster: Cluster, flows: list[tuple[int, int, float]]) -> list[fl
         for r in route:
             acc[r] += b
             msgs[r] += 1
-    res_t = {}
-    for r, b in acc.items():
-        res = cluster.resources[r]
-        res_t[r] = b / (res.bandwidth * cluster.efficiency(b / max(msgs[r], 1))) + res.latency
-    return [max((res_t[r] for r in route), default=0.0) for route in routes]
+    res_t = {r: _resource_time(cluster, r, b, msgs[r]) for r, b in acc.items()}
+    if loads is not None:
+        for r, b in acc.items():
+            loads[r] = loads.get(r, 0.0) + b
+    times = [max((res_t[r] for r in route), default=0.0) for route in routes]
+    return times, max(acc.values(), default=0.0)
+
+
+def _resource_time(cluster: Cluster, r: int, nbytes: float, n_msgs: int) -> float:
+    res = cluster.resources[r]
+    return nbytes / (res.bandwidth * cluster.efficiency(nbytes / max(n_msgs, 1))) + res.latency
 
 
 def _time_of_loads(cluster, acc, msgs, loads=None) -> tuple[float, float]:
     t = 0.0
     for r, b in acc.items():
-        res = cluster.resources[r]
-        eff = cluster.efficiency(b / max(msgs[r], 1))
-        t = max(t, b / (res.bandwidth * eff) + res.latency)
+        t = max(t, _resource_time(cluster, r, b, msgs[r]))
         if loads is not None:
             loads[r] = loads.get(r, 0.0) + b
     return t, max(acc.values(), default=0.0)

@@ -99,10 +99,8 @@ def _one(ctx, c, seed=0):
     got = {n: torch.zeros_like(t) if d is None else d
            for n, t, d in zip(names, leaves, got, strict=True)}  # fmt: skip
     if g is not None and g.dim() == 1:  # each rank's share of a replicated g's gradient
-        for n in ("g",):
-            share = got[n].clone()
-            dist.all_reduce(share, group=ctx.group)
-            got[n] = share
+        got["g"] = got["g"].clone()
+        dist.all_reduce(got["g"], group=ctx.group)
     got.update(o=o.detach(), fin=fin.detach())
 
     def oracle(dtype):

@@ -71,3 +71,28 @@ def test_head_parallel_timelines_keep_their_all_to_alls():
         assert p.fwd_s >= a2a_f + p.compute_s - 1e-12
         assert p.bwd_s >= a2a_b
         assert p.fwd_s <= p.lockstep_fwd_s + 1e-12
+
+
+def test_a_schedules_own_backward_is_timed_from_its_steps():
+    """A schedule carrying its own backward (``backward="reverse"``) runs those steps in
+    the backward, not the forward's again: with backward steps that compute and move
+    nothing, the predicted backward is 0 (before, it was the forward's steps' backward)."""
+    import dataclasses
+
+    from hamilton_attn.planner.cluster import parse_topology
+    from hamilton_attn.planner.cost import predict_schedule
+    from hamilton_attn.planner.model import BlockStat
+    from hamilton_attn.schedule.ir import Step
+
+    sched = simulate("ring", "full_mesh:4", 16384, mask="causal").meta["schedule_obj"]
+    cluster = parse_topology("full_mesh:4")
+
+    def stat(r, piece):
+        return BlockStat(1 << 20, 1024, 1024)
+
+    kw = dict(local_len=4096, seqlen=16384)
+    plain = predict_schedule(sched, cluster, stat, **kw)
+    idle = tuple(Step(compute=((),) * 4) for _ in sched.steps)
+    own = predict_schedule(dataclasses.replace(sched, backward_steps=idle), cluster, stat, **kw)
+    assert plain.bwd_s > 0 and own.bwd_s == 0.0
+    assert own.fwd_s == plain.fwd_s
