@@ -28,6 +28,8 @@ one GPU:
   triton_variants           the same, only the variant checks and the first six cases
                             (short / long-tailed documents, dense causal, sigmoid, softcap,
                             ALiBi)
+  triton_ab                 gpu_triton.py --ab: the kernel's switches (TMA loads, ALiBi
+                            split scores) and tile configurations side by side
   kernels_perf              gpu_kernels.py's timings only (auto beside cuDNN and flex)
   ae_quickstart             examples/attention_engine_quickstart.py on the GPU (.txt)
   linear, linear_timing     linear_attention.py: fla's chunk_simple_gla beside our linear
@@ -160,6 +162,9 @@ for item in "$@"; do
     triton_variants)
       run "$log" "$limit" python benchmarks/gpu_triton.py --checks softcap,alibi,sigmoid \
         --first 6 --budget-s "$((limit - 40))" --out-dir "$OUT" --name "$name1" ;;
+    triton_ab)
+      run "$log" "$limit" python benchmarks/gpu_triton.py --ab --budget-s "$((limit - 60))" \
+        --out-dir "$OUT" --name "$name1" ;;
     kernels_perf)
       run "$log" "$limit" python benchmarks/gpu_kernels.py --no-check --out-dir "$OUT" \
         --name "$name1" ;;

@@ -444,6 +444,146 @@ def sweep(budget_s=1e9):
         torch.cuda.empty_cache()
 
 
+def ab_run(budget_s, out_dir, name, checks=()):
+    """Kernel switches and tile configurations side by side on the cases they aim at (one
+    GPU run; printed and saved as ``name``.md / .json): TMA descriptor loads in the
+    forward against pointer loads, ALiBi's split scores against per-pair distances, and
+    the launch configurations of short documents and a fused step."""
+    t0 = time.monotonic()
+    kern = get_kernel("triton")
+    s32 = 32768
+    causal = Mask.causal(s32)
+    alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
+    softcap = BlockVariant(kind="softmax", softcap=30.0)
+    short = docs_mask(uniform_docs(s32, 64, 512))
+    fused = fused_blocks("hamilton", "docs", 8192)[0]
+    fwd_small = [
+        (64, 32, 4, 3),
+        (64, 32, 4, 2),
+        (64, 32, 2, 2),
+        (32, 32, 2, 2),
+        (32, 32, 4, 2),
+        (32, 32, 2, 3),
+        (64, 64, 4, 2),
+        (32, 64, 4, 2),
+        (32, 16, 2, 2),
+        (64, 16, 4, 2),
+    ]
+    fwd_big = [
+        (128, 128, 8, 3),
+        (128, 128, 8, 2),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (64, 128, 4, 2),
+    ]
+    plan = [  # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweep)
+        ("dense causal 32K", causal, None, {"ptr": {}, "tma": {"TMA": True}}, fwd_big[:3], False),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None,
+         {"ptr": {}, "tma": {"TMA": True}}, fwd_big[:1], False),
+        ("docs 64-512 32K", short, None, {"ptr": {}, "tma": {"TMA": True}}, fwd_small, True),
+        ("hamilton docs 8K/rank step", fused, None, {"ptr": {}, "tma": {"TMA": True}},
+         fwd_big, True),
+        ("alibi causal 32K", causal, alibi,
+         {"dist": {"ALIBI_SPLIT": False}, "split": {}, "split+tma": {"TMA": True},
+          "dist+tma": {"ALIBI_SPLIT": False, "TMA": True}}, [], False),
+        ("softcap 30 causal 32K", causal, softcap, {"ptr": {}, "tma": {"TMA": True}}, [], False),
+        ("plain causal 32K (again)", causal, None, {"ptr": {}, "tma": {"TMA": True}}, [], False),
+    ]  # fmt: skip
+    saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
+    base = {n: getattr(tk, n) for n in ("TMA", "ALIBI_SPLIT")}
+    rows = []
+
+    def timed(label, mask, variant, q, k, v, do, fb):
+        kw = {} if variant is None else {"variant": variant}
+        fl = 4.0 * 32 * 128 * mask.area()
+        tf = bench_ms(lambda: kern.forward(q, k, v, mask, 0.088, **kw))
+        rate = [fl / tf / 1e9, None]
+        if fb:
+            o, l_ = kern.forward(q, k, v, mask, 0.088, **kw)
+
+            def f_b():
+                o, l_ = kern.forward(q, k, v, mask, 0.088, **kw)
+                kern.backward(do, q, k, v, o, l_, mask, 0.088, **kw)
+
+            rate[1] = 3.5 * fl / bench_ms(f_b) / 1e9
+        rows.append({"case": label, "fwd": rate[0], "fb": rate[1]})
+        extra = f" / {rate[1]:.1f}" if rate[1] else ""
+        print(f"ab {label}: {rate[0]:.1f}{extra} TF/s", flush=True)
+
+    for case, mask, variant, settings, cfgs, bwd in plan:
+        if time.monotonic() - t0 > budget_s:
+            print("ab: budget spent", flush=True)
+            break
+        q, k, v = (rand_bhsd(mask.shape[0 if i == 0 else 1], 32, 128, i) for i in range(3))
+        do = torch.randn(1, 32, mask.shape[0], 128, device=DEV, dtype=torch.bfloat16)
+        runs = [(f"{case}, {lab}", sw, None) for lab, sw in settings.items()]
+        runs += [(f"{case}, {lab}, fwd {c}", sw, ("fwd", c)) for c in cfgs
+                 for lab, sw in settings.items()]  # fmt: skip
+        if bwd:
+            runs += [(f"{case}, dq {c}", {}, ("dq", c))
+                     for c in [(64, 32, 4, 2), (32, 32, 2, 2), (32, 32, 4, 2), (64, 16, 4, 2),
+                               (64, 64, 4, 3), (128, 64, 8, 3)]]  # fmt: skip
+            runs += [(f"{case}, dkdv {c}", {}, ("dkdv", c))
+                     for c in [(32, 64, 4, 2), (32, 32, 2, 2), (32, 32, 4, 2), (16, 64, 4, 2),
+                               (64, 128, 8, 3), (32, 128, 4, 2)]]  # fmt: skip
+        for label, sw, cfg in runs:
+            for n, val in {**base, **sw}.items():
+                setattr(tk, n, val)
+            if cfg is not None:
+                tk.CONFIGS[cfg[0]][128] = [cfg[1]]
+            tk._pick.cache_clear()
+            try:
+                timed(label, mask, variant, q, k, v, do, fb=cfg is None or cfg[0] != "fwd")
+            except Exception as err:  # noqa: BLE001 - a configuration that cannot run
+                rows.append({"case": label, "error": str(err)[:300]})
+                print(f"ab {label}: failed {str(err)[:300]}", flush=True)
+            tk.CONFIGS = {p: {d: list(c) for d, c in v.items()} for p, v in saved.items()}
+            tk._pick.cache_clear()
+        q = k = v = do = None
+        torch.cuda.empty_cache()
+    for n, val in base.items():
+        setattr(tk, n, val)
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/gpu_triton.py " + " ".join(sys.argv[1:]),
+    }
+    lines = [
+        f"# Triton kernel switches side by side: {env['date']}",
+        "",
+        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
+        f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
+        "forward / forward+backward (3.5x the forward's flops); the triton kernel alone. "
+        "`ptr` / `tma`: the forward's K / V tiles by pointer loads or TMA descriptors; "
+        "`dist` / `split`: ALiBi per-pair distances or split scores; `fwd` / `dq` / `dkdv` "
+        "(BM, BN, warps, stages): that pass's launch configuration, the others at their "
+        "defaults.",
+        "",
+        "| case | forward | forward+backward |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | |")
+        else:
+            fb = f"{r['fb']:.0f}" if r["fb"] else "-"
+            lines.append(f"| {r['case']} | {r['fwd']:.0f} | {fb} |")
+    lines += ["", "## Checks against float64 (TMA loads on)", ""] + [
+        f"- {c['check']}: {'ok' if c['ok'] else 'FAIL'} "
+        f"({c.get('worst_ratio', float('nan')):.2f} of the error budget)"
+        for c in checks
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.json").write_text(
+        json.dumps({"environment": env, "rows": rows, "checks": list(checks)}, indent=1)
+    )
+    print("\n".join(lines))
+
+
 def fmt(x):
     return "-" if x is None else f"{x[0]:.0f} / {x[1]:.0f}"
 
@@ -510,8 +650,15 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no case after this")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="file stem (default triton_GPU_date)")
+    ap.add_argument("--ab", action="store_true", help="kernel switches side by side, only")
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 256
+    if args.ab:  # the checks with TMA loads on (ALiBi split scores are the default)
+        tk.TMA = True
+        checks = run_checks(args.quick, args.checks)
+        tk.TMA = False
+        ab_run(args.budget_s, args.out_dir, args.name or "triton_ab", checks)
+        return 0 if all(c["ok"] for c in checks) else 1
     checks = run_checks(args.quick, args.checks)
     if args.sweep:
         sweep(args.sweep_budget_s)

@@ -337,3 +337,49 @@ def test_float16_softcap_keeps_p_a_normal_float16(name):
     assert tk.TritonKernel._variant_args(q, var)["CAPMAX"] is False
     assert tk.TritonKernel._variant_args(q.float(), var)["CAPMAX"] is True
     check(MASKS[name], var=var, hq=2, hk=1, dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "name,layout,hq,hk,d",
+    [
+        ("causal", "bshd", 4, 2, 16),
+        ("docs_gap", "thd", 2, 1, 24),  # D 24 in 32-wide boxes: zeros past D
+        ("magi", "bhsd", 2, 2, 16),  # band tests, keys past Sk
+        ("bottom_right", "bshd", 3, 1, 32),
+    ],
+)
+def test_tma_descriptor_loads_agree_with_the_oracle(name, layout, hq, hk, d, monkeypatch):
+    """The forward's K / V tiles through 4-d tensor descriptors (what Hopper runs), forced
+    on under the interpreter: strided bshd / thd / bhsd views, GQA, head dims that are not
+    a power of two, tiles reaching past the keys; softmax and ALiBi with softcap."""
+    from hamilton_attn.kernels import triton as tk
+
+    monkeypatch.setattr(tk, "TMA", True)
+    q, k, _, _ = _inputs(MASKS[name], hq, hk, d, torch.float32, layout)
+    assert tk._descriptor(k, 16, tk._pow2(d)) is not None
+    check(MASKS[name], hq=hq, hk=hk, d=d, layout=layout)
+    var = dataclasses.replace(_alibi(min(hq, 4), shift=2), softcap=2.5)
+    check(MASKS[name], var=var, hq=hq, hk=hk, d=d, layout=layout)
+
+
+def test_descriptor_refuses_what_tma_cannot_address():
+    from hamilton_attn.kernels import triton as tk
+
+    x = torch.randn(1, 40, 3, 16)
+    assert tk._descriptor(x.transpose(1, 2), 16, 16) is not None
+    odd = torch.randn(1, 40, 3, 17)[..., :16]  # row stride 17 elements: not 16-byte aligned
+    assert tk._descriptor(odd.transpose(1, 2), 16, 16) is None
+    assert tk._descriptor(x.transpose(1, 2).expand(2, 3, 40, 16), 16, 16) is None  # stride 0
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("name", ["full", "causal", "bottom_right", "window", "docs_gap", "magi"])
+def test_alibi_split_scores_agree_with_the_oracle(name, split, monkeypatch):
+    """ALiBi's shifted scores (a per-key term on tiles whose keys precede their queries,
+    the row term taken out of the lse) and the per-pair distance, on masks with tiles on
+    both sides of the diagonal, a shift, and slopes whose row terms differ per head."""
+    from hamilton_attn.kernels import triton as tk
+
+    monkeypatch.setattr(tk, "ALIBI_SPLIT", split)
+    check(MASKS[name], var=_alibi(4, shift=5), hq=4, hk=2)
+    check(MASKS[name], var=_alibi(2, shift=-7), hq=2, hk=1, dtype=torch.bfloat16)

@@ -74,6 +74,14 @@ USE_ROW_INTERVALS = True
 #: (:meth:`.tiles.TileLists.short_runs`: short documents); True / False force it where
 #: row intervals exist (tests and the tuning sweep switch it).
 FLAT_LOOP: bool | None = None
+#: Load the tiles each kernel streams (K / V; Q / dO for dK/dV) through TMA tensor descriptors (Hopper's bulk copies:
+#: no per-element address arithmetic, zeros past the ends): None on where the GPU has
+#: TMA (compute capability 9+) and the strides allow it; True / False force it (tests run
+#: the True path under the interpreter; the A/B benchmark switches it).
+TMA: bool | None = False
+#: ALiBi on implicit positions keeps scores shifted by a per-row term, so tiles whose
+#: keys all precede their queries add one per-key term (:func:`.jit._fwd_tile`).
+ALIBI_SPLIT = True
 
 
 @functools.cache
@@ -136,6 +144,28 @@ def _flat(lists: TileLists, rows) -> bool:
     if rows is None:
         return False
     return lists.short_runs() if FLAT_LOOP is None else FLAT_LOOP
+
+
+def _descriptor(t: torch.Tensor, bn: int, bd: int):
+    """A 4-d ``[B, H, S, D]`` TMA descriptor of ``t`` with ``[1, 1, bn, bd]`` boxes, or
+    None where TMA cannot address it (unaligned base or strides, a zero stride). A size-1
+    dimension's stride is never used, so it is replaced by an aligned one."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    item = t.element_size()
+    strides = list(t.stride())
+    for i in (2, 1, 0):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1] if i < 2 else t.shape[3]
+    if t.data_ptr() % 16 or any(st <= 0 or st * item % 16 for st in strides[:3]):
+        return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, bn, bd])
+
+
+def _use_tma(q: torch.Tensor, interp: bool) -> bool:
+    if TMA is not None:
+        return TMA
+    return not interp and torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 def _interpret(device: torch.device) -> bool:
@@ -282,10 +312,21 @@ class TritonKernel(AttentionKernel):
         extra = {} if interp else dict(num_warps=warps, num_stages=stages)
         rows = self._rows(mask, q.device)
         plain = va["kind"] == 0 and not va["SOFTCAP"] and not va["ALIBI_ON"]
+        kd = vd = None
+        if _use_tma(q, interp):
+            kd, vd = _descriptor(k, bn, _pow2(d)), _descriptor(v, bn, _pow2(d))
+        tma = kd is not None and vd is not None
+        split = (
+            ALIBI_SPLIT
+            and va["kind"] == 0
+            and va["ALIBI_ON"]
+            and not va["QPOS_ON"]
+            and not va["KPOS_ON"]
+        )
         jit.fwd_kernel[(L.n_rows, b * hq)](
             q,
-            k,
-            v,
+            kd if tma else k,
+            vd if tma else v,
             out,
             lse,
             *self._lists_args(L, rows),
@@ -310,6 +351,8 @@ class TritonKernel(AttentionKernel):
             QPOS_ON=va["QPOS_ON"],
             KPOS_ON=va["KPOS_ON"],
             CAPMAX=va["CAPMAX"],
+            SPLIT=split,
+            TMA=tma,
             ROWS=rows is not None,
             FLAT=_flat(L, rows),
             FUSE=plain and scale > 0,
@@ -389,10 +432,14 @@ class TritonKernel(AttentionKernel):
             UNIT=unit,
             INTERP=interp,
         )
+        kd = vd = None
+        if _use_tma(q, interp):
+            kd, vd = _descriptor(k, bn, bd), _descriptor(v, bn, bd)
+        tma = kd is not None and vd is not None
         jit.dq_kernel[(L.n_rows, b * hq)](
             q,
-            k,
-            v,
+            kd if tma else k,
+            vd if tma else v,
             dout,
             dq,
             lse,
@@ -416,6 +463,7 @@ class TritonKernel(AttentionKernel):
             va["bias"],
             va["shift"],
             AGRAD_ON=agrad_on,
+            TMA=tma,
             FLAT=_flat(L, rows),
             BM=bm,
             BN=bn,
@@ -427,11 +475,15 @@ class TritonKernel(AttentionKernel):
             mask, "dkdv", d, interp, q.device, q.dtype == torch.float32
         )
         extra = {} if interp else dict(num_warps=warps, num_stages=stages)
+        qd = dd = None
+        if _use_tma(q, interp):
+            qd, dd = _descriptor(q, bm, bd), _descriptor(dout, bm, bd)
+        tma = qd is not None and dd is not None
         jit.dkdv_kernel[(L.n_rows, b * hk)](
-            q,
+            qd if tma else q,
             k,
             v,
-            dout,
+            dd if tma else dout,
             dk,
             dv,
             lse,
@@ -455,6 +507,7 @@ class TritonKernel(AttentionKernel):
             va["softcap"],
             va["bias"],
             va["shift"],
+            TMA=tma,
             FLAT=_flat(L, rows),
             BM=bm,
             BN=bn,

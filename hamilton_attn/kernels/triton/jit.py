@@ -132,6 +132,30 @@ def _load(ptr, idx, stride, n, D: tl.constexpr, BD: tl.constexpr, CHECK: tl.cons
 
 
 @triton.jit
+def _load_kv(
+    src,
+    b,
+    h,
+    u,
+    idx,
+    stride,
+    n,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BN: tl.constexpr,
+    CHECK: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Key tile ``u`` (rows ``idx``) of K or V: ``src`` a 4-d ``[B, H, S, D]`` tensor
+    descriptor when ``TMA`` (Hopper's bulk copy: no address arithmetic, zeros past the
+    ends), else this head's base pointer."""
+    if TMA:
+        return src.load([b, h, u * BN, 0]).reshape(BN, BD)
+    else:
+        return _load(src, idx, stride, n, D, BD, CHECK)
+
+
+@triton.jit
 def _store(ptr, idx, stride, n, x, D: tl.constexpr, BD: tl.constexpr):
     dd = tl.arange(0, BD)
     p = ptr + idx[:, None] * stride + dd[None, :]
@@ -152,18 +176,22 @@ def _positions(POS, idx, n, shift, ON: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, rlo, rhi, qp, KPOS, slope,
-    scale, softcap, bias, SK, BANDS, BAND_IDX,
+    scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
-    FAST: tl.constexpr, CAPMAX: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
-    INTERP: tl.constexpr,
+    FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One key tile of the forward: the online softmax update (or the plain sum).
     ``FUSE`` (plain softmax, scale > 0): the row max is taken on raw dots and the scale
-    folded into one multiply-add per score, as FlashAttention does."""
+    folded into one multiply-add per score, as FlashAttention does. ``SPLIT`` (ALiBi on
+    implicit positions): scores are kept shifted by the row term ``slope (i_pos - qbase)``
+    (``qbase`` the tile's first query position; the caller takes it out of the lse), so a
+    tile whose keys all lie at or before its queries adds one per-key term to the dots
+    (``slope (j - qbase)``) instead of an absolute distance per pair."""
     cols = u * BN + tl.arange(0, BN)
-    k = _load(k_ptr, cols, s_kn, SK, D, BD, MASKED)
+    k = _load_kv(k_ptr, b, hk, u, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASKED:
         if ROWS:
@@ -185,9 +213,16 @@ def _fwd_tile(
         acc = acc * alpha[:, None]
         m_i = m_new
     else:
-        kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
-        s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
-                       ALIBI_ON, FAST)
+        if SPLIT:
+            s, th = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
+            su = slope * UNIT
+            s = s + (su * (cols - qbase).to(tl.float32))[None, :]
+            if u * BN + BN - 1 > qbase:  # some key after some query: |d| = d + 2 max(-d, 0)
+                s = s - (2.0 * su) * tl.maximum(cols[None, :] - qp[:, None], 0).to(tl.float32)
+        else:
+            kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
+            s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
+                           ALIBI_ON, FAST)
         if MASKED:
             s = tl.where(vis, s, float("-inf"))
         if KIND == 0 and CAPMAX:
@@ -208,7 +243,7 @@ def _fwd_tile(
             p = _sigmoid(s + bias, FAST)  # 0 at s = -inf (tanh.approx(-inf) is -1)
         else:
             p = tl.maximum(s, 0.0)
-    v = _load(v_ptr, cols, s_vn, SK, D, BD, MASKED)
+    v = _load_kv(v_ptr, b, hk, u, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, m_i, l_i
 
@@ -221,10 +256,12 @@ def fwd_kernel(
     HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
-    FLAT: tl.constexpr, FAST: tl.constexpr, CAPMAX: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    UNIT: tl.constexpr, INTERP: tl.constexpr,
+    FLAT: tl.constexpr, FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr,
+    TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
+    """Out (and lse) of one query tile of one head. ``TMA``: K and V are 4-d tensor
+    descriptors, not pointers."""
     t = tl.load(ORDER + tl.program_id(0))
     bh = tl.program_id(1)
     b = bh // HQ
@@ -232,10 +269,15 @@ def fwd_kernel(
     hk = h // GROUP
     rows = t * BM + tl.arange(0, BM)
     q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
-    k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
-    v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    if TMA:
+        k_ptr = K
+        v_ptr = V
+    else:
+        k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+        v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
+    qbase = t * BM + shift
     if ROWS:
         rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
         rhi = tl.load(RHI + rows, mask=rows < SQ, other=0)
@@ -257,20 +299,22 @@ def fwd_kernel(
             for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
                 acc, m_i, l_i = _fwd_tile(
                     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
-                    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP,
-                    ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, D, BD, BN, PREC,
-                    UNIT, INTERP)
+                    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
+                    SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT, TMA,
+                    D, BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), tl.load(B0 + e),
             tl.load(B1 + e), rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
-            BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST, CAPMAX, D, BD,
-            BN, PREC, UNIT, INTERP)
+            BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
+            CAPMAX, SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
     if KIND == 0:
         if CAPMAX:
             m_i = tl.full([BM], 0.0, tl.float32) + softcap * UNIT
+        if SPLIT:  # the row term the shifted scores carry
+            m_i = m_i - (slope * UNIT) * (qp - qbase).to(tl.float32)
         seen = l_i > 0.0
         acc = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
@@ -337,16 +381,16 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
 @triton.jit
 def _dq_tile(
     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, rlo, rhi, qp,
-    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX,
+    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr,
-    ROWS: tl.constexpr, FAST: tl.constexpr, D: tl.constexpr,
+    ROWS: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     cols = u * BN + tl.arange(0, BN)
-    k = _load(k_ptr, cols, s_kn, SK, D, BD, MASKED)
-    v = _load(v_ptr, cols, s_vn, SK, D, BD, MASKED)
+    k = _load_kv(k_ptr, b, hk, u, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
+    v = _load_kv(v_ptr, b, hk, u, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
     s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
@@ -375,11 +419,12 @@ def dq_kernel(
     s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
-    ROWS: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
+    ROWS: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """dQ of one query tile of one head (and its rows' share of d slope for ALiBi)."""
+    """dQ of one query tile of one head (and its rows' share of d slope for ALiBi).
+    ``TMA``: K and V are tensor descriptors."""
     t = tl.load(ORDER + tl.program_id(0))
     bh = tl.program_id(1)
     b = bh // HQ
@@ -389,8 +434,12 @@ def dq_kernel(
     q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
     do = _load(DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh, rows, s_dm, SQ, D, BD,
                True)
-    k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
-    v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    if TMA:
+        k_ptr = K
+        v_ptr = V
+    else:
+        k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+        v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     if KIND == 0:
         lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=float("inf"))
         # A row that sees nothing anywhere (lse -inf) has p = 0 everywhere.
@@ -420,17 +469,17 @@ def dq_kernel(
             for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
                 dq, dsl = _dq_tile(
                     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
-                    rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, KIND,
-                    SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, D, BD, BN,
-                    PREC, UNIT, INTERP)
+                    rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
+                    KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, TMA, D,
+                    BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         dq, dsl = _dq_tile(
             dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e),
             tl.load(B0 + e), tl.load(B1 + e), rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
-            bias, SK, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True, ROWS,
-            FAST, D, BD, BN, PREC, UNIT, INTERP)
+            bias, SK, BANDS, BAND_IDX, b, hk, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True,
+            ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP)
     _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, SQ, dq * scale, D,
            BD)
     if AGRAD_ON:
@@ -440,16 +489,16 @@ def dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, j0, j1, cols, kp, QPOS,
-    RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX,
+    RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr,
+    TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One query tile's share of a key tile's dK / dV (scores transposed: keys x rows)."""
     rows = t * BM + tl.arange(0, BM)
-    q = _load(q_ptr, rows, s_qm, SQ, D, BD, MASKED)
-    do = _load(do_ptr, rows, s_dm, SQ, D, BD, MASKED)
+    q = _load_kv(q_ptr, b, h, t, rows, s_qm, SQ, D, BD, BM, MASKED, TMA)
+    do = _load_kv(do_ptr, b, h, t, rows, s_dm, SQ, D, BD, BM, MASKED, TMA)
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
     s, th = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
@@ -491,12 +540,12 @@ def dkdv_kernel(
     HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
-    FAST: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
-    (GQA: no atomics, no reduction pass)."""
+    (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors."""
     u = tl.load(ORDER + tl.program_id(0))
     bhk = tl.program_id(1)
     b = bhk // HK
@@ -514,8 +563,12 @@ def dkdv_kernel(
     for g in range(0, _bound(GROUP, INTERP)):
         h = hk * GROUP + g
         bh = b * HQ + h
-        q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
-        do_ptr = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
+        if TMA:
+            q_ptr = Q
+            do_ptr = DO
+        else:
+            q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+            do_ptr = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
         slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
         if not FLAT:
             for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
@@ -525,14 +578,14 @@ def dkdv_kernel(
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
-                        BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST, D,
-                        BD, BM, PREC, UNIT, INTERP)
+                        BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST,
+                        TMA, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),
                 tl.load(B0 + e), tl.load(B1 + e), cols, kp, QPOS, RLO, RHI, slope, scale,
-                softcap, bias, shift, SQ, BANDS, BAND_IDX, KIND, SOFTCAP, ALIBI_ON, QPOS_ON,
-                True, ROWS, FAST, D, BD, BM, PREC, UNIT, INTERP)
+                softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON,
+                QPOS_ON, True, ROWS, FAST, TMA, D, BD, BM, PREC, UNIT, INTERP)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, SK, dk * scale,
            D, BD)
     _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, SK, dv, D, BD)
