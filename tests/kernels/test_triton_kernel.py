@@ -383,3 +383,35 @@ def test_alibi_split_scores_agree_with_the_oracle(name, split, monkeypatch):
     monkeypatch.setattr(tk, "ALIBI_SPLIT", split)
     check(MASKS[name], var=_alibi(4, shift=5), hq=4, hk=2)
     check(MASKS[name], var=_alibi(2, shift=-7), hq=2, hk=1, dtype=torch.bfloat16)
+
+
+def test_forward_tile_pick_follows_the_h200_measurements():
+    """The compiled forward's tile choice (``SPEED``): 128 x 128 for dense causal and
+    long-tailed documents, 64 x 32 for 64-512-token documents, 64 x 64 for the fused
+    step of packed documents at 8K tokens per rank, W = 8 (the H200 A/B's winners)."""
+    import hamilton_attn as ha
+    from hamilton_attn.kernels.triton import _pick
+
+    def pick(mask):
+        return _pick(mask, "fwd", 128, False, torch.device("cpu"))[0][:2]
+
+    g = torch.Generator().manual_seed(0)
+    short = torch.randint(64, 513, (150,), generator=g).tolist()
+    cu = np.concatenate([[0], np.cumsum(short)]).tolist()
+    assert pick(Mask.varlen(cu, causal=True)) == (64, 32)
+    assert pick(Mask.causal(32768)) == (128, 128)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("_gpu_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules.setdefault("_gpu_kernels", bench)
+    spec.loader.exec_module(bench)  # the benchmark's own long-tailed lengths (CPU only)
+    lens = bench.doc_lengths(65536)
+    docs = Mask.varlen(np.concatenate([[0], np.cumsum(lens)]).tolist(), causal=True)
+    p = ha.plan(docs, ha.SimulatedGroup(8, 3), schedule="hamilton", dispatch="zigzag")
+    pieces = max((s.compute[3] for s in p.schedule.forward_steps() if s.compute[3]), key=len)
+    assert pick(p.fused_block(3, pieces)[0]) == (64, 64)

@@ -63,7 +63,10 @@ CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 #: Relative speed of each candidate on a dense tile (the first is 1): the pick minimises
 #: ``tiles * BM * BN / speed``.
 #: (2026-12-02 sweep, H200, D 128: causal 32K picks the first of each pass, lognormal
-#: documents 128 x 128 / 64 x 64 / 64 x 128, 64-512-token documents the smallest.)
+#: documents 128 x 128 / 64 x 64 / 64 x 128, 64-512-token documents the smallest; the
+#: 2026-12-03 A/B: 64 x 64 forward tiles win on the 8K-per-rank fused document steps,
+#: 342 against 316 TF/s, so the second forward candidate weighs 0.965 and the third 0.92,
+#: which keeps every other case's pick.)
 SPEED = {"fwd": (1.0, 0.965, 0.92), "dq": (1.0, 0.99, 0.95), "dkdv": (1.0, 0.85)}
 _INTERP_CONFIG = (16, 16, 1, 1)
 #: Test partial tiles against per-row key intervals where the mask allows
@@ -74,10 +77,11 @@ USE_ROW_INTERVALS = True
 #: (:meth:`.tiles.TileLists.short_runs`: short documents); True / False force it where
 #: row intervals exist (tests and the tuning sweep switch it).
 FLAT_LOOP: bool | None = None
-#: Load the tiles each kernel streams (K / V; Q / dO for dK/dV) through TMA tensor descriptors (Hopper's bulk copies:
-#: no per-element address arithmetic, zeros past the ends): None on where the GPU has
-#: TMA (compute capability 9+) and the strides allow it; True / False force it (tests run
-#: the True path under the interpreter; the A/B benchmark switches it).
+#: Load the tiles each kernel streams (K / V; Q / dO for dK/dV) through TMA tensor
+#: descriptors (Hopper's bulk copies: no per-element address arithmetic, zeros past the
+#: ends). False (default): on Triton 3.6 and an H200 they were slower than pointer loads
+#: (results/triton_ab_H200_2026-12-03_s4.md); None: on where the GPU has TMA (compute
+#: capability 9+) and the strides allow it; True forces it (tests, the A/B benchmark).
 TMA: bool | None = False
 #: ALiBi on implicit positions keeps scores shifted by a per-row term, so tiles whose
 #: keys all precede their queries add one per-key term (:func:`.jit._fwd_tile`).
