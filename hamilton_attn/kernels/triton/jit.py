@@ -156,6 +156,16 @@ def _load_kv(
 
 
 @triton.jit
+def _head(src, b, h, s_b, s_h, TMA: tl.constexpr):
+    """What a tile loader streams from for one (batch, head): the descriptor itself when
+    ``TMA`` (it takes the indices per load), else the head's base pointer."""
+    if TMA:
+        return src
+    else:
+        return src + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+
+
+@triton.jit
 def _store(ptr, idx, stride, n, x, D: tl.constexpr, BD: tl.constexpr):
     dd = tl.arange(0, BD)
     p = ptr + idx[:, None] * stride + dd[None, :]
@@ -269,12 +279,8 @@ def fwd_kernel(
     hk = h // GROUP
     rows = t * BM + tl.arange(0, BM)
     q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
-    if TMA:
-        k_ptr = K
-        v_ptr = V
-    else:
-        k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
-        v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    k_ptr = _head(K, b, hk, s_kb, s_kh, TMA)
+    v_ptr = _head(V, b, hk, s_vb, s_vh, TMA)
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
     qbase = t * BM + shift
@@ -434,12 +440,8 @@ def dq_kernel(
     q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
     do = _load(DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh, rows, s_dm, SQ, D, BD,
                True)
-    if TMA:
-        k_ptr = K
-        v_ptr = V
-    else:
-        k_ptr = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
-        v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    k_ptr = _head(K, b, hk, s_kb, s_kh, TMA)
+    v_ptr = _head(V, b, hk, s_vb, s_vh, TMA)
     if KIND == 0:
         lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=float("inf"))
         # A row that sees nothing anywhere (lse -inf) has p = 0 everywhere.
@@ -563,12 +565,8 @@ def dkdv_kernel(
     for g in range(0, _bound(GROUP, INTERP)):
         h = hk * GROUP + g
         bh = b * HQ + h
-        if TMA:
-            q_ptr = Q
-            do_ptr = DO
-        else:
-            q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
-            do_ptr = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
+        q_ptr = _head(Q, b, h, s_qb, s_qh, TMA)
+        do_ptr = _head(DO, b, h, s_db, s_dh, TMA)
         slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
         if not FLAT:
             for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
