@@ -197,6 +197,7 @@ def run_checks(quick, only=None):
     slopes = torch.rand(1, 4, device=DEV)
     for kind, kw in (
         ("softcap", dict(kind="softmax", softcap=20.0)),
+        ("softcap 2 (scores at the cap)", dict(kind="softmax", softcap=2.0)),
         ("alibi", dict(kind="softmax", alibi=slopes, shift=5)),
         ("sigmoid", dict(kind="sigmoid", bias=-2.0)),
         ("relu", dict(kind="relu")),
@@ -446,9 +447,11 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): TMA descriptor loads in the
-    forward against pointer loads, ALiBi's split scores against per-pair distances, and
-    the launch configurations of short documents and a fused step."""
+    GPU run; printed and saved as ``name``.md / .json): the counted ``RANGE`` loop against
+    the entry loop and the run loops on short documents (and their launch
+    configurations), the packed float16 tanh against the float32 one on softcap and
+    sigmoid, plain / ALiBi beside them, each measured twice. Earlier rounds' switches (TMA
+    loads, ALiBi distances) are in results/triton_ab_H200_2026-12-03_s4."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -457,42 +460,37 @@ def ab_run(budget_s, out_dir, name, checks=()):
     softcap = BlockVariant(kind="softmax", softcap=30.0)
     short = docs_mask(uniform_docs(s32, 64, 512))
     fused = fused_blocks("hamilton", "docs", 8192)[0]
+    sigmoid = BlockVariant(kind="sigmoid")
+    short128 = docs_mask(uniform_docs(4 * s32, 64, 512))
     fwd_small = [
         (64, 32, 4, 3),
         (64, 32, 4, 2),
-        (64, 32, 2, 2),
-        (32, 32, 2, 2),
-        (32, 32, 4, 2),
-        (32, 32, 2, 3),
-        (64, 64, 4, 2),
-        (32, 64, 4, 2),
-        (32, 16, 2, 2),
-        (64, 16, 4, 2),
-    ]
-    fwd_big = [
-        (128, 128, 8, 3),
-        (128, 128, 8, 2),
-        (128, 64, 8, 3),
-        (128, 64, 4, 3),
         (64, 64, 4, 3),
-        (64, 128, 4, 2),
+        (64, 64, 4, 2),
+        (128, 64, 8, 3),
+        (32, 32, 2, 2),
     ]
+    tanh = {"f32 tanh": {}, "f16x2 tanh": {"TANH_F16": True}}
     plan = [  # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweep)
-        ("dense causal 32K", causal, None, {"ptr": {}, "tma": {"TMA": True}}, fwd_big[:3], False),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None,
-         {"ptr": {}, "tma": {"TMA": True}}, fwd_big[:1], False),
-        ("docs 64-512 32K", short, None, {"ptr": {}, "tma": {"TMA": True},
+        ("docs 64-512 32K", short, None, {"range": {}, "flat": {"RANGE_LOOP": False},
          "runs": {"FLAT_LOOP": False}}, fwd_small, True),
-        ("hamilton docs 8K/rank step", fused, None, {"ptr": {}, "tma": {"TMA": True},
-         "flat": {"FLAT_LOOP": True}, "runs": {"FLAT_LOOP": False}}, fwd_big, True),
-        ("alibi causal 32K", causal, alibi,
-         {"dist": {"ALIBI_SPLIT": False}, "split": {}, "split+tma": {"TMA": True},
-          "dist+tma": {"ALIBI_SPLIT": False, "TMA": True}}, [], False),
-        ("softcap 30 causal 32K", causal, softcap, {"ptr": {}, "tma": {"TMA": True}}, [], False),
-        ("plain causal 32K (again)", causal, None, {"ptr": {}, "tma": {"TMA": True}}, [], False),
+        ("softcap 30 causal 32K", causal, softcap, tanh, [], False),
+        ("plain causal 32K", causal, None, {"default": {}}, [], False),
+        ("alibi causal 32K", causal, alibi, {"split": {}}, [], False),
+        ("sigmoid causal 32K", causal, sigmoid, tanh, [], False),
+        ("docs 64-512 128K", short128, None, {"range": {}, "flat": {"RANGE_LOOP": False}},
+         [], False),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None,
+         {"default": {}, "flat/range": {"FLAT_LOOP": True}}, [], False),
+        ("hamilton docs 8K/rank step", fused, None,
+         {"default": {}, "flat/range": {"FLAT_LOOP": True}}, [], False),
+        ("softcap 30 causal 32K (again)", causal, softcap, tanh, [], False),
+        ("plain causal 32K (again)", causal, None, {"default": {}}, [], False),
+        ("alibi causal 32K (again)", causal, alibi, {"split": {}}, [], False),
     ]  # fmt: skip
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
-    base = {n: getattr(tk, n) for n in ("TMA", "ALIBI_SPLIT", "FLAT_LOOP")}
+    switches = ("TMA", "ALIBI_SPLIT", "FLAT_LOOP", "RANGE_LOOP", "TANH_F16")
+    base = {n: getattr(tk, n) for n in switches}
     rows = []
 
     def timed(label, mask, variant, q, k, v, do, fb):
@@ -523,11 +521,9 @@ def ab_run(budget_s, out_dir, name, checks=()):
                  for lab, sw in list(settings.items())[:2]]  # fmt: skip
         if bwd:
             runs += [(f"{case}, dq {c}", {}, ("dq", c))
-                     for c in [(64, 32, 4, 2), (32, 32, 2, 2), (32, 32, 4, 2), (64, 16, 4, 2),
-                               (64, 64, 4, 3), (128, 64, 8, 3)]]  # fmt: skip
+                     for c in [(64, 32, 4, 2), (32, 32, 2, 2), (64, 64, 4, 3)]]  # fmt: skip
             runs += [(f"{case}, dkdv {c}", {}, ("dkdv", c))
-                     for c in [(32, 64, 4, 2), (32, 32, 2, 2), (32, 32, 4, 2), (16, 64, 4, 2),
-                               (64, 128, 8, 3), (32, 128, 4, 2)]]  # fmt: skip
+                     for c in [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 4, 3)]]  # fmt: skip
         for label, sw, cfg in runs:
             for n, val in {**base, **sw}.items():
                 setattr(tk, n, val)
@@ -558,9 +554,11 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops); the triton kernel alone. "
-        "`ptr` / `tma`: the forward's K / V tiles by pointer loads or TMA descriptors; "
-        "`dist` / `split`: ALiBi per-pair distances or split scores; `flat` / `runs`: one "
-        "loop over every work-list entry or a loop per run of full tiles, forced; `fwd` / `dq` / `dkdv` "
+        "`range` / `flat` / `runs`: a counted loop over each row tile's consecutive "
+        "columns, one loop over every work-list entry, or a loop per run of full tiles; "
+        "`flat/range`: the entry loop forced (a counted one where the columns allow); "
+        "`f32 tanh` / `f16x2 tanh`: the approximate tanh of softcap and sigmoid, one score "
+        "or two per special-function op; `fwd` / `dq` / `dkdv` "
         "(BM, BN, warps, stages): that pass's launch configuration, the others at their "
         "defaults.",
         "",
@@ -573,7 +571,7 @@ def ab_run(budget_s, out_dir, name, checks=()):
         else:
             fb = f"{r['fb']:.0f}" if r["fb"] else "-"
             lines.append(f"| {r['case']} | {r['fwd']:.0f} | {fb} |")
-    lines += ["", "## Checks against float64 (TMA loads on)", ""] + [
+    lines += ["", "## Checks against float64 (f16x2 tanh on)", ""] + [
         f"- {c['check']}: {'ok' if c['ok'] else 'FAIL'} "
         f"({c.get('worst_ratio', float('nan')):.2f} of the error budget)"
         for c in checks
@@ -655,10 +653,10 @@ def main(argv=None):
     ap.add_argument("--ab", action="store_true", help="kernel switches side by side, only")
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 256
-    if args.ab:  # the checks with TMA loads on (ALiBi split scores are the default)
-        tk.TMA = True
+    if args.ab:  # the checks with the switch under test on (RANGE loops are the default)
+        tk.TANH_F16 = True
         checks = run_checks(args.quick, args.checks)
-        tk.TMA = False
+        tk.TANH_F16 = False
         ab_run(args.budget_s, args.out_dir, args.name or "triton_ab", checks)
         return 0 if all(c["ok"] for c in checks) else 1
     checks = run_checks(args.quick, args.checks)

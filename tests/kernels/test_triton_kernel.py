@@ -297,6 +297,13 @@ def test_row_intervals_and_runs_describe_the_mask(name):
         for r in range(len(mid)):
             got = [c for i in range(rp[r], rp[r + 1]) for c in range(rs[i], rs[i] + rl[i])]
             assert got == list(col[ptr[r] : mid[r]])
+        # RANGE's data: each row tile's lowest column, and whether its columns are
+        # consecutive (all of them, for the flag to be set)
+        first = lists.first.numpy()
+        spans = [sorted(col[ptr[r] : ptr[r + 1]]) for r in range(len(mid))]
+        assert all(first[r] == c[0] for r, c in enumerate(spans) if c)
+        consecutive = all(c == list(range(c[0], c[0] + len(c))) for c in spans if c)
+        assert lists.contiguous is consecutive
 
 
 @pytest.mark.parametrize("name", ["causal", "docs_gap", "window"])
@@ -310,16 +317,22 @@ def test_band_test_path_without_row_intervals(name, monkeypatch):
     check(MASKS[name], var=BlockVariant(kind="sigmoid", bias=0.5), hq=2, hk=1)
 
 
-@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("loop", ["runs", "flat", "range"])
 @pytest.mark.parametrize("name", ["causal", "docs_gap", "bottom_right", "window"])
-def test_flat_and_run_loops_agree_with_the_oracle(name, flat, monkeypatch):
-    """Both ways of walking a work list, forced on every mask with row intervals: one loop
-    over every entry testing full tiles too (``FLAT``, what short documents take), and
-    a loop per run of full tiles then the partial ones; softmax, softcap with ALiBi, and
-    relu, GQA."""
+def test_flat_range_and_run_loops_agree_with_the_oracle(name, loop, monkeypatch):
+    """The three ways of walking a work list, forced on every mask with row intervals: a
+    loop per run of full tiles then the partial ones; one loop over every entry testing
+    full tiles too (``FLAT``, what short documents take); the same as a counted loop
+    over each row tile's consecutive columns (``RANGE``, no per-entry load); softmax,
+    softcap with ALiBi, and relu, GQA."""
     from hamilton_attn.kernels import triton as tk
 
-    monkeypatch.setattr(tk, "FLAT_LOOP", flat)
+    monkeypatch.setattr(tk, "FLAT_LOOP", loop != "runs")
+    monkeypatch.setattr(tk, "RANGE_LOOP", loop == "range")
+    rows = tk.row_intervals(MASKS[name], torch.device("cpu"))
+    for transpose in (False, True):  # these masks' work lists are consecutive columns
+        lists = tile_lists(MASKS[name], 16, 16, transpose, torch.device("cpu"))
+        assert tk._range(lists, rows) is (loop == "range")
     check(MASKS[name], hq=4, hk=2, d=16, dtype=torch.float32)
     check(MASKS[name], var=dataclasses.replace(_alibi(2, shift=3), softcap=2.5), hq=2, hk=1)
     check(MASKS[name], var=BlockVariant(kind="relu"), hq=2, hk=1)

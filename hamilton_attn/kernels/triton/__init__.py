@@ -86,6 +86,15 @@ TMA: bool | None = False
 #: ALiBi on implicit positions keeps scores shifted by a per-row term, so tiles whose
 #: keys all precede their queries add one per-key term (:func:`.jit._fwd_tile`).
 ALIBI_SPLIT = True
+#: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
+#: (packed causal documents, windows), walk them as a counted loop (no per-entry column
+#: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
+#: forward at 32K, 145 -> 156 at 128K, results/triton_ab_H200_2026-12-03_s5.md).
+RANGE_LOOP = True
+#: Softcap's and sigmoid's approximate tanh on bfloat16 inputs as ``tanh.approx.f16x2``
+#: (two scores per special-function op) instead of ``tanh.approx.f32``: off, since the
+#: same run measured softcap 428 against 433 TF/s and sigmoid no better.
+TANH_F16 = False
 
 
 @functools.cache
@@ -148,6 +157,19 @@ def _flat(lists: TileLists, rows) -> bool:
     if rows is None:
         return False
     return lists.short_runs() if FLAT_LOOP is None else FLAT_LOOP
+
+
+def _fast(q: torch.Tensor, interp: bool) -> int:
+    """The kernels' ``FAST`` (approximate tanh): 0 exact, 1 ``tanh.approx.f32``, 2 its
+    packed float16 form (:data:`TANH_F16`); bfloat16 inputs only, compiled only."""
+    if interp or q.dtype != torch.bfloat16:
+        return 0
+    return 2 if TANH_F16 else 1
+
+
+def _range(lists: TileLists, rows) -> bool:
+    """``RANGE``: the ``FLAT`` loop as a counted loop over each row tile's columns."""
+    return RANGE_LOOP and lists.contiguous and _flat(lists, rows)
 
 
 def _descriptor(t: torch.Tensor, bn: int, bd: int):
@@ -281,7 +303,7 @@ class TritonKernel(AttentionKernel):
         rlo, rhi = rows if rows is not None else (L.ptr, L.ptr)
         return (
             L.order, L.ptr, L.mid, L.col, L.b0, L.b1, L.band_idx, L.bands,
-            L.run_ptr, L.run_start, L.run_len, rlo, rhi,
+            L.run_ptr, L.run_start, L.run_len, L.first, rlo, rhi,
         )  # fmt: skip
 
     @staticmethod
@@ -359,8 +381,9 @@ class TritonKernel(AttentionKernel):
             TMA=tma,
             ROWS=rows is not None,
             FLAT=_flat(L, rows),
+            RANGE=_range(L, rows),
             FUSE=plain and scale > 0,
-            FAST=q.dtype == torch.bfloat16 and not interp,
+            FAST=_fast(q, interp),
             D=d,
             BD=_pow2(d),
             BM=bm,
@@ -429,7 +452,7 @@ class TritonKernel(AttentionKernel):
             QPOS_ON=va["QPOS_ON"],
             KPOS_ON=va["KPOS_ON"],
             ROWS=rows is not None,
-            FAST=q.dtype == torch.bfloat16 and not interp,
+            FAST=_fast(q, interp),
             D=d,
             BD=bd,
             PREC=prec,
@@ -469,6 +492,7 @@ class TritonKernel(AttentionKernel):
             AGRAD_ON=agrad_on,
             TMA=tma,
             FLAT=_flat(L, rows),
+            RANGE=_range(L, rows),
             BM=bm,
             BN=bn,
             **common,
@@ -513,6 +537,7 @@ class TritonKernel(AttentionKernel):
             va["shift"],
             TMA=tma,
             FLAT=_flat(L, rows),
+            RANGE=_range(L, rows),
             BM=bm,
             BN=bn,
             **common,

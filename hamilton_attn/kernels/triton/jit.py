@@ -40,10 +40,22 @@ def _bound(x, INTERP: tl.constexpr):
 
 @triton.jit
 def _tanh(x, FAST: tl.constexpr):
-    """tanh: the GPU's ``tanh.approx.f32`` (relative error about 2^-11, one special-function
-    op) when ``FAST`` (bfloat16 inputs, compiled), else through exp (the interpreter has no
-    libdevice; 1 - 2/(e^2x + 1) saturates cleanly at both ends)."""
-    if FAST:
+    """tanh. ``FAST`` 1 (bfloat16 inputs, compiled): the GPU's ``tanh.approx.f32``
+    (relative error about 2^-11, one special-function op per score); 2: ``tanh.approx.
+    f16x2`` on float16 copies (about the same error: float16 keeps 11 bits; one op per
+    two scores); 0: through exp (the interpreter has no libdevice; 1 - 2/(e^2x + 1)
+    saturates cleanly at both ends)."""
+    if FAST == 2:
+        y = tl.inline_asm_elementwise(
+            "tanh.approx.f16x2 $0, $1;",
+            "=r,r",
+            [x.to(tl.float16)],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=2,
+        )
+        return y.to(tl.float32)
+    elif FAST == 1:
         # b32 registers (PTX accepts bit-size operands for f32 instructions).
         y = tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;",
@@ -63,7 +75,7 @@ def _sigmoid(x, FAST: tl.constexpr):
     """sigmoid; ``FAST``: ``0.5 tanh(x / 2) + 0.5`` with the approximate tanh (one
     special-function op instead of exp and a division)."""
     if FAST:
-        return 0.5 * _tanh(0.5 * x, True) + 0.5
+        return 0.5 * _tanh(0.5 * x, FAST) + 0.5
     else:
         return 1.0 / (1.0 + tl.exp(-x))
 
@@ -261,13 +273,14 @@ def _fwd_tile(
 @triton.jit
 def fwd_kernel(
     Q, K, V, O, LSE, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS, RPTR, RSTART, RLEN,
-    RLO, RHI, ALIBI, QPOS, KPOS,
+    FIRST, RLO, RHI, ALIBI, QPOS, KPOS,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
-    FLAT: tl.constexpr, FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr,
-    TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    FLAT: tl.constexpr, RANGE: tl.constexpr, FAST: tl.constexpr, CAPMAX: tl.constexpr,
+    SPLIT: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Out (and lse) of one query tile of one head. ``TMA``: K and V are 4-d tensor
@@ -310,6 +323,17 @@ def fwd_kernel(
                     D, BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
+    if RANGE:
+        # FLAT on contiguous columns: a counted loop, no per-entry load (K / V addresses
+        # affine in u, which the software pipeliner prefetches)
+        u0 = tl.load(FIRST + t)
+        for u in range(_bound(u0, INTERP), _bound(u0 + (e1 - em), INTERP)):
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
+                KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
+                SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST, CAPMAX, SPLIT, TMA,
+                D, BD, BN, PREC, UNIT, INTERP)
+        e1 = em  # (nothing left for the entry loop)
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), tl.load(B0 + e),
@@ -420,14 +444,14 @@ def _dq_tile(
 @triton.jit
 def dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    RPTR, RSTART, RLEN, RLO, RHI, ALIBI, QPOS, KPOS, AGRAD,
+    RPTR, RSTART, RLEN, FIRST, RLO, RHI, ALIBI, QPOS, KPOS, AGRAD,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
     s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
-    ROWS: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    ROWS: tl.constexpr, FLAT: tl.constexpr, RANGE: tl.constexpr, FAST: tl.constexpr,
+    TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dQ of one query tile of one head (and its rows' share of d slope for ALiBi).
     ``TMA``: K and V are tensor descriptors."""
@@ -476,6 +500,15 @@ def dq_kernel(
                     BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
+    if RANGE:  # as in the forward
+        u0 = tl.load(FIRST + t)
+        for u in range(_bound(u0, INTERP), _bound(u0 + (e1 - em), INTERP)):
+            dq, dsl = _dq_tile(
+                dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
+                rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
+                KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True, ROWS, FAST, TMA, D,
+                BD, BN, PREC, UNIT, INTERP)
+        e1 = em
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
         dq, dsl = _dq_tile(
             dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e),
@@ -536,15 +569,15 @@ def _dkdv_tile(
 @triton.jit
 def dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    RPTR, RSTART, RLEN, RLO, RHI, ALIBI, QPOS, KPOS,
+    RPTR, RSTART, RLEN, FIRST, RLO, RHI, ALIBI, QPOS, KPOS,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
     s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn,
     HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
-    FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
-    INTERP: tl.constexpr,
+    RANGE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
     (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors."""
@@ -562,6 +595,10 @@ def dkdv_kernel(
     r1 = tl.load(RPTR + u + 1)
     em = tl.load(PTR + u) if FLAT else tl.load(MID + u)  # FLAT: as in the forward
     e1 = tl.load(PTR + u + 1)
+    if RANGE:  # as in the forward
+        t0 = tl.load(FIRST + u)
+        t1 = t0 + (e1 - em)
+        e1 = em
     for g in range(0, _bound(GROUP, INTERP)):
         h = hk * GROUP + g
         bh = b * HQ + h
@@ -578,6 +615,13 @@ def dkdv_kernel(
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
                         BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST,
                         TMA, D, BD, BM, PREC, UNIT, INTERP)
+        if RANGE:
+            for t in range(_bound(t0, INTERP), _bound(t1, INTERP)):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
+                    kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
+                    BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, True, ROWS, FAST,
+                    TMA, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),

@@ -45,7 +45,10 @@ class TileLists:
     ``bands`` ``[n_bands, 6]``: ``q0, q1, k0, k1, lo, hi`` (diagonals clamped to the
     grid, so every value fits int32). ``run_ptr`` ``[n_rows + 1]``: runs
     ``run_ptr[t]:run_ptr[t+1]`` cover row tile ``t``'s full entries, run ``r`` the tiles
-    ``run_start[r] .. run_start[r] + run_len[r] - 1`` of the other axis."""
+    ``run_start[r] .. run_start[r] + run_len[r] - 1`` of the other axis. ``first``
+    ``[n_rows]``: each row tile's lowest entry column; ``contiguous``: every row tile's
+    entries are the columns ``first[t] .. first[t] + ptr[t+1] - ptr[t] - 1`` (a counted
+    loop can walk them with no per-entry load: ``RANGE`` in the kernels)."""
 
     order: torch.Tensor
     ptr: torch.Tensor
@@ -58,10 +61,12 @@ class TileLists:
     run_ptr: torch.Tensor
     run_start: torch.Tensor
     run_len: torch.Tensor
+    first: torch.Tensor
     n_rows: int
     n_entries: int
     n_partial: int
     n_runs: int = 0
+    contiguous: bool = False
 
     def short_runs(self, min_len: float = 4.0) -> bool:
         """Whether the full tiles come in runs shorter than ``min_len`` on average (or
@@ -170,6 +175,15 @@ def _build(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.device) 
     starts = np.flatnonzero(brk)
     run_len = np.diff(np.append(starts, fi.size))
     run_ptr = np.concatenate([[0], np.cumsum(np.bincount(fr[starts], minlength=n_rows))])
+    # Each row tile's column span: contiguous when it holds exactly its entry count.
+    first = np.zeros(n_rows, dtype=np.int64)
+    contiguous = True
+    if uniq.size:
+        starts_r = ptr[:-1][per_row > 0]
+        lo_c = np.minimum.reduceat(e_col, starts_r)
+        hi_c = np.maximum.reduceat(e_col, starts_r)
+        first[per_row > 0] = lo_c
+        contiguous = bool(np.all(hi_c - lo_c + 1 == per_row[per_row > 0]))
 
     def t(x):
         return torch.as_tensor(np.ascontiguousarray(x, dtype=np.int32), device=device)
@@ -187,10 +201,12 @@ def _build(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.device) 
         run_ptr=t(run_ptr),
         run_start=t(fc[starts] if starts.size else np.zeros(1)),
         run_len=t(run_len if starts.size else np.zeros(1)),
+        first=t(first),
         n_rows=int(order.size),
         n_entries=int(uniq.size),
         n_partial=int(partial.sum()),
         n_runs=int(starts.size),
+        contiguous=contiguous,
     )
 
 
