@@ -91,10 +91,6 @@ ALIBI_SPLIT = True
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
 #: forward at 32K, 145 -> 156 at 128K, results/triton_ab_H200_2026-12-03_s5.md).
 RANGE_LOOP = True
-#: Softcap's and sigmoid's approximate tanh on bfloat16 inputs as ``tanh.approx.f16x2``
-#: (two scores per special-function op) instead of ``tanh.approx.f32``: off, since the
-#: same run measured softcap 428 against 433 TF/s and sigmoid no better.
-TANH_F16 = False
 
 
 @functools.cache
@@ -157,14 +153,6 @@ def _flat(lists: TileLists, rows) -> bool:
     if rows is None:
         return False
     return lists.short_runs() if FLAT_LOOP is None else FLAT_LOOP
-
-
-def _fast(q: torch.Tensor, interp: bool) -> int:
-    """The kernels' ``FAST`` (approximate tanh): 0 exact, 1 ``tanh.approx.f32``, 2 its
-    packed float16 form (:data:`TANH_F16`); bfloat16 inputs only, compiled only."""
-    if interp or q.dtype != torch.bfloat16:
-        return 0
-    return 2 if TANH_F16 else 1
 
 
 def _range(lists: TileLists, rows) -> bool:
@@ -383,7 +371,7 @@ class TritonKernel(AttentionKernel):
             FLAT=_flat(L, rows),
             RANGE=_range(L, rows),
             FUSE=plain and scale > 0,
-            FAST=_fast(q, interp),
+            FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
             BD=_pow2(d),
             BM=bm,
@@ -452,7 +440,7 @@ class TritonKernel(AttentionKernel):
             QPOS_ON=va["QPOS_ON"],
             KPOS_ON=va["KPOS_ON"],
             ROWS=rows is not None,
-            FAST=_fast(q, interp),
+            FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
             BD=bd,
             PREC=prec,

@@ -40,22 +40,10 @@ def _bound(x, INTERP: tl.constexpr):
 
 @triton.jit
 def _tanh(x, FAST: tl.constexpr):
-    """tanh. ``FAST`` 1 (bfloat16 inputs, compiled): the GPU's ``tanh.approx.f32``
-    (relative error about 2^-11, one special-function op per score); 2: ``tanh.approx.
-    f16x2`` on float16 copies (about the same error: float16 keeps 11 bits; one op per
-    two scores); 0: through exp (the interpreter has no libdevice; 1 - 2/(e^2x + 1)
-    saturates cleanly at both ends)."""
-    if FAST == 2:
-        y = tl.inline_asm_elementwise(
-            "tanh.approx.f16x2 $0, $1;",
-            "=r,r",
-            [x.to(tl.float16)],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=2,
-        )
-        return y.to(tl.float32)
-    elif FAST == 1:
+    """tanh: the GPU's ``tanh.approx.f32`` (relative error about 2^-11, one special-function
+    op) when ``FAST`` (bfloat16 inputs, compiled), else through exp (the interpreter has no
+    libdevice; 1 - 2/(e^2x + 1) saturates cleanly at both ends)."""
+    if FAST:
         # b32 registers (PTX accepts bit-size operands for f32 instructions).
         y = tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;",
@@ -75,7 +63,7 @@ def _sigmoid(x, FAST: tl.constexpr):
     """sigmoid; ``FAST``: ``0.5 tanh(x / 2) + 0.5`` with the approximate tanh (one
     special-function op instead of exp and a division)."""
     if FAST:
-        return 0.5 * _tanh(0.5 * x, FAST) + 0.5
+        return 0.5 * _tanh(0.5 * x, True) + 0.5
     else:
         return 1.0 / (1.0 + tl.exp(-x))
 
@@ -127,6 +115,17 @@ def _visible(qi, kj, BANDS, BAND_IDX, j0, j1, INTERP: tl.constexpr):
         hi = tl.load(row + 5)
         vis = vis | ((qi >= q0) & (qi < q1) & (kj >= k0) & (kj < k1) & (d >= lo) & (d <= hi))
     return vis
+
+
+@triton.jit
+def _entry(COL, B0, B1, e, c0, RANGE: tl.constexpr):
+    """Work-list entry ``e``: its column and band range; ``RANGE`` (consecutive columns,
+    row intervals): column ``c0 + e``, no loads (K / V addresses affine in ``e``, which the
+    software pipeliner prefetches)."""
+    if RANGE:
+        return c0 + e, 0, 0
+    else:
+        return tl.load(COL + e), tl.load(B0 + e), tl.load(B1 + e)
 
 
 @triton.jit
@@ -323,21 +322,12 @@ def fwd_kernel(
                     D, BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
-    if RANGE:
-        # FLAT on contiguous columns: a counted loop, no per-entry load (K / V addresses
-        # affine in u, which the software pipeliner prefetches)
-        u0 = tl.load(FIRST + t)
-        for u in range(_bound(u0, INTERP), _bound(u0 + (e1 - em), INTERP)):
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
-                KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
-                SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST, CAPMAX, SPLIT, TMA,
-                D, BD, BN, PREC, UNIT, INTERP)
-        e1 = em  # (nothing left for the entry loop)
+    c0 = tl.load(FIRST + t) - em if RANGE else 0
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
+        u, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE)
         acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e), tl.load(B0 + e),
-            tl.load(B1 + e), rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
+            acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, j0,
+            j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
             BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
             CAPMAX, SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
     if KIND == 0:
@@ -350,25 +340,12 @@ def fwd_kernel(
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(LSE + bh.to(tl.int64) * SQ + rows, lse, mask=rows < SQ)
     _store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, rows, s_om, SQ, acc, D, BD)
-# fmt: on
 
 
 @triton.jit
 def delta_kernel(
-    O,
-    DO,
-    DELTA,
-    s_ob,
-    s_oh,
-    s_om,
-    s_db,
-    s_dh,
-    s_dm,
-    HQ,
-    SQ,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    BM: tl.constexpr,
+    O, DO, DELTA, s_ob, s_oh, s_om, s_db, s_dh, s_dm, HQ, SQ,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
 ):
     """``delta[b, h, i] = dout_i . out_i`` in float32 (the softmax backward's row term)."""
     bh = tl.program_id(1)
@@ -390,7 +367,6 @@ def delta_kernel(
     tl.store(DELTA + bh.to(tl.int64) * SQ + rows, tl.reduce(o * do, 1, _ADD), mask=rows < SQ)
 
 
-# fmt: off
 @triton.jit
 def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
     """``(weights, d(loss)/d(final score))`` from masked scores ``s``, ``dp = dO . v``
@@ -500,19 +476,12 @@ def dq_kernel(
                     BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
-    if RANGE:  # as in the forward
-        u0 = tl.load(FIRST + t)
-        for u in range(_bound(u0, INTERP), _bound(u0 + (e1 - em), INTERP)):
-            dq, dsl = _dq_tile(
-                dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
-                rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
-                KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True, ROWS, FAST, TMA, D,
-                BD, BN, PREC, UNIT, INTERP)
-        e1 = em
+    c0 = tl.load(FIRST + t) - em if RANGE else 0  # as in the forward
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
+        u, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE)
         dq, dsl = _dq_tile(
-            dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, tl.load(COL + e),
-            tl.load(B0 + e), tl.load(B1 + e), rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
+            dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u,
+            j0, j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
             bias, SK, BANDS, BAND_IDX, b, hk, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True,
             ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP)
     _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, SQ, dq * scale, D,
@@ -595,10 +564,7 @@ def dkdv_kernel(
     r1 = tl.load(RPTR + u + 1)
     em = tl.load(PTR + u) if FLAT else tl.load(MID + u)  # FLAT: as in the forward
     e1 = tl.load(PTR + u + 1)
-    if RANGE:  # as in the forward
-        t0 = tl.load(FIRST + u)
-        t1 = t0 + (e1 - em)
-        e1 = em
+    c0 = tl.load(FIRST + u) - em if RANGE else 0  # as in the forward
     for g in range(0, _bound(GROUP, INTERP)):
         h = hk * GROUP + g
         bh = b * HQ + h
@@ -615,17 +581,11 @@ def dkdv_kernel(
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
                         BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST,
                         TMA, D, BD, BM, PREC, UNIT, INTERP)
-        if RANGE:
-            for t in range(_bound(t0, INTERP), _bound(t1, INTERP)):
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
-                    kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
-                    BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, True, ROWS, FAST,
-                    TMA, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
+            t, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE)
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, tl.load(COL + e),
-                tl.load(B0 + e), tl.load(B1 + e), cols, kp, QPOS, RLO, RHI, slope, scale,
+                dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t,
+                j0, j1, cols, kp, QPOS, RLO, RHI, slope, scale,
                 softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON,
                 QPOS_ON, True, ROWS, FAST, TMA, D, BD, BM, PREC, UNIT, INTERP)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, SK, dk * scale,
