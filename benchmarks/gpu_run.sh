@@ -28,8 +28,9 @@ one GPU:
   triton_variants           the same, only the variant checks and the first six cases
                             (short / long-tailed documents, dense causal, sigmoid, softcap,
                             ALiBi)
-  triton_ab                 gpu_triton.py --ab: the kernel's switches (counted RANGE loops,
-                            the packed float16 tanh) and tile configurations side by side
+  triton_ab                 gpu_triton.py --ab: the kernel's switches (counted RANGE loops
+                            against the entry and run loops) and tile configurations side
+                            by side
   kernels_perf              gpu_kernels.py's timings only (auto beside cuDNN and flex)
   ae_quickstart             examples/attention_engine_quickstart.py on the GPU (.txt)
   linear, linear_timing     linear_attention.py: fla's chunk_simple_gla beside our linear
