@@ -95,8 +95,8 @@ RANGE_LOOP = True
 
 @functools.cache
 def load(interpret: bool):
-    """The kernels module (:mod:`.jit`) decorated for one mode: compiled, or Triton's
-    interpreter. Executed afresh per mode, since ``@triton.jit`` picks the mode when it
+    """The kernels module (:mod:`.jit`, then :mod:`.jit_bwd` in its namespace) decorated
+    for one mode: compiled, or Triton's interpreter. Executed afresh per mode, since ``@triton.jit`` picks the mode when it
     decorates (Triton's ``TRITON_INTERPRET`` knob, set here from the config)."""
     import triton
 
@@ -104,9 +104,11 @@ def load(interpret: bool):
     name = f"{__name__}._jit_{'interp' if interpret else 'gpu'}"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    bwd = path.with_name("jit_bwd.py")  # the backward kernels, into the same namespace
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
         spec.loader.exec_module(mod)
+        exec(compile(bwd.read_text(), str(bwd), "exec"), mod.__dict__)  # noqa: S102
     return mod
 
 
