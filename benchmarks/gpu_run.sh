@@ -32,6 +32,8 @@ one GPU:
                             against the entry and run loops) and tile configurations side
                             by side
   kernels_perf              gpu_kernels.py's timings only (auto beside cuDNN and flex)
+  triton_profile            gpu_triton_profile.py: registers, spills, SASS mix and warp
+                            specialisation per case, then the same launches under ncu
   ae_quickstart             examples/attention_engine_quickstart.py on the GPU (.txt)
   linear, linear_timing     linear_attention.py: fla's chunk_simple_gla beside our linear
                             attention (checks, TF/s), the state exchange's share of a step
@@ -169,6 +171,33 @@ for item in "$@"; do
     kernels_perf)
       run "$log" "$limit" python benchmarks/gpu_kernels.py --no-check --out-dir "$OUT" \
         --name "$name1" ;;
+    triton_profile)
+      # registers / spills / SASS mix and warp specialisation's timing, then the same
+      # launches under Nsight Compute (pipe use, warp stalls) where ncu reads counters.
+      run "$log" "$limit" python benchmarks/gpu_triton_profile.py --out-dir "$OUT" \
+        --name "$name1"
+      if command -v ncu >/dev/null; then
+        ncu --query-metrics > "$OUT/log/ncu_metrics.txt" 2>&1
+        metrics=""
+        for m in sm__inst_executed_pipe_xu sm__pipe_tensor_op_gmma_cycles_active \
+          sm__pipe_fma_cycles_active sm__pipe_alu_cycles_active \
+          sm__pipe_fmaheavy_cycles_active sm__inst_executed_pipe_fma \
+          sm__inst_executed_pipe_alu sm__pipe_shared_cycles_active; do
+          grep -q "^$m " "$OUT/log/ncu_metrics.txt" \
+            && metrics="$metrics${metrics:+,}$m.avg.pct_of_peak_sustained_active"
+        done
+        run "$OUT/log/ncu_run.txt" "$limit" ncu --clock-control none \
+          --profile-from-start off -k "regex:fwd_kernel|dq_kernel|dkdv_kernel" \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis \
+          --section WarpStateStats --section SchedulerStats --section Occupancy \
+          --section LaunchStats --section InstructionStats \
+          ${metrics:+--metrics "$metrics"} -f -o /tmp/triton_ncu \
+          python benchmarks/gpu_triton_profile.py --ncu
+        ncu --import /tmp/triton_ncu.ncu-rep --csv --page details > "$OUT/${name1}_ncu.csv" 2>&1
+        ncu --import /tmp/triton_ncu.ncu-rep --page details --print-details all \
+          > "$OUT/${name1}_ncu.txt" 2>&1
+        pack
+      fi ;;
     ae_quickstart)
       run "$OUT/$name1.txt" "$limit" python examples/attention_engine_quickstart.py ;;
     linear | linear_timing)

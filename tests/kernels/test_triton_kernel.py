@@ -428,3 +428,21 @@ def test_forward_tile_pick_follows_the_h200_measurements():
     p = ha.plan(docs, ha.SimulatedGroup(8, 3), schedule="hamilton", dispatch="zigzag")
     pieces = max((s.compute[3] for s in p.schedule.forward_steps() if s.compute[3]), key=len)
     assert pick(p.fused_block(3, pieces)[0]) == (64, 64)
+
+
+def test_softcap_ranks_the_forward_tiles_by_its_own_speeds():
+    """Softcap's forward takes 64 x 64 tiles on a dense causal mask where plain softmax
+    takes 128 x 128 (``SPEED_VARIANT``, measured on an H200); packed short documents
+    keep the smallest tiles either way."""
+    from hamilton_attn.kernels import triton as tk
+
+    cpu = torch.device("cpu")
+    causal = Mask.causal(8192)
+    assert tk._pick(causal, "fwd", 128, False, cpu)[0] == (128, 128, 8, 3)
+    assert tk._pick(causal, "fwd", 128, False, cpu, flavour="softcap")[0] == (64, 64, 4, 3)
+    cu = [0]
+    while cu[-1] < 8192:
+        cu.append(min(8192, cu[-1] + 64 + (len(cu) * 97) % 449))
+    docs = Mask.varlen(cu, causal=True)
+    for flavour in ("softmax", "softcap"):
+        assert tk._pick(docs, "fwd", 128, False, cpu, flavour=flavour)[0] == (64, 32, 4, 3)

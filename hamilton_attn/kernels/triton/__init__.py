@@ -68,6 +68,13 @@ CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 #: 342 against 316 TF/s, so the second forward candidate weighs 0.965 and the third 0.92,
 #: which keeps every other case's pick.)
 SPEED = {"fwd": (1.0, 0.965, 0.92), "dq": (1.0, 0.99, 0.95), "dkdv": (1.0, 0.85)}
+#: Where a variant ranks the candidates otherwise, ``(pass, variant): speeds``. Softcap's
+#: second special function per score (tanh before exp2) waits on latency that 128 x 128
+#: tiles at 255 registers, one program per SM, cannot hide (Nsight Compute: 0.80x plain
+#: inside the kernel); 64 x 64 tiles on 4 warps, several programs per SM, run it at 482
+#: against 437-440 TF/s forward on causal 32K, where plain softmax runs 507-516 and 482
+#: (results/triton_ab_H200_2026-12-03_s6.md).
+SPEED_VARIANT = {("fwd", "softcap"): (1.0, 1.10, 1.05)}
 _INTERP_CONFIG = (16, 16, 1, 1)
 #: Test partial tiles against per-row key intervals where the mask allows
 #: (:func:`.tiles.row_intervals`); off: always against the bands (tests switch it).
@@ -121,16 +128,26 @@ def _pow2(d: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _pick(mask: Mask, pass_: str, d: int, interpret: bool, device: torch.device, wide=False):
+def _pick(
+    mask: Mask,
+    pass_: str,
+    d: int,
+    interpret: bool,
+    device: torch.device,
+    wide=False,
+    flavour="softmax",
+):
     """``(config, tile lists)`` for one pass of ``mask``: the candidate with the least
-    estimated work (tiles visited times their area, over the candidate's speed). ``wide``
-    (float32 inputs): the smallest tiles (those of head dim 256), which fit shared memory."""
+    estimated work (tiles visited times their area, over the candidate's speed for this
+    ``flavour`` of variant, :data:`SPEED_VARIANT`). ``wide`` (float32 inputs): the
+    smallest tiles (those of head dim 256), which fit shared memory."""
     transpose = pass_ == "dkdv"
     if interpret:
         cfg = _INTERP_CONFIG
         return cfg, tile_lists(mask, cfg[0], cfg[1], transpose, device)
     best = None
-    for cfg, speed in zip(CONFIGS[pass_][256 if wide else _bucket(d)], SPEED[pass_], strict=False):
+    speeds = SPEED_VARIANT.get((pass_, flavour), SPEED[pass_])
+    for cfg, speed in zip(CONFIGS[pass_][256 if wide else _bucket(d)], speeds, strict=False):
         lists = tile_lists(mask, cfg[0], cfg[1], transpose, device)
         cost = lists.n_entries * cfg[0] * cfg[1] / speed
         if best is None or cost < best[0]:
@@ -182,6 +199,16 @@ def _use_tma(q: torch.Tensor, interp: bool) -> bool:
     if TMA is not None:
         return TMA
     return not interp and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+@functools.cache
+def _dummies(device: torch.device):
+    """Placeholder float32 / int64 arguments for the variant tensors a launch does not
+    read (made once per device: two allocations and fills less per call)."""
+    return (
+        torch.zeros(1, dtype=torch.float32, device=device),
+        torch.zeros(1, dtype=torch.int64, device=device),
+    )
 
 
 def _interpret(device: torch.device) -> bool:
@@ -240,8 +267,7 @@ class TritonKernel(AttentionKernel):
     def _variant_args(q, variant):
         dev = q.device
         kind = 0 if variant is None else _KINDS[variant.kind]
-        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
-        dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
+        dummy_f, dummy_i = _dummies(dev)
         if variant is None:
             return dict(
                 kind=kind,
@@ -318,10 +344,11 @@ class TritonKernel(AttentionKernel):
         jit = load(interp)
         b, hq, sq, d = q.shape
         hk, sk = k.shape[1], k.shape[2]
-        (bm, bn, warps, stages), L = _pick(
-            mask, "fwd", d, interp, q.device, q.dtype == torch.float32
-        )
         va = self._variant_args(q, variant)
+        flavour = "softcap" if va["SOFTCAP"] else "softmax"
+        (bm, bn, warps, stages), L = _pick(
+            mask, "fwd", d, interp, q.device, q.dtype == torch.float32, flavour
+        )
         out = zeros_bhsd(q, fill=False)
         lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
