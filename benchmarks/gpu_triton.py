@@ -454,11 +454,11 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): the counted ``RANGE`` loop against
-    the entry loop and the run loops on short documents (and their launch
-    configurations), softcap, sigmoid, plain and ALiBi beside them, measured twice. Earlier
-    rounds' switches (TMA loads, ALiBi distances; the packed float16 tanh, timed and
-    removed) are in results/triton_ab_H200_2026-12-03_s4 and _s5."""
+    GPU run; printed and saved as ``name``.md / .json): now the tile picks (partial tiles
+    weighted, 128 x 128 dQ tiles) against those before, on every case whose pick moved.
+    Earlier rounds' plans (TMA loads, ALiBi distances, the packed float16 tanh, RANGE /
+    entry / run loops, dots a tile ahead, every case's forward and backward tiles) are in
+    the results of triton_ab_H200_2026-12-03_s4, _s5, _s6 and _s6b."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -466,32 +466,32 @@ def ab_run(budget_s, out_dir, name, checks=()):
     alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     softcap = BlockVariant(kind="softmax", softcap=30.0)
     short = docs_mask(uniform_docs(s32, 64, 512))
-    fused = fused_blocks("hamilton", "docs", 8192)[0]
-    sigmoid = BlockVariant(kind="sigmoid")
-    short128 = docs_mask(uniform_docs(4 * s32, 64, 512))
-    fwd_small = [(64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3), (64, 64, 4, 3), (32, 32, 2, 3)]
-    # variants' tiles: softcap's second special function per score (ncu, s6: 0.80x plain
-    # inside the kernel at 128 x 128, 255 registers) may want narrower key tiles
-    fwd_dense = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 4, 3)]
-    plan = [  # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweep)
-        ("docs 64-512 32K", short, None, {"range": {},
-         "flat": {"RANGE_LOOP": False}, "runs": {"FLAT_LOOP": False}}, fwd_small, True),
-        ("softcap 30 causal 32K", causal, softcap, {"default": {}}, fwd_dense, False),
-        ("plain causal 32K", causal, None, {"default": {}}, fwd_dense, False),
-        ("alibi causal 32K", causal, alibi, {"split": {}}, fwd_dense, False),
-        ("sigmoid causal 32K", causal, sigmoid, {"default": {}}, [], False),
-        ("docs 64-512 128K", short128, None, {"range": {},
-         "flat": {"RANGE_LOOP": False}}, fwd_small[:3], False),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None,
-         {"default": {}, "flat/range": {"FLAT_LOOP": True}}, [], False),
-        ("hamilton docs 8K/rank step", fused, None,
-         {"default": {}, "flat/range": {"FLAT_LOOP": True}}, [], False),
-        ("softcap 30 causal 32K (again)", causal, softcap, {"default": {}}, [], False),
-        ("plain causal 32K (again)", causal, None, {"default": {}}, [], False),
-        ("alibi causal 32K (again)", causal, alibi, {"split": {}}, [], False),
+    # before s6c: no partial-tile weight, dQ without its 128 x 128 candidate
+    old_dq = {**tk.CONFIGS["dq"], 128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]}
+    old = {
+        "PARTIAL_COST": {},
+        "SPEED": {**tk.SPEED, "dq": (1.0, 0.99, 0.95)},
+        "CONFIGS": {**tk.CONFIGS, "dq": old_dq},
+    }
+    both = {"now": {}, "before": old}
+    # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
+    # the s6 / s6b plans (loops, every case's forward tiles, backward tiles) are in those
+    # runs' results files
+    plan = [
+        ("plain causal 32K", causal, None, both, [], {}),
+        ("softcap 30 causal 32K", causal, softcap, both, [], {}),
+        ("alibi causal 32K", causal, alibi, both, [], {}),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, both, [], {}),
+        ("hamilton causal 8K/rank step", fused_blocks("hamilton", "causal", 8192)[0], None,
+         both, [], {}),
+        ("hamilton docs 32K/rank step", fused_blocks("hamilton", "docs", 32768)[0], None,
+         both, [], {}),
+        ("dense full 32K", Mask.full(s32), None, both, [], {}),
+        ("docs 64-512 32K", short, None, {"now": {}}, [], {}),
+        ("plain causal 32K (again)", causal, None, both, [], {}),
     ]  # fmt: skip
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
-    switches = ("TMA", "ALIBI_SPLIT", "FLAT_LOOP", "RANGE_LOOP")
+    switches = ("TMA", "ALIBI_SPLIT", "FLAT_LOOP", "RANGE_LOOP", "PARTIAL_COST", "SPEED", "CONFIGS")
     base = {n: getattr(tk, n) for n in switches}
     rows = []
 
@@ -521,16 +521,12 @@ def ab_run(budget_s, out_dir, name, checks=()):
         runs = [(f"{case}, {lab}", sw, None) for lab, sw in settings.items()]
         runs += [(f"{case}, {lab}, fwd {c}", sw, ("fwd", c)) for c in cfgs
                  for lab, sw in list(settings.items())[:2]]  # fmt: skip
-        if bwd:
-            runs += [(f"{case}, dq {c}", {}, ("dq", c))
-                     for c in [(64, 32, 4, 2), (32, 32, 2, 2), (64, 64, 4, 3)]]  # fmt: skip
-            runs += [(f"{case}, dkdv {c}", {}, ("dkdv", c))
-                     for c in [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 4, 3)]]  # fmt: skip
+        runs += [(f"{case}, {p} {c}", {}, (p, c)) for p, cs in bwd.items() for c in cs]
         for label, sw, cfg in runs:
             for n, val in {**base, **sw}.items():
                 setattr(tk, n, val)
-            if cfg is not None:
-                tk.CONFIGS[cfg[0]][128] = [cfg[1]]
+            if cfg is not None:  # a copy: the settings may hold the module's own dicts
+                tk.CONFIGS = {**tk.CONFIGS, cfg[0]: {**tk.CONFIGS[cfg[0]], 128: [cfg[1]]}}
             tk._pick.cache_clear()
             try:
                 timed(label, mask, variant, q, k, v, do, fb=cfg is None or cfg[0] != "fwd")

@@ -51,7 +51,7 @@ CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     },
     "dq": {
         64: [(64, 32, 4, 3)],
-        128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+        128: [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
         256: [(64, 32, 8, 1)],
     },
     "dkdv": {
@@ -67,7 +67,16 @@ CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 #: 2026-12-03 A/B: 64 x 64 forward tiles win on the 8K-per-rank fused document steps,
 #: 342 against 316 TF/s, so the second forward candidate weighs 0.965 and the third 0.92,
 #: which keeps every other case's pick.)
-SPEED = {"fwd": (1.0, 0.965, 0.92), "dq": (1.0, 0.99, 0.95), "dkdv": (1.0, 0.85)}
+#: (2026-12-03 s6b: 128 x 128 dQ tiles on 2 stages lift dense causal forward+backward
+#: from 395 to 404 TF/s, so they lead the dQ list at 0.98 for the former first.)
+SPEED = {"fwd": (1.0, 0.965, 0.92), "dq": (1.0, 0.98, 0.97, 0.93), "dkdv": (1.0, 0.85)}
+#: What a partial tile (its elements tested against the mask) costs beyond a full one,
+#: in full tiles of its size, per pass. The forward's was fitted to the s6 / s6b runs:
+#: long-tailed documents at 32K run 489 TF/s on 64 x 64 tiles against 441-452 on
+#: 128 x 128 (a tenth of those partial), while dense causal keeps 128 x 128 (510 against
+#: 482); counting tiles alone picked 128 x 128 for both. dQ's the same, which keeps those
+#: documents on 64 x 64 dQ tiles (341 TF/s forward+backward against 314 on 128 x 64).
+PARTIAL_COST = {"fwd": 1.0, "dq": 1.0}
 #: Where a variant ranks the candidates otherwise, ``(pass, variant): speeds``. Softcap's
 #: second special function per score (tanh before exp2) waits on latency that 128 x 128
 #: tiles at 255 registers, one program per SM, cannot hide (Nsight Compute: 0.80x plain
@@ -138,7 +147,8 @@ def _pick(
     flavour="softmax",
 ):
     """``(config, tile lists)`` for one pass of ``mask``: the candidate with the least
-    estimated work (tiles visited times their area, over the candidate's speed for this
+    estimated work (tiles visited, partial ones weighted by :data:`PARTIAL_COST`, times
+    their area, over the candidate's speed for this
     ``flavour`` of variant, :data:`SPEED_VARIANT`). ``wide`` (float32 inputs): the
     smallest tiles (those of head dim 256), which fit shared memory."""
     transpose = pass_ == "dkdv"
@@ -147,9 +157,10 @@ def _pick(
         return cfg, tile_lists(mask, cfg[0], cfg[1], transpose, device)
     best = None
     speeds = SPEED_VARIANT.get((pass_, flavour), SPEED[pass_])
+    extra = PARTIAL_COST.get(pass_, 0.0)
     for cfg, speed in zip(CONFIGS[pass_][256 if wide else _bucket(d)], speeds, strict=False):
         lists = tile_lists(mask, cfg[0], cfg[1], transpose, device)
-        cost = lists.n_entries * cfg[0] * cfg[1] / speed
+        cost = (lists.n_entries + extra * lists.n_partial) * cfg[0] * cfg[1] / speed
         if best is None or cost < best[0]:
             best = (cost, cfg, lists)
     return best[1], best[2]
@@ -160,9 +171,10 @@ def forward_work(mask: Mask, d: int) -> tuple[int, int, int]:
     """``(tiles, partial tiles, pairs of the tiles)`` the compiled forward visits for
     ``mask`` at head dim ``d`` (for :mod:`..choice`; host arrays only)."""
     best = None
+    extra = PARTIAL_COST.get("fwd", 0.0)
     for cfg, speed in zip(CONFIGS["fwd"][_bucket(d)], SPEED["fwd"], strict=False):
         n, partial = tile_counts(mask, cfg[0], cfg[1])
-        cost = n * cfg[0] * cfg[1] / speed
+        cost = (n + extra * partial) * cfg[0] * cfg[1] / speed
         if best is None or cost < best[0]:
             best = (cost, n, partial, n * cfg[0] * cfg[1])
     return best[1], best[2], best[3]
