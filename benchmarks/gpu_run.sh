@@ -32,8 +32,8 @@ one GPU:
                             against the entry and run loops) and tile configurations side
                             by side
   kernels_perf              gpu_kernels.py's timings only (auto beside cuDNN and flex)
-  triton_profile            gpu_triton_profile.py: registers, spills, SASS mix and warp
-                            specialisation per case, then the same launches under ncu
+  triton_profile            gpu_triton_profile.py: registers, spills, SASS mix and TMA
+                            loads' timing per case, then the same launches under ncu
   ae_quickstart             examples/attention_engine_quickstart.py on the GPU (.txt)
   linear, linear_timing     linear_attention.py: fla's chunk_simple_gla beside our linear
                             attention (checks, TF/s), the state exchange's share of a step
@@ -172,8 +172,8 @@ for item in "$@"; do
       run "$log" "$limit" python benchmarks/gpu_kernels.py --no-check --out-dir "$OUT" \
         --name "$name1" ;;
     triton_profile)
-      # registers / spills / SASS mix and warp specialisation's timing, then the same
-      # launches under Nsight Compute (pipe use, warp stalls) where ncu reads counters.
+      # registers / spills / SASS mix and the switches' timing, then the same launches
+      # under Nsight Compute (pipe use, warp stalls) where ncu reads counters.
       run "$log" "$limit" python benchmarks/gpu_triton_profile.py --out-dir "$OUT" \
         --name "$name1"
       if command -v ncu >/dev/null; then

@@ -13,8 +13,8 @@ reference kernel run in the same dtype| + atol`` (flash-attention's rule), for m
 (b) Speed, bf16, B = 1, 32 heads, head dim 128, CUDA events (median of 5 after warm-up,
 2 calls per repeat, the host queueing ahead: :func:`bench_ms`; before 2026-12-03's s6
 runs every repeat began from an idle GPU, charging one launch's host latency per 2 calls,
-up to a third of a 0.5 ms kernel's time). Only visible pairs count: forward ``4 * pairs * D * H`` flops,
-forward+backward 3.5x that (backward 2.5x, as ``gpu_kernels.py``). Columns: ``triton``
+up to a third of a 0.5 ms kernel's time). Only visible pairs count: forward
+``4 * pairs * D * H`` flops, forward+backward 3.5x that (backward 2.5x, as ``gpu_kernels.py``). Columns: ``triton``
 (this kernel), ``cudnn`` (one cuDNN SDPA call for dense masks; the ``sdpa`` backend's
 per-piece cuDNN calls otherwise), ``flex`` (the ``flex`` backend: compiled
 FlexAttention; forward+backward through its own autograd graph, as one-device calls
@@ -552,10 +552,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops); the triton kernel alone. "
-        "`range` / `flat` / `runs`: a counted loop over each row tile's consecutive "
-        "columns, one loop over every work-list entry, or a loop per run of full tiles; "
-        "`flat/range`: the entry loop forced (a counted one where the columns allow); "
-        "`fwd` / `dq` / `dkdv` "
+        "`now` / `before`: the tile picks now, or without the partial-tile weight and the "
+        "128 x 128 dQ candidate; `fwd` / `dq` / `dkdv` "
         "(BM, BN, warps, stages): that pass's launch configuration, the others at their "
         "defaults.",
         "",
@@ -650,7 +648,7 @@ def main(argv=None):
     ap.add_argument("--ab", action="store_true", help="kernel switches side by side, only")
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 256
-    if args.ab:  # the checks (RANGE loops are the default)
+    if args.ab:  # the checks, then the switches
         checks = run_checks(args.quick, args.checks)
         ab_run(args.budget_s, args.out_dir, args.name or "triton_ab", checks)
         return 0 if all(c["ok"] for c in checks) else 1

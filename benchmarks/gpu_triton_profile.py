@@ -9,10 +9,11 @@ B = 1, 32 heads, head dim 128.
 
 Per case and pass: each compiled kernel's registers, spills and shared memory, and the
 static instruction mix of its SASS (Triton's ``asm["sass"]``: tensor-core, special-function
-and FP32 operations), and the forward's TF/s per setting of :data:`SETTINGS` (TMA loads). With ``--ncu`` (run under ``ncu
---profile-from-start off``, as the stage does) nothing is timed: each case's kernels launch
-once more between cudaProfilerStart / Stop for Nsight Compute's counters, in the order
-the script prints. Writes ``<out-dir>/<name>.md`` and ``.json``.
+and FP32 operations), and the forward's TF/s per setting of :data:`SETTINGS` (TMA
+loads). With ``--ncu`` (run under ``ncu --profile-from-start off``, as the stage does)
+nothing is timed: each case's kernels launch once more between cudaProfilerStart / Stop
+for Nsight Compute's counters, in the order the script prints. Writes ``<out-dir>/<name>.md`` and ``.json`` (and each kernel's SASS
+under ``--sass-dir``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ OPS = ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "F2FP", "SHFL",
 #: specialisation, ``ws``, with pointer and TMA loads: no gain, and it does not compile
 #: the entry loop; since removed).
 SETTINGS = {"default": {}, "tma": {"TMA": True}}
-BASE: dict = {}
 
 
 def sass_mix(sass: str) -> dict:
@@ -120,10 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ncu", action="store_true", help="profile one launch per case, no timing")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--sass-dir", type=Path, default=None, help="also write each kernel's SASS")
     args = ap.parse_args(argv)
     kern = get_kernel("triton")
     jit = tk.load(False)
-    BASE.update({n: getattr(tk, n) for n in ("TMA",)})
+    base = {n: getattr(tk, n) for n in {n for sw in SETTINGS.values() for n in sw}}
     rows = []
     for case, mask, variant, bwd in cases():
         kw = {} if variant is None else {"variant": variant}
@@ -131,10 +132,10 @@ def main(argv=None) -> int:
         do = torch.randn(1, 32, mask.shape[0], 128, device=DEV, dtype=torch.bfloat16)
         fl = 4.0 * 32 * 128 * mask.area()
         row = {"case": case}
-        for ws, switches in SETTINGS.items():
-            for n, val in {**BASE, **switches}.items():
+        for label, switches in SETTINGS.items():
+            for n, val in {**base, **switches}.items():
                 setattr(tk, n, val)
-            first = ws == "default"
+            first = label == "default"
             before = compiled_kernels(jit)
             try:
                 o, lse = kern.forward(q, k, v, mask, 0.088, **kw)
@@ -142,14 +143,15 @@ def main(argv=None) -> int:
                     kern.backward(do, q, k, v, o, lse, mask, 0.088, **kw)
                 torch.cuda.synchronize()
             except Exception as err:  # noqa: BLE001 - a setting that does not compile
-                row[f"setting={ws}"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-                print(f"{case} setting={ws}: failed {str(err)[:300]}", flush=True)
+                row[f"setting={label}"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                print(f"{case} setting={label}: failed {str(err)[:300]}", flush=True)
                 continue
             new = {i: nk for i, nk in compiled_kernels(jit).items() if i not in before}
-            tag = "".join(ch if ch.isalnum() else "_" for ch in f"{case}_{ws}")
+            tag = "".join(ch if ch.isalnum() else "_" for ch in f"{case}_{label}")
+            sass_dir = None if args.ncu else args.sass_dir
             entry = {
                 "kernels": [
-                    describe(n, c, None if args.ncu else args.out_dir / "sass" / f"{tag}_{n}.sass")
+                    describe(n, c, sass_dir and sass_dir / f"{tag}_{n}.sass")
                     for n, c in new.values()
                 ]
             }
@@ -160,15 +162,15 @@ def main(argv=None) -> int:
                     kern.backward(do, q, k, v, o, lse, mask, 0.088, **kw)
                 torch.cuda.synchronize()
                 torch.cuda.cudart().cudaProfilerStop()
-                print(f"profiled: {case} setting={ws} (fwd{', delta, dq, dkdv' if bwd and first else ''})",
+                print(f"profiled: {case} setting={label} (fwd{', delta, dq, dkdv' if bwd and first else ''})",
                       flush=True)  # fmt: skip
             else:
                 entry["fwd_tfs"] = (
                     fl / bench_ms(lambda: kern.forward(q, k, v, mask, 0.088, **kw)) / 1e9  # noqa: B023
                 )
-            row[f"setting={ws}"] = entry
-            print(f"{case} setting={ws}: {json.dumps(entry)}", flush=True)
-        for n, val in BASE.items():
+            row[f"setting={label}"] = entry
+            print(f"{case} setting={label}: {json.dumps(entry)}", flush=True)
+        for n, val in base.items():
             setattr(tk, n, val)
         rows.append(row)
         q = k = v = do = None
@@ -192,15 +194,15 @@ def main(argv=None) -> int:
              "HGMMA | MUFU.EX2 | MUFU.TANH | FFMA | FMUL | FADD | FMNMX | FSEL | all |",
              "|" + "---|" * 17]  # fmt: skip
     for r in rows:
-        for ws in SETTINGS:
-            e = r.get(f"setting={ws}", {})
+        for label in SETTINGS:
+            e = r.get(f"setting={label}", {})
             if "error" in e:
-                lines.append(f"| {r['case']} | {ws} | failed: {e['error'][:60]} |" + " |" * 14)
+                lines.append(f"| {r['case']} | {label} | failed: {e['error'][:60]} |" + " |" * 14)
                 continue
             for kd in e.get("kernels", []):
                 s = kd["sass"]
                 tfs = e.get("fwd_tfs")
-                cells = [r["case"], str(ws), f"{tfs:.0f}" if tfs else "-", kd["kernel"],
+                cells = [r["case"], label, f"{tfs:.0f}" if tfs else "-", kd["kernel"],
                          str(kd["regs"]), str(kd["spills"]), str(kd["shared"]),
                          f"{kd['warps']}/{kd['stages']}"]  # fmt: skip
                 cells += [str(s.get(op, 0)) for op in

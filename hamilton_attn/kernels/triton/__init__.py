@@ -112,8 +112,9 @@ RANGE_LOOP = True
 @functools.cache
 def load(interpret: bool):
     """The kernels module (:mod:`.jit`, then :mod:`.jit_bwd` in its namespace) decorated
-    for one mode: compiled, or Triton's interpreter. Executed afresh per mode, since ``@triton.jit`` picks the mode when it
-    decorates (Triton's ``TRITON_INTERPRET`` knob, set here from the config)."""
+    for one mode: compiled, or Triton's interpreter. Executed afresh per mode, since
+    ``@triton.jit`` picks the mode when it decorates (Triton's ``TRITON_INTERPRET`` knob,
+    set here from the config)."""
     import triton
 
     path = Path(__file__).with_name("jit.py")
@@ -148,9 +149,9 @@ def _pick(
 ):
     """``(config, tile lists)`` for one pass of ``mask``: the candidate with the least
     estimated work (tiles visited, partial ones weighted by :data:`PARTIAL_COST`, times
-    their area, over the candidate's speed for this
-    ``flavour`` of variant, :data:`SPEED_VARIANT`). ``wide`` (float32 inputs): the
-    smallest tiles (those of head dim 256), which fit shared memory."""
+    their area, over the candidate's speed for this ``flavour`` of variant,
+    :data:`SPEED_VARIANT`). ``wide`` (float32 inputs): the smallest tiles (those of head
+    dim 256), which fit shared memory."""
     transpose = pass_ == "dkdv"
     if interpret:
         cfg = _INTERP_CONFIG
