@@ -104,7 +104,16 @@ def lognormal_docs(total, seed=1):
 # -- correctness -----------------------------------------------------------------------
 
 
-def check(name, mask, dtype, hq=4, hk=4, d=128, variant=None, merged=False):
+def check(name, mask, dtype, hq=4, hk=4, d=128, variant=None, merged=False, switches=None):
+    if switches:  # kernel switches forced for this check (restored after)
+        saved = {n: getattr(tk, n) for n in switches}
+        try:
+            for n, val in switches.items():
+                setattr(tk, n, val)
+            return check(name, mask, dtype, hq, hk, d, variant, merged)
+        finally:
+            for n, val in saved.items():
+                setattr(tk, n, val)
     sq, sk = mask.shape
     g = torch.Generator(device=DEV).manual_seed(0)
     q = torch.randn(1, sq, hq, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
@@ -212,6 +221,21 @@ def run_checks(quick, only=None):
         cases.append(
             (f"{kind} causal 700 bf16", Mask.causal(700), bf, dict(variant=BlockVariant(**kw)))
         )
+    ragged = {"RAGGED": True}  # ragged row tiles forced (short documents take them)
+    short = docs_mask(uniform_docs(3001, 20, 300, seed=4))
+    cases += [
+        ("ragged docs 20-300 3001 GQA 8/2 bf16", short, bf, dict(hq=8, hk=2, switches=ragged)),
+        ("ragged docs 20-300 fp16 D64", short, fp16, dict(d=64, switches=ragged)),
+        ("ragged docs 20-300 fp32 D256 MQA", short, f32, dict(d=256, hk=1, switches=ragged)),
+        ("ragged window (100,0) 999 bf16", Mask.sliding_window(999, (100, 0)), bf,
+         dict(switches=ragged)),
+        ("ragged alibi docs bf16", short, bf,
+         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=ragged)),
+        ("ragged softcap docs bf16", short, bf,
+         dict(variant=BlockVariant(kind="softmax", softcap=20.0), switches=ragged)),
+        ("ragged sigmoid docs bf16", short, bf,
+         dict(variant=BlockVariant(kind="sigmoid", bias=-2.0), switches=ragged)),
+    ]  # fmt: skip
     if only:
         cases = [c for c in cases if any(w in c[0] for w in only.split(","))]
     for name, m, dt, kw in cases[: 4 if quick else None]:
@@ -454,11 +478,13 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): now the tile picks (partial tiles
-    weighted, 128 x 128 dQ tiles) against those before, on every case whose pick moved.
-    Earlier rounds' plans (TMA loads, ALiBi distances, the packed float16 tanh, RANGE /
-    entry / run loops, dots a tile ahead, every case's forward and backward tiles) are in
-    the results of triton_ab_H200_2026-12-03_s4, _s5, _s6 and _s6b."""
+    GPU run; printed and saved as ``name``.md / .json): ragged row tiles (``RAGGED``:
+    tiles start at document starts) against the grid, on short documents at every pass's
+    candidate tiles, forced on long-tailed documents and the fused document step, and
+    the dense cases as a check that element-offset addressing costs nothing. Earlier
+    rounds' plans (TMA loads, ALiBi distances, the packed float16 tanh, RANGE / entry /
+    run loops, dots a tile ahead, every case's forward and backward tiles, the partial
+    tile weight) are in the results of triton_ab_H200_2026-12-03_s4 - _s6c."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -466,32 +492,40 @@ def ab_run(budget_s, out_dir, name, checks=()):
     alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     softcap = BlockVariant(kind="softmax", softcap=30.0)
     short = docs_mask(uniform_docs(s32, 64, 512))
-    # before s6c: no partial-tile weight, dQ without its 128 x 128 candidate
-    old_dq = {**tk.CONFIGS["dq"], 128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]}
-    old = {
-        "PARTIAL_COST": {},
-        "SPEED": {**tk.SPEED, "dq": (1.0, 0.99, 0.95)},
-        "CONFIGS": {**tk.CONFIGS, "dq": old_dq},
+    now = {"now": {}}
+    rag = {"ragged": {"RAGGED": None}, "grid": {"RAGGED": False}}
+    forced = {"grid": {"RAGGED": False}, "ragged forced": {"RAGGED": True}}
+    fwd_short = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 2)]
+    bwd_short = {
+        "dq": [(64, 32, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
+        "dkdv": [(32, 64, 4, 2), (64, 64, 4, 3), (32, 32, 4, 2), (64, 32, 4, 2)],
     }
-    both = {"now": {}, "before": old}
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
-    # the s6 / s6b plans (loops, every case's forward tiles, backward tiles) are in those
-    # runs' results files
+    # fwd configs and bwd sweeps run under the first two settings
     plan = [
-        ("plain causal 32K", causal, None, both, [], {}),
-        ("softcap 30 causal 32K", causal, softcap, both, [], {}),
-        ("alibi causal 32K", causal, alibi, both, [], {}),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, both, [], {}),
-        ("hamilton causal 8K/rank step", fused_blocks("hamilton", "causal", 8192)[0], None,
-         both, [], {}),
-        ("hamilton docs 32K/rank step", fused_blocks("hamilton", "docs", 32768)[0], None,
-         both, [], {}),
-        ("dense full 32K", Mask.full(s32), None, both, [], {}),
-        ("docs 64-512 32K", short, None, {"now": {}}, [], {}),
-        ("plain causal 32K (again)", causal, None, both, [], {}),
+        ("plain causal 32K", causal, None, now, [], {}),
+        ("docs 64-512 32K", short, None, rag, fwd_short, bwd_short),
+        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, rag,
+         fwd_short[:3], {"dkdv": bwd_short["dkdv"][:2]}),
+        ("softcap 30 docs 64-512 32K", short, softcap, rag, [], {}),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, forced, [], {}),
+        ("hamilton docs 8K/rank step", fused_blocks("hamilton", "docs", 8192)[0], None,
+         forced, [], {}),
+        ("softcap 30 causal 32K", causal, softcap, now, [], {}),
+        ("alibi causal 32K", causal, alibi, now, [], {}),
+        ("dense full 32K", Mask.full(s32), None, now, [], {}),
     ]  # fmt: skip
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
-    switches = ("TMA", "ALIBI_SPLIT", "FLAT_LOOP", "RANGE_LOOP", "PARTIAL_COST", "SPEED", "CONFIGS")
+    switches = (
+        "TMA",
+        "ALIBI_SPLIT",
+        "FLAT_LOOP",
+        "RANGE_LOOP",
+        "PARTIAL_COST",
+        "SPEED",
+        "CONFIGS",
+        "RAGGED",
+    )
     base = {n: getattr(tk, n) for n in switches}
     rows = []
 
@@ -521,7 +555,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         runs = [(f"{case}, {lab}", sw, None) for lab, sw in settings.items()]
         runs += [(f"{case}, {lab}, fwd {c}", sw, ("fwd", c)) for c in cfgs
                  for lab, sw in list(settings.items())[:2]]  # fmt: skip
-        runs += [(f"{case}, {p} {c}", {}, (p, c)) for p, cs in bwd.items() for c in cs]
+        runs += [(f"{case}, {lab}, {p} {c}", sw, (p, c)) for p, cs in bwd.items() for c in cs
+                 for lab, sw in list(settings.items())[:2]]  # fmt: skip
         for label, sw, cfg in runs:
             for n, val in {**base, **sw}.items():
                 setattr(tk, n, val)
@@ -552,8 +587,9 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops); the triton kernel alone. "
-        "`now` / `before`: the tile picks now, or without the partial-tile weight and the "
-        "128 x 128 dQ candidate; `fwd` / `dq` / `dkdv` "
+        "`ragged` / `grid`: ragged row tiles where they visit fewer tiles (the default "
+        "now), or the grid's; `ragged forced`: ragged wherever the mask allows; `now`: the "
+        "defaults; `fwd` / `dq` / `dkdv` "
         "(BM, BN, warps, stages): that pass's launch configuration, the others at their "
         "defaults.",
         "",

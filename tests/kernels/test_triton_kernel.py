@@ -297,11 +297,11 @@ def test_row_intervals_and_runs_describe_the_mask(name):
         for r in range(len(mid)):
             got = [c for i in range(rp[r], rp[r + 1]) for c in range(rs[i], rs[i] + rl[i])]
             assert got == list(col[ptr[r] : mid[r]])
-        # RANGE's data: each row tile's lowest column, and whether its columns are
-        # consecutive (all of them, for the flag to be set)
-        first = lists.first.numpy()
+        # RANGE's data: each row tile's lowest column (as its first element), and
+        # whether its columns are consecutive (all of them, for the flag to be set)
+        first, step = lists.first.numpy(), 16 if transpose else 8
         spans = [sorted(col[ptr[r] : ptr[r + 1]]) for r in range(len(mid))]
-        assert all(first[r] == c[0] for r, c in enumerate(spans) if c)
+        assert all(first[r] == c[0] * step for r, c in enumerate(spans) if c)
         consecutive = all(c == list(range(c[0], c[0] + len(c))) for c in spans if c)
         assert lists.contiguous is consecutive
 
@@ -469,3 +469,90 @@ def test_partial_tiles_weigh_in_the_tile_pick():
     assert tk._pick(causal, "dq", 128, False, cpu)[0] == (128, 128, 8, 2)
     tiles, partial, _ = tk.forward_work(docs, 128)
     assert (tiles, partial) == tk.tile_counts(docs, 64, 64)
+
+
+SHORT_DOCS = Mask.varlen([0, 7, 30, 33, 61, 64, 90, 91, 120], causal=True)
+RAGGED_MASKS = {"short_docs": SHORT_DOCS, **{n: MASKS[n] for n in ("causal", "docs_gap")}}
+RAGGED_MASKS.update({n: MASKS[n] for n in ("bottom_right", "window", "full")})
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED_MASKS))
+@pytest.mark.parametrize("transpose", [False, True])
+def test_ragged_lists_cover_every_visible_pair_once(name, transpose):
+    """Ragged row tiles partition their axis (at most a tile each, starting where
+    documents start), and each row tile's consecutive entries from its first element
+    cover every pair its rows (keys) see exactly once."""
+    from hamilton_attn.kernels.triton.tiles import ragged_lists
+
+    mask = RAGGED_MASKS[name]
+    dense = mask.to_dense("cpu").numpy()
+    if transpose:
+        dense = dense.T
+    n_rows, n_other = dense.shape
+    for bm, bn in ((16, 16), (16, 8), (8, 16)):
+        lists = ragged_lists(mask, bm, bn, transpose, torch.device("cpu"))
+        rows, step = (bn, bm) if transpose else (bm, bn)
+        r0, r1, ptr, first = (x.numpy() for x in (lists.r0, lists.r1, lists.ptr, lists.first))
+        assert r0[0] == 0 and r1[-1] == n_rows and (r0[1:] == r1[:-1]).all()
+        assert ((r1 - r0 >= 1) & (r1 - r0 <= rows)).all()
+        assert sorted(lists.order.tolist()) == list(range(len(r0)))
+        assert (lists.mid.numpy() == ptr[:-1]).all() and lists.contiguous
+        count = np.zeros_like(dense, dtype=np.int64)
+        for t in range(len(r0)):
+            for e in range(ptr[t + 1] - ptr[t]):
+                c = first[t] + e * step
+                assert 0 <= c < n_other
+                count[r0[t] : r1[t], c : c + step] += 1
+        assert (count[dense] == 1).all(), "a visible pair missed or counted twice"
+        assert lists.n_entries == ptr[-1] and 0 <= lists.n_partial <= lists.n_entries
+
+
+def test_ragged_lists_refuse_rows_that_see_two_intervals():
+    from hamilton_attn.kernels.triton.tiles import ragged_counts, ragged_lists
+
+    assert ragged_lists(MASKS["magi"], 16, 16, False, torch.device("cpu")) is None
+    assert ragged_counts(MASKS["magi"], 16, 16, False) is None
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED_MASKS))
+def test_ragged_tiles_agree_with_the_oracle(name, monkeypatch):
+    """Every pass on ragged lists (forced): softmax GQA in float16, softcap with ALiBi
+    (split and not), sigmoid, relu; rows past a ragged tile's end belong to the next
+    tile and must be neither stored nor summed into dK / dV."""
+    from hamilton_attn.kernels import triton as tk
+
+    monkeypatch.setattr(tk, "RAGGED", True)
+    mask = RAGGED_MASKS[name]
+    assert tk._pick(mask, "fwd", 16, True, torch.device("cpu"))[1].ragged
+    assert tk._pick(mask, "dkdv", 16, True, torch.device("cpu"))[1].ragged
+    check(mask, hq=4, hk=2, d=16, dtype=torch.float16)
+    check(mask, var=dataclasses.replace(_alibi(2, shift=3), softcap=2.5), hq=2, hk=1)
+    pos = torch.arange(mask.shape[1], dtype=torch.int64) * 3
+    qpos = pos[mask.shape[1] - mask.shape[0] :]
+    check(mask, var=_alibi(2, q_pos=qpos, k_pos=pos), hq=2, hk=2, layout="thd")
+    check(mask, var=BlockVariant(kind="sigmoid", bias=-0.5), hq=2, hk=1)
+    check(mask, var=BlockVariant(kind="relu"), hq=2, hk=1, d=24)
+
+
+def test_ragged_tiles_are_picked_for_short_documents_only(monkeypatch):
+    """``RAGGED = None``: the compiled pick (host side, any device) takes ragged lists
+    where the grid's would run the one-loop walk and the ragged ones visit fewer tiles:
+    64-512-token documents, not dense causal or long documents (off by default: no
+    faster on an H200)."""
+    from hamilton_attn.kernels import triton as tk
+
+    assert tk.RAGGED is False
+    monkeypatch.setattr(tk, "RAGGED", None)
+
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(64, 513, (70,), generator=g).tolist()
+    short = Mask.varlen(np.concatenate([[0], np.cumsum(lens)]).tolist(), causal=True)
+    long = Mask.varlen([0, 3000, 4100, 9000, 16384], causal=True)
+    for p in ("fwd", "dq", "dkdv"):
+        assert tk._pick(short, p, 128, False, cpu)[1].ragged, p
+        assert not tk._pick(Mask.causal(8192), p, 128, False, cpu)[1].ragged, p
+        assert not tk._pick(long, p, 128, False, cpu)[1].ragged, p
+    tiles, _, area = tk.forward_work(short, 128)
+    cfg, lists = tk._pick(short, "fwd", 128, False, cpu)
+    assert tiles == lists.n_entries and area == tiles * cfg[0] * cfg[1]

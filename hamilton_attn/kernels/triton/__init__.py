@@ -33,7 +33,7 @@ import torch
 from ... import config
 from ...masks import Mask
 from ..base import AttentionKernel, check_block, empty_result, zeros_bhsd
-from .tiles import TileLists, row_intervals, tile_counts, tile_lists
+from .tiles import TileLists, ragged_counts, ragged_lists, row_intervals, tile_counts, tile_lists
 
 _KINDS = {"softmax": 0, "sigmoid": 1, "relu": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -107,6 +107,15 @@ ALIBI_SPLIT = True
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
 #: forward at 32K, 145 -> 156 at 128K, results/triton_ab_H200_2026-12-03_s5.md).
 RANGE_LOOP = True
+#: Ragged row tiles (:func:`.tiles.ragged_lists`: tiles start where documents start, keys
+#: from each tile's first key): None takes them where the grid's lists would run the
+#: ``FLAT`` loop anyway (short documents) and the ragged ones visit fewer tiles; True
+#: wherever the mask allows (tests); False (default) never. On an H200 they visit 7-12%
+#: fewer tiles on 64-512-token documents yet run no faster: forward 185 against 185
+#: TF/s on the same 64 x 32 tiles (more, shorter programs: the per-program cost bounds
+#: it, not the tiles), forward+backward 119 against 136 with ragged dK/dV tiles
+#: (results/triton_ab_H200_2026-12-03_s7.md).
+RAGGED: bool | None = False
 
 
 @functools.cache
@@ -137,7 +146,6 @@ def _pow2(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=1024)
 def _pick(
     mask: Mask,
     pass_: str,
@@ -150,21 +158,44 @@ def _pick(
     """``(config, tile lists)`` for one pass of ``mask``: the candidate with the least
     estimated work (tiles visited, partial ones weighted by :data:`PARTIAL_COST`, times
     their area, over the candidate's speed for this ``flavour`` of variant,
-    :data:`SPEED_VARIANT`). ``wide`` (float32 inputs): the smallest tiles (those of head
-    dim 256), which fit shared memory."""
+    :data:`SPEED_VARIANT`), on the grid or ragged (:data:`RAGGED`). ``wide`` (float32
+    inputs): the smallest tiles (those of head dim 256), which fit shared memory.
+    Cached per mask and the switches the lists depend on."""
+    switches = (RAGGED, USE_ROW_INTERVALS, FLAT_LOOP, RANGE_LOOP)
+    return _picked(mask, pass_, d, interpret, device, wide, flavour, switches)
+
+
+@functools.lru_cache(maxsize=1024)
+def _picked(mask, pass_, d, interpret, device, wide, flavour, switches):
     transpose = pass_ == "dkdv"
     if interpret:
         cfg = _INTERP_CONFIG
-        return cfg, tile_lists(mask, cfg[0], cfg[1], transpose, device)
+        lists = tile_lists(mask, cfg[0], cfg[1], transpose, device)
+        return cfg, _ragged_or(lists, mask, cfg, transpose, device)
     best = None
     speeds = SPEED_VARIANT.get((pass_, flavour), SPEED[pass_])
     extra = PARTIAL_COST.get(pass_, 0.0)
     for cfg, speed in zip(CONFIGS[pass_][256 if wide else _bucket(d)], speeds, strict=False):
-        lists = tile_lists(mask, cfg[0], cfg[1], transpose, device)
+        lists = _ragged_or(tile_lists(mask, cfg[0], cfg[1], transpose, device), mask, cfg,
+                           transpose, device)  # fmt: skip
         cost = (lists.n_entries + extra * lists.n_partial) * cfg[0] * cfg[1] / speed
         if best is None or cost < best[0]:
             best = (cost, cfg, lists)
     return best[1], best[2]
+
+
+_pick.cache_clear = _picked.cache_clear  # the benchmarks' A/B clears it
+
+
+def _ragged_or(lists: TileLists, mask: Mask, cfg, transpose: bool, device) -> TileLists:
+    """The ragged lists for ``cfg`` where :data:`RAGGED` takes them, else ``lists``."""
+    if RAGGED is False or not USE_ROW_INTERVALS or row_intervals(mask, device) is None:
+        return lists
+    if RAGGED is None:
+        counts = ragged_counts(mask, cfg[0], cfg[1], transpose)
+        if counts is None or counts[0] >= lists.n_entries or not _range(lists, True):
+            return lists
+    return ragged_lists(mask, cfg[0], cfg[1], transpose, device) or lists
 
 
 @functools.lru_cache(maxsize=4096)
@@ -175,13 +206,25 @@ def forward_work(mask: Mask, d: int) -> tuple[int, int, int]:
     extra = PARTIAL_COST.get("fwd", 0.0)
     for cfg, speed in zip(CONFIGS["fwd"][_bucket(d)], SPEED["fwd"], strict=False):
         n, partial = tile_counts(mask, cfg[0], cfg[1])
+        if RAGGED is not False and USE_ROW_INTERVALS and _short(mask, cfg):
+            n, partial = min((n, partial), ragged_counts(mask, cfg[0], cfg[1], False) or (n, 0))
         cost = (n + extra * partial) * cfg[0] * cfg[1] / speed
         if best is None or cost < best[0]:
             best = (cost, n, partial, n * cfg[0] * cfg[1])
     return best[1], best[2], best[3]
 
 
+def _short(mask: Mask, cfg) -> bool:
+    """Whether the grid's forward lists of ``cfg`` take the ``RANGE`` loop (counts only)."""
+    if FLAT_LOOP is False or not RANGE_LOOP:
+        return False
+    lists = tile_lists(mask, cfg[0], cfg[1], False, torch.device("cpu"))
+    return _range(lists, True)
+
+
 def _flat(lists: TileLists, rows) -> bool:
+    if lists.ragged:
+        return True
     if rows is None:
         return False
     return lists.short_runs() if FLAT_LOOP is None else FLAT_LOOP
@@ -189,7 +232,7 @@ def _flat(lists: TileLists, rows) -> bool:
 
 def _range(lists: TileLists, rows) -> bool:
     """``RANGE``: the ``FLAT`` loop as a counted loop over each row tile's columns."""
-    return RANGE_LOOP and lists.contiguous and _flat(lists, rows)
+    return lists.ragged or (RANGE_LOOP and lists.contiguous and _flat(lists, rows))
 
 
 def _descriptor(t: torch.Tensor, bn: int, bd: int):
@@ -330,9 +373,10 @@ class TritonKernel(AttentionKernel):
     @staticmethod
     def _lists_args(L: TileLists, rows):
         rlo, rhi = rows if rows is not None else (L.ptr, L.ptr)
+        r0, r1 = (L.r0, L.r1) if L.ragged else (L.ptr, L.ptr)
         return (
             L.order, L.ptr, L.mid, L.col, L.b0, L.b1, L.band_idx, L.bands,
-            L.run_ptr, L.run_start, L.run_len, L.first, rlo, rhi,
+            L.run_ptr, L.run_start, L.run_len, L.first, rlo, rhi, r0, r1,
         )  # fmt: skip
 
     @staticmethod
@@ -412,6 +456,7 @@ class TritonKernel(AttentionKernel):
             ROWS=rows is not None,
             FLAT=_flat(L, rows),
             RANGE=_range(L, rows),
+            RAGGED=L.ragged,
             FUSE=plain and scale > 0,
             FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
@@ -523,6 +568,7 @@ class TritonKernel(AttentionKernel):
             TMA=tma,
             FLAT=_flat(L, rows),
             RANGE=_range(L, rows),
+            RAGGED=L.ragged,
             BM=bm,
             BN=bn,
             **common,
@@ -568,6 +614,7 @@ class TritonKernel(AttentionKernel):
             TMA=tma,
             FLAT=_flat(L, rows),
             RANGE=_range(L, rows),
+            RAGGED=L.ragged,
             BM=bm,
             BN=bn,
             **common,

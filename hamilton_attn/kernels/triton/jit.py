@@ -118,14 +118,24 @@ def _visible(qi, kj, BANDS, BAND_IDX, j0, j1, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _entry(COL, B0, B1, e, c0, RANGE: tl.constexpr):
-    """Work-list entry ``e``: its column and band range; ``RANGE`` (consecutive columns,
-    row intervals): column ``c0 + e``, no loads (K / V addresses affine in ``e``, which the
-    software pipeliner prefetches)."""
+def _entry(COL, B0, B1, e, c0, RANGE: tl.constexpr, STEP: tl.constexpr):
+    """Work-list entry ``e``: its first element on the other axis (tiles of ``STEP``) and
+    its band range; ``RANGE`` (consecutive tiles, row intervals): element ``c0 + e STEP``,
+    no loads (K / V addresses affine in ``e``, which the software pipeliner prefetches)."""
     if RANGE:
-        return c0 + e, 0, 0
+        return c0 + e * STEP, 0, 0
     else:
-        return tl.load(COL + e), tl.load(B0 + e), tl.load(B1 + e)
+        return tl.load(COL + e) * STEP, tl.load(B0 + e), tl.load(B1 + e)
+
+
+@triton.jit
+def _row_tile(R0, R1, t, n, BM: tl.constexpr, RAGGED: tl.constexpr):
+    """Row tile ``t``'s first row and the end its rows are tested against: ``RAGGED``
+    (:func:`.tiles.ragged_lists`) from the lists, else ``t BM`` and the axis' length."""
+    if RAGGED:
+        return tl.load(R0 + t), tl.load(R1 + t)
+    else:
+        return t * BM, n
 
 
 @triton.jit
@@ -147,7 +157,7 @@ def _load_kv(
     src,
     b,
     h,
-    u,
+    c,
     idx,
     stride,
     n,
@@ -157,11 +167,11 @@ def _load_kv(
     CHECK: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Key tile ``u`` (rows ``idx``) of K or V: ``src`` a 4-d ``[B, H, S, D]`` tensor
-    descriptor when ``TMA`` (Hopper's bulk copy: no address arithmetic, zeros past the
-    ends), else this head's base pointer."""
+    """The tile of K or V from element ``c`` (rows ``idx``): ``src`` a 4-d ``[B, H, S,
+    D]`` tensor descriptor when ``TMA`` (Hopper's bulk copy: no address arithmetic, zeros
+    past the ends), else this head's base pointer."""
     if TMA:
-        return src.load([b, h, u * BN, 0]).reshape(BN, BD)
+        return src.load([b, h, c, 0]).reshape(BN, BD)
     else:
         return _load(src, idx, stride, n, D, BD, CHECK)
 
@@ -196,7 +206,7 @@ def _positions(POS, idx, n, shift, ON: tl.constexpr):
 # fmt: off
 @triton.jit
 def _fwd_tile(
-    acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, rlo, rhi, qp, KPOS, slope,
+    acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp, KPOS, slope,
     scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
@@ -204,15 +214,16 @@ def _fwd_tile(
     D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """One key tile of the forward: the online softmax update (or the plain sum).
+    """The key tile from element ``c`` of the forward: the online softmax update (or the
+    plain sum).
     ``FUSE`` (plain softmax, scale > 0): the row max is taken on raw dots and the scale
     folded into one multiply-add per score, as FlashAttention does. ``SPLIT`` (ALiBi on
     implicit positions): scores are kept shifted by the row term ``slope (i_pos - qbase)``
     (``qbase`` the tile's first query position; the caller takes it out of the lse), so a
     tile whose keys all lie at or before its queries adds one per-key term to the dots
     (``slope (j - qbase)``) instead of an absolute distance per pair."""
-    cols = u * BN + tl.arange(0, BN)
-    k = _load_kv(k_ptr, b, hk, u, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
+    cols = c + tl.arange(0, BN)
+    k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASKED:
         if ROWS:
@@ -220,15 +231,15 @@ def _fwd_tile(
         else:
             vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
     if FUSE:
-        c = scale * UNIT
+        sc = scale * UNIT
         if MASKED:
             qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * c)
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * sc)
         if MASKED:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_safe = m_new
-        p = tl.exp2(qk * c - m_safe[:, None])
+        p = tl.exp2(qk * sc - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
         acc = acc * alpha[:, None]
@@ -238,7 +249,7 @@ def _fwd_tile(
             s, th = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
             su = slope * UNIT
             s = s + (su * (cols - qbase).to(tl.float32))[None, :]
-            if u * BN + BN - 1 > qbase:  # some key after some query: |d| = d + 2 max(-d, 0)
+            if c + BN - 1 > qbase:  # some key after some query: |d| = d + 2 max(-d, 0)
                 s = s - (2.0 * su) * tl.maximum(cols[None, :] - qp[:, None], 0).to(tl.float32)
         else:
             kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
@@ -264,7 +275,7 @@ def _fwd_tile(
             p = _sigmoid(s + bias, FAST)  # 0 at s = -inf (tanh.approx(-inf) is -1)
         else:
             p = tl.maximum(s, 0.0)
-    v = _load_kv(v_ptr, b, hk, u, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
+    v = _load_kv(v_ptr, b, hk, c, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, m_i, l_i
 
@@ -272,33 +283,36 @@ def _fwd_tile(
 @triton.jit
 def fwd_kernel(
     Q, K, V, O, LSE, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS, RPTR, RSTART, RLEN,
-    FIRST, RLO, RHI, ALIBI, QPOS, KPOS,
+    FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
-    FLAT: tl.constexpr, RANGE: tl.constexpr, FAST: tl.constexpr, CAPMAX: tl.constexpr,
+    FLAT: tl.constexpr, RANGE: tl.constexpr, RAGGED: tl.constexpr, FAST: tl.constexpr,
+    CAPMAX: tl.constexpr,
     SPLIT: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Out (and lse) of one query tile of one head. ``TMA``: K and V are 4-d tensor
-    descriptors, not pointers."""
+    descriptors, not pointers. ``RAGGED``: the tile's rows and first key from the lists
+    (rows up to ``nq`` are this tile's)."""
     t = tl.load(ORDER + tl.program_id(0))
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUP
-    rows = t * BM + tl.arange(0, BM)
-    q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
+    row0, nq = _row_tile(R0, R1, t, SQ, BM, RAGGED)
+    rows = row0 + tl.arange(0, BM)
+    q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, nq, D, BD, True)
     k_ptr = _head(K, b, hk, s_kb, s_kh, TMA)
     v_ptr = _head(V, b, hk, s_vb, s_vh, TMA)
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
-    qbase = t * BM + shift
+    qbase = row0 + shift
     if ROWS:
-        rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
-        rhi = tl.load(RHI + rows, mask=rows < SQ, other=0)
+        rlo = tl.load(RLO + rows, mask=rows < nq, other=1)
+        rhi = tl.load(RHI + rows, mask=rows < nq, other=0)
     else:
         rlo = rows
         rhi = rows
@@ -312,9 +326,9 @@ def fwd_kernel(
         r0 = tl.load(RPTR + t)
         r1 = tl.load(RPTR + t + 1)
         for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
-            u0 = tl.load(RSTART + r)
-            u1 = u0 + tl.load(RLEN + r)
-            for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
+            u0 = tl.load(RSTART + r) * BN  # the run's first key, walked a tile a step
+            u1 = u0 + tl.load(RLEN + r) * BN
+            for u in range(_bound(u0, INTERP), _bound(u1, INTERP), BN):
                 acc, m_i, l_i = _fwd_tile(
                     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
                     KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
@@ -322,11 +336,11 @@ def fwd_kernel(
                     D, BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
-    c0 = tl.load(FIRST + t) - em if RANGE else 0
+    c0 = tl.load(FIRST + t) - em * BN if RANGE else 0
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
-        u, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE)
+        c, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BN)
         acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, j0,
+            acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0,
             j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
             BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
             CAPMAX, SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
@@ -338,6 +352,6 @@ def fwd_kernel(
         seen = l_i > 0.0
         acc = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-        tl.store(LSE + bh.to(tl.int64) * SQ + rows, lse, mask=rows < SQ)
-    _store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, rows, s_om, SQ, acc, D, BD)
+        tl.store(LSE + bh.to(tl.int64) * SQ + rows, lse, mask=rows < nq)
+    _store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, rows, s_om, nq, acc, D, BD)
 # fmt: on

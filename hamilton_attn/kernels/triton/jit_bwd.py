@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         _load,
         _load_kv,
         _positions,
+        _row_tile,
         _rows_vis,
         _score,
         _sigmoid,
@@ -75,7 +76,7 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
 
 @triton.jit
 def _dq_tile(
-    dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, j0, j1, rows, rlo, rhi, qp,
+    dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp,
     KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr,
@@ -83,9 +84,9 @@ def _dq_tile(
     BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    cols = u * BN + tl.arange(0, BN)
-    k = _load_kv(k_ptr, b, hk, u, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
-    v = _load_kv(v_ptr, b, hk, u, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
+    cols = c + tl.arange(0, BN)
+    k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
+    v = _load_kv(v_ptr, b, hk, c, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
     s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
@@ -109,41 +110,43 @@ def _dq_tile(
 @triton.jit
 def dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    RPTR, RSTART, RLEN, FIRST, RLO, RHI, ALIBI, QPOS, KPOS, AGRAD,
+    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS, AGRAD,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
     s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
-    ROWS: tl.constexpr, FLAT: tl.constexpr, RANGE: tl.constexpr, FAST: tl.constexpr,
+    ROWS: tl.constexpr, FLAT: tl.constexpr, RANGE: tl.constexpr, RAGGED: tl.constexpr,
+    FAST: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dQ of one query tile of one head (and its rows' share of d slope for ALiBi).
-    ``TMA``: K and V are tensor descriptors."""
+    ``TMA``: K and V are tensor descriptors. ``RAGGED``: as in the forward."""
     t = tl.load(ORDER + tl.program_id(0))
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUP
-    rows = t * BM + tl.arange(0, BM)
-    q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, SQ, D, BD, True)
-    do = _load(DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh, rows, s_dm, SQ, D, BD,
+    row0, nq = _row_tile(R0, R1, t, SQ, BM, RAGGED)
+    rows = row0 + tl.arange(0, BM)
+    q = _load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh, rows, s_qm, nq, D, BD, True)
+    do = _load(DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh, rows, s_dm, nq, D, BD,
                True)
     k_ptr = _head(K, b, hk, s_kb, s_kh, TMA)
     v_ptr = _head(V, b, hk, s_vb, s_vh, TMA)
     if KIND == 0:
-        lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=float("inf"))
+        lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < nq, other=float("inf"))
         # A row that sees nothing anywhere (lse -inf) has p = 0 everywhere.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        delta = tl.load(DELTA + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * SQ + rows, mask=rows < nq, other=0.0)
     else:
         lse2 = tl.full([BM], 0.0, tl.float32)
         delta = lse2
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
     if ROWS:
-        rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
-        rhi = tl.load(RHI + rows, mask=rows < SQ, other=0)
+        rlo = tl.load(RLO + rows, mask=rows < nq, other=1)
+        rhi = tl.load(RHI + rows, mask=rows < nq, other=0)
     else:
         rlo = rows
         rhi = rows
@@ -155,9 +158,9 @@ def dq_kernel(
         r0 = tl.load(RPTR + t)
         r1 = tl.load(RPTR + t + 1)
         for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
-            u0 = tl.load(RSTART + r)
-            u1 = u0 + tl.load(RLEN + r)
-            for u in range(_bound(u0, INTERP), _bound(u1, INTERP)):
+            u0 = tl.load(RSTART + r) * BN  # the run's first key, walked a tile a step
+            u1 = u0 + tl.load(RLEN + r) * BN
+            for u in range(_bound(u0, INTERP), _bound(u1, INTERP), BN):
                 dq, dsl = _dq_tile(
                     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
                     rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
@@ -165,15 +168,15 @@ def dq_kernel(
                     BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
-    c0 = tl.load(FIRST + t) - em if RANGE else 0  # as in the forward
+    c0 = tl.load(FIRST + t) - em * BN if RANGE else 0  # as in the forward
     for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
-        u, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE)
+        c, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BN)
         dq, dsl = _dq_tile(
-            dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u,
+            dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c,
             j0, j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
             bias, SK, BANDS, BAND_IDX, b, hk, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True,
             ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP)
-    _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, SQ, dq * scale, D,
+    _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, nq, dq * scale, D,
            BD)
     if AGRAD_ON:
         tl.atomic_add(AGRAD + bh, -tl.reduce(dsl, 0, _ADD))
@@ -181,17 +184,18 @@ def dq_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, j0, j1, cols, kp, QPOS,
+    dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r, j0, j1, cols, kp, QPOS,
     RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """One query tile's share of a key tile's dK / dV (scores transposed: keys x rows)."""
-    rows = t * BM + tl.arange(0, BM)
-    q = _load_kv(q_ptr, b, h, t, rows, s_qm, SQ, D, BD, BM, MASKED, TMA)
-    do = _load_kv(do_ptr, b, h, t, rows, s_dm, SQ, D, BD, BM, MASKED, TMA)
+    """The share of the query tile from row ``r`` in a key tile's dK / dV (scores
+    transposed: keys x rows)."""
+    rows = r + tl.arange(0, BM)
+    q = _load_kv(q_ptr, b, h, r, rows, s_qm, SQ, D, BD, BM, MASKED, TMA)
+    do = _load_kv(do_ptr, b, h, r, rows, s_dm, SQ, D, BD, BM, MASKED, TMA)
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
     s, th = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
@@ -227,25 +231,27 @@ def _dkdv_tile(
 @triton.jit
 def dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    RPTR, RSTART, RLEN, FIRST, RLO, RHI, ALIBI, QPOS, KPOS,
+    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
     s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn,
     HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
-    RANGE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
+    RANGE: tl.constexpr, RAGGED: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
-    (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors."""
+    (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors.
+    ``RAGGED``: the key tile's keys (up to ``nk``) and first query row from the lists."""
     u = tl.load(ORDER + tl.program_id(0))
     bhk = tl.program_id(1)
     b = bhk // HK
     hk = bhk % HK
-    cols = u * BN + tl.arange(0, BN)
-    k = _load(K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh, cols, s_kn, SK, D, BD, True)
-    v = _load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh, cols, s_vn, SK, D, BD, True)
+    col0, nk = _row_tile(R0, R1, u, SK, BN, RAGGED)
+    cols = col0 + tl.arange(0, BN)
+    k = _load(K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh, cols, s_kn, nk, D, BD, True)
+    v = _load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh, cols, s_vn, nk, D, BD, True)
     kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
     dk = tl.full([BN, BD], 0.0, tl.float32)
     dv = tl.full([BN, BD], 0.0, tl.float32)
@@ -253,7 +259,7 @@ def dkdv_kernel(
     r1 = tl.load(RPTR + u + 1)
     em = tl.load(PTR + u) if FLAT else tl.load(MID + u)  # FLAT: as in the forward
     e1 = tl.load(PTR + u + 1)
-    c0 = tl.load(FIRST + u) - em if RANGE else 0  # as in the forward
+    c0 = tl.load(FIRST + u) - em * BM if RANGE else 0  # as in the forward
     for g in range(0, _bound(GROUP, INTERP)):
         h = hk * GROUP + g
         bh = b * HQ + h
@@ -262,22 +268,22 @@ def dkdv_kernel(
         slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
         if not FLAT:
             for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
-                t0 = tl.load(RSTART + r)
-                t1 = t0 + tl.load(RLEN + r)
-                for t in range(_bound(t0, INTERP), _bound(t1, INTERP)):
+                t0 = tl.load(RSTART + r) * BM  # as in the forward, rows
+                t1 = t0 + tl.load(RLEN + r) * BM
+                for t in range(_bound(t0, INTERP), _bound(t1, INTERP), BM):
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
                         BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST,
                         TMA, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
-            t, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE)
+            r, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BM)
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t,
+                dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r,
                 j0, j1, cols, kp, QPOS, RLO, RHI, slope, scale,
                 softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON,
                 QPOS_ON, True, ROWS, FAST, TMA, D, BD, BM, PREC, UNIT, INTERP)
-    _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, SK, dk * scale,
+    _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, nk, dk * scale,
            D, BD)
-    _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, SK, dv, D, BD)
+    _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, nk, dv, D, BD)
 # fmt: on
