@@ -236,6 +236,19 @@ def run_checks(quick, only=None):
         ("ragged sigmoid docs bf16", short, bf,
          dict(variant=BlockVariant(kind="sigmoid", bias=-2.0), switches=ragged)),
     ]  # fmt: skip
+    for how, n in (("atomics", 1), ("tma", 2)):  # dQ added in the dK/dV pass
+        add = {"DQ_ADD": n}
+        cases += [
+            (f"dq {how} docs 64-512 2000 GQA 8/2 bf16", docs_mask(uniform_docs(2000, 64, 512)),
+             bf, dict(hq=8, hk=2, switches=add)),
+            (f"dq {how} causal 1000 fp16 D80", Mask.causal(1000), fp16, dict(d=80, switches=add)),
+            (f"dq {how} full 777 fp32 D256 MQA", Mask.full(777), f32,
+             dict(d=256, hk=1, switches=add)),
+            (f"dq {how} softcap window bf16", Mask.sliding_window(999, (100, 0)), bf,
+             dict(variant=BlockVariant(kind="softmax", softcap=20.0), switches=add)),
+            (f"dq {how} sigmoid causal 700 bf16", Mask.causal(700), bf,
+             dict(variant=BlockVariant(kind="sigmoid", bias=-2.0), switches=add)),
+        ]  # fmt: skip
     if only:
         cases = [c for c in cases if any(w in c[0] for w in only.split(","))]
     for name, m, dt, kw in cases[: 4 if quick else None]:
@@ -478,13 +491,12 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): ragged row tiles (``RAGGED``:
-    tiles start at document starts) against the grid, on short documents at every pass's
-    candidate tiles, forced on long-tailed documents and the fused document step, and
-    the dense cases as a check that element-offset addressing costs nothing. Earlier
-    rounds' plans (TMA loads, ALiBi distances, the packed float16 tanh, RANGE / entry /
-    run loops, dots a tile ahead, every case's forward and backward tiles, the partial
-    tile weight) are in the results of triton_ab_H200_2026-12-03_s4 - _s6c."""
+    GPU run; printed and saved as ``name``.md / .json): dQ added in the dK/dV pass
+    (``DQ_ADD``: atomic adds, TMA reduce-adds) against a dQ pass, with the dK/dV tiles
+    the added dQ's registers may want. Earlier rounds' plans (TMA loads, ALiBi
+    distances, the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead,
+    every case's forward and backward tiles, the partial tile weight, ragged row tiles)
+    are in the results of triton_ab_H200_2026-12-03_s4 - _s7."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -492,28 +504,25 @@ def ab_run(budget_s, out_dir, name, checks=()):
     alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     softcap = BlockVariant(kind="softmax", softcap=30.0)
     short = docs_mask(uniform_docs(s32, 64, 512))
-    now = {"now": {}}
-    rag = {"ragged": {"RAGGED": None}, "grid": {"RAGGED": False}}
-    forced = {"grid": {"RAGGED": False}, "ragged forced": {"RAGGED": True}}
-    fwd_short = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 2)]
-    bwd_short = {
-        "dq": [(64, 32, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
-        "dkdv": [(32, 64, 4, 2), (64, 64, 4, 3), (32, 32, 4, 2), (64, 32, 4, 2)],
-    }
+    dqs = {"dq atomics": {"DQ_ADD": 1}, "dq tma": {"DQ_ADD": 2}, "dq pass": {"DQ_ADD": 0}}
+    dkdv_dense = {"dkdv": [(64, 128, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]}
+    dkdv_short = {"dkdv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2)]}
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
     # fwd configs and bwd sweeps run under the first two settings
     plan = [
-        ("plain causal 32K", causal, None, now, [], {}),
-        ("docs 64-512 32K", short, None, rag, fwd_short, bwd_short),
-        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, rag,
-         fwd_short[:3], {"dkdv": bwd_short["dkdv"][:2]}),
-        ("softcap 30 docs 64-512 32K", short, softcap, rag, [], {}),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, forced, [], {}),
-        ("hamilton docs 8K/rank step", fused_blocks("hamilton", "docs", 8192)[0], None,
-         forced, [], {}),
-        ("softcap 30 causal 32K", causal, softcap, now, [], {}),
-        ("alibi causal 32K", causal, alibi, now, [], {}),
-        ("dense full 32K", Mask.full(s32), None, now, [], {}),
+        ("plain causal 32K", causal, None, dqs, [], dkdv_dense),
+        ("docs 64-512 32K", short, None, dqs, [], dkdv_short),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, dqs, [],
+         {"dkdv": dkdv_dense["dkdv"][:2]}),
+        ("hamilton docs 8K/rank step", fused_blocks("hamilton", "docs", 8192)[0], None, dqs,
+         [], {}),
+        ("hamilton causal 8K/rank step", fused_blocks("hamilton", "causal", 8192)[0], None,
+         dqs, [], {}),
+        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, dqs, [], {}),
+        ("softcap 30 causal 32K", causal, softcap, dqs, [], {}),
+        ("alibi causal 32K", causal, alibi, dqs, [], {}),
+        ("dense full 32K", Mask.full(s32), None, dqs, [], {}),
+        ("plain causal 32K (again)", causal, None, dqs, [], {}),
     ]  # fmt: skip
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     switches = (
@@ -525,6 +534,7 @@ def ab_run(budget_s, out_dir, name, checks=()):
         "SPEED",
         "CONFIGS",
         "RAGGED",
+        "DQ_ADD",
     )
     base = {n: getattr(tk, n) for n in switches}
     rows = []
@@ -587,9 +597,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops); the triton kernel alone. "
-        "`ragged` / `grid`: ragged row tiles where they visit fewer tiles (the default "
-        "now), or the grid's; `ragged forced`: ragged wherever the mask allows; `now`: the "
-        "defaults; `fwd` / `dq` / `dkdv` "
+        "`dq atomics` / `dq tma` / `dq pass`: dQ added into a float32 buffer in the dK/dV "
+        "pass by atomic adds or TMA reduce-adds, or its own pass (before); `fwd` / `dq` / `dkdv` "
         "(BM, BN, warps, stages): that pass's launch configuration, the others at their "
         "defaults.",
         "",

@@ -556,3 +556,45 @@ def test_ragged_tiles_are_picked_for_short_documents_only(monkeypatch):
     tiles, _, area = tk.forward_work(short, 128)
     cfg, lists = tk._pick(short, "fwd", 128, False, cpu)
     assert tiles == lists.n_entries and area == tiles * cfg[0] * cfg[1]
+
+
+@pytest.mark.parametrize("name", ["causal", "docs_gap", "magi", "window", "full"])
+def test_dq_added_in_the_dkdv_pass_agrees_with_the_oracle(name, monkeypatch):
+    """``DQ_ADD``: dQ summed by atomic adds in the dK/dV pass (no dQ pass), GQA heads
+    each into their own rows; softcap, sigmoid, relu, float16 and head dims off a power
+    of two; with ALiBi slopes wanting their gradient the dQ pass runs instead."""
+    from hamilton_attn.kernels import triton as tk
+
+    monkeypatch.setattr(tk, "DQ_ADD", 1)
+    passes = []
+    dq_pass = tk.TritonKernel._dq_pass
+    monkeypatch.setattr(tk.TritonKernel, "_dq_pass", lambda *a: passes.append(1) or dq_pass(*a))
+    mask = MASKS[name]
+    check(mask, hq=4, hk=2, d=16, dtype=torch.float32)
+    check(mask, hq=2, hk=1, d=24, dtype=torch.float16, layout="thd")
+    check(mask, var=BlockVariant(kind="softmax", softcap=2.5), hq=2, hk=2)
+    check(mask, var=BlockVariant(kind="sigmoid", bias=-0.5), hq=2, hk=1)
+    check(mask, var=BlockVariant(kind="relu"), hq=2, hk=1)
+    assert not passes
+    check(mask, var=dataclasses.replace(_alibi(2, shift=3), softcap=2.5), hq=2, hk=1)
+    assert passes == [1]
+
+
+def test_dq_is_added_in_dkdv_on_hopper_except_for_short_documents(monkeypatch):
+    """``DQ_ADD = None``: TMA reduce-adds on a GPU with TMA unless the dK/dV lists are
+    short documents' (measured on an H200); the interpreter and older GPUs run a dQ
+    pass; a forced value holds (the interpreter has atomics, not TMA)."""
+    from hamilton_attn.kernels import triton as tk
+
+    kern, q = tk.TritonKernel(), torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(64, 513, (70,), generator=g).tolist()
+    short = Mask.varlen(np.concatenate([[0], np.cumsum(lens)]).tolist(), causal=True)
+    assert tk.DQ_ADD is None
+    assert kern._dq_add(q, Mask.causal(4096), True) == 0
+    for cc, causal, docs in (((9, 0), 2, 0), ((8, 0), 0, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cc=cc: cc)
+        assert kern._dq_add(q, Mask.causal(4096), False) == causal
+        assert kern._dq_add(q, short, False) == docs
+    monkeypatch.setattr(tk, "DQ_ADD", 2)
+    assert kern._dq_add(q, short, True) == 1 and kern._dq_add(q, short, False) == 2

@@ -116,6 +116,18 @@ RANGE_LOOP = True
 #: it, not the tiles), forward+backward 119 against 136 with ragged dK/dV tiles
 #: (results/triton_ab_H200_2026-12-03_s7.md).
 RAGGED: bool | None = False
+#: dQ in the dK/dV pass (no dQ pass, no second QK^T / dO V^T): each query tile's share
+#: added into a float32 buffer, then scaled and cast. 0: a dQ pass; 1: atomic adds; 2:
+#: TMA reduce-adds (compiled, Hopper; 1 where a descriptor cannot address the buffer);
+#: None (default): 2 on a GPU with TMA (compute capability 9+) unless the dK/dV lists
+#: are short documents' (:meth:`.tiles.TileLists.short_runs`), else 0. Never where ALiBi
+#: slopes want their gradient (the dQ pass sums it). On an H200 (results/
+#: triton_ab_H200_2026-12-03_s7b.md, forward+backward TF/s, TMA reduce-adds against a
+#: dQ pass): dense causal 32K 435-439 against 403-406, dense full 438 / 404, softcap 410 /
+#: 364, ALiBi 416 / 383, long-tailed documents 359 / 342, the fused Hamilton steps at 8K
+#: per rank 368 / 348 (causal) and 306 / 294 (documents); atomic adds gain nothing (404,
+#: 339, 287); on 64-512-token documents both lose (100-103 against 135).
+DQ_ADD: int | None = None
 
 
 @functools.cache
@@ -483,12 +495,9 @@ class TritonKernel(AttentionKernel):
             return tuple(g.to(torch.bfloat16) for g in grads)
         jit = load(interp)
         b, hq, sq, d = q.shape
-        hk, sk = k.shape[1], k.shape[2]
         va = self._variant_args(q, variant)
         softmax = va["kind"] == 0
         bd = _pow2(d)
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        unit = LOG2E if softmax else 1.0
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         if softmax:
@@ -514,13 +523,36 @@ class TritonKernel(AttentionKernel):
         agrad = variant.alibi_grad if variant is not None else None
         agrad_on = agrad is not None and va["ALIBI_ON"]
         ag = torch.zeros((b, hq), dtype=torch.float32, device=q.device) if agrad_on else lse
-        dq = zeros_bhsd(q, fill=False)
         rows = self._rows(mask, q.device)
-        (bm, bn, warps, stages), L = _pick(
-            mask, "dq", d, interp, q.device, q.dtype == torch.float32
-        )
-        extra = {} if interp else dict(num_warps=warps, num_stages=stages)
-        common = dict(
+        dq_add = 0 if agrad_on else self._dq_add(q, mask, interp)
+        dqa = None
+        if dq_add:
+            dqa = torch.zeros((b, hq, sq, d), dtype=torch.float32, device=q.device)
+        else:
+            dq = self._dq_pass(q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on,
+                               rows, interp, jit)  # fmt: skip
+        dk, dv, dq_added = self._dkdv_pass(q, k, v, dout, lse, delta, mask, scale, va, rows,
+                                           interp, jit, dqa, dq_add)  # fmt: skip
+        if dq_add:
+            dq = zeros_bhsd(q, fill=False)
+            dq.copy_(dq_added.mul_(scale))
+        if agrad_on:
+            agrad.add_(ag.to(agrad.dtype).view_as(agrad) if agrad.dim() == 2 else ag)
+        return dq, dk, dv
+
+    @staticmethod
+    def _dq_add(q, mask, interp) -> int:
+        """How dQ is made (:data:`DQ_ADD`): 0 its own pass, 1 / 2 added in dK/dV."""
+        if DQ_ADD is not None:
+            return min(DQ_ADD, 1) if interp else DQ_ADD
+        if interp or torch.cuda.get_device_capability(q.device)[0] < 9:
+            return 0
+        _, lists = _pick(mask, "dkdv", q.shape[-1], interp, q.device, q.dtype == torch.float32)
+        return 0 if lists.short_runs() else 2
+
+    def _common(self, q, va, rows, interp):
+        """The constexpr launch arguments the dQ and dK/dV passes share."""
+        return dict(
             KIND=va["kind"],
             SOFTCAP=va["SOFTCAP"],
             ALIBI_ON=va["ALIBI_ON"],
@@ -528,12 +560,23 @@ class TritonKernel(AttentionKernel):
             KPOS_ON=va["KPOS_ON"],
             ROWS=rows is not None,
             FAST=q.dtype == torch.bfloat16 and not interp,
-            D=d,
-            BD=bd,
-            PREC=prec,
-            UNIT=unit,
+            D=q.shape[-1],
+            BD=_pow2(q.shape[-1]),
+            PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            UNIT=LOG2E if va["kind"] == 0 else 1.0,
             INTERP=interp,
         )
+
+    def _dq_pass(self, q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on, rows,
+                 interp, jit):  # fmt: skip
+        b, hq, sq, d = q.shape
+        hk, sk = k.shape[1], k.shape[2]
+        bd = _pow2(d)
+        dq = zeros_bhsd(q, fill=False)
+        (bm, bn, warps, stages), L = _pick(
+            mask, "dq", d, interp, q.device, q.dtype == torch.float32
+        )
+        extra = {} if interp else dict(num_warps=warps, num_stages=stages)
         kd = vd = None
         if _use_tma(q, interp):
             kd, vd = _descriptor(k, bn, bd), _descriptor(v, bn, bd)
@@ -571,9 +614,17 @@ class TritonKernel(AttentionKernel):
             RAGGED=L.ragged,
             BM=bm,
             BN=bn,
-            **common,
+            **self._common(q, va, rows, interp),
             **extra,
         )
+        return dq
+
+    def _dkdv_pass(self, q, k, v, dout, lse, delta, mask, scale, va, rows, interp, jit,
+                   dqa, dq_add):  # fmt: skip
+        """``(dk, dv, dqa)``: ``dqa`` holds the unscaled dQ where ``dq_add``."""
+        b, hq, sq, d = q.shape
+        hk, sk = k.shape[1], k.shape[2]
+        bd = _pow2(d)
         dk, dv = zeros_bhsd(k, fill=False), zeros_bhsd(v, fill=False)
         (bm, bn, warps, stages), L = _pick(
             mask, "dkdv", d, interp, q.device, q.dtype == torch.float32
@@ -583,6 +634,11 @@ class TritonKernel(AttentionKernel):
         if _use_tma(q, interp):
             qd, dd = _descriptor(q, bm, bd), _descriptor(dout, bm, bd)
         tma = qd is not None and dd is not None
+        dqd = _descriptor(dqa, bm, bd) if dq_add == 2 else None
+        if dq_add == 2 and dqd is None:
+            dq_add = 1
+        if dqa is None:
+            dqa = lse  # a placeholder the kernel does not read
         jit.dkdv_kernel[(L.n_rows, b * hk)](
             qd if tma else q,
             k,
@@ -596,12 +652,14 @@ class TritonKernel(AttentionKernel):
             va["alibi"],
             va["qpos"],
             va["kpos"],
+            dqd if dq_add == 2 else dqa,
             *q.stride()[:3],
             *k.stride()[:3],
             *v.stride()[:3],
             *dout.stride()[:3],
             *dk.stride()[:3],
             *dv.stride()[:3],
+            *(dqa.stride()[:3] if dq_add else (0, 0, 0)),
             hq,
             hk,
             hq // hk,
@@ -615,14 +673,13 @@ class TritonKernel(AttentionKernel):
             FLAT=_flat(L, rows),
             RANGE=_range(L, rows),
             RAGGED=L.ragged,
+            DQ_ADD=dq_add,
             BM=bm,
             BN=bn,
-            **common,
+            **self._common(q, va, rows, interp),
             **extra,
         )
-        if agrad_on:
-            agrad.add_(ag.to(agrad.dtype).view_as(agrad) if agrad.dim() == 2 else ag)
-        return dq, dk, dv
+        return dk, dv, dqa
 
 
 def triton_cdiv(a: int, b: int) -> int:

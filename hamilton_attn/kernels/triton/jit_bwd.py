@@ -185,14 +185,15 @@ def dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r, j0, j1, cols, kp, QPOS,
-    RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h,
+    RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
-    TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    TMA: tl.constexpr, DQ_ADD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """The share of the query tile from row ``r`` in a key tile's dK / dV (scores
-    transposed: keys x rows)."""
+    transposed: keys x rows). ``DQ_ADD`` (1: atomics, 2: TMA reduce-adds into the
+    descriptor ``dqa``): its dQ share, unscaled, added into float32 ``dqa`` as well."""
     rows = r + tl.arange(0, BM)
     q = _load_kv(q_ptr, b, h, r, rows, s_qm, SQ, D, BD, BM, MASKED, TMA)
     do = _load_kv(do_ptr, b, h, r, rows, s_dm, SQ, D, BD, BM, MASKED, TMA)
@@ -224,25 +225,36 @@ def _dkdv_tile(
     if SOFTCAP:
         dsT = dsT * (1.0 - th * th)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    dsT = dsT.to(q.dtype)
+    dk = tl.dot(dsT, q, dk, input_precision=PREC)
+    if DQ_ADD == 1:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)
+        dd = tl.arange(0, BD)
+        tl.atomic_add(dqa + rows[:, None] * s_am + dd[None, :], dq,
+                      mask=(rows[:, None] < SQ) & (dd[None, :] < D), sem="relaxed")
+    elif DQ_ADD == 2:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)
+        dqa.atomic_add([b, h, r, 0], dq.reshape(1, 1, BM, BD))
     return dk, dv
 
 
 @triton.jit
 def dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS,
+    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS, DQA,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
-    s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn,
+    s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn, s_ab, s_ah, s_am,
     HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
-    RANGE: tl.constexpr, RAGGED: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
+    RANGE: tl.constexpr, RAGGED: tl.constexpr, DQ_ADD: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
     (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors.
+    ``DQ_ADD``: dQ too, added into float32 ``DQA`` (``[B, HQ, SQ, D]``; a TMA descriptor
+    for 2), which then needs no dQ pass.
     ``RAGGED``: the key tile's keys (up to ``nk``) and first query row from the lists."""
     u = tl.load(ORDER + tl.program_id(0))
     bhk = tl.program_id(1)
@@ -265,6 +277,7 @@ def dkdv_kernel(
         bh = b * HQ + h
         q_ptr = _head(Q, b, h, s_qb, s_qh, TMA)
         do_ptr = _head(DO, b, h, s_db, s_dh, TMA)
+        dqa = _head(DQA, b, h, s_ab, s_ah, DQ_ADD == 2)
         slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
         if not FLAT:
             for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
@@ -274,15 +287,15 @@ def dkdv_kernel(
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
-                        BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS, FAST,
-                        TMA, D, BD, BM, PREC, UNIT, INTERP)
+                        BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS,
+                        FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             r, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BM)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r,
                 j0, j1, cols, kp, QPOS, RLO, RHI, slope, scale,
-                softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, KIND, SOFTCAP, ALIBI_ON,
-                QPOS_ON, True, ROWS, FAST, TMA, D, BD, BM, PREC, UNIT, INTERP)
+                softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP,
+                ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, nk, dk * scale,
            D, BD)
     _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, nk, dv, D, BD)
