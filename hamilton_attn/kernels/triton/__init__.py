@@ -7,8 +7,10 @@ the transposed lists for dK/dV), and one Triton kernel walks them (:mod:`.jit`):
 
 - forward: ONE launch for the whole block, ``(out, lse)`` (``(out, None)`` for the
   unnormalised sigmoid / relu variants);
-- backward: three launches: ``delta = rowsum(dout * out)`` (softmax), dQ over query
-  tiles, dK/dV over key tiles (GQA heads summed in the program, no atomics), from the
+- backward: ``delta = rowsum(dout * out)`` (softmax), then dK/dV over key tiles (GQA
+  heads summed in the program) with each query tile's dQ share added into a float32
+  buffer by TMA reduce-adds on Hopper (:data:`DQ_ADD`), or, for short documents, older
+  GPUs and ALiBi slope gradients, a dQ pass over query tiles of its own; from the
   given, possibly merged, ``out`` / ``lse``.
 
 Variants (:class:`~hamilton_attn.variants.BlockVariant`) compile in as constexpr
@@ -493,6 +495,8 @@ class TritonKernel(AttentionKernel):
             f = [t.float() for t in (dout, q, k, v, out)]
             grads = self.backward(*f, lse, mask, scale, variant)
             return tuple(g.to(torch.bfloat16) for g in grads)
+        from . import passes
+
         jit = load(interp)
         b, hq, sq, d = q.shape
         va = self._variant_args(q, variant)
@@ -529,10 +533,10 @@ class TritonKernel(AttentionKernel):
         if dq_add:
             dqa = torch.zeros((b, hq, sq, d), dtype=torch.float32, device=q.device)
         else:
-            dq = self._dq_pass(q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on,
-                               rows, interp, jit)  # fmt: skip
-        dk, dv, dq_added = self._dkdv_pass(q, k, v, dout, lse, delta, mask, scale, va, rows,
-                                           interp, jit, dqa, dq_add)  # fmt: skip
+            dq = passes.dq_pass(q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on,
+                                rows, interp, jit)  # fmt: skip
+        dk, dv, dq_added = passes.dkdv_pass(q, k, v, dout, lse, delta, mask, scale, va, rows,
+                                            interp, jit, dqa, dq_add)  # fmt: skip
         if dq_add:
             dq = zeros_bhsd(q, fill=False)
             dq.copy_(dq_added.mul_(scale))
@@ -549,137 +553,6 @@ class TritonKernel(AttentionKernel):
             return 0
         _, lists = _pick(mask, "dkdv", q.shape[-1], interp, q.device, q.dtype == torch.float32)
         return 0 if lists.short_runs() else 2
-
-    def _common(self, q, va, rows, interp):
-        """The constexpr launch arguments the dQ and dK/dV passes share."""
-        return dict(
-            KIND=va["kind"],
-            SOFTCAP=va["SOFTCAP"],
-            ALIBI_ON=va["ALIBI_ON"],
-            QPOS_ON=va["QPOS_ON"],
-            KPOS_ON=va["KPOS_ON"],
-            ROWS=rows is not None,
-            FAST=q.dtype == torch.bfloat16 and not interp,
-            D=q.shape[-1],
-            BD=_pow2(q.shape[-1]),
-            PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            UNIT=LOG2E if va["kind"] == 0 else 1.0,
-            INTERP=interp,
-        )
-
-    def _dq_pass(self, q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on, rows,
-                 interp, jit):  # fmt: skip
-        b, hq, sq, d = q.shape
-        hk, sk = k.shape[1], k.shape[2]
-        bd = _pow2(d)
-        dq = zeros_bhsd(q, fill=False)
-        (bm, bn, warps, stages), L = _pick(
-            mask, "dq", d, interp, q.device, q.dtype == torch.float32
-        )
-        extra = {} if interp else dict(num_warps=warps, num_stages=stages)
-        kd = vd = None
-        if _use_tma(q, interp):
-            kd, vd = _descriptor(k, bn, bd), _descriptor(v, bn, bd)
-        tma = kd is not None and vd is not None
-        jit.dq_kernel[(L.n_rows, b * hq)](
-            q,
-            kd if tma else k,
-            vd if tma else v,
-            dout,
-            dq,
-            lse,
-            delta,
-            *self._lists_args(L, rows),
-            va["alibi"],
-            va["qpos"],
-            va["kpos"],
-            ag,
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *v.stride()[:3],
-            *dout.stride()[:3],
-            *dq.stride()[:3],
-            hq,
-            hq // hk,
-            sq,
-            sk,
-            float(scale),
-            va["softcap"],
-            va["bias"],
-            va["shift"],
-            AGRAD_ON=agrad_on,
-            TMA=tma,
-            FLAT=_flat(L, rows),
-            RANGE=_range(L, rows),
-            RAGGED=L.ragged,
-            BM=bm,
-            BN=bn,
-            **self._common(q, va, rows, interp),
-            **extra,
-        )
-        return dq
-
-    def _dkdv_pass(self, q, k, v, dout, lse, delta, mask, scale, va, rows, interp, jit,
-                   dqa, dq_add):  # fmt: skip
-        """``(dk, dv, dqa)``: ``dqa`` holds the unscaled dQ where ``dq_add``."""
-        b, hq, sq, d = q.shape
-        hk, sk = k.shape[1], k.shape[2]
-        bd = _pow2(d)
-        dk, dv = zeros_bhsd(k, fill=False), zeros_bhsd(v, fill=False)
-        (bm, bn, warps, stages), L = _pick(
-            mask, "dkdv", d, interp, q.device, q.dtype == torch.float32
-        )
-        extra = {} if interp else dict(num_warps=warps, num_stages=stages)
-        qd = dd = None
-        if _use_tma(q, interp):
-            qd, dd = _descriptor(q, bm, bd), _descriptor(dout, bm, bd)
-        tma = qd is not None and dd is not None
-        dqd = _descriptor(dqa, bm, bd) if dq_add == 2 else None
-        if dq_add == 2 and dqd is None:
-            dq_add = 1
-        if dqa is None:
-            dqa = lse  # a placeholder the kernel does not read
-        jit.dkdv_kernel[(L.n_rows, b * hk)](
-            qd if tma else q,
-            k,
-            v,
-            dd if tma else dout,
-            dk,
-            dv,
-            lse,
-            delta,
-            *self._lists_args(L, rows),
-            va["alibi"],
-            va["qpos"],
-            va["kpos"],
-            dqd if dq_add == 2 else dqa,
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *v.stride()[:3],
-            *dout.stride()[:3],
-            *dk.stride()[:3],
-            *dv.stride()[:3],
-            *(dqa.stride()[:3] if dq_add else (0, 0, 0)),
-            hq,
-            hk,
-            hq // hk,
-            sq,
-            sk,
-            float(scale),
-            va["softcap"],
-            va["bias"],
-            va["shift"],
-            TMA=tma,
-            FLAT=_flat(L, rows),
-            RANGE=_range(L, rows),
-            RAGGED=L.ragged,
-            DQ_ADD=dq_add,
-            BM=bm,
-            BN=bn,
-            **self._common(q, va, rows, interp),
-            **extra,
-        )
-        return dk, dv, dqa
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -268,15 +268,22 @@ def _intervals_np(mask: Mask, transpose: bool):
 
 
 @functools.lru_cache(maxsize=1024)
-def ragged_counts(mask: Mask, bm: int, bn: int, transpose: bool) -> tuple[int, int] | None:
-    """``(tiles, partial tiles)`` of :func:`ragged_lists` (host arrays only), or None
-    where the mask's rows (keys, when ``transpose``) do not each see one interval."""
+def _ragged_of(mask: Mask, bm: int, bn: int, transpose: bool):
+    """:func:`_ragged_rows` of the mask's rows (keys, when ``transpose``), or None."""
     iv = _intervals_np(mask, transpose)
     if iv is None:
         return None
     rows, cols = (bn, bm) if transpose else (bm, bn)
-    n_other = mask.shape[0 if transpose else 1]
-    _, _, _, count, n_full = _ragged_rows(*iv, rows, cols, n_other)
+    return _ragged_rows(*iv, rows, cols, mask.shape[0 if transpose else 1])
+
+
+def ragged_counts(mask: Mask, bm: int, bn: int, transpose: bool) -> tuple[int, int] | None:
+    """``(tiles, partial tiles)`` of :func:`ragged_lists` (host arrays only), or None
+    where the mask's rows (keys, when ``transpose``) do not each see one interval."""
+    got = _ragged_of(mask, bm, bn, transpose)
+    if got is None:
+        return None
+    count, n_full = got[3], got[4]
     return int(count.sum()), int((count - n_full).sum())
 
 
@@ -288,12 +295,10 @@ def ragged_lists(mask: Mask, bm: int, bn: int, transpose: bool, device: torch.de
     documents waste less than on the grid (64-512-token documents on 64 x 32 tiles:
     0.73 of the visited pairs visible, against 0.67). The kernels test every entry
     against the rows' intervals (``RAGGED``, with ``RANGE``'s counted loop)."""
-    iv = _intervals_np(mask, transpose)
-    if iv is None:
+    got = _ragged_of(mask, bm, bn, transpose)
+    if got is None:
         return None
-    rows, cols = (bn, bm) if transpose else (bm, bn)
-    n_other = mask.shape[0 if transpose else 1]
-    r0, r1, first, count, n_full = _ragged_rows(*iv, rows, cols, n_other)
+    r0, r1, first, count, n_full = got
     n_rows = r0.size
     ptr = np.concatenate([[0], np.cumsum(count)])
     order = np.lexsort((np.arange(n_rows), -count))
