@@ -600,3 +600,29 @@ def test_dq_is_added_in_dkdv_on_hopper_except_for_short_documents(monkeypatch):
         assert kern._dq_add(q, short, False) == docs
     monkeypatch.setattr(tk, "DQ_ADD", 2)
     assert kern._dq_add(q, short, True) == 1 and kern._dq_add(q, short, False) == 2
+
+
+def test_forward_work_counts_the_grid_where_rows_see_two_intervals(monkeypatch):
+    """``RAGGED = None`` on short documents whose rows also see a few keys just before
+    their document (two key intervals a row: no ragged lists, yet the grid's columns
+    are consecutive): ``forward_work`` counts the grid's tiles, partial ones included
+    (it once took ``(tiles, 0)`` there), and its cache follows the switch."""
+    from hamilton_attn.kernels import triton as tk
+
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(64, 300, (20,), generator=g).tolist()
+    cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
+    docs = list(zip(cu[:-1], cu[1:]))
+    mask = Mask.from_ranges(
+        docs[1:] + docs,
+        [(a - 20, a - 10) for a, _ in docs[1:]] + docs,
+        ["full"] * (len(docs) - 1) + ["causal"] * len(docs),
+        cu[-1],
+        cu[-1],
+    )
+    monkeypatch.setattr(tk, "RAGGED", None)
+    assert tk._short(mask, tk.CONFIGS["fwd"][128][0])  # the path that miscounted
+    tiles, partial, _ = tk.forward_work(mask, 128)
+    assert partial > 0
+    monkeypatch.setattr(tk, "RAGGED", False)
+    assert tk.forward_work(mask, 128) == (tiles, partial, _)

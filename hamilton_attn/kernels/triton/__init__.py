@@ -212,16 +212,23 @@ def _ragged_or(lists: TileLists, mask: Mask, cfg, transpose: bool, device) -> Ti
     return ragged_lists(mask, cfg[0], cfg[1], transpose, device) or lists
 
 
-@functools.lru_cache(maxsize=4096)
 def forward_work(mask: Mask, d: int) -> tuple[int, int, int]:
     """``(tiles, partial tiles, pairs of the tiles)`` the compiled forward visits for
-    ``mask`` at head dim ``d`` (for :mod:`..choice`; host arrays only)."""
+    ``mask`` at head dim ``d`` (for :mod:`..choice`; host arrays only; cached per mask
+    and the switches the lists depend on, as :func:`_pick`)."""
+    return _forward_work(mask, d, (RAGGED, USE_ROW_INTERVALS, FLAT_LOOP, RANGE_LOOP))
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_work(mask: Mask, d: int, switches) -> tuple[int, int, int]:
     best = None
     extra = PARTIAL_COST.get("fwd", 0.0)
     for cfg, speed in zip(CONFIGS["fwd"][_bucket(d)], SPEED["fwd"], strict=False):
         n, partial = tile_counts(mask, cfg[0], cfg[1])
         if RAGGED is not False and USE_ROW_INTERVALS and _short(mask, cfg):
-            n, partial = min((n, partial), ragged_counts(mask, cfg[0], cfg[1], False) or (n, 0))
+            ragged = ragged_counts(mask, cfg[0], cfg[1], False)
+            if ragged is not None and ragged[0] < n:  # as _ragged_or picks them (None)
+                n, partial = ragged
         cost = (n + extra * partial) * cfg[0] * cfg[1] / speed
         if best is None or cost < best[0]:
             best = (cost, n, partial, n * cfg[0] * cfg[1])
