@@ -13,7 +13,8 @@
 # A stage's time limit is SECONDS (default 300). TAG (environment) is appended to every
 # name, for a second run of a stage on one day (TAG=_b). benchmarks/README.md says which stage
 # made which file in benchmarks/results/. LINEAR_ARGS (environment) is passed on to
-# benchmarks/linear_attention.py (e.g. "--seqlens 32768 --heads 32").
+# benchmarks/linear_attention.py (e.g. "--seqlens 32768 --heads 32"), VERIFY_ARGS to
+# hamilton-attn verify (e.g. "--seed 1").
 set -uo pipefail
 
 STAGES_HELP="
@@ -21,6 +22,7 @@ one GPU:
   kernels                   gpu_kernels.py: sdpa/flex/auto against float64, and TF/s
   verify_cuda               hamilton-attn verify --device cuda (.txt)
   verify_variants_cuda      the same, only the attention variants' cases (.txt)
+  verify_seeds_cuda         the variants' cases on the draws of seeds 1, 2, 3 (.txt each)
   block_choice              gpu_block_choice.py: each fused block through sdpa and flex
   edge_check                gpu_edge_check.py: non-finite K/V at unseen keys, per backend
   triton                    gpu_triton.py: the triton kernel against float64, and its TF/s
@@ -28,6 +30,8 @@ one GPU:
   triton_variants           the same, only the variant checks and the first six cases
                             (short / long-tailed documents, dense causal, sigmoid, softcap,
                             ALiBi)
+  triton_fused              gpu_triton.py --fused: the sdpa checks, then only the fused steps
+                            (and long-tailed documents), sdpa+triton beside cuDNN per piece
   triton_ab                 gpu_triton.py --ab: the kernel's switches (counted RANGE loops
                             against the entry and run loops) and tile configurations side
                             by side
@@ -157,11 +161,15 @@ for item in "$@"; do
     kernels)
       run "$log" "$limit" python benchmarks/gpu_kernels.py --out-dir "$OUT" --name "$name1" ;;
     verify_cuda)
-      run "$OUT/$name1.txt" "$limit" python -m hamilton_attn verify --device cuda ;;
+      run "$OUT/$name1.txt" "$limit" python -m hamilton_attn verify --device cuda \
+        ${VERIFY_ARGS:-} ;;
     triton)
       # start no timed case in the last 40 s of the stage (the file is saved after each)
       run "$log" "$limit" python benchmarks/gpu_triton.py --budget-s "$((limit - 40))" \
         --out-dir "$OUT" --name "$name1" ;;
+    triton_fused)
+      run "$log" "$limit" python benchmarks/gpu_triton.py --checks sdpa --fused \
+        --budget-s "$((limit - 40))" --out-dir "$OUT" --name "$name1" ;;
     triton_variants)
       run "$log" "$limit" python benchmarks/gpu_triton.py --checks softcap,alibi,sigmoid \
         --first 6 --budget-s "$((limit - 40))" --out-dir "$OUT" --name "$name1" ;;
@@ -210,7 +218,12 @@ for item in "$@"; do
         "${lin[@]}" ${LINEAR_ARGS:-} --out-dir "$OUT" --name "$name1" ;;
     verify_variants_cuda)
       run "$OUT/$name1.txt" "$limit" python -m hamilton_attn verify --device cuda \
-        --variants-only ;;
+        --variants-only ${VERIFY_ARGS:-} ;;
+    verify_seeds_cuda)
+      for sd in 1 2 3; do
+        run "$OUT/${name1}_seed$sd.txt" "$((limit / 3))" python -m hamilton_attn verify \
+          --device cuda --variants-only --seed "$sd"
+      done ;;
     block_choice)
       run "$log" "$limit" python benchmarks/gpu_block_choice.py --tokens 16384 --out "$OUT" \
         --name "$name1" ;;

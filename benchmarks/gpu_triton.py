@@ -51,12 +51,15 @@ from gpu_kernels import doc_lengths  # noqa: E402  (this folder's kernel benchma
 
 import hamilton_attn as ha  # noqa: E402
 from hamilton_attn.kernels import choice, get_kernel, select_kernel  # noqa: E402
+from hamilton_attn.kernels import sdpa as sdpa_mod  # noqa: E402
 from hamilton_attn.kernels import triton as tk  # noqa: E402
 from hamilton_attn.masks import Mask  # noqa: E402
 from hamilton_attn.variants import BlockVariant  # noqa: E402
 
 DEV = torch.device("cuda")
 ONLY_TRITON = False
+#: The sdpa+triton kernel's small-piece limit where it is timed (its default is off).
+MIX_TIMED = 1 << 21
 
 
 def bench_ms(fn, warmup=1, reps=5, inner=2) -> float:
@@ -104,23 +107,30 @@ def lognormal_docs(total, seed=1):
 # -- correctness -----------------------------------------------------------------------
 
 
-def check(name, mask, dtype, hq=4, hk=4, d=128, variant=None, merged=False, switches=None):
+def _switch_module(name):
+    """The module a switch lives in: ``sdpa.NAME`` the sdpa kernel's, else the triton's."""
+    return (sdpa_mod, name[5:]) if name.startswith("sdpa.") else (tk, name)
+
+
+def check(
+    name, mask, dtype, hq=4, hk=4, d=128, variant=None, merged=False, switches=None, kernel="triton"
+):
     if switches:  # kernel switches forced for this check (restored after)
-        saved = {n: getattr(tk, n) for n in switches}
+        saved = {n: getattr(*_switch_module(n)) for n in switches}
         try:
             for n, val in switches.items():
-                setattr(tk, n, val)
-            return check(name, mask, dtype, hq, hk, d, variant, merged)
+                setattr(*_switch_module(n), val)
+            return check(name, mask, dtype, hq, hk, d, variant, merged, kernel=kernel)
         finally:
             for n, val in saved.items():
-                setattr(tk, n, val)
+                setattr(*_switch_module(n), val)
     sq, sk = mask.shape
     g = torch.Generator(device=DEV).manual_seed(0)
     q = torch.randn(1, sq, hq, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
     k = torch.randn(1, sk, hk, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
     v = torch.randn(1, sk, hk, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
     do = torch.randn(1, hq, sq, d, device=DEV, generator=g).to(dtype)
-    tri = get_kernel("triton")
+    tri = get_kernel(kernel)
 
     def run(kern, cast, var):
         qc, kc, vc, dc = (t.to(cast) for t in (q, k, v, do))
@@ -249,6 +259,14 @@ def run_checks(quick, only=None):
             (f"dq {how} sigmoid causal 700 bf16", Mask.causal(700), bf,
              dict(variant=BlockVariant(kind="sigmoid", bias=-2.0), switches=add)),
         ]  # fmt: skip
+    # cuDNN for large pieces, one triton call per run of small ones
+    mixed = {"kernel": "sdpa+triton", "switches": {"sdpa.MIX_PAIRS": MIX_TIMED}}
+    cases += [
+        ("sdpa+triton fused hamilton docs 8K/rank step bf16",
+         fused_blocks("hamilton", "docs", 8192)[0], bf, dict(hq=2, hk=2, **mixed)),
+        ("sdpa+triton docs 3000 + 64-512 GQA 8/2 bf16",
+         docs_mask([3000, *uniform_docs(3000, 64, 512)]), bf, dict(hq=8, hk=2, **mixed)),
+    ]  # fmt: skip
     if only:
         cases = [c for c in cases if any(w in c[0] for w in only.split(","))]
     for name, m, dt, kw in cases[: 4 if quick else None]:
@@ -323,7 +341,13 @@ def perf_case(
     row = {"case": case, "pairs_M": mask.area() / 1e6}
     if ONLY_TRITON:
         impls = ("triton",)
+    mix = sdpa_mod.MIX_PAIRS
+    sdpa_mod.MIX_PAIRS = mix or MIX_TIMED  # sdpa+triton timed wherever the test allows
     for impl in impls:
+        if impl == "sdpa+triton" and all(
+            c.op != "triton" for c in get_kernel(impl).calls(q, k, v, mask)
+        ):
+            continue  # the same calls as cudnn's
         try:
             if impl == "cudnn" and dense is not None:
                 tf, tfb = time_cudnn_dense(*dense, h=h, d=d)
@@ -334,6 +358,7 @@ def perf_case(
         except Exception as err:  # noqa: BLE001 - a backend that cannot run the case
             row[impl] = None
             print(f"  {impl} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+    sdpa_mod.MIX_PAIRS = mix
     if variant is None:
         row["auto"] = select_kernel("auto", q, k, v, mask).name
         row["auto_before"] = old_auto(q, k, v, mask)
@@ -366,7 +391,7 @@ def _fused_case(rows, sched, mname, per_rank):
     m, n = fused_blocks(sched, mname, per_rank)
     s_eq = int(round(math.sqrt(2 * m.area())))
     case = f"{sched} {mname} {per_rank // 1024}K/rank step ({n} pieces)"
-    perf_case(rows, case, m, impls=("triton", "cudnn"))
+    perf_case(rows, case, m, impls=("triton", "cudnn", "sdpa+triton"))
     if ONLY_TRITON:
         return
     tf, tfb = time_cudnn_dense(s_eq, True)
@@ -379,14 +404,21 @@ def _relative_bias(score, b, h, q_idx, kv_idx):
     return score - 0.01 * (q_idx - kv_idx)
 
 
-def perf_cases():
-    """Every case, most important first (``--budget-s`` stops the run between cases)."""
+def perf_cases(fused_only=False):
+    """Every case, most important first (``--budget-s`` stops the run between cases);
+    ``fused_only``: the fused steps (8K-per-rank documents first, then the long-tailed
+    documents, then the rest)."""
     s32, s128 = 32768, 131072
     causal = Mask.causal(s32)
     alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     cases = [
         lambda r: perf_case(r, "docs 64-512, 32K", docs_mask(uniform_docs(s32, 64, 512))),
-        lambda r: perf_case(r, "lognormal docs (median ~1K), 32K", docs_mask(lognormal_docs(s32))),
+        lambda r: perf_case(
+            r,
+            "lognormal docs (median ~1K), 32K",
+            docs_mask(lognormal_docs(s32)),
+            impls=("triton", "cudnn", "sdpa+triton", "flex"),
+        ),
         lambda r: perf_case(r, "dense causal 32K", causal, dense=(s32, True)),
         lambda r: perf_case(
             r, "sigmoid causal 32K", causal, variant=BlockVariant(kind="sigmoid"), impls=("triton",)
@@ -407,24 +439,30 @@ def perf_cases():
             impls=("flex",),
         ),
     ]
+    fused = []
     for sched in ("hamilton", "direct", "groupcast"):
-        cases.append(lambda r, s=sched: _fused_case(r, s, "causal", 8192))
+        fused.append(lambda r, s=sched: _fused_case(r, s, "causal", 8192))
+        cases.append(fused[-1])
     cases += [
         lambda r: perf_case(r, "docs 64-512, 128K", docs_mask(uniform_docs(s128, 64, 512))),
         lambda r: perf_case(r, "dense full 32K", Mask.full(s32), dense=(s32, False)),
     ]
     for sched in ("hamilton", "direct", "groupcast"):
-        cases.append(lambda r, s=sched: _fused_case(r, s, "docs", 8192))
+        fused.append(lambda r, s=sched: _fused_case(r, s, "docs", 8192))
+        cases.append(fused[-1])
     for sched in ("hamilton", "direct", "groupcast"):
         for mname in ("causal", "docs"):
-            cases.append(lambda r, s=sched, n=mname: _fused_case(r, s, n, 32768))
+            fused.append(lambda r, s=sched, n=mname: _fused_case(r, s, n, 32768))
+            cases.append(fused[-1])
+    if fused_only:
+        return fused[3:6] + [cases[1]] + fused[:3] + fused[6:]  # document steps first
     return cases
 
 
-def run_perf(budget_s, save, first=None):
+def run_perf(budget_s, save, first=None, fused_only=False):
     rows = []
     t0 = time.monotonic()
-    cases = perf_cases()[:first]
+    cases = perf_cases(fused_only)[:first]
     for i, case in enumerate(cases):
         if time.monotonic() - t0 > budget_s:
             print(f"time budget spent: {len(cases) - i} cases not run", flush=True)
@@ -491,55 +529,19 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): dQ added in the dK/dV pass
-    (``DQ_ADD``: atomic adds, TMA reduce-adds) against a dQ pass, with the dK/dV tiles
-    the added dQ's registers may want. Earlier rounds' plans (TMA loads, ALiBi
-    distances, the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead,
-    every case's forward and backward tiles, the partial tile weight, ragged row tiles)
-    are in the results of triton_ab_H200_2026-12-03_s4 - _s7."""
+    GPU run; printed and saved as ``name``.md / .json): the triton kernel's tiles on
+    short and long-tailed documents. Earlier rounds' plans (TMA loads, ALiBi distances,
+    the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead, every case's
+    forward and backward tiles, the partial tile weight, ragged row tiles, dQ added in
+    the dK/dV pass, the sdpa backend's calls on concurrent streams) are in the results
+    of triton_ab_H200_2026-12-03_s4 - _s8."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
-    causal = Mask.causal(s32)
-    alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
-    softcap = BlockVariant(kind="softmax", softcap=30.0)
     short = docs_mask(uniform_docs(s32, 64, 512))
-    dqs = {"dq atomics": {"DQ_ADD": 1}, "dq tma": {"DQ_ADD": 2}, "dq pass": {"DQ_ADD": 0}}
-    dkdv_dense = {"dkdv": [(64, 128, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]}
-    dkdv_short = {"dkdv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2)]}
-    # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
-    # fwd configs and bwd sweeps run under the first two settings
-    plan = [
-        ("plain causal 32K", causal, None, dqs, [], dkdv_dense),
-        ("docs 64-512 32K", short, None, dqs, [], dkdv_short),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, dqs, [],
-         {"dkdv": dkdv_dense["dkdv"][:2]}),
-        ("hamilton docs 8K/rank step", fused_blocks("hamilton", "docs", 8192)[0], None, dqs,
-         [], {}),
-        ("hamilton causal 8K/rank step", fused_blocks("hamilton", "causal", 8192)[0], None,
-         dqs, [], {}),
-        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, dqs, [], {}),
-        ("softcap 30 causal 32K", causal, softcap, dqs, [], {}),
-        ("alibi causal 32K", causal, alibi, dqs, [], {}),
-        ("dense full 32K", Mask.full(s32), None, dqs, [], {}),
-        ("plain causal 32K (again)", causal, None, dqs, [], {}),
-    ]  # fmt: skip
-    saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
-    switches = (
-        "TMA",
-        "ALIBI_SPLIT",
-        "FLAT_LOOP",
-        "RANGE_LOOP",
-        "PARTIAL_COST",
-        "SPEED",
-        "CONFIGS",
-        "RAGGED",
-        "DQ_ADD",
-    )
-    base = {n: getattr(tk, n) for n in switches}
     rows = []
 
-    def timed(label, mask, variant, q, k, v, do, fb):
+    def timed(label, mask, variant, q, k, v, do, fb, kern=kern):
         kw = {} if variant is None else {"variant": variant}
         fl = 4.0 * 32 * 128 * mask.area()
         tf = bench_ms(lambda: kern.forward(q, k, v, mask, 0.088, **kw))
@@ -555,6 +557,32 @@ def ab_run(budget_s, out_dir, name, checks=()):
         rows.append({"case": label, "fwd": rate[0], "fb": rate[1]})
         extra = f" / {rate[1]:.1f}" if rate[1] else ""
         print(f"ab {label}: {rate[0]:.1f}{extra} TF/s", flush=True)
+
+    dq_pass, dq_tma = {"dq pass": {"DQ_ADD": 0}}, {"dq tma": {"DQ_ADD": 2}}
+    # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
+    # fwd configs and bwd sweeps run under the first two settings
+    plan = [
+        ("docs 64-512 32K", short, None, dq_pass,
+         [(64, 32, 4, 2), (32, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
+         {"dq": [(32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)],
+          "dkdv": [(32, 32, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2), (32, 32, 2, 2),
+                   (16, 32, 2, 2)]}),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, dq_tma, [],
+         {"dkdv": [(128, 64, 8, 2), (128, 128, 8, 1), (64, 64, 8, 3), (32, 128, 4, 2)]}),
+    ]  # fmt: skip
+    saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
+    switches = (
+        "TMA",
+        "ALIBI_SPLIT",
+        "FLAT_LOOP",
+        "RANGE_LOOP",
+        "PARTIAL_COST",
+        "SPEED",
+        "CONFIGS",
+        "RAGGED",
+        "DQ_ADD",
+    )
+    base = {n: getattr(tk, n) for n in switches}
 
     for case, mask, variant, settings, cfgs, bwd in plan:
         if time.monotonic() - t0 > budget_s:
@@ -596,11 +624,10 @@ def ab_run(budget_s, out_dir, name, checks=()):
         "",
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
-        "forward / forward+backward (3.5x the forward's flops); the triton kernel alone. "
-        "`dq atomics` / `dq tma` / `dq pass`: dQ added into a float32 buffer in the dK/dV "
-        "pass by atomic adds or TMA reduce-adds, or its own pass (before); `fwd` / `dq` / `dkdv` "
-        "(BM, BN, warps, stages): that pass's launch configuration, the others at their "
-        "defaults.",
+        "forward / forward+backward (3.5x the forward's flops). "
+        "`dq tma` / `dq pass`: dQ added into a float32 buffer in the dK/dV "
+        "pass by TMA reduce-adds, or its own pass; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
+        "stages): that pass's launch configuration, the others at their defaults.",
         "",
         "| case | forward | forward+backward |",
         "|---|---|---|",
@@ -648,19 +675,22 @@ def write(rows, checks, argv, out_dir, quiet=False, name=None):
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). `cudnn`: one cuDNN call "
         "(dense) or the `sdpa` backend's per-piece cuDNN calls; `flex`: the `flex` backend "
-        "(compiled FlexAttention); `auto`: the pick now (before this kernel).",
+        "(compiled FlexAttention); `sdpa+triton`: cuDNN for the large pieces, one triton "
+        "call per run of small ones; `auto`: the pick now (before this kernel).",
         "",
         f"Checks against float64: {sum(c['ok'] for c in checks)} passed, "
         f"{sum(not c['ok'] for c in checks)} failed.",
         "",
-        "| case | pairs (M) | triton | cudnn | flex | auto | dense cuDNN, same pairs |",
-        "|---|---|---|---|---|---|---|",
+        "| case | pairs (M) | triton | cudnn | sdpa+triton | flex | auto | dense cuDNN, same "
+        "pairs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         auto = f"{r.get('auto', '-')} ({r.get('auto_before', '-')})" if "auto" in r else "-"
         lines.append(
             f"| {r['case']} | {r['pairs_M']:.0f} | {fmt(r.get('triton'))} | "
-            f"{fmt(r.get('cudnn'))} | {fmt(r.get('flex'))} | {auto} | "
+            f"{fmt(r.get('cudnn'))} | {fmt(r.get('sdpa+triton'))} | {fmt(r.get('flex'))} | "
+            f"{auto} | "
             f"{fmt(r.get('dense_cudnn'))} |"
         )
     lines += ["", "## Checks", ""] + [
@@ -687,6 +717,7 @@ def main(argv=None):
     ap.add_argument("--triton-only", action="store_true", help="time only the triton kernel")
     ap.add_argument("--no-perf", action="store_true")
     ap.add_argument("--first", type=int, default=None, help="time only the first N cases")
+    ap.add_argument("--fused", action="store_true", help="time only the fused steps")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no case after this")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="file stem (default triton_GPU_date)")
@@ -707,7 +738,7 @@ def main(argv=None):
     def save(rows):
         write(rows, checks, argv, args.out_dir, quiet=True, name=args.name)
 
-    rows = [] if args.no_perf else run_perf(args.budget_s, save, args.first)
+    rows = [] if args.no_perf else run_perf(args.budget_s, save, args.first, args.fused)
     write(rows, checks, argv, args.out_dir, name=args.name)
     return 0 if all(c["ok"] for c in checks) else 1
 

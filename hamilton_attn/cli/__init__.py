@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--variants-only", action="store_true", help="only the attention variants' cases"
     )
+    v.add_argument("--seed", type=int, default=0, help="the random draw of the inputs")
     b = sub.add_parser("bench", help="schedules vs one device and PyTorch's context_parallel")
     b.add_argument(
         "--device",
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
                 device,
                 seqlen=args.seqlen or (1000 if gpu else 97),
                 head_dim=args.head_dim or (64 if gpu else 32),
+                seed=args.seed,
                 plain=not args.variants_only,
             )
             else 1

@@ -37,6 +37,10 @@ def get_kernel(name: str) -> AttentionKernel:
         from .triton import TritonKernel
 
         return TritonKernel()
+    if name == "sdpa+triton":  # auto's: cuDNN for large pieces, one triton call for small
+        from .sdpa import SdpaKernel
+
+        return SdpaKernel(mix=True)
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
 
 
@@ -77,8 +81,10 @@ def select_kernel(
     variant=None,
 ) -> AttentionKernel:
     """The kernel that runs this block: ``backend`` itself, or for ``auto`` the fastest
-    that supports it: on GPU, among sdpa (FULL / CAUSAL pieces), triton and flex, the
-    one :mod:`.choice`'s cost model expects to finish first; else sdpa, flex,
+    that supports it: on GPU, among sdpa (FULL / CAUSAL pieces), triton, flex and, where
+    :data:`.sdpa.MIX_PAIRS` turns it on, ``sdpa+triton`` (cuDNN for the large pieces, one
+    triton call per run of small ones: :func:`.sdpa.mix_calls`), the one
+    :mod:`.choice`'s cost model expects to finish first; else sdpa, flex,
     reference in that order. A block with a ``variant``
     (:class:`~hamilton_attn.variants.BlockVariant`) goes to a backend that supports it
     (:meth:`AttentionKernel.variant_problem`). Raises ValueError if a named backend
@@ -104,6 +110,10 @@ def select_kernel(
             "flex": flex.available(q.device) and flex.unsupported_reason(q, k, v, mask) is None,
             "triton": tri.available(q.device) and tri.unsupported_reason(q, k, v, mask) is None,
         }
+        mixed = None
+        if runs["triton"] and not isinstance(calls, str) and _sdpa_mod().MIX_PAIRS > 0:
+            mixed = get_kernel("sdpa+triton")._plan(q, k, v, mask)
+            mixed = None if isinstance(mixed, str) or mixed == calls else mixed
         if not isinstance(calls, str) or runs["flex"] or runs["triton"]:
             per_pair = 4.0 * q.shape[0] * q.shape[1] * q.shape[-1]
             name = choose(
@@ -113,11 +123,18 @@ def select_kernel(
                 q.shape[-1],
                 runs["flex"],
                 runs["triton"],
+                mixed,
             )
             if name is not None:
                 return get_kernel(name)
     order = ("sdpa", "flex", "reference") if q.is_cuda else ("sdpa", "reference")
     return _first_able(order, q, k, v, mask)
+
+
+def _sdpa_mod():
+    from . import sdpa
+
+    return sdpa
 
 
 def _first_able(order, q, k, v, mask: Mask, variant=None) -> AttentionKernel:

@@ -56,19 +56,24 @@ def _flops(q0, q1, k0, k1, causal: bool, per_pair: float) -> float:
     return per_pair * pairs
 
 
-def sdpa_seconds(calls, per_pair: float) -> float:
-    """Estimated time of a block run as ``calls`` (``sdpa.Call`` tuples)."""
+def sdpa_seconds(calls, per_pair: float, head_dim: int = 128) -> float:
+    """Estimated time of a block run as ``calls`` (``sdpa.Call`` tuples; those of op
+    ``triton``, the ``sdpa+triton`` kernel's, at the triton kernel's cost on their
+    ``sub`` mask, host and GPU alike)."""
     seen: list[tuple[int, int]] = []
     merges = 0
+    host = gpu = 0.0
     for c in calls:
         if any(c.q0 < b and a < c.q1 for a, b in seen):
             merges += 1
         seen.append((c.q0, c.q1))
-    host = len(calls) * HOST_CALL + merges * HOST_MERGE
-    gpu = sum(
-        _flops(c.q0, c.q1, c.k0, c.k1, c.causal, per_pair) / CUDNN_RATE + GPU_CALL for c in calls
-    )
-    return max(host, gpu)
+        if c.sub is not None:
+            host += HOST_TRITON
+            gpu += triton_seconds(c.sub, per_pair, head_dim) - HOST_TRITON
+        else:
+            host += HOST_CALL
+            gpu += _flops(c.q0, c.q1, c.k0, c.k1, c.causal, per_pair) / CUDNN_RATE + GPU_CALL
+    return max(host + merges * HOST_MERGE, gpu)
 
 
 def flex_seconds(mask: Mask, per_pair: float) -> float:
@@ -98,14 +103,22 @@ def triton_seconds(mask: Mask, per_pair: float, head_dim: int) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def choose(
-    mask: Mask, calls: tuple | None, per_pair: float, head_dim: int, flex: bool, triton: bool
+    mask: Mask,
+    calls: tuple | None,
+    per_pair: float,
+    head_dim: int,
+    flex: bool,
+    triton: bool,
+    mixed: tuple | None = None,
 ) -> str | None:
     """The backend expected to finish first among those that can run the block:
-    ``sdpa`` (when ``calls`` is not None), ``flex``, ``triton``; None if none can
-    (cached)."""
+    ``sdpa`` (when ``calls`` is not None), ``flex``, ``triton``, ``sdpa+triton`` (when
+    ``mixed``, its calls, is not None); None if none can (cached)."""
     cands = []
     if calls is not None:
         cands.append((sdpa_seconds(calls, per_pair), "sdpa"))
+    if mixed is not None:
+        cands.append((sdpa_seconds(mixed, per_pair, head_dim), "sdpa+triton"))
     if triton:
         cands.append((triton_seconds(mask, per_pair, head_dim), "triton"))
     if flex:

@@ -51,6 +51,21 @@ from .sdpa_ops import CPU_FLASH, CUDNN, EFFICIENT, FLASH, OPS, backward_call, fo
 
 MIN_TORCH = (2, 11)
 MAX_PIECES = 64  # beyond this flex always wins (kernels/choice.py)
+#: The op of a call that runs on the triton kernel (the ``sdpa+triton`` kernel, which
+#: ``auto`` takes where :mod:`.choice` expects it first).
+TRITON = "triton"
+#: ``sdpa+triton``: consecutive groups of calls (calls that share rows are one group)
+#: with fewer visible pairs than this each, two calls or more, run as one call of the
+#: triton kernel, the large ones keep cuDNN; 0 (default): off, and ``auto`` never
+#: weighs it. The idea: cuDNN costs about 0.1 ms of host time per call and runs short
+#: pieces below its dense rate. On an H200 at 1 << 21 (2M pairs) it gained nothing
+#: (results/triton_fused_H200_2026-12-03_s8.md, TF/s forward / forward+backward against
+#: cuDNN per piece): the 8K-per-rank document step of hamilton 427 / 325 against 434 /
+#: 360, long-tailed documents at 32K 521 / 415 against 516 / 421 (the triton
+#: backward's four launches on the small documents cost what the cuDNN calls saved).
+#: Running the calls on concurrent streams instead was slower still (439 / 333 on one
+#: stream, 277 / 324 on two: results/triton_ab_H200_2026-12-03_s8.md).
+MIX_PAIRS = 0
 
 # Ops whose is_causal is top-left aligned when Lq != Lk (torch SDPA's rule).
 _TOP_LEFT = frozenset({CUDNN, EFFICIENT, CPU_FLASH})
@@ -168,7 +183,9 @@ def choose_op(
 @dataclass(frozen=True, slots=True)
 class Call:
     """One aten op call: rows ``[q0, q1)`` against keys ``[k0, k1)``; a causal call is
-    bottom-right aligned and, for a top-left op, always square."""
+    bottom-right aligned and, for a top-left op, always square. ``op`` :data:`TRITON`
+    (the ``sdpa+triton`` kernel): one call of the triton kernel on ``sub``, the block's
+    mask on those rows and keys."""
 
     q0: int
     q1: int
@@ -176,6 +193,7 @@ class Call:
     k1: int
     causal: bool
     op: str
+    sub: Mask | None = None
 
     def rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Each tensor's slice of this call's rows (dim 2: bhsd, or lse's [B, H, S])."""
@@ -195,8 +213,10 @@ def plan_calls(
     force_op: str | None,
     switches: tuple[bool, bool, bool],
     max_pieces: int = MAX_PIECES,
+    mix_pairs: int = 0,
 ) -> tuple[Call, ...] | str:
-    """The op calls that run ``mask``, or a string saying why this backend cannot."""
+    """The op calls that run ``mask``, or a string saying why this backend cannot;
+    ``mix_pairs`` > 0: small groups of calls joined into triton calls (:func:`mix_calls`)."""
     pieces = mask.dense_pieces()
     if pieces is None:
         return (
@@ -224,7 +244,50 @@ def plan_calls(
                 calls.append(Call(q0, q1, a, b, c, sub))
         else:
             calls.append(Call(q0, q1, k0, k1, causal, op))
-    return tuple(calls)
+    return mix_calls(mask, calls, mix_pairs) if mix_pairs > 0 else tuple(calls)
+
+
+def call_pairs(c: Call) -> int:
+    """The visible pairs of one call."""
+    if c.sub is not None:
+        return c.sub.area()
+    n, m = c.q1 - c.q0, c.k1 - c.k0
+    return n * m - (n * (n - 1) // 2 if c.causal else 0)
+
+
+def mix_calls(mask: Mask, calls: list[Call], limit: int) -> tuple[Call, ...]:
+    """``calls`` with each run of consecutive small row groups joined into one triton
+    call. A row group: calls whose rows overlap, transitively (their rows then see keys
+    of those calls only); small: fewer than ``limit`` visible pairs; a run of two calls
+    or more becomes ``Call(qa, qb, ka, kb, op=TRITON, sub=mask.slice(...))`` over the
+    run's rows and the span of its keys, which holds exactly the run's pairs (no other
+    call has rows there). Rows stay disjoint between calls wherever they were."""
+    groups: list[list[Call]] = []
+    for c in sorted(calls, key=lambda c: (c.q0, c.q1, c.k0)):
+        if groups and c.q0 < max(g.q1 for g in groups[-1]):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    out: list[Call] = []
+    run: list[Call] = []
+
+    def flush():
+        if len(run) >= 2:
+            qa, qb = min(c.q0 for c in run), max(c.q1 for c in run)
+            ka, kb = min(c.k0 for c in run), max(c.k1 for c in run)
+            out.append(Call(qa, qb, ka, kb, False, TRITON, mask.slice((qa, qb), (ka, kb))))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for g in groups:
+        if sum(call_pairs(c) for c in g) < limit:
+            run.extend(g)
+        else:
+            flush()
+            out.extend(g)
+    flush()
+    return tuple(out)
 
 
 @torch.compiler.assume_constant_result
@@ -243,6 +306,24 @@ def _no_op_reason(device, dtype, head_dim, seqlen_k, force_op) -> str:
         f"{device} (GPU ops: fp16/bf16/fp32, head dim a multiple of 8 up to 256; the "
         "torch.backends.cuda SDPA switches are honoured)"
     )
+
+
+def _triton():
+    from . import get_kernel
+
+    return get_kernel("triton")
+
+
+def _forward_one(c: Call, q, k, v, scale: float):
+    if c.op == TRITON:
+        return _triton().forward(*c.rows(q), *c.keys(k, v), c.sub, scale)
+    return forward_call(c.op, *c.rows(q), *c.keys(k, v), c.causal, scale)
+
+
+def _backward_one(c: Call, dout, q, k, v, out, lse, scale: float):
+    if c.op == TRITON:
+        return _triton().backward(*c.rows(dout, q), *c.keys(k, v), *c.rows(out, lse), c.sub, scale)
+    return backward_call(c.op, *c.rows(dout, q), *c.keys(k, v), *c.rows(out, lse), c.causal, scale)
 
 
 def _disjoint(ranges: list[tuple[int, int]]) -> bool:
@@ -287,15 +368,21 @@ class SdpaKernel(FastPathKernel):
         force_op: run every call on this op (``cudnn``, ``flash``, ``efficient``,
             ``cpu_flash``) or refuse the block; None picks per :func:`choose_op`.
         max_pieces: most dense pieces a mask may have.
+        mix: the ``sdpa+triton`` kernel (``auto`` takes it; the caller has checked that
+            the triton kernel runs the block): small groups of calls joined into calls
+            of the triton kernel (:func:`mix_calls`, :data:`MIX_PAIRS`).
     """
 
     name = "sdpa"
 
-    def __init__(self, force_op: str | None = None, max_pieces: int = MAX_PIECES):
+    def __init__(self, force_op: str | None = None, max_pieces: int = MAX_PIECES, mix=False):
         if force_op is not None and force_op not in OPS:
             raise ValueError(f"force_op: expected one of {OPS} or None, got {force_op!r}")
         self.force_op = force_op
         self.max_pieces = max_pieces
+        self.mix = mix
+        if mix:
+            self.name = "sdpa+triton"
 
     def available(self, device: torch.device) -> bool:
         return _TORCH_OK and torch.device(device).type in ("cpu", "cuda")
@@ -314,8 +401,10 @@ class SdpaKernel(FastPathKernel):
             return "q, k, v need unit stride on the head dim"
         switches = _switches() if q.is_cuda else (False, False, False)
         planner = _traced_plan_calls if CONSTANT_PLAN_UNDER_COMPILE else plan_calls
+        # the triton calls of the mixed plan stay out of compiled graphs
+        mix = MIX_PAIRS if self.mix and not torch.compiler.is_compiling() else 0
         return planner(
-            mask, q.device, q.dtype, q.shape[-1], self.force_op, switches, self.max_pieces
+            mask, q.device, q.dtype, q.shape[-1], self.force_op, switches, self.max_pieces, mix
         )
 
     def unsupported_reason(self, q, k, v, mask: Mask) -> str | None:
@@ -339,7 +428,7 @@ class SdpaKernel(FastPathKernel):
     def _forward(self, q, k, v, mask: Mask, scale: float, calls: tuple[Call, ...]):
         q, scale = _positive_scale(q, scale)
         b, h, sq, _ = q.shape
-        run = [(c, forward_call(c.op, *c.rows(q), *c.keys(k, v), c.causal, scale)) for c in calls]
+        run = [(c, _forward_one(c, q, k, v, scale)) for c in calls]
         if len(run) == 1 and (calls[0].q0, calls[0].q1) == (0, sq):
             return run[0][1]  # fast path: one op call, no copy
         rows = [(c.q0, c.q1) for c in calls]
@@ -386,10 +475,7 @@ class SdpaKernel(FastPathKernel):
         out = out if out.dtype == q.dtype else out.to(q.dtype)
         dout = dout if dout.dtype == q.dtype else dout.to(q.dtype)
         lse = lse.to(lse_dtype(q.dtype))
-        grads = [
-            backward_call(c.op, *c.rows(dout, q), *c.keys(k, v), *c.rows(out, lse), c.causal, scale)
-            for c in calls
-        ]
+        grads = [_backward_one(c, dout, q, k, v, out, lse, scale) for c in calls]
         if scale != q_scale:
             # The ops saw q * scale at scale 1: chain rule for dq (dk, dv are already right).
             grads = [(dq * q_scale, dk, dv) for dq, dk, dv in grads]
