@@ -4,7 +4,9 @@
 ``sdpa`` (torch's aten attention ops that return lse: cuDNN / flash / efficient on
 GPU, the CPU flash op on CPU; FULL and CAUSAL pieces), ``flex`` (FlexAttention, any
 mask), ``triton`` (our own fused Triton kernel: any mask in one launch, and the
-variants). ``select_kernel("auto", ...)`` picks the fastest backend that can run a block;
+variants); ``sdpa+triton`` (sdpa with runs of small pieces joined into triton calls:
+``auto`` weighs it where ``sdpa.MIX_PAIRS`` turns it on, off by default).
+``select_kernel("auto", ...)`` picks the fastest backend that can run a block;
 ``memo_kernel`` remembers that choice per block for the context-parallel executor.
 """
 

@@ -51,8 +51,8 @@ from .sdpa_ops import CPU_FLASH, CUDNN, EFFICIENT, FLASH, OPS, backward_call, fo
 
 MIN_TORCH = (2, 11)
 MAX_PIECES = 64  # beyond this flex always wins (kernels/choice.py)
-#: The op of a call that runs on the triton kernel (the ``sdpa+triton`` kernel, which
-#: ``auto`` takes where :mod:`.choice` expects it first).
+#: The op of a call that runs on the triton kernel (the ``sdpa+triton`` kernel's, which
+#: ``auto`` weighs where :data:`MIX_PAIRS` is on).
 TRITON = "triton"
 #: ``sdpa+triton``: consecutive groups of calls (calls that share rows are one group)
 #: with fewer visible pairs than this each, two calls or more, run as one call of the
@@ -368,9 +368,9 @@ class SdpaKernel(FastPathKernel):
         force_op: run every call on this op (``cudnn``, ``flash``, ``efficient``,
             ``cpu_flash``) or refuse the block; None picks per :func:`choose_op`.
         max_pieces: most dense pieces a mask may have.
-        mix: the ``sdpa+triton`` kernel (``auto`` takes it; the caller has checked that
-            the triton kernel runs the block): small groups of calls joined into calls
-            of the triton kernel (:func:`mix_calls`, :data:`MIX_PAIRS`).
+        mix: the ``sdpa+triton`` kernel (``auto`` weighs it where :data:`MIX_PAIRS` is
+            on): small groups of calls joined into calls of the triton kernel
+            (:func:`mix_calls`), where that kernel is available on the device.
     """
 
     name = "sdpa"
@@ -402,7 +402,8 @@ class SdpaKernel(FastPathKernel):
         switches = _switches() if q.is_cuda else (False, False, False)
         planner = _traced_plan_calls if CONSTANT_PLAN_UNDER_COMPILE else plan_calls
         # the triton calls of the mixed plan stay out of compiled graphs
-        mix = MIX_PAIRS if self.mix and not torch.compiler.is_compiling() else 0
+        mixing = self.mix and not torch.compiler.is_compiling() and _triton().available(q.device)
+        mix = MIX_PAIRS if mixing else 0
         return planner(
             mask, q.device, q.dtype, q.shape[-1], self.force_op, switches, self.max_pieces, mix
         )

@@ -84,14 +84,6 @@ def test_the_cost_model_counts_a_triton_call_at_the_triton_kernels_cost():
     assert choice.sdpa_seconds(mixed, per_pair, 128) == pytest.approx(max(host, gpu))
 
 
-def test_mixing_is_off_by_default():
-    # measured no faster on an H200 (sdpa.MIX_PAIRS' note): auto never weighs it
-    assert sdpa.MIX_PAIRS == 0
-    mask = _docs([40, 9, 14, 3, 50])
-    q = k = v = torch.randn(1, 2, mask.shape[0], 16)
-    assert get_kernel("sdpa+triton").calls(q, k, v, mask) == get_kernel("sdpa").calls(q, k, v, mask)
-
-
 pytest.importorskip("triton")
 
 
@@ -100,6 +92,14 @@ def small_pieces(monkeypatch):  # mixing on, at this test's small sizes
     monkeypatch.setattr(sdpa, "MIX_PAIRS", 20 * 20)
     with config.override(triton_interpret=True):
         yield
+
+
+def test_mixing_is_off_by_default():
+    # measured no faster on an H200 (sdpa.MIX_PAIRS' note): auto never weighs it
+    assert sdpa.MIX_PAIRS == 0
+    mask = _docs([40, 9, 14, 3, 50])
+    q = k = v = torch.randn(1, 2, mask.shape[0], 16)
+    assert get_kernel("sdpa+triton").calls(q, k, v, mask) == get_kernel("sdpa").calls(q, k, v, mask)
 
 
 MASKS = {
