@@ -529,12 +529,13 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): the triton kernel's tiles on
-    short and long-tailed documents. Earlier rounds' plans (TMA loads, ALiBi distances,
+    GPU run; printed and saved as ``name``.md / .json): ragged row tiles of 128 rows
+    against the grid's on short and long-tailed documents. Earlier rounds' plans (TMA loads, ALiBi distances,
     the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead, every case's
     forward and backward tiles, the partial tile weight, ragged row tiles, dQ added in
-    the dK/dV pass, the sdpa backend's calls on concurrent streams) are in the results
-    of triton_ab_H200_2026-12-03_s4 - _s8."""
+    the dK/dV pass, the sdpa backend's calls on concurrent streams, tile sweeps on short
+    and long-tailed documents) are in the results of triton_ab_H200_2026-12-03_s4 -
+    _s8."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -558,17 +559,20 @@ def ab_run(budget_s, out_dir, name, checks=()):
         extra = f" / {rate[1]:.1f}" if rate[1] else ""
         print(f"ab {label}: {rate[0]:.1f}{extra} TF/s", flush=True)
 
-    dq_pass, dq_tma = {"dq pass": {"DQ_ADD": 0}}, {"dq tma": {"DQ_ADD": 2}}
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
     # fwd configs and bwd sweeps run under the first two settings
+    # 128-row tiles that start where documents start: each K / V tile a program loads
+    # then serves up to twice the rows of a 64-row tile (the short documents' forward
+    # reads L2 at 75% of its peak: results/triton_profile_H200_2026-12-03_s6.md)
+    tall = [(128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2)]
+    rag = {"ragged": {"RAGGED": True, "DQ_ADD": 0}, "grid": {"RAGGED": False, "DQ_ADD": 0}}
     plan = [
-        ("docs 64-512 32K", short, None, dq_pass,
-         [(64, 32, 4, 2), (32, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
-         {"dq": [(32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)],
-          "dkdv": [(32, 32, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2), (32, 32, 2, 2),
-                   (16, 32, 2, 2)]}),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, dq_tma, [],
-         {"dkdv": [(128, 64, 8, 2), (128, 128, 8, 1), (64, 64, 8, 3), (32, 128, 4, 2)]}),
+        ("docs 64-512 32K", short, None, rag, tall,
+         {"dkdv": [(64, 128, 8, 3), (32, 128, 4, 2)]}),
+        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, rag, tall[:2],
+         {}),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None,
+         {"ragged": {"RAGGED": True}, "grid": {"RAGGED": False}}, tall[:2], {}),
     ]  # fmt: skip
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     switches = (
@@ -625,8 +629,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
-        "`dq tma` / `dq pass`: dQ added into a float32 buffer in the dK/dV "
-        "pass by TMA reduce-adds, or its own pass; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
+        "`ragged` / `grid`: row tiles that start where documents start (`RAGGED`), or on "
+        "the grid; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",
         "| case | forward | forward+backward |",
