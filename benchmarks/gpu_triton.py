@@ -344,11 +344,11 @@ def perf_case(
     mix = sdpa_mod.MIX_PAIRS
     sdpa_mod.MIX_PAIRS = mix or MIX_TIMED  # sdpa+triton timed wherever the test allows
     for impl in impls:
-        if impl == "sdpa+triton" and all(
-            c.op != "triton" for c in get_kernel(impl).calls(q, k, v, mask)
-        ):
-            continue  # the same calls as cudnn's
         try:
+            if impl == "sdpa+triton" and all(
+                c.op != "triton" for c in get_kernel(impl).calls(q, k, v, mask)
+            ):
+                continue  # the same calls as cudnn's
             if impl == "cudnn" and dense is not None:
                 tf, tfb = time_cudnn_dense(*dense, h=h, d=d)
             else:

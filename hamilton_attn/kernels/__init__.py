@@ -104,6 +104,7 @@ def select_kernel(
     if variant is not None:
         return _first_able(_variant_order(q, variant), q, k, v, mask, variant)
     if q.is_cuda:
+        from . import sdpa as sdpa_mod
         from .choice import choose
 
         sdpa, flex, tri = get_kernel("sdpa"), get_kernel("flex"), get_kernel("triton")
@@ -113,7 +114,7 @@ def select_kernel(
             "triton": tri.available(q.device) and tri.unsupported_reason(q, k, v, mask) is None,
         }
         mixed = None
-        if runs["triton"] and not isinstance(calls, str) and _sdpa_mod().MIX_PAIRS > 0:
+        if runs["triton"] and not isinstance(calls, str) and sdpa_mod.MIX_PAIRS > 0:
             mixed = get_kernel("sdpa+triton")._plan(q, k, v, mask)
             mixed = None if isinstance(mixed, str) or mixed == calls else mixed
         if not isinstance(calls, str) or runs["flex"] or runs["triton"]:
@@ -131,12 +132,6 @@ def select_kernel(
                 return get_kernel(name)
     order = ("sdpa", "flex", "reference") if q.is_cuda else ("sdpa", "reference")
     return _first_able(order, q, k, v, mask)
-
-
-def _sdpa_mod():
-    from . import sdpa
-
-    return sdpa
 
 
 def _first_able(order, q, k, v, mask: Mask, variant=None) -> AttentionKernel:

@@ -50,16 +50,12 @@ TRITON_RATE = 510e12
 TRITON_PARTIAL = 2.4
 
 
-def _flops(q0, q1, k0, k1, causal: bool, per_pair: float) -> float:
-    n, m = q1 - q0, k1 - k0
-    pairs = n * m - (n * (n - 1) // 2 if causal else 0)
-    return per_pair * pairs
-
-
 def sdpa_seconds(calls, per_pair: float, head_dim: int = 128) -> float:
     """Estimated time of a block run as ``calls`` (``sdpa.Call`` tuples; those of op
     ``triton``, the ``sdpa+triton`` kernel's, at the triton kernel's cost on their
     ``sub`` mask, host and GPU alike)."""
+    from .sdpa import call_pairs
+
     seen: list[tuple[int, int]] = []
     merges = 0
     host = gpu = 0.0
@@ -72,7 +68,7 @@ def sdpa_seconds(calls, per_pair: float, head_dim: int = 128) -> float:
             gpu += triton_seconds(c.sub, per_pair, head_dim) - HOST_TRITON
         else:
             host += HOST_CALL
-            gpu += _flops(c.q0, c.q1, c.k0, c.k1, c.causal, per_pair) / CUDNN_RATE + GPU_CALL
+            gpu += per_pair * call_pairs(c) / CUDNN_RATE + GPU_CALL
     return max(host + merges * HOST_MERGE, gpu)
 
 

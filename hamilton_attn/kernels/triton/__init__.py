@@ -256,6 +256,16 @@ def _range(lists: TileLists, rows) -> bool:
     return lists.ragged or (RANGE_LOOP and lists.contiguous and _flat(lists, rows))
 
 
+def _scalars(scale, va) -> tuple:
+    """The scalar launch arguments every pass takes after its sizes."""
+    return float(scale), va["softcap"], va["bias"], va["shift"]
+
+
+def _list_flags(L, rows) -> dict:
+    """The constexprs every pass takes of its work lists."""
+    return dict(FLAT=_flat(L, rows), RANGE=_range(L, rows), RAGGED=L.ragged)
+
+
 def _descriptor(t: torch.Tensor, bn: int, bd: int):
     """A 4-d ``[B, H, S, D]`` TMA descriptor of ``t`` with ``[1, 1, bn, bd]`` boxes, or
     None where TMA cannot address it (unaligned base or strides, a zero stride). A size-1
@@ -462,10 +472,7 @@ class TritonKernel(AttentionKernel):
             hq // hk,
             sq,
             sk,
-            float(scale),
-            va["softcap"],
-            va["bias"],
-            va["shift"],
+            *_scalars(scale, va),
             KIND=va["kind"],
             SOFTCAP=va["SOFTCAP"],
             ALIBI_ON=va["ALIBI_ON"],
@@ -475,9 +482,7 @@ class TritonKernel(AttentionKernel):
             SPLIT=split,
             TMA=tma,
             ROWS=rows is not None,
-            FLAT=_flat(L, rows),
-            RANGE=_range(L, rows),
-            RAGGED=L.ragged,
+            **_list_flags(L, rows),
             FUSE=plain and scale > 0,
             FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
