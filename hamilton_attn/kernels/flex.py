@@ -24,7 +24,11 @@ block shape compiles a static kernel; the first *other* shape recompiles once wi
 symbolic sequence lengths, which then serves every later shape. With ``dynamic=False``
 every new shape (a plan has a few per rank, packed documents many) recompiled, and
 past dynamo's recompile limit flex silently fell back to its eager path, which
-materialises the scores. On CPU it runs eagerly; that path materialises the scores
+materialises the scores. Variants multiply the graphs (each score_mod structure, with
+and without grad, static and symbolic), so our compiled calls run with dynamo's
+per-code recompile limit raised to :data:`RECOMPILE_LIMIT` (and put back after each
+call); at dynamo's default of 8, ``hamilton-attn verify``'s variants on CUDA fell back to
+the eager path. On CPU it runs eagerly; that path materialises the scores
 and exists for tests.
 
 **lse.** ``flex_attention`` returns natural-log lse (it converts its internal log2),
@@ -53,6 +57,7 @@ forward of the block.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -202,8 +207,35 @@ def flex_mask(
 # ---------------------------------------------------------------------------------------
 
 
+#: Compiled graphs dynamo may keep for flex_attention's code while our calls run (its
+#: default, 8, counts every variant structure x grad mode x static / symbolic shapes, and
+#: past it dynamo silently runs flex's eager path, which materialises the scores).
+RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def _recompile_room():
+    """Dynamo's recompile limit raised to :data:`RECOMPILE_LIMIT` for one call (restored
+    after: the limit is per code object, and a user's own compiled code keeps theirs)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    old = getattr(cfg, name)
+    setattr(cfg, name, max(old, RECOMPILE_LIMIT))
+    try:
+        yield
+    finally:
+        setattr(cfg, name, old)
+
+
 def _call_flex(fn, q, k, v, fm: FlexMask, scale: float, score_mod=None):
-    """(out, lse) from flex, lse natural log in flex's dtype (differentiable)."""
+    """(out, lse) from flex, lse natural log in flex's dtype (differentiable); a compiled
+    ``fn`` runs with room for every variant's graph (:func:`_recompile_room`)."""
+    room = contextlib.nullcontext() if fn is flex_attention else _recompile_room()
+    with room:
+        return _flex_call(fn, q, k, v, fm, scale, score_mod)
+
+
+def _flex_call(fn, q, k, v, fm: FlexMask, scale: float, score_mod=None):
     gqa = q.shape[1] != k.shape[1]
     if AuxRequest is not None:
         out, aux = fn(

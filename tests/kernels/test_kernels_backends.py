@@ -440,6 +440,48 @@ def test_flex_mask_mod_matches_dense(mask_name):
     assert torch.equal(fm.empty_rows, torch.nonzero(~mask.to_dense().any(1)).flatten())
 
 
+def test_compiled_flex_keeps_a_graph_per_variant():
+    """Every variant structure gets its own compiled graph: past dynamo's default limit (8
+    per code object) a compiled flex ran its eager path silently (``hamilton-attn
+    verify``'s variants on CUDA did). Counted through a backend that only counts; the
+    limit is restored after each call."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from hamilton_attn.kernels import flex as flex_mod
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(flex_attention, backend=counting, dynamic=None)
+    mask = Mask.causal(64)
+    fm = flex_mask(mask, torch.device("cpu"), 16, 16)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+
+    def mod_of(n):  # a different graph for every n
+        def mod(score, b, h, q_idx, kv_idx):
+            for _ in range(n):
+                score = score * 0.9
+            return score
+
+        return mod
+
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        for n in range(12):
+            out, lse = flex_mod._call_flex(fn, q, k, v, fm, 0.25, mod_of(n))
+            want, want_lse = flex_mod._call_flex(flex_attention, q, k, v, fm, 0.25, mod_of(n))
+            torch.testing.assert_close(out, want)
+            torch.testing.assert_close(lse, want_lse)
+        assert len(graphs) == 12
+        assert torch._dynamo.config.recompile_limit == limit
+    finally:
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------
 # The GPU benchmark script, in its CPU smoke mode
 # ---------------------------------------------------------------------------------------

@@ -398,6 +398,26 @@ def test_alibi_split_scores_agree_with_the_oracle(name, split, monkeypatch):
     check(MASKS[name], var=_alibi(2, shift=-7), hq=2, hk=1, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", [Mask.full(16, 80), Mask.causal(40, 80)])
+def test_alibi_split_far_keys(mask, dtype):
+    """Queries 3,000 positions after their keys: scores of -190 to -1,500 (slopes 1/16 to
+    1/2), so the running max must carry each tile's constant (the split's ``off``) or
+    every weight underflows to 0; causal 40 x 80 adds tiles across the diagonal. bfloat16
+    forward and backward; float32 forward only: its backward's dQ / dK / dV errors there
+    are up to 4x a float32 torch reference's (the lse, about -1,500, round-trips through
+    log2 units: docs/DESIGN.md)."""
+    var = _alibi(4, shift=3_000)
+    if dtype == torch.bfloat16:
+        check(mask, var=var, hq=4, hk=2, dtype=dtype)
+        return
+    q, k, v, _ = _inputs(mask, 4, 2, 16, dtype, "bshd")
+    out, lse = get_kernel("triton").forward(q, k, v, mask, 0.3, variant=var)
+    exact = oracle(q, k, v, torch.randn_like(q), mask, 0.3, var)
+    same = oracle(q, k, v, torch.randn_like(q), mask, 0.3, var, ct=dtype)
+    assert_close([out, lse], exact[:2], same[:2])
+
+
 def test_forward_tile_pick_follows_the_h200_measurements():
     """The compiled forward's tile choice (``SPEED``): 128 x 128 for dense causal and
     long-tailed documents, 64 x 32 for 64-512-token documents, 64 x 64 for the fused
