@@ -152,7 +152,7 @@ def check(
     same = ref_run(dtype)
     got = run(tri, dtype, variant)
     names = ["out", "lse", "dq", "dk", "dv", "dslope"]
-    worst, ok = 0.0, True
+    worst, ok, which = 0.0, True, ""
     for n, a, b, c in zip(names, got, exact, same, strict=False):
         if a is None or b is None:
             continue
@@ -162,11 +162,13 @@ def check(
         atol = 1e-4 * max(1.0, b[fin].abs().max().item()) if fin.any() else 1e-4
         if err > 2 * base + atol:
             ok = False
-        worst = max(worst, err / (2 * base + atol))
+        if err / (2 * base + atol) >= worst:
+            worst, which = err / (2 * base + atol), f"{n}: {err:.3g} against 2 x {base:.3g}"
         if not torch.equal(torch.isneginf(a), torch.isneginf(b)) and n == "lse":
             ok = False
-    print(f"check {name:<40} {'ok' if ok else 'FAIL'} worst {worst:.2f} of budget", flush=True)
-    return {"check": name, "ok": ok, "worst_ratio": worst}
+    print(f"check {name:<40} {'ok' if ok else 'FAIL'} worst {worst:.2f} of budget ({which})",
+          flush=True)  # fmt: skip
+    return {"check": name, "ok": ok, "worst_ratio": worst, "worst": which}
 
 
 def oracle(q, k, v, do, mask, scale, var):
@@ -220,7 +222,8 @@ def run_checks(quick, only=None):
     steps = [s.compute[3] for s in p.schedule.forward_steps() if s.compute[3]]
     fused = max(steps, key=len)
     cases.append(("fused hamilton zigzag step bf16", p.fused_block(3, fused)[0], bf, {}))
-    slopes = torch.rand(1, 4, device=DEV)
+    # seeded: dslope's margin depends on the draw (benchmarks/gpu_alibi_split.py)
+    slopes = torch.rand(1, 4, device=DEV, generator=torch.Generator(device=DEV).manual_seed(0))
     for kind, kw in (
         ("softcap", dict(kind="softmax", softcap=20.0)),
         ("softcap 2 (scores at the cap)", dict(kind="softmax", softcap=2.0)),

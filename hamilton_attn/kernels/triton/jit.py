@@ -207,7 +207,7 @@ def _positions(POS, idx, n, shift, ON: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp, KPOS, slope,
-    scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, kcol,
+    scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
     FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
@@ -221,12 +221,7 @@ def _fwd_tile(
     implicit positions): scores are kept shifted by the row term ``slope (i_pos - qbase)``
     (``qbase`` the tile's first query position; the caller takes it out of the lse), so a
     tile whose keys all lie at or before its queries adds one per-key term to the dots
-    (``slope (j - qbase)``) instead of an absolute distance per pair; that term is split
-    again into the caller's loop-invariant ``kcol = slope j'`` (``j'`` the key's place in
-    its tile, one multiply-add per score with the scale) and the tile's constant ``off``,
-    which only moves the row max (Nsight Compute counted 45% more instructions issued
-    for ALiBi than plain softmax while the per-key term was made per tile: int subtract,
-    convert and multiply for every column a thread holds)."""
+    (``slope (j - qbase)``) instead of an absolute distance per pair."""
     cols = c + tl.arange(0, BN)
     k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -253,8 +248,7 @@ def _fwd_tile(
         if SPLIT:
             s, th = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
             su = slope * UNIT
-            s = s + kcol[None, :]
-            off = su * (c - qbase).to(tl.float32)
+            s = s + (su * (cols - qbase).to(tl.float32))[None, :]
             if c + BN - 1 > qbase:  # some key after some query: |d| = d + 2 max(-d, 0)
                 s = s - (2.0 * su) * tl.maximum(cols[None, :] - qp[:, None], 0).to(tl.float32)
         else:
@@ -270,14 +264,9 @@ def _fwd_tile(
             p = tl.exp2(s - softcap * UNIT)
             l_i = l_i + tl.reduce(p, 1, _ADD)
         elif KIND == 0:
-            if SPLIT:  # the tile's constant moves the row max, not each score
-                m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) + off)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - (m_safe - off)[:, None])
-            else:
-                m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_safe[:, None])
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
             acc = acc * alpha[:, None]
@@ -321,7 +310,6 @@ def fwd_kernel(
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
     qbase = row0 + shift
-    kcol = (slope * UNIT) * tl.arange(0, BN).to(tl.float32)  # SPLIT's per-key term
     if ROWS:
         rlo = tl.load(RLO + rows, mask=rows < nq, other=1)
         rhi = tl.load(RHI + rows, mask=rows < nq, other=0)
@@ -343,9 +331,9 @@ def fwd_kernel(
             for u in range(_bound(u0, INTERP), _bound(u1, INTERP), BN):
                 acc, m_i, l_i = _fwd_tile(
                     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
-                    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, kcol,
-                    KIND, SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT,
-                    TMA, D, BD, BN, PREC, UNIT, INTERP)
+                    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
+                    SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT, TMA,
+                    D, BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0
@@ -354,8 +342,8 @@ def fwd_kernel(
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0,
             j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
-            BAND_IDX, b, hk, qbase, kcol, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE,
-            FAST, CAPMAX, SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
+            BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
+            CAPMAX, SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
     if KIND == 0:
         if CAPMAX:
             m_i = tl.full([BM], 0.0, tl.float32) + softcap * UNIT

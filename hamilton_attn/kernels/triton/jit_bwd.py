@@ -77,32 +77,20 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
 @triton.jit
 def _dq_tile(
     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp,
-    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, kcol,
+    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr,
-    ROWS: tl.constexpr, FAST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    UNIT: tl.constexpr, INTERP: tl.constexpr,
+    ROWS: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
-    """The key tile from element ``c`` of a query tile's dQ. ``SPLIT`` (ALiBi on implicit
-    positions, as the forward): ``-slope |i - j|`` as ``kcol`` (``slope (j - c)``, the
-    caller's loop-invariant column term) minus the row term ``slope (i - c)``, which joins
-    the lse (one subtract per row, not an integer distance per pair)."""
     cols = c + tl.arange(0, BN)
     k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
     v = _load_kv(v_ptr, b, hk, c, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
-    if SPLIT:
-        s, th = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
-        su = slope * UNIT
-        s = s + kcol[None, :]
-        if c + BN - 1 > qbase:  # some key after some query: |d| = d + 2 max(-d, 0)
-            s = s - (2.0 * su) * tl.maximum(cols[None, :] - qp[:, None], 0).to(tl.float32)
-        lse2 = lse2 + su * (qp - c).to(tl.float32)
-    else:
-        s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
-                       ALIBI_ON, FAST)
+    s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
+                   ALIBI_ON, FAST)
     if MASKED:
         if ROWS:
             vis = _rows_vis(rlo[:, None], rhi[:, None], cols[None, :])
@@ -128,7 +116,7 @@ def dq_kernel(
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
     ROWS: tl.constexpr, FLAT: tl.constexpr, RANGE: tl.constexpr, RAGGED: tl.constexpr,
-    FAST: tl.constexpr, SPLIT: tl.constexpr,
+    FAST: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -156,8 +144,6 @@ def dq_kernel(
         delta = lse2
     slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
-    qbase = row0 + shift
-    kcol = (slope * UNIT) * tl.arange(0, BN).to(tl.float32)  # SPLIT's column term
     if ROWS:
         rlo = tl.load(RLO + rows, mask=rows < nq, other=1)
         rhi = tl.load(RHI + rows, mask=rows < nq, other=0)
@@ -178,8 +164,8 @@ def dq_kernel(
                 dq, dsl = _dq_tile(
                     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
                     rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
-                    qbase, kcol, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST,
-                    SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
+                    KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, TMA, D,
+                    BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0  # as in the forward
@@ -188,8 +174,8 @@ def dq_kernel(
         dq, dsl = _dq_tile(
             dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c,
             j0, j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
-            bias, SK, BANDS, BAND_IDX, b, hk, qbase, kcol, KIND, SOFTCAP, ALIBI_ON, KPOS_ON,
-            AGRAD_ON, True, ROWS, FAST, SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
+            bias, SK, BANDS, BAND_IDX, b, hk, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True,
+            ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP)
     _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, nq, dq * scale, D,
            BD)
     if AGRAD_ON:
@@ -200,30 +186,21 @@ def dq_kernel(
 def _dkdv_tile(
     dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r, j0, j1, cols, kp, QPOS,
     RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am,
-    col0, klast, kcol,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
-    SPLIT: tl.constexpr, TMA: tl.constexpr, DQ_ADD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    TMA: tl.constexpr, DQ_ADD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """The share of the query tile from row ``r`` in a key tile's dK / dV (scores
     transposed: keys x rows). ``DQ_ADD`` (1: atomics, 2: TMA reduce-adds into the
-    descriptor ``dqa``): its dQ share, unscaled, added into float32 ``dqa`` as well.
-    ``SPLIT``: as in the dQ pass, the key tile from ``col0`` fixed (``kcol`` per head)."""
+    descriptor ``dqa``): its dQ share, unscaled, added into float32 ``dqa`` as well."""
     rows = r + tl.arange(0, BM)
     q = _load_kv(q_ptr, b, h, r, rows, s_qm, SQ, D, BD, BM, MASKED, TMA)
     do = _load_kv(do_ptr, b, h, r, rows, s_dm, SQ, D, BD, BM, MASKED, TMA)
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
-    if SPLIT:
-        s, th = _score(qkT, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
-        su = slope * UNIT
-        s = s + kcol[:, None]
-        if klast > r + shift:  # some key after some query (klast: the tile's last key)
-            s = s - (2.0 * su) * tl.maximum(cols[:, None] - qp[None, :], 0).to(tl.float32)
-    else:
-        s, th = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
-                       ALIBI_ON, FAST)
+    s, th = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
+                   ALIBI_ON, FAST)
     if MASKED:
         if ROWS:
             rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
@@ -241,8 +218,6 @@ def _dkdv_tile(
             lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows)
             delta = tl.load(DELTA + bh.to(tl.int64) * SQ + rows)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        if SPLIT:  # the row term, from the key tile's start
-            lse2 = lse2 + su * (qp - col0).to(tl.float32)
     else:
         lse2 = tl.full([BM], 0.0, tl.float32)
         delta = lse2
@@ -272,8 +247,7 @@ def dkdv_kernel(
     HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
-    RANGE: tl.constexpr, RAGGED: tl.constexpr, DQ_ADD: tl.constexpr, FAST: tl.constexpr,
-    SPLIT: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
+    RANGE: tl.constexpr, RAGGED: tl.constexpr, DQ_ADD: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -305,7 +279,6 @@ def dkdv_kernel(
         do_ptr = _head(DO, b, h, s_db, s_dh, TMA)
         dqa = _head(DQA, b, h, s_ab, s_ah, DQ_ADD == 2)
         slope = tl.load(ALIBI + bh) if ALIBI_ON else 0.0
-        kcol = (slope * UNIT) * tl.arange(0, BN).to(tl.float32)  # SPLIT's column term
         if not FLAT:
             for r in range(_bound(r0, INTERP), _bound(r1, INTERP)):
                 t0 = tl.load(RSTART + r) * BM  # as in the forward, rows
@@ -314,16 +287,15 @@ def dkdv_kernel(
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
-                        BAND_IDX, b, h, dqa, s_am, col0, col0 + BN - 1, kcol, KIND, SOFTCAP, ALIBI_ON, QPOS_ON,
-                        False, ROWS, FAST, SPLIT, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
+                        BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS,
+                        FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             r, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BM)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r,
                 j0, j1, cols, kp, QPOS, RLO, RHI, slope, scale,
-                softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am, col0, col0 + BN - 1, kcol, KIND,
-                SOFTCAP, ALIBI_ON, QPOS_ON, True, ROWS, FAST, SPLIT, TMA, DQ_ADD, D, BD, BM,
-                PREC, UNIT, INTERP)
+                softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP,
+                ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, nk, dk * scale,
            D, BD)
     _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, nk, dv, D, BD)

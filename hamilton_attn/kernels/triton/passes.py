@@ -20,7 +20,6 @@ def common(q, va, rows, interp):
         KPOS_ON=va["KPOS_ON"],
         ROWS=rows is not None,
         FAST=q.dtype == torch.bfloat16 and not interp,
-        SPLIT=tk._split(va),
         D=q.shape[-1],
         BD=tk._pow2(q.shape[-1]),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
