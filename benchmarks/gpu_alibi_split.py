@@ -26,16 +26,27 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=4)
     args = ap.parse_args(argv)
+    saved = tk.ALIBI_SPLIT
+    try:
+        failed = _run(args.seeds)
+    finally:
+        tk.ALIBI_SPLIT = saved
+        tk._pick.cache_clear()
+    print(f"{failed} failed")
+    return 0
+
+
+def _run(seeds: int) -> int:
     failed = 0
-    for seed in range(args.seeds):
+    for seed in range(seeds):
         gen = torch.Generator(device=g.DEV).manual_seed(seed)
         slopes = torch.rand(1, 4, device=g.DEV, generator=gen)
         for mname, mask in (
             ("causal 700", Mask.causal(700)),
             ("causal 300x1100", Mask.causal(300, 1100)),
         ):
+            var = BlockVariant(kind="softmax", alibi=slopes, shift=5)
             for dtype in (torch.bfloat16, torch.float16):
-                var = BlockVariant(kind="softmax", alibi=slopes, shift=5)
                 for split in (True, False):
                     tk.ALIBI_SPLIT = split
                     tk._pick.cache_clear()
@@ -46,9 +57,7 @@ def main(argv=None):
                         variant=var,
                     )
                     failed += not r["ok"]
-    tk.ALIBI_SPLIT = True
-    print(f"{failed} failed")
-    return 0
+    return failed
 
 
 if __name__ == "__main__":

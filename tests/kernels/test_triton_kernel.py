@@ -402,8 +402,8 @@ def test_alibi_split_scores_agree_with_the_oracle(name, split, monkeypatch):
 @pytest.mark.parametrize("mask", [Mask.full(16, 80), Mask.causal(40, 80)])
 def test_alibi_split_far_keys(mask, dtype):
     """Queries 3,000 positions after their keys: scores of -190 to -1,500 (slopes 1/16 to
-    1/2), every weight far below 2^-126 unless the running max follows the split scores'
-    tile constants; causal 40 x 80 adds tiles across the diagonal. bfloat16 forward and
+    1/2), every weight far below 2^-126 unless the running max tracks them (the split
+    scores carry each tile's per-key term); causal 40 x 80 adds tiles across the diagonal. bfloat16 forward and
     backward; float32 forward only: its backward's dQ / dV errors there are up to 2.6x a
     float32 torch reference's (p = exp2(s - lse) of two numbers near -2,000 in log2 units:
     docs/DESIGN.md)."""
