@@ -262,6 +262,21 @@ def run_checks(quick, only=None):
             (f"dq {how} sigmoid causal 700 bf16", Mask.causal(700), bf,
              dict(variant=BlockVariant(kind="sigmoid", bias=-2.0), switches=add)),
         ]  # fmt: skip
+    lazy = {"LAZY_MAX": 8.0}  # the running max moved only past 2^8 growth
+    cases += [
+        ("lazy causal 1000 bf16", Mask.causal(1000), bf, dict(switches=lazy)),
+        ("lazy bottom-right causal 300x1100 fp16", Mask.causal(300, 1100), fp16,
+         dict(switches=lazy)),
+        ("lazy docs 64-512 2000 GQA 8/2 bf16", docs_mask(uniform_docs(2000, 64, 512)), bf,
+         dict(hq=8, hk=2, switches=lazy)),
+        ("lazy full 777 fp32 D256 MQA", Mask.full(777), f32, dict(d=256, hk=1, switches=lazy)),
+        ("lazy alibi causal 700 bf16", Mask.causal(700), bf,
+         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=lazy)),
+        ("lazy alibi full 700 fp16 (keys after queries)", Mask.full(700), fp16,
+         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=-5), switches=lazy)),
+        ("lazy fused hamilton zigzag step bf16", p.fused_block(3, fused)[0], bf,
+         dict(switches=lazy)),
+    ]  # fmt: skip
     # cuDNN for large pieces, one triton call per run of small ones
     mixed = {"kernel": "sdpa+triton", "switches": {"sdpa.MIX_PAIRS": MIX_TIMED}}
     cases += [
@@ -532,13 +547,13 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): ragged row tiles of 128 rows
-    against the grid's on short and long-tailed documents. Earlier rounds' plans (TMA loads, ALiBi distances,
-    the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead, every case's
-    forward and backward tiles, the partial tile weight, ragged row tiles, dQ added in
-    the dK/dV pass, the sdpa backend's calls on concurrent streams, tile sweeps on short
-    and long-tailed documents) are in the results of triton_ab_H200_2026-12-03_s4 -
-    _s8."""
+    GPU run; printed and saved as ``name``.md / .json): the lazy running max and ALiBi
+    without the test for keys after queries, on every case they touch. Earlier rounds'
+    plans (ragged 128-row tiles, TMA loads, ALiBi distances, the packed float16 tanh,
+    RANGE / entry / run loops, dots a tile ahead, every case's forward and backward
+    tiles, the partial tile weight, dQ added in the dK/dV pass, the sdpa backend's calls
+    on concurrent streams, tile sweeps on short and long-tailed documents) are in the
+    results of triton_ab_H200_2026-12-03_s4 - triton_ab_H200_2026-12-04_s9."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -563,24 +578,38 @@ def ab_run(budget_s, out_dir, name, checks=()):
         print(f"ab {label}: {rate[0]:.1f}{extra} TF/s", flush=True)
 
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
-    # fwd configs and bwd sweeps run under the first two settings
-    # 128-row tiles that start where documents start: each K / V tile a program loads
-    # then serves up to twice the rows of a 64-row tile (the short documents' forward
-    # reads L2 at 75% of its peak: results/triton_profile_H200_2026-12-03_s6.md)
-    tall = [(128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2)]
-    rag = {"ragged": {"RAGGED": True, "DQ_ADD": 0}, "grid": {"RAGGED": False, "DQ_ADD": 0}}
+    # fwd configs and bwd sweeps run under the first two settings.
+    # s10: the running max moved only when a row's grows by more than 2^8 (`LAZY_MAX`:
+    # most tiles skip rescaling the accumulator), and ALiBi's split scores without the
+    # test for keys after queries where the mask has none (`ALIBI_BEHIND`)
+    lazy = {"lazy": {"LAZY_MAX": 8.0}, "now": {"LAZY_MAX": 0.0}}
+    causal = Mask.causal(s32)
+    alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
+    fused8k, _ = fused_blocks("hamilton", "docs", 8192)
     plan = [
-        ("docs 64-512 32K", short, None, rag, tall,
-         {"dkdv": [(64, 128, 8, 3), (32, 128, 4, 2)]}),
-        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, rag, tall[:2],
+        ("dense causal 32K", causal, None, lazy, [], {}),
+        ("alibi causal 32K", causal, alibi,
+         {"lazy+behind": {"LAZY_MAX": 8.0}, "behind": {"LAZY_MAX": 0.0},
+          "lazy, test": {"LAZY_MAX": 8.0, "ALIBI_BEHIND": False},
+          "now": {"LAZY_MAX": 0.0, "ALIBI_BEHIND": False}}, [], {}),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, lazy,
+         [(128, 128, 8, 3), (128, 64, 8, 3)], {}),
+        ("docs 64-512 32K", short, None, lazy, [(64, 16, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
          {}),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None,
-         {"ragged": {"RAGGED": True}, "grid": {"RAGGED": False}}, tall[:2], {}),
+        ("hamilton docs 8K/rank step", fused8k, None, lazy, [(64, 64, 4, 3), (128, 64, 8, 3)],
+         {}),
+        ("dense full 32K", Mask.full(s32), None, lazy, [], {}),
+        ("dense causal 32K (again)", causal, None, lazy, [], {}),
+        ("alibi causal 32K (again)", causal, alibi,
+         {"lazy+behind": {"LAZY_MAX": 8.0}, "now": {"LAZY_MAX": 0.0, "ALIBI_BEHIND": False}},
+         [], {}),
     ]  # fmt: skip
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     switches = (
         "TMA",
         "ALIBI_SPLIT",
+        "ALIBI_BEHIND",
+        "LAZY_MAX",
         "FLAT_LOOP",
         "RANGE_LOOP",
         "PARTIAL_COST",
@@ -632,8 +661,10 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
-        "`ragged` / `grid`: row tiles that start where documents start (`RAGGED`), or on "
-        "the grid; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
+        "`lazy`: the forward's running max moved only where a row's grows past 2^8 "
+        "(`LAZY_MAX` 8), `now` on every tile; `behind`: ALiBi's split scores without the "
+        "test for keys after queries (`ALIBI_BEHIND`), `test` with it; `fwd` / `dq` / "
+        "`dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",
         "| case | forward | forward+backward |",

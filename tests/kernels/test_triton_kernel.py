@@ -646,3 +646,50 @@ def test_forward_work_counts_the_grid_where_rows_see_two_intervals(monkeypatch):
     assert partial > 0
     monkeypatch.setattr(tk, "RAGGED", False)
     assert tk.forward_work(mask, 128) == (tiles, partial, _)
+
+
+@pytest.mark.parametrize("shift", [-7, -1, 0, 3, 40])
+@pytest.mark.parametrize("name", ["full", "causal", "bottom_right", "window", "docs_gap", "magi"])
+def test_keys_behind_matches_the_dense_mask(name, shift):
+    """``BEHIND`` drops ALiBi's test for keys after queries: the host's claim must hold for
+    every visible pair (``j <= i + shift``), and be made where it holds."""
+    from hamilton_attn.kernels import triton as tk
+
+    mask = MASKS[name]
+    vis = mask.to_dense(torch.device("cpu"))
+    i = torch.arange(mask.shape[0])[:, None]
+    j = torch.arange(mask.shape[1])[None, :]
+    assert tk._keys_behind(mask, shift) == bool((~vis | (j <= i + shift)).all())
+
+
+def _growing_keys(mask, hq, hk, d, dtype):
+    """Inputs whose rows' max score grows along the keys (keys scaled up to 6x): the
+    running max moves by more than a few units of log2 mid-row, as well as at the start."""
+    q, k, v, do = _inputs(mask, hq, hk, d, dtype, "bshd")
+    ramp = torch.linspace(1.0, 6.0, k.shape[2]).to(dtype)[None, None, :, None]
+    return q, (k * ramp).to(dtype), v, do
+
+
+@pytest.mark.parametrize("tau", [0.5, 8.0])
+@pytest.mark.parametrize("name", ["full", "causal", "window", "docs_gap", "magi"])
+def test_lazy_running_max_agrees_with_the_oracle(name, tau, monkeypatch):
+    """``LAZY_MAX``: the forward moves its running max only when some row's grows by more
+    than ``tau``; plain softmax (the fused-scale path), ALiBi's split scores and float16,
+    on keys whose scores grow along the row (rescales mid-row and skipped ones), forward
+    and backward against float64."""
+    from hamilton_attn.kernels import triton as tk
+
+    monkeypatch.setattr(tk, "LAZY_MAX", tau)
+    mask = MASKS[name]
+    for var, dtype in [
+        (None, torch.float32),
+        (None, torch.float16),
+        (_alibi(2, shift=3), torch.float32),
+        (BlockVariant(kind="softmax", softcap=8.0), torch.float16),
+    ]:
+        q, k, v, do = _growing_keys(mask, 2, 1, 16, dtype)
+        spec = BlockVariant(kind="softmax") if var is None else var
+        got = run_triton(q, k, v, do, mask, 0.3, var)
+        exact = oracle(q, k, v, do, mask, 0.3, spec)
+        same = oracle(q, k, v, do, mask, 0.3, spec, ct=dtype)
+        assert_close(got, exact, same)

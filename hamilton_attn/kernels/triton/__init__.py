@@ -104,6 +104,14 @@ TMA: bool | None = False
 #: ALiBi on implicit positions keeps scores shifted by a per-row term, so tiles whose
 #: keys all precede their queries add one per-key term (:func:`.jit._fwd_tile`).
 ALIBI_SPLIT = True
+#: Where every visible key lies at or before its query (causal masks, documents, windows
+#: that look back, with ALiBi's shift), the split scores skip their test for keys after
+#: queries (:func:`.jit._fwd_tile`'s ``BEHIND``).
+ALIBI_BEHIND = True
+#: The forward's running max moves only when some row's grows by more than this (base 2;
+#: 0: on every tile), so most tiles skip rescaling the accumulator (weights reach
+#: ``2^LAZY_MAX``, far inside float16's and bfloat16's range).
+LAZY_MAX = 0.0
 #: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
 #: (packed causal documents, windows), walk them as a counted loop (no per-entry column
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
@@ -254,6 +262,12 @@ def _flat(lists: TileLists, rows) -> bool:
 def _range(lists: TileLists, rows) -> bool:
     """``RANGE``: the ``FLAT`` loop as a counted loop over each row tile's columns."""
     return lists.ragged or (RANGE_LOOP and lists.contiguous and _flat(lists, rows))
+
+
+def _keys_behind(mask: Mask, shift: int) -> bool:
+    """Whether every visible pair's key position lies at or before its query's (``j <=
+    i + shift``)."""
+    return all(min(b.hi, b.k1 - 1 - b.q0) <= shift for b in mask.bands)
 
 
 def _scalars(scale, va) -> tuple:
@@ -454,6 +468,7 @@ class TritonKernel(AttentionKernel):
             and not va["QPOS_ON"]
             and not va["KPOS_ON"]
         )
+        behind = split and ALIBI_BEHIND and _keys_behind(mask, va["shift"])
         jit.fwd_kernel[(L.n_rows, b * hq)](
             q,
             kd if tma else k,
@@ -480,6 +495,8 @@ class TritonKernel(AttentionKernel):
             KPOS_ON=va["KPOS_ON"],
             CAPMAX=va["CAPMAX"],
             SPLIT=split,
+            BEHIND=behind,
+            LAZY=float(LAZY_MAX) if va["kind"] == 0 and not va["CAPMAX"] else 0.0,
             TMA=tma,
             ROWS=rows is not None,
             **_list_flags(L, rows),

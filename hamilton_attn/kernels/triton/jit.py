@@ -203,6 +203,21 @@ def _positions(POS, idx, n, shift, ON: tl.constexpr):
         return idx + shift
 
 
+@triton.jit
+def _lazy_max(acc, m_i, l_i, m_new, TAU: tl.constexpr):
+    """The online softmax's running max, moved only when some row's grows by more than
+    ``TAU`` (then every row's, and ``acc`` / ``l`` rescaled); the max the weights use,
+    finite (0 where a row has seen nothing)."""
+    grow = tl.reduce((m_new > m_i + TAU).to(tl.int32), 0, _MAX)
+    if grow > 0:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    return acc, m_i, l_i, tl.where(m_i == float("-inf"), 0.0, m_i)
+
+
 # fmt: off
 @triton.jit
 def _fwd_tile(
@@ -210,9 +225,9 @@ def _fwd_tile(
     scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
-    FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    UNIT: tl.constexpr, INTERP: tl.constexpr,
+    FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr,
+    LAZY: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """The key tile from element ``c`` of the forward: the online softmax update (or the
     plain sum).
@@ -221,7 +236,11 @@ def _fwd_tile(
     implicit positions): scores are kept shifted by the row term ``slope (i_pos - qbase)``
     (``qbase`` the tile's first query position; the caller takes it out of the lse), so a
     tile whose keys all lie at or before its queries adds one per-key term to the dots
-    (``slope (j - qbase)``) instead of an absolute distance per pair."""
+    (``slope (j - qbase)``) instead of an absolute distance per pair; ``BEHIND`` (the host
+    knows every visible key lies at or before its query) drops the test for the others.
+    ``LAZY`` (softmax, > 0): the running max moves only when some row's max grows by more
+    than ``LAZY`` (base 2), so most tiles skip the rescale of ``acc`` and ``l``; weights
+    then reach ``2^LAZY`` (in range for the PV product's dtype, exact in the lse)."""
     cols = c + tl.arange(0, BN)
     k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -235,22 +254,29 @@ def _fwd_tile(
         if MASKED:
             qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * sc)
-        if MASKED:
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if LAZY > 0:
+            acc, m_i, l_i, m_safe = _lazy_max(acc, m_i, l_i, m_new, LAZY)
         else:
-            m_safe = m_new
+            if MASKED:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_safe = m_new
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
         p = tl.exp2(qk * sc - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
-        acc = acc * alpha[:, None]
-        m_i = m_new
+        l_i = l_i + tl.reduce(p, 1, _ADD)
     else:
         if SPLIT:
             s, th = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
             su = slope * UNIT
             s = s + (su * (cols - qbase).to(tl.float32))[None, :]
-            if c + BN - 1 > qbase:  # some key after some query: |d| = d + 2 max(-d, 0)
-                s = s - (2.0 * su) * tl.maximum(cols[None, :] - qp[:, None], 0).to(tl.float32)
+            if not BEHIND:
+                if c + BN - 1 > qbase:  # a key after some query: |d| = d + 2 max(-d, 0)
+                    s = s - (2.0 * su) * tl.maximum(cols[None, :] - qp[:, None], 0).to(
+                        tl.float32
+                    )
         else:
             kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
             s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
@@ -265,12 +291,16 @@ def _fwd_tile(
             l_i = l_i + tl.reduce(p, 1, _ADD)
         elif KIND == 0:
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if LAZY > 0:
+                acc, m_i, l_i, m_safe = _lazy_max(acc, m_i, l_i, m_new, LAZY)
+            else:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
             p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            l_i = l_i + tl.reduce(p, 1, _ADD)
         elif KIND == 1:
             p = _sigmoid(s + bias, FAST)  # 0 at s = -inf (tanh.approx(-inf) is -1)
         else:
@@ -289,8 +319,8 @@ def fwd_kernel(
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
     FLAT: tl.constexpr, RANGE: tl.constexpr, RAGGED: tl.constexpr, FAST: tl.constexpr,
-    CAPMAX: tl.constexpr,
-    SPLIT: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr, LAZY: tl.constexpr,
+    TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -332,8 +362,8 @@ def fwd_kernel(
                 acc, m_i, l_i = _fwd_tile(
                     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
                     KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
-                    SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT, TMA,
-                    D, BD, BN, PREC, UNIT, INTERP)
+                    SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT, BEHIND,
+                    LAZY, TMA, D, BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0
@@ -343,7 +373,7 @@ def fwd_kernel(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0,
             j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
             BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
-            CAPMAX, SPLIT, TMA, D, BD, BN, PREC, UNIT, INTERP)
+            CAPMAX, SPLIT, BEHIND, LAZY, TMA, D, BD, BN, PREC, UNIT, INTERP)
     if KIND == 0:
         if CAPMAX:
             m_i = tl.full([BM], 0.0, tl.float32) + softcap * UNIT
