@@ -262,20 +262,20 @@ def run_checks(quick, only=None):
             (f"dq {how} sigmoid causal 700 bf16", Mask.causal(700), bf,
              dict(variant=BlockVariant(kind="sigmoid", bias=-2.0), switches=add)),
         ]  # fmt: skip
-    lazy = {"LAZY_MAX": 8.0}  # the running max moved only past 2^8 growth
+    mma = {"ALIBI_MMA": True}  # ALiBi's per-key term as the QK^T dot's accumulator
+    real = 2.0 ** (-8.0 * torch.arange(1, 9, device=DEV, dtype=torch.float32) / 8)[None]
     cases += [
-        ("lazy causal 1000 bf16", Mask.causal(1000), bf, dict(switches=lazy)),
-        ("lazy bottom-right causal 300x1100 fp16", Mask.causal(300, 1100), fp16,
-         dict(switches=lazy)),
-        ("lazy docs 64-512 2000 GQA 8/2 bf16", docs_mask(uniform_docs(2000, 64, 512)), bf,
-         dict(hq=8, hk=2, switches=lazy)),
-        ("lazy full 777 fp32 D256 MQA", Mask.full(777), f32, dict(d=256, hk=1, switches=lazy)),
-        ("lazy alibi causal 700 bf16", Mask.causal(700), bf,
-         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=lazy)),
-        ("lazy alibi full 700 fp16 (keys after queries)", Mask.full(700), fp16,
-         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=-5), switches=lazy)),
-        ("lazy fused hamilton zigzag step bf16", p.fused_block(3, fused)[0], bf,
-         dict(switches=lazy)),
+        ("mma alibi causal 700 bf16", Mask.causal(700), bf,
+         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=mma)),
+        ("mma alibi bottom-right 300x1100 fp16", Mask.causal(300, 1100), fp16,
+         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=800), switches=mma)),
+        ("mma alibi docs 64-512 2000 GQA 8/2 bf16, slopes 2^-8h/8",
+         docs_mask(uniform_docs(2000, 64, 512)), bf,
+         dict(hq=8, hk=2, variant=BlockVariant(kind="softmax", alibi=real), switches=mma)),
+        ("mma alibi window (100,0) 999 fp32 D64", Mask.sliding_window(999, (100, 0)), f32,
+         dict(d=64, variant=BlockVariant(kind="softmax", alibi=slopes), switches=mma)),
+        ("mma alibi causal 4000 bf16, slopes 2^-8h/8", Mask.causal(4000), bf,
+         dict(hq=8, hk=8, variant=BlockVariant(kind="softmax", alibi=real), switches=mma)),
     ]  # fmt: skip
     # cuDNN for large pieces, one triton call per run of small ones
     mixed = {"kernel": "sdpa+triton", "switches": {"sdpa.MIX_PAIRS": MIX_TIMED}}
@@ -547,13 +547,13 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): the lazy running max and ALiBi
-    without the test for keys after queries, on every case they touch. Earlier rounds'
-    plans (ragged 128-row tiles, TMA loads, ALiBi distances, the packed float16 tanh,
-    RANGE / entry / run loops, dots a tile ahead, every case's forward and backward
-    tiles, the partial tile weight, dQ added in the dK/dV pass, the sdpa backend's calls
-    on concurrent streams, tile sweeps on short and long-tailed documents) are in the
-    results of triton_ab_H200_2026-12-03_s4 - triton_ab_H200_2026-12-04_s9."""
+    GPU run; printed and saved as ``name``.md / .json): ALiBi's per-key term as the dot's
+    accumulator, and without the test for keys after queries, beside plain softmax.
+    Earlier rounds' plans (the lazy running max, ragged 128-row tiles, TMA loads, ALiBi
+    distances, the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead,
+    every case's forward and backward tiles, the partial tile weight, dQ added in the
+    dK/dV pass, the sdpa backend's calls on concurrent streams, tile sweeps on short and
+    long-tailed documents) are in the results of triton_ab_H200_2026-12-03_s4 - triton_ab_H200_2026-12-04_s10."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -579,37 +579,34 @@ def ab_run(budget_s, out_dir, name, checks=()):
 
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
     # fwd configs and bwd sweeps run under the first two settings.
-    # s10: the running max moved only when a row's grows by more than 2^8 (`LAZY_MAX`:
-    # most tiles skip rescaling the accumulator), and ALiBi's split scores without the
-    # test for keys after queries where the mask has none (`ALIBI_BEHIND`)
-    lazy = {"lazy": {"LAZY_MAX": 8.0}, "now": {"LAZY_MAX": 0.0}}
+    # s10b: ALiBi's per-key term as the QK^T dot's initial accumulator (`ALIBI_MMA`:
+    # plain softmax's fused update), without the test for keys after queries
+    # (`ALIBI_BEHIND`), beside plain softmax, three rounds (the 0.9x floor sits within
+    # run-to-run spread); small slopes as in perf_cases and the paper's 2^(-8h/H)
     causal = Mask.causal(s32)
-    alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
-    fused8k, _ = fused_blocks("hamilton", "docs", 8192)
-    plan = [
-        ("dense causal 32K", causal, None, lazy, [], {}),
-        ("alibi causal 32K", causal, alibi,
-         {"lazy+behind": {"LAZY_MAX": 8.0}, "behind": {"LAZY_MAX": 0.0},
-          "lazy, test": {"LAZY_MAX": 8.0, "ALIBI_BEHIND": False},
-          "now": {"LAZY_MAX": 0.0, "ALIBI_BEHIND": False}}, [], {}),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, lazy,
-         [(128, 128, 8, 3), (128, 64, 8, 3)], {}),
-        ("docs 64-512 32K", short, None, lazy, [(64, 16, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-         {}),
-        ("hamilton docs 8K/rank step", fused8k, None, lazy, [(64, 64, 4, 3), (128, 64, 8, 3)],
-         {}),
-        ("dense full 32K", Mask.full(s32), None, lazy, [], {}),
-        ("dense causal 32K (again)", causal, None, lazy, [], {}),
-        ("alibi causal 32K (again)", causal, alibi,
-         {"lazy+behind": {"LAZY_MAX": 8.0}, "now": {"LAZY_MAX": 0.0, "ALIBI_BEHIND": False}},
-         [], {}),
-    ]  # fmt: skip
+    small = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
+    h = torch.arange(1, 33, device=DEV, dtype=torch.float32)
+    real = BlockVariant(kind="softmax", alibi=(2.0 ** (-8.0 * h / 32))[None])
+    three = {"mma": {"ALIBI_MMA": True}, "behind": {"ALIBI_MMA": False},
+             "test": {"ALIBI_MMA": False, "ALIBI_BEHIND": False}}  # fmt: skip
+    plan = []
+    for r in ("", " (again)", " (third)"):
+        plan += [
+            (f"plain causal 32K{r}", causal, None, {"now": {}}, [], {}),
+            (f"alibi small slopes causal 32K{r}", causal, small, three, [], {}),
+            (f"alibi 2^-8h/32 causal 32K{r}", causal, real, three, [], {}),
+        ]
+    plan += [
+        ("alibi lognormal docs 32K", docs_mask(lognormal_docs(s32)), small, three, [], {}),
+        ("plain lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, {"now": {}}, [], {}),
+        ("alibi docs 64-512 32K", short, small, three, [], {}),
+    ]
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     switches = (
         "TMA",
         "ALIBI_SPLIT",
         "ALIBI_BEHIND",
-        "LAZY_MAX",
+        "ALIBI_MMA",
         "FLAT_LOOP",
         "RANGE_LOOP",
         "PARTIAL_COST",
@@ -661,10 +658,9 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
-        "`lazy`: the forward's running max moved only where a row's grows past 2^8 "
-        "(`LAZY_MAX` 8), `now` on every tile; `behind`: ALiBi's split scores without the "
-        "test for keys after queries (`ALIBI_BEHIND`), `test` with it; `fwd` / `dq` / "
-        "`dkdv` (BM, BN, warps, "
+        "`mma`: ALiBi's per-key term as the QK^T dot's initial accumulator (`ALIBI_MMA`); "
+        "`behind`: ALiBi's split scores without the test for keys after queries "
+        "(`ALIBI_BEHIND`), `test` with it; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",
         "| case | forward | forward+backward |",

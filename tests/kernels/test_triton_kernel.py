@@ -385,15 +385,18 @@ def test_descriptor_refuses_what_tma_cannot_address():
     assert tk._descriptor(x.transpose(1, 2).expand(2, 3, 40, 16), 16, 16) is None  # stride 0
 
 
-@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("how", ["split", "split+mma", "dist"])
 @pytest.mark.parametrize("name", ["full", "causal", "bottom_right", "window", "docs_gap", "magi"])
-def test_alibi_split_scores_agree_with_the_oracle(name, split, monkeypatch):
+def test_alibi_split_scores_agree_with_the_oracle(name, how, monkeypatch):
     """ALiBi's shifted scores (a per-key term on tiles whose keys precede their queries,
-    the row term taken out of the lse) and the per-pair distance, on masks with tiles on
-    both sides of the diagonal, a shift, and slopes whose row terms differ per head."""
+    the row term taken out of the lse; ``mma``: that term as the dot's initial
+    accumulator, where no visible key follows its query) and the per-pair distance, on
+    masks with tiles on both sides of the diagonal, shifts that keep every key behind
+    (5) or not (-7), and slopes whose row terms differ per head."""
     from hamilton_attn.kernels import triton as tk
 
-    monkeypatch.setattr(tk, "ALIBI_SPLIT", split)
+    monkeypatch.setattr(tk, "ALIBI_SPLIT", how != "dist")
+    monkeypatch.setattr(tk, "ALIBI_MMA", how == "split+mma")
     check(MASKS[name], var=_alibi(4, shift=5), hq=4, hk=2)
     check(MASKS[name], var=_alibi(2, shift=-7), hq=2, hk=1, dtype=torch.bfloat16)
 
@@ -660,36 +663,3 @@ def test_keys_behind_matches_the_dense_mask(name, shift):
     i = torch.arange(mask.shape[0])[:, None]
     j = torch.arange(mask.shape[1])[None, :]
     assert tk._keys_behind(mask, shift) == bool((~vis | (j <= i + shift)).all())
-
-
-def _growing_keys(mask, hq, hk, d, dtype):
-    """Inputs whose rows' max score grows along the keys (keys scaled up to 6x): the
-    running max moves by more than a few units of log2 mid-row, as well as at the start."""
-    q, k, v, do = _inputs(mask, hq, hk, d, dtype, "bshd")
-    ramp = torch.linspace(1.0, 6.0, k.shape[2]).to(dtype)[None, None, :, None]
-    return q, (k * ramp).to(dtype), v, do
-
-
-@pytest.mark.parametrize("tau", [0.5, 8.0])
-@pytest.mark.parametrize("name", ["full", "causal", "window", "docs_gap", "magi"])
-def test_lazy_running_max_agrees_with_the_oracle(name, tau, monkeypatch):
-    """``LAZY_MAX``: the forward moves its running max only when some row's grows by more
-    than ``tau``; plain softmax (the fused-scale path), ALiBi's split scores and float16,
-    on keys whose scores grow along the row (rescales mid-row and skipped ones), forward
-    and backward against float64."""
-    from hamilton_attn.kernels import triton as tk
-
-    monkeypatch.setattr(tk, "LAZY_MAX", tau)
-    mask = MASKS[name]
-    for var, dtype in [
-        (None, torch.float32),
-        (None, torch.float16),
-        (_alibi(2, shift=3), torch.float32),
-        (BlockVariant(kind="softmax", softcap=8.0), torch.float16),
-    ]:
-        q, k, v, do = _growing_keys(mask, 2, 1, 16, dtype)
-        spec = BlockVariant(kind="softmax") if var is None else var
-        got = run_triton(q, k, v, do, mask, 0.3, var)
-        exact = oracle(q, k, v, do, mask, 0.3, spec)
-        same = oracle(q, k, v, do, mask, 0.3, spec, ct=dtype)
-        assert_close(got, exact, same)

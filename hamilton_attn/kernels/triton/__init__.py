@@ -108,10 +108,10 @@ ALIBI_SPLIT = True
 #: that look back, with ALiBi's shift), the split scores skip their test for keys after
 #: queries (:func:`.jit._fwd_tile`'s ``BEHIND``).
 ALIBI_BEHIND = True
-#: The forward's running max moves only when some row's grows by more than this (base 2;
-#: 0: on every tile), so most tiles skip rescaling the accumulator (weights reach
-#: ``2^LAZY_MAX``, far inside float16's and bfloat16's range).
-LAZY_MAX = 0.0
+#: There, with scale > 0, the per-key term enters as the QK^T dot's initial accumulator
+#: and ALiBi takes plain softmax's fused update (row max on the dots, one multiply-add
+#: per score).
+ALIBI_MMA = False
 #: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
 #: (packed causal documents, windows), walk them as a counted loop (no per-entry column
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
@@ -496,11 +496,10 @@ class TritonKernel(AttentionKernel):
             CAPMAX=va["CAPMAX"],
             SPLIT=split,
             BEHIND=behind,
-            LAZY=float(LAZY_MAX) if va["kind"] == 0 and not va["CAPMAX"] else 0.0,
             TMA=tma,
             ROWS=rows is not None,
             **_list_flags(L, rows),
-            FUSE=plain and scale > 0,
+            FUSE=(plain or (behind and ALIBI_MMA and not va["SOFTCAP"])) and scale > 0,
             FAST=q.dtype == torch.bfloat16 and not interp,
             D=d,
             BD=_pow2(d),

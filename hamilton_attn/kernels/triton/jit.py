@@ -203,21 +203,6 @@ def _positions(POS, idx, n, shift, ON: tl.constexpr):
         return idx + shift
 
 
-@triton.jit
-def _lazy_max(acc, m_i, l_i, m_new, TAU: tl.constexpr):
-    """The online softmax's running max, moved only when some row's grows by more than
-    ``TAU`` (then every row's, and ``acc`` / ``l`` rescaled); the max the weights use,
-    finite (0 where a row has seen nothing)."""
-    grow = tl.reduce((m_new > m_i + TAU).to(tl.int32), 0, _MAX)
-    if grow > 0:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    return acc, m_i, l_i, tl.where(m_i == float("-inf"), 0.0, m_i)
-
-
 # fmt: off
 @triton.jit
 def _fwd_tile(
@@ -226,8 +211,8 @@ def _fwd_tile(
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
     FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr,
-    LAZY: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """The key tile from element ``c`` of the forward: the online softmax update (or the
     plain sum).
@@ -238,12 +223,16 @@ def _fwd_tile(
     tile whose keys all lie at or before its queries adds one per-key term to the dots
     (``slope (j - qbase)``) instead of an absolute distance per pair; ``BEHIND`` (the host
     knows every visible key lies at or before its query) drops the test for the others.
-    ``LAZY`` (softmax, > 0): the running max moves only when some row's max grows by more
-    than ``LAZY`` (base 2), so most tiles skip the rescale of ``acc`` and ``l``; weights
-    then reach ``2^LAZY`` (in range for the PV product's dtype, exact in the lse)."""
+    ``FUSE`` with ``SPLIT`` (``BEHIND``, scale > 0): the per-key term, divided by the
+    scale, is the dot's initial accumulator, so ALiBi runs plain softmax's update."""
     cols = c + tl.arange(0, BN)
     k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if FUSE and SPLIT:
+        term = ((slope / scale) * (cols - qbase).to(tl.float32))[None, :]
+        init = tl.full([q.shape[0], BN], 0.0, tl.float32) + term
+        qk = tl.dot(q, tl.trans(k), init, input_precision=PREC)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASKED:
         if ROWS:
             vis = _rows_vis(rlo[:, None], rhi[:, None], cols[None, :])
@@ -254,19 +243,15 @@ def _fwd_tile(
         if MASKED:
             qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * sc)
-        if LAZY > 0:
-            acc, m_i, l_i, m_safe = _lazy_max(acc, m_i, l_i, m_new, LAZY)
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            if MASKED:
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_safe = m_new
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            m_safe = m_new
         p = tl.exp2(qk * sc - m_safe[:, None])
-        l_i = l_i + tl.reduce(p, 1, _ADD)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     else:
         if SPLIT:
             s, th = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
@@ -291,16 +276,12 @@ def _fwd_tile(
             l_i = l_i + tl.reduce(p, 1, _ADD)
         elif KIND == 0:
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-            if LAZY > 0:
-                acc, m_i, l_i, m_safe = _lazy_max(acc, m_i, l_i, m_new, LAZY)
-            else:
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i + tl.reduce(p, 1, _ADD)
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         elif KIND == 1:
             p = _sigmoid(s + bias, FAST)  # 0 at s = -inf (tanh.approx(-inf) is -1)
         else:
@@ -319,7 +300,7 @@ def fwd_kernel(
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
     FLAT: tl.constexpr, RANGE: tl.constexpr, RAGGED: tl.constexpr, FAST: tl.constexpr,
-    CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr, LAZY: tl.constexpr,
+    CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
@@ -363,7 +344,7 @@ def fwd_kernel(
                     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
                     KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
                     SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT, BEHIND,
-                    LAZY, TMA, D, BD, BN, PREC, UNIT, INTERP)
+                    TMA, D, BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0
@@ -373,7 +354,7 @@ def fwd_kernel(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0,
             j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
             BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
-            CAPMAX, SPLIT, BEHIND, LAZY, TMA, D, BD, BN, PREC, UNIT, INTERP)
+            CAPMAX, SPLIT, BEHIND, TMA, D, BD, BN, PREC, UNIT, INTERP)
     if KIND == 0:
         if CAPMAX:
             m_i = tl.full([BM], 0.0, tl.float32) + softcap * UNIT
