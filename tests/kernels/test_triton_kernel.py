@@ -663,18 +663,3 @@ def test_keys_behind_matches_the_dense_mask(name, shift):
     i = torch.arange(mask.shape[0])[:, None]
     j = torch.arange(mask.shape[1])[None, :]
     assert tk._keys_behind(mask, shift) == bool((~vis | (j <= i + shift)).all())
-
-
-@pytest.mark.parametrize("dq_add", [0, 1])
-@pytest.mark.parametrize("name", ["full", "causal", "bottom_right", "docs_gap", "magi"])
-def test_centred_dp_dots_agree_with_the_oracle(name, dq_add, monkeypatch):
-    """``DP_CENTRED``: the backward's ``dO . v`` dots start from ``-delta`` (dQ pass and dQ
-    added in the dK/dV pass), plain softmax, softcap and ALiBi with its slope gradient,
-    GQA, rows that see nothing, padded tiles."""
-    from hamilton_attn.kernels import triton as tk
-
-    monkeypatch.setattr(tk, "DP_CENTRED", True)
-    monkeypatch.setattr(tk, "DQ_ADD", dq_add)
-    check(MASKS[name], hq=4, hk=2, d=24)
-    check(MASKS[name], var=BlockVariant(kind="softmax", softcap=3.0), dtype=torch.float16)
-    check(MASKS[name], var=_alibi(2, shift=4), dtype=torch.bfloat16)

@@ -113,9 +113,6 @@ ALIBI_BEHIND = True
 #: per score): causal 32K forward 480-489 TF/s against 457-461 without it, plain 512
 #: (results/triton_ab_H200_2026-12-04_s10b.md).
 ALIBI_MMA = True
-#: The backward's ``dO . v`` dots start from ``-delta`` (the softmax backward's row term
-#: as the initial accumulator), one subtraction per score fewer.
-DP_CENTRED = False
 #: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
 #: (packed causal documents, windows), walk them as a counted loop (no per-entry column
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s

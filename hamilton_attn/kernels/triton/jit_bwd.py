@@ -58,18 +58,13 @@ def delta_kernel(
 
 
 @triton.jit
-def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr,
-        CENTRED: tl.constexpr):
+def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
     """``(weights, d(loss)/d(final score))`` from masked scores ``s``, ``dp = dO . v``
-    (``lse2`` / ``delta`` broadcast like ``s``; ``CENTRED``: ``dp`` has ``delta`` taken
-    out already); the softcap factor is applied by the caller after the ALiBi slope's
-    use of the final-score gradient."""
+    (``lse2`` / ``delta`` broadcast like ``s``); the softcap factor is applied by the
+    caller after the ALiBi slope's use of the final-score gradient."""
     if KIND == 0:
         p = tl.exp2(s - lse2)
-        if CENTRED:
-            ds = p * dp
-        else:
-            ds = p * (dp - delta)
+        ds = p * (dp - delta)
     elif KIND == 1:
         p = _sigmoid(s + bias, FAST)
         ds = dp * p * (1.0 - p)
@@ -80,18 +75,6 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr,
 
 
 @triton.jit
-def _dp(a, b, delta, CENTRED: tl.constexpr, PREC: tl.constexpr):
-    """``a @ b^T``, less ``delta`` (broadcast like the product) where ``CENTRED``: the
-    softmax backward's row term as the dot's initial accumulator, one subtraction per
-    score fewer."""
-    if CENTRED:
-        init = tl.full([a.shape[0], b.shape[0]], 0.0, tl.float32) - delta
-        return tl.dot(a, tl.trans(b), init, input_precision=PREC)
-    else:
-        return tl.dot(a, tl.trans(b), input_precision=PREC)
-
-
-@triton.jit
 def _dq_tile(
     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp,
     KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
@@ -99,7 +82,7 @@ def _dq_tile(
     KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr,
     ROWS: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
-    INTERP: tl.constexpr, CENTRED: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     cols = c + tl.arange(0, BN)
     k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
@@ -114,8 +97,8 @@ def _dq_tile(
         else:
             vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
         s = tl.where(vis, s, float("-inf"))
-    dp = _dp(do, v, delta[:, None], CENTRED, PREC)
-    p, ds = _ds(s, dp, th, lse2[:, None], delta[:, None], bias, KIND, FAST, CENTRED)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    p, ds = _ds(s, dp, th, lse2[:, None], delta[:, None], bias, KIND, FAST)
     if AGRAD_ON:
         dsl += tl.reduce(ds * tl.abs(qp[:, None] - kp[None, :]).to(tl.float32), 1, _ADD)
     if SOFTCAP:
@@ -136,7 +119,6 @@ def dq_kernel(
     FAST: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
-    CENTRED: tl.constexpr,
 ):
     """dQ of one query tile of one head (and its rows' share of d slope for ALiBi).
     ``TMA``: K and V are tensor descriptors. ``RAGGED``: as in the forward."""
@@ -183,7 +165,7 @@ def dq_kernel(
                     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
                     rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
                     KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, TMA, D,
-                    BD, BN, PREC, UNIT, INTERP, CENTRED)
+                    BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0  # as in the forward
@@ -193,7 +175,7 @@ def dq_kernel(
             dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c,
             j0, j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
             bias, SK, BANDS, BAND_IDX, b, hk, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True,
-            ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP, CENTRED)
+            ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP)
     _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, nq, dq * scale, D,
            BD)
     if AGRAD_ON:
@@ -208,7 +190,6 @@ def _dkdv_tile(
     QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
     TMA: tl.constexpr, DQ_ADD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
-    CENTRED: tl.constexpr,
 ):
     """The share of the query tile from row ``r`` in a key tile's dK / dV (scores
     transposed: keys x rows). ``DQ_ADD`` (1: atomics, 2: TMA reduce-adds into the
@@ -228,6 +209,7 @@ def _dkdv_tile(
         else:
             vis = _visible(rows[None, :], cols[:, None], BANDS, BAND_IDX, j0, j1, INTERP)
         s = tl.where(vis, s, float("-inf"))
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     if KIND == 0:
         if MASKED:
             lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=float("inf"))
@@ -239,8 +221,7 @@ def _dkdv_tile(
     else:
         lse2 = tl.full([BM], 0.0, tl.float32)
         delta = lse2
-    dpT = _dp(v, do, delta[None, :], CENTRED, PREC)
-    pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, FAST, CENTRED)
+    pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, FAST)
     if SOFTCAP:
         dsT = dsT * (1.0 - th * th)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
@@ -268,7 +249,7 @@ def dkdv_kernel(
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
     RANGE: tl.constexpr, RAGGED: tl.constexpr, DQ_ADD: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    UNIT: tl.constexpr, INTERP: tl.constexpr, CENTRED: tl.constexpr,
+    UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
     (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors.
@@ -307,15 +288,14 @@ def dkdv_kernel(
                         dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
                         BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS,
-                        FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP, CENTRED)
+                        FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             r, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BM)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r,
                 j0, j1, cols, kp, QPOS, RLO, RHI, slope, scale,
                 softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP,
-                ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP,
-                CENTRED)
+                ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, nk, dk * scale,
            D, BD)
     _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, nk, dv, D, BD)

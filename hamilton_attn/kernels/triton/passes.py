@@ -25,7 +25,6 @@ def common(q, va, rows, interp):
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UNIT=tk.LOG2E if va["kind"] == 0 else 1.0,
         INTERP=interp,
-        CENTRED=tk.DP_CENTRED and va["kind"] == 0,
     )
 
 
