@@ -277,6 +277,19 @@ def run_checks(quick, only=None):
         ("mma alibi causal 4000 bf16, slopes 2^-8h/8", Mask.causal(4000), bf,
          dict(hq=8, hk=8, variant=BlockVariant(kind="softmax", alibi=real), switches=mma)),
     ]  # fmt: skip
+    uns = {"UNSIGNED_ROWS": True}  # row intervals tested by one unsigned comparison
+    cases += [
+        ("unsigned docs 64-512 2000 GQA 8/2 bf16", docs_mask(uniform_docs(2000, 64, 512)), bf,
+         dict(hq=8, hk=2, switches=uns)),
+        ("unsigned window (100,0) 999 fp32 D64", Mask.sliding_window(999, (100, 0)), f32,
+         dict(d=64, switches=uns)),
+        ("unsigned bottom-right causal 300x1100 fp16", Mask.causal(300, 1100), fp16,
+         dict(switches=uns)),
+        ("unsigned fused hamilton zigzag step bf16", p.fused_block(3, fused)[0], bf,
+         dict(switches=uns)),
+        ("unsigned alibi docs bf16", short, bf,
+         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=uns)),
+    ]  # fmt: skip
     # cuDNN for large pieces, one triton call per run of small ones
     mixed = {"kernel": "sdpa+triton", "switches": {"sdpa.MIX_PAIRS": MIX_TIMED}}
     cases += [
@@ -547,9 +560,9 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): ALiBi's per-key term as the dot's
-    accumulator, and without the test for keys after queries, beside plain softmax.
-    Earlier rounds' plans (the backward's dO . v dots started from -delta, the lazy
+    GPU run; printed and saved as ``name``.md / .json): the forward's row-interval test
+    as one unsigned comparison. Earlier rounds' plans (ALiBi's per-key term as the dot's
+    accumulator, the backward's dO . v dots started from -delta, the lazy
     running max, ragged 128-row tiles, TMA loads, ALiBi
     distances, the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead,
     every case's forward and backward tiles, the partial tile weight, dQ added in the
@@ -580,27 +593,24 @@ def ab_run(budget_s, out_dir, name, checks=()):
 
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
     # fwd configs and bwd sweeps run under the first two settings.
-    # s10b: ALiBi's per-key term as the QK^T dot's initial accumulator (`ALIBI_MMA`:
-    # plain softmax's fused update), without the test for keys after queries
-    # (`ALIBI_BEHIND`), beside plain softmax, three rounds (the 0.9x floor sat within
-    # run-to-run spread); small slopes as in perf_cases and the paper's 2^(-8h/H)
-    causal = Mask.causal(s32)
-    small = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
-    h = torch.arange(1, 33, device=DEV, dtype=torch.float32)
-    real = BlockVariant(kind="softmax", alibi=(2.0 ** (-8.0 * h / 32))[None])
-    three = {"mma": {"ALIBI_MMA": True}, "behind": {"ALIBI_MMA": False},
-             "test": {"ALIBI_MMA": False, "ALIBI_BEHIND": False}}  # fmt: skip
+    # s10d: the forward's row-interval test as one subtraction and one unsigned
+    # comparison per element (`UNSIGNED_ROWS`), on the cases whose tiles are mostly
+    # partial. s10b measured ALiBi's per-key term as the dot's accumulator
+    # (`ALIBI_MMA`, now on): results/triton_ab_H200_2026-12-04_s10b.md.
+    uns = {"unsigned": {"UNSIGNED_ROWS": True}, "now": {"UNSIGNED_ROWS": False}}
+    fused8k, _ = fused_blocks("hamilton", "docs", 8192)
+    alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     plan = []
-    for r in ("", " (again)", " (third)"):
+    for r in ("", " (again)"):
         plan += [
-            (f"plain causal 32K{r}", causal, None, {"now": {}}, [], {}),
-            (f"alibi small slopes causal 32K{r}", causal, small, three, [], {}),
-            (f"alibi 2^-8h/32 causal 32K{r}", causal, real, three, [], {}),
+            (f"docs 64-512 32K{r}", short, None, uns, [], {}),
+            (f"hamilton docs 8K/rank step{r}", fused8k, None, uns, [], {}),
         ]
     plan += [
-        ("alibi lognormal docs 32K", docs_mask(lognormal_docs(s32)), small, three, [], {}),
-        ("plain lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, {"now": {}}, [], {}),
-        ("alibi docs 64-512 32K", short, small, three, [], {}),
+        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, uns, [], {}),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, uns, [], {}),
+        ("alibi docs 64-512 32K", short, alibi, uns, [], {}),
+        ("dense causal 32K", Mask.causal(s32), None, uns, [], {}),
     ]
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     switches = (
@@ -608,6 +618,7 @@ def ab_run(budget_s, out_dir, name, checks=()):
         "ALIBI_SPLIT",
         "ALIBI_BEHIND",
         "ALIBI_MMA",
+        "UNSIGNED_ROWS",
         "FLAT_LOOP",
         "RANGE_LOOP",
         "PARTIAL_COST",
@@ -659,9 +670,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
-        "`mma`: ALiBi's per-key term as the QK^T dot's initial accumulator (`ALIBI_MMA`); "
-        "`behind`: ALiBi's split scores without the test for keys after queries "
-        "(`ALIBI_BEHIND`), `test` with it; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
+        "`unsigned`: the forward's row-interval test as one subtraction and one unsigned "
+        "comparison per element (`UNSIGNED_ROWS`), `now` two comparisons; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",
         "| case | forward | forward+backward |",

@@ -663,3 +663,17 @@ def test_keys_behind_matches_the_dense_mask(name, shift):
     i = torch.arange(mask.shape[0])[:, None]
     j = torch.arange(mask.shape[1])[None, :]
     assert tk._keys_behind(mask, shift) == bool((~vis | (j <= i + shift)).all())
+
+
+@pytest.mark.parametrize("loop", ["flat", "runs"])
+@pytest.mark.parametrize("name", ["causal", "bottom_right", "window", "docs_gap"])
+def test_unsigned_row_interval_test_agrees_with_the_oracle(name, loop, monkeypatch):
+    """``UNSIGNED_ROWS``: the forward's partial tiles tested as ``0 <= j - lo <= width``
+    in one unsigned comparison; rows that see nothing (docs_gap's 20..24, padded rows of
+    the last tile) must stay empty, keys before ``lo`` (negative differences) unseen."""
+    from hamilton_attn.kernels import triton as tk
+
+    monkeypatch.setattr(tk, "UNSIGNED_ROWS", True)
+    monkeypatch.setattr(tk, "FLAT_LOOP", loop == "flat")
+    check(MASKS[name], hq=4, hk=2)
+    check(MASKS[name], var=_alibi(2, shift=2), dtype=torch.bfloat16)

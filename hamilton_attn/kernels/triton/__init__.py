@@ -113,6 +113,10 @@ ALIBI_BEHIND = True
 #: per score): causal 32K forward 480-489 TF/s against 457-461 without it, plain 512
 #: (results/triton_ab_H200_2026-12-04_s10b.md).
 ALIBI_MMA = True
+#: The forward tests partial tiles against the row intervals by one subtraction and one
+#: unsigned comparison per element instead of two comparisons and an and
+#: (:func:`.jit._rows_vis_u`).
+UNSIGNED_ROWS = False
 #: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
 #: (packed causal documents, windows), walk them as a counted loop (no per-entry column
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
@@ -509,6 +513,7 @@ class TritonKernel(AttentionKernel):
             PREC=prec,
             UNIT=LOG2E if va["kind"] == 0 else 1.0,
             INTERP=interp,
+            UVIS=UNSIGNED_ROWS,
             **extra,
         )
         return (out, lse) if normalised else (out, None)

@@ -101,6 +101,22 @@ def _rows_vis(rows_lo, rows_hi, kj):
 
 
 @triton.jit
+def _rows_vis_u(rows_lo, rows_width, kj):
+    """:func:`_rows_vis` as one subtraction and one unsigned comparison per element:
+    ``0 <= j - lo[i] <= width[i]``, rows that see nothing given ``lo`` past every key
+    and width 0 (:func:`_widths`)."""
+    d = (kj - rows_lo).to(tl.uint32, bitcast=True)
+    return d <= rows_width.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _widths(rlo, rhi):
+    """Per-row ``(lo, width)`` for :func:`_rows_vis_u` from key intervals ``[lo, hi]``."""
+    wid = rhi - rlo
+    return tl.where(wid < 0, 1 << 30, rlo), tl.maximum(wid, 0)
+
+
+@triton.jit
 def _visible(qi, kj, BANDS, BAND_IDX, j0, j1, INTERP: tl.constexpr):
     """Whether pair (qi, kj) lies in any of bands ``BAND_IDX[j0:j1]`` (broadcast)."""
     vis = (qi < 0) & (kj < 0)
@@ -212,7 +228,7 @@ def _fwd_tile(
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
     FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr, UVIS: tl.constexpr,
 ):
     """The key tile from element ``c`` of the forward: the online softmax update (or the
     plain sum).
@@ -234,7 +250,9 @@ def _fwd_tile(
     else:
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASKED:
-        if ROWS:
+        if ROWS and UVIS:  # rhi holds the rows' widths (fwd_kernel)
+            vis = _rows_vis_u(rlo[:, None], rhi[:, None], cols[None, :])
+        elif ROWS:
             vis = _rows_vis(rlo[:, None], rhi[:, None], cols[None, :])
         else:
             vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
@@ -303,7 +321,7 @@ def fwd_kernel(
     CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr, UVIS: tl.constexpr,
 ):
     """Out (and lse) of one query tile of one head. ``TMA``: K and V are 4-d tensor
     descriptors, not pointers. ``RAGGED``: the tile's rows and first key from the lists
@@ -324,6 +342,8 @@ def fwd_kernel(
     if ROWS:
         rlo = tl.load(RLO + rows, mask=rows < nq, other=1)
         rhi = tl.load(RHI + rows, mask=rows < nq, other=0)
+        if UVIS:
+            rlo, rhi = _widths(rlo, rhi)
     else:
         rlo = rows
         rhi = rows
@@ -344,7 +364,7 @@ def fwd_kernel(
                     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
                     KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
                     SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT, BEHIND,
-                    TMA, D, BD, BN, PREC, UNIT, INTERP)
+                    TMA, D, BD, BN, PREC, UNIT, INTERP, UVIS)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0
@@ -354,7 +374,7 @@ def fwd_kernel(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0,
             j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
             BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
-            CAPMAX, SPLIT, BEHIND, TMA, D, BD, BN, PREC, UNIT, INTERP)
+            CAPMAX, SPLIT, BEHIND, TMA, D, BD, BN, PREC, UNIT, INTERP, UVIS)
     if KIND == 0:
         if CAPMAX:
             m_i = tl.full([BM], 0.0, tl.float32) + softcap * UNIT
