@@ -677,3 +677,20 @@ def test_unsigned_row_interval_test_agrees_with_the_oracle(name, loop, monkeypat
     monkeypatch.setattr(tk, "FLAT_LOOP", loop == "flat")
     check(MASKS[name], hq=4, hk=2)
     check(MASKS[name], var=_alibi(2, shift=2), dtype=torch.bfloat16)
+
+
+def test_unsigned_row_test_is_picked_where_every_tile_is_tested():
+    """``UNSIGNED_ROWS = None``: on where the forward walks one loop testing every tile
+    (64-512-token documents: faster on an H200), off for dense causal and long documents
+    (their partial tiles sit on the diagonal; dense causal measured slower with it)."""
+    from hamilton_attn.kernels import triton as tk
+
+    assert tk.UNSIGNED_ROWS is None
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(64, 513, (70,), generator=g).tolist()
+    short = Mask.varlen(np.concatenate([[0], np.cumsum(lens)]).tolist(), causal=True)
+    long = Mask.varlen([0, 3000, 4100, 9000, 16384], causal=True)
+    for mask, want in ((short, True), (Mask.causal(8192), False), (long, False)):
+        lists = tk._pick(mask, "fwd", 128, False, cpu)[1]
+        assert tk._unsigned_rows(lists, tk.row_intervals(mask, cpu)) is want

@@ -115,8 +115,12 @@ ALIBI_BEHIND = True
 ALIBI_MMA = True
 #: The forward tests partial tiles against the row intervals by one subtraction and one
 #: unsigned comparison per element instead of two comparisons and an and
-#: (:func:`.jit._rows_vis_u`).
-UNSIGNED_ROWS = False
+#: (:func:`.jit._rows_vis_u`). None (default): where the ``FLAT`` loop runs (short
+#: documents, every tile tested), which it speeds up a little: 64-512-token documents
+#: 188-189 against 183-185 TF/s forward at 32K, 164 against 162 at 128K, with ALiBi 187
+#: against 180; dense causal, whose few partial tiles sit on the diagonal, measured 488
+#: against 506 with it, so it stays off there (results/triton_ab_H200_2026-12-04_s10d.md).
+UNSIGNED_ROWS: bool | None = None
 #: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
 #: (packed causal documents, windows), walk them as a counted loop (no per-entry column
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
@@ -262,6 +266,12 @@ def _flat(lists: TileLists, rows) -> bool:
     if rows is None:
         return False
     return lists.short_runs() if FLAT_LOOP is None else FLAT_LOOP
+
+
+def _unsigned_rows(lists: TileLists, rows) -> bool:
+    """Whether the forward tests row intervals by one unsigned comparison
+    (:data:`UNSIGNED_ROWS`)."""
+    return _flat(lists, rows) if UNSIGNED_ROWS is None else UNSIGNED_ROWS
 
 
 def _range(lists: TileLists, rows) -> bool:
@@ -513,7 +523,7 @@ class TritonKernel(AttentionKernel):
             PREC=prec,
             UNIT=LOG2E if va["kind"] == 0 else 1.0,
             INTERP=interp,
-            UVIS=UNSIGNED_ROWS,
+            UVIS=_unsigned_rows(L, rows),
             **extra,
         )
         return (out, lse) if normalised else (out, None)
