@@ -104,22 +104,15 @@ TMA: bool | None = False
 #: ALiBi on implicit positions keeps scores shifted by a per-row term, so tiles whose
 #: keys all precede their queries add one per-key term (:func:`.jit._fwd_tile`).
 ALIBI_SPLIT = True
-#: Where every visible key lies at or before its query (causal masks, documents, windows
-#: that look back, with ALiBi's shift), the split scores skip their test for keys after
-#: queries (:func:`.jit._fwd_tile`'s ``BEHIND``).
+#: Where no visible key follows its query (given ALiBi's shift), the split scores skip
+#: the test for such keys (``BEHIND``) and, with ``ALIBI_MMA``, start the QK^T dot from
+#: the per-key term, taking plain softmax's fused update (causal 32K forward 480-489 TF/s
+#: against 457-461, plain 512: results/triton_ab_H200_2026-12-04_s10b.md).
 ALIBI_BEHIND = True
-#: There, with scale > 0, the per-key term enters as the QK^T dot's initial accumulator
-#: and ALiBi takes plain softmax's fused update (row max on the dots, one multiply-add
-#: per score): causal 32K forward 480-489 TF/s against 457-461 without it, plain 512
-#: (results/triton_ab_H200_2026-12-04_s10b.md).
 ALIBI_MMA = True
-#: The forward tests partial tiles against the row intervals by one subtraction and one
-#: unsigned comparison per element instead of two comparisons and an and
-#: (:func:`.jit._rows_vis_u`). None (default): where the ``FLAT`` loop runs (short
-#: documents, every tile tested), which it speeds up a little: 64-512-token documents
-#: 188-189 against 183-185 TF/s forward at 32K, 164 against 162 at 128K, with ALiBi 187
-#: against 180; dense causal, whose few partial tiles sit on the diagonal, measured 488
-#: against 506 with it, so it stays off there (results/triton_ab_H200_2026-12-04_s10d.md).
+#: The forward's row-interval test as one unsigned comparison (:func:`.jit._rows_vis_u`);
+#: None: where the ``FLAT`` loop tests every tile (short documents 188 against 184 TF/s;
+#: dense causal 488 against 506, so off there: results/triton_ab_H200_2026-12-04_s10d.md).
 UNSIGNED_ROWS: bool | None = None
 #: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
 #: (packed causal documents, windows), walk them as a counted loop (no per-entry column
@@ -269,8 +262,7 @@ def _flat(lists: TileLists, rows) -> bool:
 
 
 def _unsigned_rows(lists: TileLists, rows) -> bool:
-    """Whether the forward tests row intervals by one unsigned comparison
-    (:data:`UNSIGNED_ROWS`)."""
+    """Whether the forward tests row intervals unsigned (:data:`UNSIGNED_ROWS`)."""
     return _flat(lists, rows) if UNSIGNED_ROWS is None else UNSIGNED_ROWS
 
 
@@ -280,8 +272,7 @@ def _range(lists: TileLists, rows) -> bool:
 
 
 def _keys_behind(mask: Mask, shift: int) -> bool:
-    """Whether every visible pair's key position lies at or before its query's (``j <=
-    i + shift``)."""
+    """Whether every visible pair has its key at or before its query (``j <= i + shift``)."""
     return all(min(b.hi, b.k1 - 1 - b.q0) <= shift for b in mask.bands)
 
 
