@@ -289,13 +289,6 @@ def run_checks(quick, only=None):
          dict(switches=uns)),
         ("unsigned alibi docs bf16", short, bf,
          dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=uns)),
-        ("unsigned backward docs 64-512 2000 GQA 8/2 bf16", docs_mask(uniform_docs(2000, 64, 512)),
-         bf, dict(hq=8, hk=2, switches={"UNSIGNED_ROWS_BWD": True})),
-        ("unsigned backward dq tma window (100,0) 999 fp16", Mask.sliding_window(999, (100, 0)),
-         fp16, dict(switches={"UNSIGNED_ROWS_BWD": True, "DQ_ADD": 2})),
-        ("unsigned backward alibi docs bf16", short, bf,
-         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5),
-              switches={"UNSIGNED_ROWS_BWD": True})),
     ]  # fmt: skip
     # cuDNN for large pieces, one triton call per run of small ones
     mixed = {"kernel": "sdpa+triton", "switches": {"sdpa.MIX_PAIRS": MIX_TIMED}}
@@ -567,8 +560,8 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): the backward passes' row-interval
-    test as one unsigned comparison. Earlier rounds' plans (the forward's, ALiBi's per-key term as the dot's
+    GPU run; printed and saved as ``name``.md / .json): the forward's row-interval test
+    as one unsigned comparison. Earlier rounds' plans (the same in the backward, ALiBi's per-key term as the dot's
     accumulator, the backward's dO . v dots started from -delta, the lazy
     running max, ragged 128-row tiles, TMA loads, ALiBi
     distances, the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead,
@@ -600,19 +593,23 @@ def ab_run(budget_s, out_dir, name, checks=()):
 
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
     # fwd configs and bwd sweeps run under the first two settings.
-    # s10e: the dQ and dK/dV passes' row-interval test as one unsigned comparison
-    # (`UNSIGNED_ROWS_BWD`), where their loops test every tile (short documents) and
-    # everywhere. s10d measured the forward's (`UNSIGNED_ROWS`, now on with the one-loop
-    # walk): results/triton_ab_H200_2026-12-04_s10d.md.
-    uns = {"unsigned": {"UNSIGNED_ROWS_BWD": None}, "now": {"UNSIGNED_ROWS_BWD": False},
-           "unsigned everywhere": {"UNSIGNED_ROWS_BWD": True}}  # fmt: skip
+    # s10d: the forward's row-interval test as one subtraction and one unsigned
+    # comparison per element (`UNSIGNED_ROWS`), on the cases whose tiles are mostly
+    # partial. s10e measured the same in the dQ and dK/dV passes (no faster, removed):
+    # results/triton_ab_H200_2026-12-04_s10e.md.
+    uns = {"unsigned": {"UNSIGNED_ROWS": True}, "now": {"UNSIGNED_ROWS": False}}
     fused8k, _ = fused_blocks("hamilton", "docs", 8192)
-    plan = [
-        ("docs 64-512 32K", short, None, uns, [], {}),
-        ("docs 64-512 32K (again)", short, None, uns, [], {}),
-        ("hamilton docs 8K/rank step", fused8k, None, uns, [], {}),
+    alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
+    plan = []
+    for r in ("", " (again)"):
+        plan += [
+            (f"docs 64-512 32K{r}", short, None, uns, [], {}),
+            (f"hamilton docs 8K/rank step{r}", fused8k, None, uns, [], {}),
+        ]
+    plan += [
         ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, uns, [], {}),
         ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, uns, [], {}),
+        ("alibi docs 64-512 32K", short, alibi, uns, [], {}),
         ("dense causal 32K", Mask.causal(s32), None, uns, [], {}),
     ]
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
@@ -622,7 +619,6 @@ def ab_run(budget_s, out_dir, name, checks=()):
         "ALIBI_BEHIND",
         "ALIBI_MMA",
         "UNSIGNED_ROWS",
-        "UNSIGNED_ROWS_BWD",
         "FLAT_LOOP",
         "RANGE_LOOP",
         "PARTIAL_COST",
@@ -674,9 +670,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
-        "`unsigned`: the dQ and dK/dV passes' row-interval test as one subtraction and one "
-        "unsigned comparison per element where their loops test every tile "
-        "(`UNSIGNED_ROWS_BWD` None), `everywhere` (True), `now` two comparisons; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
+        "`unsigned`: the forward's row-interval test as one subtraction and one unsigned "
+        "comparison per element (`UNSIGNED_ROWS`), `now` two comparisons; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",
         "| case | forward | forward+backward |",

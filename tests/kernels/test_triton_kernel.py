@@ -694,18 +694,3 @@ def test_unsigned_row_test_is_picked_where_every_tile_is_tested():
     for mask, want in ((short, True), (Mask.causal(8192), False), (long, False)):
         lists = tk._pick(mask, "fwd", 128, False, cpu)[1]
         assert tk._unsigned_rows(lists, tk.row_intervals(mask, cpu)) is want
-
-
-@pytest.mark.parametrize("dq_add", [0, 1])
-@pytest.mark.parametrize("name", ["causal", "window", "docs_gap"])
-def test_unsigned_row_test_in_the_backward_agrees_with_the_oracle(name, dq_add, monkeypatch):
-    """``UNSIGNED_ROWS_BWD``: the dQ and dK/dV passes' row intervals tested unsigned
-    (both loops; dQ in its own pass and added in the dK/dV pass), rows that see nothing."""
-    from hamilton_attn.kernels import triton as tk
-
-    monkeypatch.setattr(tk, "UNSIGNED_ROWS_BWD", True)
-    monkeypatch.setattr(tk, "DQ_ADD", dq_add)
-    for loop in (True, False):
-        monkeypatch.setattr(tk, "FLAT_LOOP", loop)
-        check(MASKS[name], hq=4, hk=2)
-        check(MASKS[name], var=_alibi(2, shift=2), dtype=torch.bfloat16)

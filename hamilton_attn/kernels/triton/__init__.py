@@ -104,17 +104,16 @@ TMA: bool | None = False
 #: ALiBi on implicit positions keeps scores shifted by a per-row term, so tiles whose
 #: keys all precede their queries add one per-key term (:func:`.jit._fwd_tile`).
 ALIBI_SPLIT = True
-#: Where no visible key follows its query (given ALiBi's shift), the split scores skip the
-#: test for such keys (``BEHIND``); ``ALIBI_MMA`` starts the QK^T dot from the per-key term
-#: (plain softmax's fused update: 480-489 against 457-461 TF/s, triton_ab_..._s10b.md).
+#: Where no visible key follows its query (given ALiBi's shift), the split scores skip
+#: the test for such keys (``BEHIND``) and, with ``ALIBI_MMA``, start the QK^T dot from
+#: the per-key term, taking plain softmax's fused update (causal 32K forward 480-489 TF/s
+#: against 457-461, plain 512: results/triton_ab_H200_2026-12-04_s10b.md).
 ALIBI_BEHIND = True
 ALIBI_MMA = True
 #: The forward's row-interval test as one unsigned comparison (:func:`.jit._rows_vis_u`);
 #: None: where the ``FLAT`` loop tests every tile (short documents 188 against 184 TF/s;
 #: dense causal 488 against 506, so off there: results/triton_ab_H200_2026-12-04_s10d.md).
 UNSIGNED_ROWS: bool | None = None
-#: The same in the dQ and dK/dV passes (False: not yet timed on a GPU).
-UNSIGNED_ROWS_BWD: bool | None = False
 #: Where the ``FLAT`` loop runs and every row tile's entries are consecutive columns
 #: (packed causal documents, windows), walk them as a counted loop (no per-entry column
 #: load between one tile's K / V and the next; 64-512-token documents 161 -> 166 TF/s
@@ -262,10 +261,9 @@ def _flat(lists: TileLists, rows) -> bool:
     return lists.short_runs() if FLAT_LOOP is None else FLAT_LOOP
 
 
-def _unsigned_rows(lists: TileLists, rows, backward: bool = False) -> bool:
-    """Whether a pass tests row intervals unsigned (:data:`UNSIGNED_ROWS` / ``_BWD``)."""
-    on = UNSIGNED_ROWS_BWD if backward else UNSIGNED_ROWS
-    return _flat(lists, rows) if on is None else on
+def _unsigned_rows(lists: TileLists, rows) -> bool:
+    """Whether the forward tests row intervals unsigned (:data:`UNSIGNED_ROWS`)."""
+    return _flat(lists, rows) if UNSIGNED_ROWS is None else UNSIGNED_ROWS
 
 
 def _range(lists: TileLists, rows) -> bool:

@@ -24,12 +24,10 @@ if TYPE_CHECKING:
         _positions,
         _row_tile,
         _rows_vis,
-        _rows_vis_u,
         _score,
         _sigmoid,
         _store,
         _visible,
-        _widths,
     )
 
 
@@ -84,7 +82,7 @@ def _dq_tile(
     KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr,
     ROWS: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
-    INTERP: tl.constexpr, UVIS: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     cols = c + tl.arange(0, BN)
     k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
@@ -94,9 +92,7 @@ def _dq_tile(
     s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
                    ALIBI_ON, FAST)
     if MASKED:
-        if ROWS and UVIS:  # rhi holds the rows' widths (dq_kernel)
-            vis = _rows_vis_u(rlo[:, None], rhi[:, None], cols[None, :])
-        elif ROWS:
+        if ROWS:
             vis = _rows_vis(rlo[:, None], rhi[:, None], cols[None, :])
         else:
             vis = _visible(rows[:, None], cols[None, :], BANDS, BAND_IDX, j0, j1, INTERP)
@@ -123,7 +119,6 @@ def dq_kernel(
     FAST: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
-    UVIS: tl.constexpr,
 ):
     """dQ of one query tile of one head (and its rows' share of d slope for ALiBi).
     ``TMA``: K and V are tensor descriptors. ``RAGGED``: as in the forward."""
@@ -152,8 +147,6 @@ def dq_kernel(
     if ROWS:
         rlo = tl.load(RLO + rows, mask=rows < nq, other=1)
         rhi = tl.load(RHI + rows, mask=rows < nq, other=0)
-        if UVIS:
-            rlo, rhi = _widths(rlo, rhi)
     else:
         rlo = rows
         rhi = rows
@@ -172,7 +165,7 @@ def dq_kernel(
                     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
                     rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
                     KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, TMA, D,
-                    BD, BN, PREC, UNIT, INTERP, UVIS)
+                    BD, BN, PREC, UNIT, INTERP)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0  # as in the forward
@@ -182,7 +175,7 @@ def dq_kernel(
             dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c,
             j0, j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
             bias, SK, BANDS, BAND_IDX, b, hk, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True,
-            ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP, UVIS)
+            ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP)
     _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, nq, dq * scale, D,
            BD)
     if AGRAD_ON:
@@ -197,7 +190,6 @@ def _dkdv_tile(
     QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
     TMA: tl.constexpr, DQ_ADD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
-    UVIS: tl.constexpr,
 ):
     """The share of the query tile from row ``r`` in a key tile's dK / dV (scores
     transposed: keys x rows). ``DQ_ADD`` (1: atomics, 2: TMA reduce-adds into the
@@ -213,11 +205,7 @@ def _dkdv_tile(
         if ROWS:
             rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
             rhi = tl.load(RHI + rows, mask=rows < SQ, other=0)
-            if UVIS:
-                rlo, rhi = _widths(rlo, rhi)
-                vis = _rows_vis_u(rlo[None, :], rhi[None, :], cols[:, None])
-            else:
-                vis = _rows_vis(rlo[None, :], rhi[None, :], cols[:, None])
+            vis = _rows_vis(rlo[None, :], rhi[None, :], cols[:, None])
         else:
             vis = _visible(rows[None, :], cols[:, None], BANDS, BAND_IDX, j0, j1, INTERP)
         s = tl.where(vis, s, float("-inf"))
@@ -261,7 +249,7 @@ def dkdv_kernel(
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
     RANGE: tl.constexpr, RAGGED: tl.constexpr, DQ_ADD: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    UNIT: tl.constexpr, INTERP: tl.constexpr, UVIS: tl.constexpr,
+    UNIT: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
     (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors.
@@ -300,15 +288,14 @@ def dkdv_kernel(
                         dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
                         BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS,
-                        FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP, UVIS)
+                        FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             r, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BM)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r,
                 j0, j1, cols, kp, QPOS, RLO, RHI, slope, scale,
                 softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP,
-                ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP,
-                UVIS)
+                ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, nk, dk * scale,
            D, BD)
     _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, nk, dv, D, BD)
