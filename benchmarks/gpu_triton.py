@@ -561,13 +561,14 @@ def sweep(budget_s=1e9):
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
     GPU run; printed and saved as ``name``.md / .json): the forward's row-interval test
-    as one unsigned comparison. Earlier rounds' plans (the same in the backward, ALiBi's per-key term as the dot's
-    accumulator, the backward's dO . v dots started from -delta, the lazy
-    running max, ragged 128-row tiles, TMA loads, ALiBi
-    distances, the packed float16 tanh, RANGE / entry / run loops, dots a tile ahead,
-    every case's forward and backward tiles, the partial tile weight, dQ added in the
-    dK/dV pass, the sdpa backend's calls on concurrent streams, tile sweeps on short and
-    long-tailed documents) are in the results of triton_ab_H200_2026-12-03_s4 - triton_ab_H200_2026-12-04_s10."""
+    as one unsigned comparison. Earlier rounds' plans (the same in the backward, ALiBi's
+    per-key term as the dot's accumulator, the backward's dO . v dots started from
+    -delta, the lazy running max, ragged 128-row tiles, TMA loads, ALiBi distances, the
+    packed float16 tanh, RANGE / entry / run loops, dots a tile ahead, every case's
+    forward and backward tiles, the partial tile weight, dQ added in the dK/dV pass, the
+    sdpa backend's calls on concurrent streams, tile sweeps on short and long-tailed
+    documents) are in the results of triton_ab_H200_2026-12-03_s4 -
+    triton_ab_H200_2026-12-04_s10e."""
     t0 = time.monotonic()
     kern = get_kernel("triton")
     s32 = 32768
@@ -671,7 +672,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
         "`unsigned`: the forward's row-interval test as one subtraction and one unsigned "
-        "comparison per element (`UNSIGNED_ROWS`), `now` two comparisons; `fwd` / `dq` / `dkdv` (BM, BN, warps, "
+        "comparison per element (`UNSIGNED_ROWS`), `now` two comparisons; "
+        "`fwd` / `dq` / `dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",
         "| case | forward | forward+backward |",
