@@ -290,6 +290,33 @@ def run_checks(quick, only=None):
         ("unsigned alibi docs bf16", short, bf,
          dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=uns)),
     ]  # fmt: skip
+    # score_mods compiled into the kernel (kernels/triton/score_mod.py)
+    rel = torch.linspace(-1, 1, 4 * 65, device=DEV).sin().view(4, 65)
+    bias = torch.randn(8, device=DEV)
+    smods = {
+        "relative bias": _relative_bias,
+        "bucket table": lambda s, b, h, q, k: s + rel[h % 4, (q - k).clamp(-32, 32) + 32],
+        "tanh square": lambda s, b, h, q, k: 8 * torch.tanh(s / 8) + 0.05 * s * s,
+        "int ops": lambda s, b, h, q, k: s + ((q - k) // 7) * 0.01 - ((q - k) % 5) * 0.1,
+        "head bias by mod": lambda s, b, h, q, k: torch.where(q >= k, s + bias[h], -1e4),
+    }
+    docs = docs_mask(uniform_docs(2000, 64, 512))
+    cases += [
+        ("score_mod relative bias causal 1000 bf16", Mask.causal(1000), bf,
+         dict(variant=BlockVariant(kind="softmax", score_mod=smods["relative bias"]))),
+        ("score_mod bucket table docs GQA 8/2 bf16", docs, bf,
+         dict(hq=8, hk=2, variant=BlockVariant(kind="softmax", score_mod=smods["bucket table"]))),
+        ("score_mod tanh square bottom-right fp16", Mask.causal(300, 1100), fp16,
+         dict(variant=BlockVariant(kind="softmax", score_mod=smods["tanh square"]))),
+        ("score_mod int ops window fp32 D64", Mask.sliding_window(999, (100, 0)), f32,
+         dict(d=64, variant=BlockVariant(kind="softmax", score_mod=smods["int ops"]))),
+        ("score_mod head bias + softcap causal bf16 GQA", Mask.causal(1000), bf,
+         dict(hq=8, hk=2, variant=BlockVariant(kind="softmax", softcap=20.0,
+                                               score_mod=smods["head bias by mod"]))),
+        ("score_mod sigmoid relative bias docs bf16", docs, bf,
+         dict(variant=BlockVariant(kind="sigmoid", bias=-1.0,
+                                   score_mod=smods["relative bias"]))),
+    ]  # fmt: skip
     # cuDNN for large pieces, one triton call per run of small ones
     mixed = {"kernel": "sdpa+triton", "switches": {"sdpa.MIX_PAIRS": MIX_TIMED}}
     cases += [
@@ -467,7 +494,21 @@ def perf_cases(fused_only=False):
             "score_mod (relative bias) causal 32K",
             causal,
             variant=BlockVariant(kind="softmax", score_mod=_relative_bias),
-            impls=("flex",),
+            impls=("triton", "flex"),
+        ),
+        lambda r: perf_case(
+            r,
+            "score_mod (relative bias) docs 64-512, 32K",
+            docs_mask(uniform_docs(s32, 64, 512)),
+            variant=BlockVariant(kind="softmax", score_mod=_relative_bias),
+            impls=("triton", "flex"),
+        ),
+        lambda r: perf_case(
+            r,
+            "sigmoid + score_mod (relative bias) causal 32K",
+            causal,
+            variant=BlockVariant(kind="sigmoid", score_mod=_relative_bias),
+            impls=("triton",),
         ),
     ]
     fused = []

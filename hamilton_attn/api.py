@@ -8,6 +8,8 @@ import torch
 
 from . import variants as _variants
 from .attention import resolve_scale
+from .kernels import get_kernel, unavailable_hint
+from .masks import Mask
 from .planner.heads import heads_problem
 from .planner.plans import Plan, plan
 from .runtime.checks import agreed_before, exchange_rows
@@ -63,6 +65,22 @@ def _variant_code(var, score_mod) -> list[int]:
         | (score_mod is not None) << 2
     )
     return [kind, 0 if num is None else _scale_bits(float(num)), int(flags)]
+
+
+def _backend_problem(plan: Plan, q, k, v, bv) -> str | None:
+    """Why the plan's named backend cannot run this call's blocks (not on this device, the
+    dtype, head dims or strides, the variant), found before any transfer so that every
+    rank raises (the executor would refuse the first block mid-transfer)."""
+    if plan.backend == "auto":
+        return None
+    kernel = get_kernel(plan.backend)
+    if not kernel.available(q.device):
+        return f"backend: {plan.backend!r} is not available on {q.device}{unavailable_hint(plan.backend)}"
+    qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
+    reason = kernel.unsupported_reason(qb, kb, vb, Mask.full(qb.shape[2], kb.shape[2]))
+    if reason is None and bv is not None:
+        reason = kernel.variant_problem(bv, q.device)
+    return None if reason is None else f"backend: {plan.backend!r} cannot run this call: {reason}"
 
 
 def _check(
@@ -172,14 +190,17 @@ def calc_attn(
     except ValueError as err:
         var, var_problem = None, str(err)
     code = tuple(_variant_code(var, score_mod))
-    _check(q, k, v, plan, scale, scale_problem or var_problem, return_lse, code)
     sq, sk = plan.user_mask.shape
-    if plan.heads is not None:
-        out, lse = attend_heads(q, k, v, plan, scale, return_lse, var, score_mod, sk - sq)
-    else:
+    bv, backend_problem = None, None
+    if var_problem is None and _local_problem(q, k, v, plan) is None:
         bv = _variants.bind(
             var, score_mod, batch=q.shape[0], heads=slice(0, q.shape[2]), shift=sk - sq
         )
+        backend_problem = _backend_problem(plan, q, k, v, bv)
+    _check(q, k, v, plan, scale, scale_problem or var_problem or backend_problem, return_lse, code)
+    if plan.heads is not None:
+        out, lse = attend_heads(q, k, v, plan, scale, return_lse, var, score_mod, sk - sq)
+    else:
         sink, alibi = getattr(var, "sink", None), getattr(var, "alibi_slopes", None)
         out, lse = ContextParallelFunction.apply(q, k, v, plan, scale, bv, sink, alibi)
     return (out, lse) if return_lse else out

@@ -233,6 +233,9 @@ class BlockVariant:
     shift: int = 0
     head0: int = 0
     alibi_grad: torch.Tensor | None = field(default=None, repr=False)
+    #: What kernels derive from the variant once per call (a compiled score_mod), shared
+    #: by the blocks of the call (``dataclasses.replace`` passes the same dict on).
+    memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def normalised(self) -> bool:

@@ -408,6 +408,13 @@ def test_auto_matches_reference():
 # -- errors -------------------------------------------------------------------------------
 
 
+def _no_interpreter(fn):
+    from hamilton_attn import config
+
+    with config.override(triton_interpret=False):
+        return fn()
+
+
 def _t(*shape, dtype=torch.float32, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
@@ -438,8 +445,14 @@ ERRORS = {
         ["layout"],
     ),
     "unknown backend": (
-        lambda: attention(_t(1, 5, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8), backend="triton"),
+        lambda: attention(_t(1, 5, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8), backend="tensorrt"),
         ["backend"],
+    ),
+    "triton off CUDA without the interpreter": (
+        lambda: _no_interpreter(
+            lambda: attention(_t(1, 5, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8), backend="triton")
+        ),
+        ["backend", "TRITON_INTERPRET"],
     ),
     "q rank": (lambda: attention(_t(5, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8)), ["q"]),
     "k rank": (lambda: attention(_t(1, 5, 2, 8), _t(1, 1, 5, 2, 8), _t(1, 5, 2, 8)), ["k"]),

@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..attention import attention
-from ..kernels import get_kernel
+from ..kernels import get_kernel, unavailable_hint
 from ..masks import Mask
 from ..tables import format_table
 from ..testing.oracle import dense_attention, error_bound, max_err, variant_attention_oracle
@@ -110,10 +110,10 @@ def _row(backend, name, sq, sk, dtype, vname, cells, ok):
     return (backend, label, f"{sq}x{sk}", str(dtype).replace("torch.", ""), *cells, ok)
 
 
-def _runs_variant(kernel, var, smod) -> bool:
-    """Whether ``kernel`` runs this variant (a sink alone reaches no kernel)."""
+def _runs_variant(kernel, var, smod, device) -> bool:
+    """Whether ``kernel`` runs this variant on ``device`` (a sink alone reaches no kernel)."""
     bv = bind(var, smod, batch=1, heads=slice(0, 1))
-    return bv is None or kernel.variant_problem(bv) is None
+    return bv is None or kernel.variant_problem(bv, device) is None
 
 
 def run_verify(
@@ -134,6 +134,10 @@ def run_verify(
         dtypes = [torch.bfloat16] if dev.type == "cuda" else [torch.float32, torch.bfloat16]
     if backends is None:
         backends = ["reference", "sdpa", "flex", "triton", "auto"]
+    for backend in backends:
+        if backend != "auto" and not get_kernel(backend).available(dev):
+            print(f"{backend}: not available on {dev}, skipped{unavailable_hint(backend)}",
+                  file=sys.stderr, flush=True)  # fmt: skip
     gen = torch.Generator(device="cpu").manual_seed(seed)
     hq, hk = heads
     rows = []
@@ -158,7 +162,7 @@ def run_verify(
                 if kernel is not None and (
                     not kernel.available(dev)
                     or kernel.unsupported_reason(*x, mask) is not None
-                    or not _runs_variant(kernel, var, smod)
+                    or not _runs_variant(kernel, var, smod, dev)
                 ):
                     continue
                 t0 = time.perf_counter()

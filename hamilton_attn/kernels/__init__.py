@@ -59,16 +59,32 @@ def variant_key(variant) -> tuple | None:
     )
 
 
+def unavailable_hint(backend: str) -> str:
+    """What to do where ``backend`` is not available (appended to the error)."""
+    if backend == "triton":
+        return (
+            " (it needs CUDA; on CPU set TRITON_INTERPRET=1 or config triton_interpret=True "
+            "to run it under Triton's interpreter)"
+        )
+    return ""
+
+
 def _variant_order(q: torch.Tensor, variant) -> tuple[str, ...]:
     """``auto``'s candidates, fastest first, for a block with a variant. On GPU our
     Triton kernel first: beside compiled flex in one run (causal 32K, bf16,
     results/triton_H200_2026-12-02_s2.md) it ran softcap at 419 / 352 TF/s (flex 201 /
     155) and ALiBi at 446 / 368 (flex 298 / 231), and sigmoid and relu, which flex cannot
-    run (it normalises), only it runs; a ``score_mod`` (which it cannot compile) falls to
-    flex. On CPU the reference kernel (flex's CPU path materialises the scores too, and
-    is slower)."""
+    run (it normalises), only it runs. A ``score_mod`` goes to triton first only where
+    :data:`.triton.score_mod.AUTO` says (its compiled form is not yet timed on a GPU):
+    else flex for softmax, the reference for sigmoid / relu. On CPU the reference kernel
+    (flex's CPU path materialises the scores too, and is slower)."""
     if not q.is_cuda:
         return ("reference",)
+    if variant.score_mod is not None:
+        from .triton import score_mod
+
+        if not score_mod.AUTO:
+            return ("flex", "reference") if variant.kind == "softmax" else ("reference",)
     if variant.kind == "softmax":
         return ("triton", "flex", "reference")
     return ("triton", "reference")
@@ -94,10 +110,12 @@ def select_kernel(
     if backend != "auto":
         kernel = get_kernel(backend)
         if not kernel.available(q.device):
-            raise ValueError(f"backend: {backend!r} is not available on {q.device}")
+            raise ValueError(
+                f"backend: {backend!r} is not available on {q.device}{unavailable_hint(backend)}"
+            )
         reason = kernel.unsupported_reason(q, k, v, mask)
         if reason is None and variant is not None:
-            reason = kernel.variant_problem(variant)
+            reason = kernel.variant_problem(variant, q.device)
         if reason is not None:
             raise ValueError(f"backend: {backend!r} cannot run this block: {reason}")
         return kernel
@@ -141,7 +159,7 @@ def _first_able(order, q, k, v, mask: Mask, variant=None) -> AttentionKernel:
         kernel = get_kernel(name)
         if (
             kernel.available(q.device)
-            and (variant is None or kernel.variant_problem(variant) is None)
+            and (variant is None or kernel.variant_problem(variant, q.device) is None)
             and kernel.unsupported_reason(q, k, v, mask) is None
         ):
             return kernel
@@ -195,5 +213,6 @@ __all__ = [
     "memo_kernel",
     "select_kernel",
     "selection_key",
+    "unavailable_hint",
     "variant_key",
 ]

@@ -42,10 +42,11 @@ class AttentionKernel:
         """None if this backend can run the block, else why not (for errors and `auto`)."""
         return None
 
-    def variant_problem(self, variant) -> str | None:
+    def variant_problem(self, variant, device=None) -> str | None:
         """None if this backend runs the :class:`~hamilton_attn.variants.BlockVariant`
         ``variant`` (its ``forward`` / ``backward`` take it as ``variant=``), else why
-        not. The default: plain softmax only."""
+        not (``device``: where the block runs, for backends that compile per device).
+        The default: plain softmax only."""
         return f"runs plain softmax only, not the {variant.kind} variant given"
 
     def forward(self, q, k, v, mask: Mask, scale: float, variant=None):

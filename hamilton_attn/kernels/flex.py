@@ -361,7 +361,7 @@ class FlexKernel(FastPathKernel):
             return f"{slots} key intervals in one row, more than {MAX_SLOTS}"
         return None
 
-    def variant_problem(self, variant) -> str | None:
+    def variant_problem(self, variant, device=None) -> str | None:
         """Softmax variants (score_mod, softcap, ALiBi) through flex's own score_mod;
         not the unnormalised kinds (flex normalises)."""
         if variant.kind != "softmax":

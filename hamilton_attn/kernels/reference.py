@@ -86,7 +86,7 @@ def _visible_mm(a: torch.Tensor, b: _Split, vis: torch.Tensor) -> torch.Tensor:
 class ReferenceKernel(AttentionKernel):
     name = "reference"
 
-    def variant_problem(self, variant) -> str | None:
+    def variant_problem(self, variant, device=None) -> str | None:
         return None  # every variant, score_mod included (in plain torch)
 
     def forward(self, q, k, v, mask: Mask, scale: float, variant=None):

@@ -540,3 +540,41 @@ def test_context_parallel_mask_must_match_the_plan():
         meta, CustomIO(), online_func=QS["OnlineSoftmax"](), context_parallel=plan
     )
     assert mod.mask == ha.Mask.causal(16)
+
+
+def _w_bad_one_rank(ctx, kind):
+    """Rank 1 alone passes bad input to a context-parallel engine, then every rank makes
+    a good call. Returns (exception type, message, good call ok) on this rank."""
+    from hamilton_attn.compat.attention_engine import AttentionEngine as Engine
+    from hamilton_attn.compat.attention_engine import CustomIO as IO
+
+    s, h, d = 37, 2, 8
+    bm = create_block_mask(QS["causal_mask"], 1, 1, s, s, device="cpu")
+    plan = ha.plan(bm.mask, ctx.group, schedule="ring")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (ha.dispatch(torch.randn(1, s, h, d, generator=gen, dtype=F64), plan)
+               for _ in range(3))  # fmt: skip
+    smod = QS["score_mod"]
+    if kind == "score_mod" and ctx.rank == 1:
+        smod = lambda s_, c, b, hh, i, j: s_.nope()  # noqa: E731
+    mod = Engine(_meta(1, s, h, h, d, d), IO(), score_mod=smod, block_mask=bm,
+                 online_func=QS["OnlineSoftmax"](), context_parallel=plan)  # fmt: skip
+    bad_q = q[..., :-1] if kind == "q_shape" and ctx.rank == 1 else q
+    try:
+        mod(bad_q, k, v)
+        res = ("no error", "")
+    except Exception as err:  # noqa: BLE001 - the test is about which error
+        res = (type(err).__name__, str(err))
+    good = Engine(_meta(1, s, h, h, d, d), IO(), score_mod=QS["score_mod"], block_mask=bm,
+                  online_func=QS["OnlineSoftmax"](), context_parallel=plan)(q, k, v)  # fmt: skip
+    return (*res, bool(torch.isfinite(good).all()))
+
+
+@pytest.mark.parametrize("kind", ["score_mod", "q_shape"])
+def test_context_parallel_bad_input_on_one_rank_raises_on_every_rank(pool, kind):
+    per_rank = pool.run(_w_bad_one_rank, 2, kind)
+    for rank, (typ, msg, good) in enumerate(per_rank):
+        assert typ == "ValueError", (rank, typ, msg)
+        assert good, rank
+    assert kind.split("_")[0] in per_rank[1][1]
+    assert "rank(s) [1]" in per_rank[0][1]

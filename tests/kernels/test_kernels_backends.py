@@ -265,8 +265,17 @@ def test_auto_choice_reproduces_the_three_kernel_run():
     short = short[: np.searchsorted(np.cumsum(short), s)]
     assert pick(*docs(short)) == "triton"
     gpu_q = SimpleNamespace(is_cuda=True)
-    assert _variant_order(gpu_q, SimpleNamespace(kind="softmax"))[:2] == ("triton", "flex")
-    assert _variant_order(gpu_q, SimpleNamespace(kind="sigmoid"))[0] == "triton"
+    assert _variant_order(gpu_q, SimpleNamespace(kind="softmax", score_mod=None))[:2] == (
+        "triton",
+        "flex",
+    )
+    assert _variant_order(gpu_q, SimpleNamespace(kind="sigmoid", score_mod=None))[0] == "triton"
+    # a compiled score_mod waits for a GPU timing (score_mod.AUTO) before triton leads
+    smod = SimpleNamespace(kind="softmax", score_mod=lambda s, b, h, q, k: s)
+    assert _variant_order(gpu_q, smod)[0] == "flex"
+    assert _variant_order(gpu_q, SimpleNamespace(kind="relu", score_mod=smod.score_mod)) == (
+        "reference",
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ documented convention says) with ``variant_attention_oracle`` on the whole seque
 (written from the formulas; ALiBi distances and score_mod's indices are GLOBAL
 positions, so a schedule that fed local indices would fail). Causal packed documents of
 odd lengths; W in {1, 2, 3, 5, 8} for ring/zigzag, groupcast/minheap, allgather/
-contiguous, hamilton where it exists (W = 3, 5, 8); one Ulysses hybrid (degree 2 at
-W = 4) and one cross-attention plan. float64 must agree to ``F64_TOL``; one float32 W
+contiguous and hamilton/zigzag; one Ulysses hybrid (degree 2 at W = 4) and one
+cross-attention plan; the compiled score_mods on the triton backend (Triton's
+interpreter) at W = 3. float64 must agree to ``F64_TOL``; one float32 W
 checks flash-attention's bound. Bad input raises ValueError on EVERY rank.
 
 Legend: B batch, S tokens, Hq/Hk heads, D head dim, W world size; tensors bshd, the
@@ -37,10 +38,11 @@ S = 53
 D = 8
 SCHEDULES = {  # W: (schedule, dispatch) pairs
     w: [("ring", "zigzag"), ("groupcast", "minheap"), ("allgather", "contiguous")]
-    + ([("hamilton", "zigzag")] if w in (3, 5, 8) else [])
+    + [("hamilton", "zigzag")]
     for w in (1, 2, 3, 5, 8)
 }
-VARIANTS = ("softcap", "alibi", "sink", "sigmoid", "relu", "score_mod", "table_mod", "all")
+VARIANTS = ("softcap", "alibi", "sink", "sigmoid", "sigmoid_plain", "relu", "score_mod",
+            "table_mod", "all")  # fmt: skip
 GRADS = ("dq", "dk", "dv", "sink", "alibi_slopes")
 
 
@@ -82,6 +84,8 @@ def make_variant(name: str, b: int, hq: int, gen: torch.Generator, dtype):
         return Softmax(sink=sk), None, {"sink": sk}
     if name == "sigmoid":
         return Sigmoid(bias=-0.7), _smod, {}
+    if name == "sigmoid_plain":
+        return Sigmoid(bias=0.4), None, {}
     if name == "relu":
         return ReLU(), None, {}
     if name == "score_mod":
@@ -121,6 +125,14 @@ def _oracle(q, k, v, g, dense, variant, score_mod, params, dtype):
 
 def _one(ctx, c):
     """Errors (and magnitudes, baselines for float32) of one case on this rank."""
+    from hamilton_attn import config
+
+    backend = c["opts"].get("backend", "reference")
+    with config.override(triton_interpret=backend == "triton"):
+        return _one_on(ctx, c, backend)
+
+
+def _one_on(ctx, c, backend):
     cross = c["opts"].get("cross", False)
     sq, sk = S, S + 6 if cross else S
     cu_k = [0, 7, 22, 23, 42, sk] if cross else None
@@ -138,7 +150,7 @@ def _one(ctx, c):
     if "ulysses_degree" in c["opts"]:
         kw["ulysses_degree"] = c["opts"]["ulysses_degree"]
     p = ha.plan(mask, ctx.group, schedule=c["schedule"], dispatch=c["dispatch"],
-                backend="reference", **kw)  # fmt: skip
+                backend=backend, **kw)  # fmt: skip
     role = "kv" if cross else "q"
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ql = ha.dispatch(leaves[0], p)
@@ -245,6 +257,18 @@ def test_variants_float32_bound(pool):
     assert_cases_ok(cases, pool.run(_w_cases, w, cases), w)
 
 
+def test_compiled_score_mods_on_the_triton_kernel(pool):
+    """The triton backend (Triton's interpreter) runs the score_mods compiled
+    (``kernels.triton.score_mod``) on global positions and heads under each schedule,
+    with softcap, ALiBi and sink, and the sigmoid weights."""
+    w = 3
+    cases = [case(w, sch, disp, var, dtype="float32", backend="triton")
+             for sch, disp in (("ring", "zigzag"), ("hamilton", "zigzag"),
+                               ("groupcast", "minheap"))
+             for var in ("score_mod", "table_mod", "all", "sigmoid")]  # fmt: skip
+    assert_cases_ok(cases, pool.run(_w_cases, w, cases), w)
+
+
 # -- bad input: a ValueError on every rank, none hangs --------------------------------------
 
 
@@ -330,3 +354,49 @@ def test_bad_variant_raises_value_error_on_every_rank(pool, check, degree, w):
         msgs = [res[kind][1] for res in per_rank]
         assert any(arg in mm for mm in msgs), f"{kind}: no rank names {arg!r}: {msgs}"
     assert all(res["good_after"][0] == "ok" for res in per_rank)
+
+
+def _w_backend(ctx, check):
+    """A named backend that cannot run the call (triton off CUDA without the interpreter;
+    sdpa asked for softcap; triton with a score_mod it cannot compile), then a good call
+    on the same group. Returns per case (exception type, message) on this rank."""
+    from hamilton_attn import config
+
+    s, hq = 41, 4
+    m = ha.Mask.varlen(_cu(s), causal=True)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, s, h, D, generator=gen) for h in (hq, 2, 2))
+    cases = {
+        "triton_off_cuda": ("triton", False, Softmax(), None),
+        "sdpa_softcap": ("sdpa", False, Softmax(softcap=2.0), None),
+        "triton_refused_score_mod": ("triton", True, Softmax(), lambda s, b, h, i, j: s.erf()),
+    }
+    out = {}
+    for name, (backend, interp, variant, smod) in cases.items():
+        with config.override(triton_interpret=interp):
+            p = ha.plan(m, ctx.group, schedule="ring", check=check, backend=backend)
+            ql, kl, vl = (ha.dispatch(t, p) for t in (q, k, v))
+            try:
+                ha.calc_attn(ql, kl, vl, p, variant=variant, score_mod=smod)
+                out[name] = ("no error", "")
+            except Exception as err:  # noqa: BLE001 - the test is about which error
+                out[name] = (type(err).__name__, str(err))
+    p = ha.plan(m, ctx.group, schedule="ring", check=check, backend="reference")
+    ql, kl, vl = (ha.dispatch(t, p) for t in (q, k, v))
+    good = ha.calc_attn(ql, kl, vl, p, variant=Softmax(softcap=2.0))
+    out["good_after"] = ("ok" if torch.isfinite(good).all() else "bad", "")
+    return out
+
+
+@pytest.mark.parametrize("check", ["always", "first"])
+def test_backend_that_cannot_run_raises_before_any_transfer(pool, check):
+    """Found before the first transfer (the executor refused the first block after the
+    step's messages had started, and the group's next call timed out)."""
+    per_rank = pool.run(_w_backend, 2, check)
+    for res in per_rank:
+        for name in ("triton_off_cuda", "sdpa_softcap", "triton_refused_score_mod"):
+            typ, msg = res[name]
+            assert typ == "ValueError" and "backend:" in msg, f"{name}: {typ}: {msg}"
+        assert "TRITON_INTERPRET" in res["triton_off_cuda"][1]
+        assert "erf" in res["triton_refused_score_mod"][1]
+        assert res["good_after"][0] == "ok"

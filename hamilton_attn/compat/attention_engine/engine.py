@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from ... import Mask, Plan, attention, calc_attn, dispatch, get_position_ids, undispatch
+from ...runtime.checks import agreed_before, exchange_rows
 from ...variants import ReLU, Sigmoid, Softmax
 from .blockwise import DEFAULT_BLOCK, at_positions, blockwise_attention
 from .masks import resolve_block_mask
@@ -206,6 +207,10 @@ class AttentionEngine(torch.nn.Module):
         self.online_kind = classify_online(self.online, self.init)
         self._route = self._decide({}) if not self.custom.names else None
         self._checked_on: set[torch.device] = set()
+        self._agreed: set = set()  # input signatures the ranks agreed on (context_parallel)
+        #: The leaves made of the last call's q, k, v where none required grad (with grad
+        #: mode on); ``out.backward()`` fills their ``.grad``.
+        self.last_leaves: tuple | None = None
         self._lo_hi = None
 
     def _check_plan(self, plan):
@@ -306,6 +311,19 @@ class AttentionEngine(torch.nn.Module):
             out[n] = t4
         return out
 
+    def _agree(self, q, problem: str | None) -> None:
+        """Under ``context_parallel``: this rank's input problem raised on EVERY rank, before
+        any transfer (a status exchange, skipped as :func:`calc_attn` skips its own under
+        ``check="first"`` once the ranks agreed)."""
+        plan = self.plan
+        dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+        sig = tuple(q.shape) if isinstance(q, torch.Tensor) else None
+        if agreed_before(plan, self._agreed, sig, problem):
+            return
+        exchange_rows(plan, [int(problem is not None), *plan.fingerprint], problem, dev,
+                      "AttentionEngine", "")  # fmt: skip
+        self._agreed.add(sig)
+
     def _check_inputs(self, q, k, v):
         b, hq, sq, sk = self.sizes
         d, dv = self.dims
@@ -331,12 +349,25 @@ class AttentionEngine(torch.nn.Module):
         """``out [B, S, H, DV]`` (or this rank's ``[B, S_local, H, DV]``) in q's dtype;
         differentiable in q, k, v (and, on the blockwise path, in custom inputs that
         require grad)."""
-        self._check_inputs(q, k, v)
-        values = self._custom_values(custom_inputs, custom_kw)
-        if q.device not in self._checked_on:
-            ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-            check_score_mod(self.score_mod, self.custom, values, self.sizes, q.device, ct)
-            self._checked_on.add(q.device)
+        try:
+            self._check_inputs(q, k, v)
+            values = self._custom_values(custom_inputs, custom_kw)
+            if q.device not in self._checked_on:
+                ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+                check_score_mod(self.score_mod, self.custom, values, self.sizes, q.device, ct)
+                self._checked_on.add(q.device)
+            problem = None
+        except ValueError as err:
+            if self.plan is None:
+                raise
+            problem = str(err)
+        if self.plan is not None:
+            self._agree(q, problem)
+        if torch.is_grad_enabled() and not any(t.requires_grad for t in (q, k, v)):
+            # The seed's quick start calls out.backward() on inputs that do not require
+            # grad: they become the engine's own leaves (their gradients: last_leaves).
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            self.last_leaves = (q, k, v)
         if torch.is_grad_enabled() and any(t.requires_grad for t in values.values()):
             self._route = _Route("blockwise", "blockwise (a custom input requires grad)")
             return self._blockwise(q, k, v, values)

@@ -27,19 +27,17 @@ On CPU the kernels run under Triton's interpreter when ``config.triton_interpret
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import torch
 
 from ... import config
 from ...masks import Mask
 from ..base import AttentionKernel, check_block, empty_result, zeros_bhsd
+from . import score_mod as _score_mod
+from .launch import _KINDS, LOG2E, _scalars, load, variant_args
 from .tiles import TileLists, ragged_counts, ragged_lists, row_intervals, tile_counts, tile_lists
 
-_KINDS = {"softmax": 0, "sigmoid": 1, "relu": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E = 1.4426950408889634
 
 #: Launch configurations ``(BM, BN, num_warps, num_stages)`` by head-dim bucket, per pass
 #: (forward; dQ; dK/dV). The forward's first entry is its default; the others are
@@ -140,26 +138,6 @@ RAGGED: bool | None = False
 #: per rank 368 / 348 (causal) and 306 / 294 (documents); atomic adds gain nothing (404,
 #: 339, 287); on 64-512-token documents both lose (100-103 against 135).
 DQ_ADD: int | None = None
-
-
-@functools.cache
-def load(interpret: bool):
-    """The kernels module (:mod:`.jit`, then :mod:`.jit_bwd` in its namespace) decorated
-    for one mode: compiled, or Triton's interpreter. Executed afresh per mode, since
-    ``@triton.jit`` picks the mode when it decorates (Triton's ``TRITON_INTERPRET`` knob,
-    set here from the config)."""
-    import triton
-
-    path = Path(__file__).with_name("jit.py")
-    name = f"{__name__}._jit_{'interp' if interpret else 'gpu'}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    bwd = path.with_name("jit_bwd.py")  # the backward kernels, into the same namespace
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
-        spec.loader.exec_module(mod)
-        exec(compile(bwd.read_text(), str(bwd), "exec"), mod.__dict__)  # noqa: S102
-    return mod
 
 
 def _bucket(d: int) -> int:
@@ -276,11 +254,6 @@ def _keys_behind(mask: Mask, shift: int) -> bool:
     return all(min(b.hi, b.k1 - 1 - b.q0) <= shift for b in mask.bands)
 
 
-def _scalars(scale, va) -> tuple:
-    """The scalar launch arguments every pass takes after its sizes."""
-    return float(scale), va["softcap"], va["bias"], va["shift"]
-
-
 def _list_flags(L, rows) -> dict:
     """The constexprs every pass takes of its work lists."""
     return dict(FLAT=_flat(L, rows), RANGE=_range(L, rows), RAGGED=L.ragged)
@@ -306,16 +279,6 @@ def _use_tma(q: torch.Tensor, interp: bool) -> bool:
     if TMA is not None:
         return TMA
     return not interp and torch.cuda.get_device_capability(q.device)[0] >= 9
-
-
-@functools.cache
-def _dummies(device: torch.device):
-    """Placeholder float32 / int64 arguments for the variant tensors a launch does not
-    read (made once per device: two allocations and fills less per call)."""
-    return (
-        torch.zeros(1, dtype=torch.float32, device=device),
-        torch.zeros(1, dtype=torch.int64, device=device),
-    )
 
 
 def _interpret(device: torch.device) -> bool:
@@ -349,13 +312,17 @@ class TritonKernel(AttentionKernel):
             return "needs unit stride on the head dim"
         return None
 
-    def variant_problem(self, variant) -> str | None:
+    def variant_problem(self, variant, device=None) -> str | None:
         if variant is None:
             return None
         if variant.kind not in _KINDS:
             return f"has no {variant.kind!r} variant"
         if variant.score_mod is not None:
-            return "cannot compile a Python score_mod (flex or the reference runs it)"
+            if device is None:
+                return "compiles a score_mod only for a known device"
+            got = _score_mod.compiled_for(variant, device)
+            if isinstance(got, str):
+                return got
         if variant.alibi is not None and variant.alibi.dtype != torch.float32:
             return f"takes float32 ALiBi slopes, got {variant.alibi.dtype}"
         return None
@@ -366,60 +333,11 @@ class TritonKernel(AttentionKernel):
         check_block(q, k, v, mask)
         reason = self.unsupported_reason(q, k, v, mask)
         if reason is None and variant is not None:
-            reason = self.variant_problem(variant)
+            reason = self.variant_problem(variant, q.device)
         if reason is not None:
             raise ValueError(f"backend: 'triton' cannot run this block: {reason}")
 
-    @staticmethod
-    def _variant_args(q, variant):
-        dev = q.device
-        kind = 0 if variant is None else _KINDS[variant.kind]
-        dummy_f, dummy_i = _dummies(dev)
-        if variant is None:
-            return dict(
-                kind=kind,
-                softcap=1.0,
-                bias=0.0,
-                shift=0,
-                alibi=dummy_f,
-                qpos=dummy_i,
-                kpos=dummy_i,
-                SOFTCAP=False,
-                ALIBI_ON=False,
-                QPOS_ON=False,
-                KPOS_ON=False,
-                CAPMAX=False,
-            )
-        alibi = variant.alibi
-        on = alibi is not None
-        if on:
-            alibi = alibi.to(device=dev, dtype=torch.float32).expand(q.shape[0], q.shape[1])
-            alibi = alibi.contiguous()
-        qpos = variant.q_pos if on and variant.q_pos is not None else None
-        kpos = variant.k_pos if on and variant.k_pos is not None else None
-        # c as the running max puts p in [2^(-2c log2 e), 1]: it must stay a normal number
-        # where the PV product reads it (float16's smallest is 2^-14, bf16's 2^-126)
-        reach_p = 7.0 if q.dtype == torch.float16 else 60.0
-        capmax = variant.softcap is not None and not on and variant.softcap * LOG2E <= reach_p
-        return dict(
-            kind=kind,
-            softcap=float(variant.softcap) if variant.softcap is not None else 1.0,
-            bias=float(variant.bias),
-            shift=int(variant.shift),
-            alibi=alibi if on else dummy_f,
-            qpos=qpos.to(device=dev, dtype=torch.int64).contiguous()
-            if qpos is not None
-            else dummy_i,
-            kpos=kpos.to(device=dev, dtype=torch.int64).contiguous()
-            if kpos is not None
-            else dummy_i,
-            SOFTCAP=variant.softcap is not None,
-            ALIBI_ON=on,
-            QPOS_ON=qpos is not None,
-            KPOS_ON=kpos is not None,
-            # softcap alone bounds the scores (ALiBi would not): c is a valid running max
-            CAPMAX=capmax,
-        )
+    _variant_args = staticmethod(variant_args)
 
     @staticmethod
     def _lists_args(L: TileLists, rows):
@@ -449,10 +367,10 @@ class TritonKernel(AttentionKernel):
             # Triton 3.6's interpreter (numpy) has no bfloat16: run float32 copies.
             out, lse = self.forward(q.float(), k.float(), v.float(), mask, scale, variant)
             return out.to(q.dtype), lse
-        jit = load(interp)
         b, hq, sq, d = q.shape
         hk, sk = k.shape[1], k.shape[2]
         va = self._variant_args(q, variant)
+        jit = load(interp, va["source"])
         flavour = "softcap" if va["SOFTCAP"] else "softmax"
         (bm, bn, warps, stages), L = _pick(
             mask, "fwd", d, interp, q.device, q.dtype == torch.float32, flavour
@@ -462,7 +380,7 @@ class TritonKernel(AttentionKernel):
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         extra = {} if interp else dict(num_warps=warps, num_stages=stages)
         rows = self._rows(mask, q.device)
-        plain = va["kind"] == 0 and not va["SOFTCAP"] and not va["ALIBI_ON"]
+        plain = va["kind"] == 0 and not (va["SOFTCAP"] or va["ALIBI_ON"] or va["MOD"])
         kd = vd = None
         if _use_tma(q, interp):
             kd, vd = _descriptor(k, bn, _pow2(d)), _descriptor(v, bn, _pow2(d))
@@ -473,6 +391,7 @@ class TritonKernel(AttentionKernel):
             and va["ALIBI_ON"]
             and not va["QPOS_ON"]
             and not va["KPOS_ON"]
+            and not va["MOD"]
         )
         behind = split and ALIBI_BEHIND and _keys_behind(mask, va["shift"])
         jit.fwd_kernel[(L.n_rows, b * hq)](
@@ -485,6 +404,8 @@ class TritonKernel(AttentionKernel):
             va["alibi"],
             va["qpos"],
             va["kpos"],
+            va["modf"],
+            va["modi"],
             *q.stride()[:3],
             *k.stride()[:3],
             *v.stride()[:3],
@@ -515,6 +436,7 @@ class TritonKernel(AttentionKernel):
             UNIT=LOG2E if va["kind"] == 0 else 1.0,
             INTERP=interp,
             UVIS=_unsigned_rows(L, rows),
+            MOD=va["MOD"],
             **extra,
         )
         return (out, lse) if normalised else (out, None)
@@ -532,9 +454,9 @@ class TritonKernel(AttentionKernel):
             return tuple(g.to(torch.bfloat16) for g in grads)
         from . import passes
 
-        jit = load(interp)
         b, hq, sq, d = q.shape
         va = self._variant_args(q, variant)
+        jit = load(interp, va["source"])
         softmax = va["kind"] == 0
         bd = _pow2(d)
         if dout.stride(-1) != 1:

@@ -80,10 +80,33 @@ def _score(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     FAST: tl.constexpr,
+    b,
+    h,
+    shift,
+    MODF,
+    MODI,
+    MOD: tl.constexpr,
+    GRAD: tl.constexpr,
 ):
-    """Transformed scores (times ``UNIT``) of raw dots ``qk``, and tanh for softcap's
-    derivative. ``qp`` / ``kp`` broadcast against ``qk`` (either orientation)."""
-    if SOFTCAP:
+    """Transformed scores (times ``UNIT``) of raw dots ``qk``, tanh for softcap's
+    derivative, and (``MOD`` and ``GRAD``) the score_mod's derivative (else 1). ``qp`` /
+    ``kp`` broadcast against ``qk`` (either orientation). ``MOD``: the call's compiled
+    score_mod (:mod:`.score_mod`) on the natural-unit score, global head ``h`` and
+    positions ``qp - shift`` / ``kp``, before softcap and ALiBi."""
+    dm = 1.0
+    if MOD:
+        s0 = qk * scale
+        if GRAD:
+            s0, dm = _mod_bwd(s0, b, h, qp - shift, kp, MODF, MODI, FAST)
+        else:
+            s0 = _mod_fwd(s0, b, h, qp - shift, kp, MODF, MODI, FAST)
+        if SOFTCAP:
+            th = _tanh(s0 / softcap, FAST)
+            s = th * (softcap * UNIT)
+        else:
+            th = s0
+            s = s0 * UNIT
+    elif SOFTCAP:
         th = _tanh(qk * (scale / softcap), FAST)
         s = th * (softcap * UNIT)
     else:
@@ -91,7 +114,19 @@ def _score(
         s = qk * (scale * UNIT)
     if ALIBI:
         s = s - (slope * UNIT) * tl.abs(qp - kp).to(tl.float32)
-    return s, th
+    return s, th, dm
+
+
+@triton.jit
+def _mod_fwd(s, b, h, qi, kj, MODF, MODI, FAST: tl.constexpr):
+    """The identity: a call's compiled score_mod replaces it (:mod:`.score_mod`)."""
+    return s
+
+
+@triton.jit
+def _mod_bwd(s, b, h, qi, kj, MODF, MODI, FAST: tl.constexpr):
+    """The identity and its derivative (replaced like :func:`_mod_fwd`)."""
+    return s, tl.full(s.shape, 1.0, tl.float32)
 
 
 @triton.jit
@@ -223,12 +258,13 @@ def _positions(POS, idx, n, shift, ON: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp, KPOS, slope,
-    scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase,
+    scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, hm, shift, MODF, MODI,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
     FAST: tl.constexpr, CAPMAX: tl.constexpr, SPLIT: tl.constexpr, BEHIND: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr, UVIS: tl.constexpr,
+    MOD: tl.constexpr,
 ):
     """The key tile from element ``c`` of the forward: the online softmax update (or the
     plain sum).
@@ -272,7 +308,8 @@ def _fwd_tile(
         m_i = m_new
     else:
         if SPLIT:
-            s, th = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST)
+            s, th, dm = _score(qk, 0, 0, slope, scale, softcap, UNIT, SOFTCAP, False, FAST,
+                               b, hm, shift, MODF, MODI, False, False)
             su = slope * UNIT
             s = s + (su * (cols - qbase).to(tl.float32))[None, :]
             if not BEHIND:
@@ -282,8 +319,8 @@ def _fwd_tile(
                     )
         else:
             kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
-            s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
-                           ALIBI_ON, FAST)
+            s, th, dm = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT,
+                               SOFTCAP, ALIBI_ON, FAST, b, hm, shift, MODF, MODI, MOD, False)
         if MASKED:
             s = tl.where(vis, s, float("-inf"))
         if KIND == 0 and CAPMAX:
@@ -312,9 +349,9 @@ def _fwd_tile(
 @triton.jit
 def fwd_kernel(
     Q, K, V, O, LSE, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS, RPTR, RSTART, RLEN,
-    FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS,
+    FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS, MODF, MODI,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-    HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
+    HQ, GROUP, SQ, SK, scale, softcap, bias, shift, head0,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FUSE: tl.constexpr,
     FLAT: tl.constexpr, RANGE: tl.constexpr, RAGGED: tl.constexpr, FAST: tl.constexpr,
@@ -322,6 +359,7 @@ def fwd_kernel(
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr, UVIS: tl.constexpr,
+    MOD: tl.constexpr,
 ):
     """Out (and lse) of one query tile of one head. ``TMA``: K and V are 4-d tensor
     descriptors, not pointers. ``RAGGED``: the tile's rows and first key from the lists
@@ -362,9 +400,10 @@ def fwd_kernel(
             for u in range(_bound(u0, INTERP), _bound(u1, INTERP), BN):
                 acc, m_i, l_i = _fwd_tile(
                     acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo, rhi, qp,
-                    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase, KIND,
-                    SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS, FUSE, FAST, CAPMAX, SPLIT, BEHIND,
-                    TMA, D, BD, BN, PREC, UNIT, INTERP, UVIS)
+                    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, qbase,
+                    h + head0, shift, MODF, MODI, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, False, ROWS,
+                    FUSE, FAST, CAPMAX, SPLIT, BEHIND, TMA, D, BD, BN, PREC, UNIT, INTERP, UVIS,
+                    MOD)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0
@@ -373,8 +412,9 @@ def fwd_kernel(
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, s_kn, s_vn, c, j0,
             j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS,
-            BAND_IDX, b, hk, qbase, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, True, ROWS, FUSE, FAST,
-            CAPMAX, SPLIT, BEHIND, TMA, D, BD, BN, PREC, UNIT, INTERP, UVIS)
+            BAND_IDX, b, hk, qbase, h + head0, shift, MODF, MODI, KIND, SOFTCAP, ALIBI_ON,
+            KPOS_ON, True, ROWS, FUSE, FAST, CAPMAX, SPLIT, BEHIND, TMA, D, BD, BN, PREC, UNIT,
+            INTERP, UVIS, MOD)
     if KIND == 0:
         if CAPMAX:
             m_i = tl.full([BM], 0.0, tl.float32) + softcap * UNIT

@@ -77,20 +77,20 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
 @triton.jit
 def _dq_tile(
     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp,
-    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
+    KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, hm, shift, MODF, MODI,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr, MASKED: tl.constexpr,
     ROWS: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, MOD: tl.constexpr,
 ):
     cols = c + tl.arange(0, BN)
     k = _load_kv(k_ptr, b, hk, c, cols, s_kn, SK, D, BD, BN, MASKED, TMA)
     v = _load_kv(v_ptr, b, hk, c, cols, s_vn, SK, D, BD, BN, MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     kp = _positions(KPOS, cols, SK, 0, KPOS_ON)
-    s, th = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
-                   ALIBI_ON, FAST)
+    s, th, dm = _score(qk, qp[:, None], kp[None, :], slope, scale, softcap, UNIT, SOFTCAP,
+                       ALIBI_ON, FAST, b, hm, shift, MODF, MODI, MOD, True)
     if MASKED:
         if ROWS:
             vis = _rows_vis(rlo[:, None], rhi[:, None], cols[None, :])
@@ -103,6 +103,8 @@ def _dq_tile(
         dsl += tl.reduce(ds * tl.abs(qp[:, None] - kp[None, :]).to(tl.float32), 1, _ADD)
     if SOFTCAP:
         ds = ds * (1.0 - th * th)
+    if MOD:  # keys a row cannot see keep 0 whatever the score_mod's slope there
+        ds = tl.where(ds != 0.0, ds * dm, 0.0)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq, dsl
 
@@ -110,15 +112,16 @@ def _dq_tile(
 @triton.jit
 def dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS, AGRAD,
+    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS, AGRAD, MODF, MODI,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
-    s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift,
+    s_gb, s_gh, s_gm, HQ, GROUP, SQ, SK, scale, softcap, bias, shift, head0,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, AGRAD_ON: tl.constexpr,
     ROWS: tl.constexpr, FLAT: tl.constexpr, RANGE: tl.constexpr, RAGGED: tl.constexpr,
     FAST: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    MOD: tl.constexpr,
 ):
     """dQ of one query tile of one head (and its rows' share of d slope for ALiBi).
     ``TMA``: K and V are tensor descriptors. ``RAGGED``: as in the forward."""
@@ -164,8 +167,8 @@ def dq_kernel(
                 dq, dsl = _dq_tile(
                     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, u, 0, 0, rows, rlo,
                     rhi, qp, KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk,
-                    KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, False, ROWS, FAST, TMA, D,
-                    BD, BN, PREC, UNIT, INTERP)
+                    h + head0, shift, MODF, MODI, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON,
+                    False, ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP, MOD)
         em = tl.load(MID + t)
     e1 = tl.load(PTR + t + 1)
     c0 = tl.load(FIRST + t) - em * BN if RANGE else 0  # as in the forward
@@ -174,8 +177,9 @@ def dq_kernel(
         dq, dsl = _dq_tile(
             dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c,
             j0, j1, rows, rlo, rhi, qp, KPOS, slope, scale, softcap,
-            bias, SK, BANDS, BAND_IDX, b, hk, KIND, SOFTCAP, ALIBI_ON, KPOS_ON, AGRAD_ON, True,
-            ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP)
+            bias, SK, BANDS, BAND_IDX, b, hk, h + head0, shift, MODF, MODI, KIND, SOFTCAP,
+            ALIBI_ON, KPOS_ON, AGRAD_ON, True, ROWS, FAST, TMA, D, BD, BN, PREC, UNIT, INTERP,
+            MOD)
     _store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh, rows, s_gm, nq, dq * scale, D,
            BD)
     if AGRAD_ON:
@@ -186,10 +190,12 @@ def dq_kernel(
 def _dkdv_tile(
     dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r, j0, j1, cols, kp, QPOS,
     RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am,
+    hm, MODF, MODI,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
     TMA: tl.constexpr, DQ_ADD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
+    MOD: tl.constexpr,
 ):
     """The share of the query tile from row ``r`` in a key tile's dK / dV (scores
     transposed: keys x rows). ``DQ_ADD`` (1: atomics, 2: TMA reduce-adds into the
@@ -199,8 +205,8 @@ def _dkdv_tile(
     do = _load_kv(do_ptr, b, h, r, rows, s_dm, SQ, D, BD, BM, MASKED, TMA)
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
     qp = _positions(QPOS, rows, SQ, shift, QPOS_ON)
-    s, th = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
-                   ALIBI_ON, FAST)
+    s, th, dm = _score(qkT, qp[None, :], kp[:, None], slope, scale, softcap, UNIT, SOFTCAP,
+                       ALIBI_ON, FAST, b, hm, shift, MODF, MODI, MOD, True)
     if MASKED:
         if ROWS:
             rlo = tl.load(RLO + rows, mask=rows < SQ, other=1)
@@ -224,6 +230,8 @@ def _dkdv_tile(
     pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, FAST)
     if SOFTCAP:
         dsT = dsT * (1.0 - th * th)
+    if MOD:  # as in the dQ pass
+        dsT = tl.where(dsT != 0.0, dsT * dm, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dsT = dsT.to(q.dtype)
     dk = tl.dot(dsT, q, dk, input_precision=PREC)
@@ -241,15 +249,15 @@ def _dkdv_tile(
 @triton.jit
 def dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, PTR, MID, COL, B0, B1, BAND_IDX, BANDS,
-    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS, DQA,
+    RPTR, RSTART, RLEN, FIRST, RLO, RHI, R0, R1, ALIBI, QPOS, KPOS, DQA, MODF, MODI,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
     s_kgb, s_kgh, s_kgn, s_vgb, s_vgh, s_vgn, s_ab, s_ah, s_am,
-    HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift,
+    HQ, HK, GROUP, SQ, SK, scale, softcap, bias, shift, head0,
     KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     QPOS_ON: tl.constexpr, KPOS_ON: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
     RANGE: tl.constexpr, RAGGED: tl.constexpr, DQ_ADD: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    UNIT: tl.constexpr, INTERP: tl.constexpr,
+    UNIT: tl.constexpr, INTERP: tl.constexpr, MOD: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
     (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors.
@@ -287,15 +295,17 @@ def dkdv_kernel(
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, t, 0, 0, cols,
                         kp, QPOS, RLO, RHI, slope, scale, softcap, bias, shift, SQ, BANDS,
-                        BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, False, ROWS,
-                        FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
+                        BAND_IDX, b, h, dqa, s_am, h + head0, MODF, MODI, KIND, SOFTCAP,
+                        ALIBI_ON, QPOS_ON, False, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT,
+                        INTERP, MOD)
         for e in range(_bound(em, INTERP), _bound(e1, INTERP)):
             r, j0, j1 = _entry(COL, B0, B1, e, c0, RANGE, BM)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_ptr, do_ptr, s_qm, s_dm, LSE, DELTA, bh, r,
                 j0, j1, cols, kp, QPOS, RLO, RHI, slope, scale,
-                softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am, KIND, SOFTCAP,
-                ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM, PREC, UNIT, INTERP)
+                softcap, bias, shift, SQ, BANDS, BAND_IDX, b, h, dqa, s_am, h + head0, MODF,
+                MODI, KIND, SOFTCAP, ALIBI_ON, QPOS_ON, True, ROWS, FAST, TMA, DQ_ADD, D, BD, BM,
+                PREC, UNIT, INTERP, MOD)
     _store(DK + b.to(tl.int64) * s_kgb + hk.to(tl.int64) * s_kgh, cols, s_kgn, nk, dk * scale,
            D, BD)
     _store(DV + b.to(tl.int64) * s_vgb + hk.to(tl.int64) * s_vgh, cols, s_vgn, nk, dv, D, BD)

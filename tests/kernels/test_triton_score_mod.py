@@ -1,0 +1,223 @@
+"""score_mods compiled into the ``triton`` kernel (:mod:`hamilton_attn.kernels.triton.score_mod`),
+run under Triton's interpreter on CPU.
+
+Oracle: as in ``test_triton_kernel.py``: float64 attention from the variant's own score
+pipeline (``BlockVariant.transform``: the user's score_mod on global positions and
+heads, then softcap, then ALiBi), differentiated by autograd; the kernel's error at
+most twice the same oracle's in the kernel's dtype plus a small slack. Forward and the
+gradients of q, k, v (and of ALiBi slopes where they are on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import hamilton_attn as ha
+from hamilton_attn import config
+from hamilton_attn.kernels import get_kernel
+from hamilton_attn.masks import Mask
+from hamilton_attn.variants import BlockVariant
+
+pytest.importorskip("triton")
+
+from test_triton_kernel import MASKS, _inputs, assert_close, check, oracle, run_triton  # noqa: E402
+
+from hamilton_attn.kernels.triton import launch  # noqa: E402
+from hamilton_attn.kernels.triton.score_mod import Unsupported, compile_mod  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    with config.override(triton_interpret=True):
+        yield
+
+
+_BIAS = torch.tensor([0.3, -0.8, 1.1, 0.05])
+_REL = torch.linspace(-1.0, 1.0, 4 * 21, dtype=torch.float64).sin().view(4, 21)  # [h, bucket]
+_DOC = torch.tensor([0] * 11 + [1] * 9 + [2] * 20 + [3] * 13)  # int table: document ids
+
+
+def _rel_bucket(s, b, h, q, k):
+    """T5-style relative bias: a 2-d float64 table, clamped distances, negative buckets."""
+    return s + _REL[h, (q - k).clamp(-10, 10) + 10]
+
+
+MODS = {
+    "relpos": lambda s, b, h, q, k: s + (q - k).float() * 0.05,
+    "head_bias": lambda s, b, h, q, k: s + _BIAS[h],
+    "rel_bucket": _rel_bucket,
+    "causal_by_mod": lambda s, b, h, q, k: torch.where(q >= k, s, float("-inf")),
+    "same_doc": lambda s, b, h, q, k: torch.where(_DOC[q] == _DOC[k], s, -1e4),
+    "tanh_square": lambda s, b, h, q, k: 3 * torch.tanh(s / 3) + 0.1 * s * s,
+    "leaky": lambda s, b, h, q, k: torch.where(s > 0, s, 0.2 * s) - (s.abs() ** 3) * 0.01,
+    "int_ops": lambda s, b, h, q, k: s + ((q - k) // 3) * 0.1 - ((q - k) % 5) * 0.07 + (h % 2),
+    "smooth": lambda s, b, h, q, k: (
+        torch.sigmoid(s) * 2 + torch.exp(-0.1 * s * s) + torch.sin(s + 0.3 * h) - torch.cos(s)
+    ),
+    "clamp_max": lambda s, b, h, q, k: (
+        torch.maximum(s.clamp(-1.5, 1.0), 0.3 * s) + torch.minimum(s, torch.ones_like(s)) * 0.5
+    ),
+    "div_sqrt": lambda s, b, h, q, k: (
+        s / (1.0 + (q - k).abs().float()).sqrt() + torch.rsqrt(s * s + 1.0)
+    ),
+    "logic": lambda s, b, h, q, k: torch.where(((q - k) < 6) & ~(k == 3) | (h == 1), s, s - 2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODS))
+def test_score_mods_forward_backward(name):
+    """Each score_mod on softmax over a mask with documents and rows that see nothing."""
+    check(MASKS["docs_gap"], var=BlockVariant(kind="softmax", score_mod=MODS[name]), hq=4, hk=2)
+
+
+@pytest.mark.parametrize(
+    "name,kind,mask,extra",
+    [
+        ("rel_bucket", "softmax", "magi", {"softcap": 2.0}),
+        ("tanh_square", "softmax", "window", {"softcap": 1.5}),
+        ("int_ops", "sigmoid", "magi", {"bias": -0.5}),
+        ("leaky", "relu", "bottom_right", {}),
+        ("causal_by_mod", "sigmoid", "full", {}),
+        ("head_bias", "relu", "causal", {}),
+    ],
+)
+def test_score_mods_with_the_other_variants(name, kind, mask, extra):
+    """score_mod before softcap, and under the unnormalised sigmoid / relu weights."""
+    var = BlockVariant(kind=kind, score_mod=MODS[name], **extra)
+    check(MASKS[mask], var=var, hq=4, hk=1)
+
+
+def test_score_mod_reads_global_positions_and_heads():
+    """Given positions and a first head (a context-parallel block, head parallelism),
+    with ALiBi on the same positions and its slopes' gradient."""
+    sq, sk = MASKS["full"].shape
+    var = BlockVariant(
+        kind="softmax",
+        score_mod=MODS["rel_bucket"],
+        alibi=torch.tensor([[0.3, 0.1]]),
+        q_pos=torch.arange(sq, dtype=torch.int64) * 2 + 5,
+        k_pos=torch.arange(sk, dtype=torch.int64) + 3,
+        shift=-4,
+        head0=2,
+    )
+    check(MASKS["full"], var=var, hq=2, hk=1)
+
+
+def test_fp16_inputs_and_gqa():
+    var = BlockVariant(kind="softmax", score_mod=MODS["leaky"])
+    check(MASKS["causal"], var=var, hq=4, hk=1, dtype=torch.float16, layout="thd")
+
+
+REFUSED = {
+    "data_dependent": (lambda s, b, h, q, k: s if (q > 3).item() else -s, "data-dependent"),
+    "python_branch": (lambda s, b, h, q, k: s if q > 3 else -s, "data-dependent"),
+    "no_compiled_op": (lambda s, b, h, q, k: torch.erf(s), "erf"),
+    "grad_table": (
+        lambda s, b, h, q, k: s + torch.nn.Parameter(torch.ones(4))[h],
+        "requires grad",
+    ),
+    "table_elementwise": (lambda s, b, h, q, k: s + _BIAS, "used elementwise"),
+    "odd_power": (lambda s, b, h, q, k: s.abs() ** 2.5, "exponent"),
+    "not_a_tensor": (lambda s, b, h, q, k: 1.0, "one value per score"),
+    "bool_index": (lambda s, b, h, q, k: s + _BIAS[h > 0], "cannot be recorded"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_score_mods_say_why(name):
+    fn, words = REFUSED[name]
+    with pytest.raises(Unsupported, match=words):
+        compile_mod(fn, "cpu")
+    kern = get_kernel("triton")
+    reason = kern.variant_problem(BlockVariant(kind="softmax", score_mod=fn), "cpu")
+    assert reason is not None and words in reason
+
+
+def test_refused_score_mod_on_the_named_backend_is_a_value_error():
+    q = torch.randn(1, 9, 2, 16)
+    fn = REFUSED["no_compiled_op"][0]
+    with pytest.raises(ValueError, match="score_mod.*erf"):
+        ha.attention(q, q, q, Mask.causal(9), backend="triton", score_mod=fn)
+
+
+def test_values_are_read_at_run_time_structure_compiles_once():
+    """A new float in the closure or a table changed in place needs no new compilation,
+    and the next call sees it (the recording runs once per call, never stale)."""
+    mask = Mask.causal(37)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=g) for _ in range(3))
+    table = torch.randn(2)
+    temp = [0.7]
+
+    def mod(s, b, h, qi, kj):
+        return s * temp[0] + table[h]
+
+    def both():
+        got = ha.attention(q, k, v, mask, backend="triton", score_mod=mod)
+        want = ha.attention(q.double(), k.double(), v.double(), mask, backend="reference",
+                            score_mod=mod)  # fmt: skip
+        return got, want
+
+    got, want = both()
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    modules = launch.load.cache_info().currsize
+    temp[0] = 1.9
+    table.mul_(-3.0)
+    got2, want2 = both()
+    torch.testing.assert_close(got2.double(), want2, atol=2e-5, rtol=0)
+    assert (got2 - got).abs().max() > 1e-2  # the new values took effect
+    assert launch.load.cache_info().currsize == modules  # no new module: no recompile
+
+
+def test_attention_api_gradients_with_a_compiled_score_mod():
+    """Through ``attention()`` (bshd, GQA, a causal mask): out and every gradient against
+    the reference backend in float64."""
+    mask = Mask.varlen([0, 13, 14, 40], causal=True)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 40, 4, 16, generator=g)
+    k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(2))
+    do = torch.randn(1, 40, 4, 16, generator=g)
+    fn = MODS["rel_bucket"]
+
+    def run(backend, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = ha.attention(*leaves, mask, backend=backend, score_mod=fn,
+                           variant=ha.Softmax(softcap=3.0))  # fmt: skip
+        return [out, *torch.autograd.grad(out, leaves, do.to(dtype))]
+
+    got, exact, same = (
+        run("triton", torch.float32),
+        run("reference", torch.float64),
+        run("reference", torch.float32),
+    )
+    for a, b, c in zip(got, exact, same, strict=True):
+        err, base = (a.double() - b).abs().max().item(), (c.double() - b).abs().max().item()
+        assert err <= 2 * base + 1e-5, (err, base)
+
+
+def test_backward_ignores_the_slope_at_keys_a_row_cannot_see():
+    """A score_mod whose derivative is NaN at pairs the causal mask hides (the square root
+    of a negative distance): the kernel's gradients stay finite and equal those of a
+    score_mod that agrees on every visible pair (the oracle's own autograd would carry
+    the NaN: 0 x NaN)."""
+    mask = MASKS["causal"]
+    q, k, v, do = _inputs(mask, 2, 1, 16, torch.float32, "bshd", seed=4)
+    nan_slope = lambda s, b, h, q, k: s * (q - k).float().sqrt()  # noqa: E731
+    safe = lambda s, b, h, q, k: s * (q - k).clamp(min=0).float().sqrt()  # noqa: E731
+    got = run_triton(q, k, v, do, mask, 0.3, BlockVariant(kind="softmax", score_mod=nan_slope))
+    spec = BlockVariant(kind="softmax", score_mod=safe)
+    exact = oracle(q, k, v, do, mask, 0.3, spec)
+    same = oracle(q, k, v, do, mask, 0.3, spec, ct=torch.float32)
+    assert all(bool(torch.isfinite(t).all()) for t in got[2:])
+    assert_close(got, exact, same)
+
+
+def test_memo_is_shared_by_a_calls_blocks():
+    var = BlockVariant(kind="softmax", score_mod=MODS["head_bias"])
+    block = dataclasses.replace(var, q_pos=torch.arange(4))
+    kern = get_kernel("triton")
+    assert kern.variant_problem(var, "cpu") is None
+    assert block.memo is var.memo and len(var.memo) == 1
