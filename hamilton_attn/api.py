@@ -77,10 +77,36 @@ def _backend_problem(plan: Plan, q, k, v, bv) -> str | None:
     if not kernel.available(q.device):
         return f"backend: {plan.backend!r} is not available on {q.device}{unavailable_hint(plan.backend)}"
     qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
-    reason = kernel.unsupported_reason(qb, kb, vb, Mask.full(qb.shape[2], kb.shape[2]))
-    if reason is None and bv is not None:
+    reason = None
+    if bv is not None:
         reason = kernel.variant_problem(bv, q.device)
+    if reason is None:
+        # every block of this rank, by its mask (sdpa runs FULL / CAUSAL pieces only):
+        # the kernels read the mask and q / k / v's device, dtype, head dims and strides
+        sig = (q.device, q.dtype, q.shape[-1], v.shape[-1], q.stride(-1), k.stride(-1),
+               v.stride(-1))  # fmt: skip
+        cache = plan._state.backend_ok
+        if sig not in cache:
+            cache[sig] = _blocks_problem(plan, kernel, qb, kb, vb)
+        reason = cache[sig]
     return None if reason is None else f"backend: {plan.backend!r} cannot run this call: {reason}"
+
+
+def _blocks_problem(plan: Plan, kernel, qb, kb, vb) -> str | None:
+    inner = plan.heads.inner if plan.heads is not None else plan
+    r = inner.rank
+    seen = set()
+    sched = inner.schedule
+    for step in sched.steps + (sched.backward_steps or ()):
+        pieces = step.compute[r]
+        if not pieces or pieces in seen:
+            continue
+        seen.add(pieces)
+        m = inner.fused_block(r, pieces)[0]
+        reason = kernel.unsupported_reason(qb, kb, vb, m)
+        if reason is not None:
+            return reason
+    return kernel.unsupported_reason(qb, kb, vb, Mask.full(qb.shape[2], kb.shape[2]))
 
 
 def _check(

@@ -427,3 +427,28 @@ def test_score_mod_probe_runs_on_the_calls_device():
     assert got is not None
     with pytest.raises(ValueError, match="score_mod: failed on a small probe"):
         resolve_variant(None, smod, batch=1, heads=2, device=torch.device("cpu"))
+
+
+def test_flex_slopes_gradient_where_a_score_mod_hides_a_whole_row():
+    """A row whose every visible score a score_mod sets to -inf sees nothing: the flex
+    backend's recompute gave NaN slopes gradients there (logsumexp's backward, 0 x NaN);
+    they must match the reference backend's (0 from that row)."""
+    import hamilton_attn as ha
+
+    def hide_key_1(s, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx == 1, torch.full_like(s, float("-inf")), s)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 6, 2, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    mask = ha.Mask.sliding_window(6, (0, 0))  # row 1 sees key 1 only: all its scores -inf
+    got = {}
+    for backend in ("reference", "flex"):
+        sl = torch.tensor([0.1, 0.3], dtype=torch.float64, requires_grad=True)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ha.attention(*leaves, mask, backend=backend, score_mod=hide_key_1,
+                           variant=ha.Softmax(alibi_slopes=sl))  # fmt: skip
+        grads = torch.autograd.grad((out * do).sum(), [*leaves, sl])
+        got[backend] = [out, *grads]
+    for a, b in zip(got["flex"], got["reference"], strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

@@ -198,6 +198,13 @@ def memo_kernel(
     executor runs the same blocks on every call (``memo`` is the plan's). A refusal
     (ValueError) is not remembered: it is raised again on the next call."""
     key = (block, backend, selection_key(q, k, v), variant_key(variant))
+    if variant is not None and variant.score_mod is not None:
+        from .triton import score_mod
+
+        if backend == "triton" or (backend == "auto" and q.is_cuda and score_mod.AUTO):
+            # whether this call's score_mod compiles decides the kernel: part of the key
+            got = score_mod.compiled_for(variant, q.device)
+            key += (got if isinstance(got, str) else got.key,)
     kernel = memo.get(key)
     if kernel is None:
         kernel = memo[key] = select_kernel(backend, q, k, v, mask, variant)

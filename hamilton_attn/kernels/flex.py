@@ -294,7 +294,12 @@ def _dense_forward(q, k, v, mask: Mask, scale: float, variant=None, alibi=None):
     if variant is not None:
         s = variant.transform(s, slice(0, q.shape[2]), alibi=alibi)
     s = s.masked_fill(~mask.to_dense(q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    # A row that sees nothing (the mask, or a score_mod's -inf everywhere) takes lse -inf
+    # outside autograd: logsumexp's backward there is 0 x NaN, which reached the ALiBi
+    # slopes' gradient.
+    dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(dead, torch.zeros_like(s), s), dim=-1)
+    lse = lse.masked_fill(dead.squeeze(-1), float("-inf"))
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     out = torch.matmul(torch.exp(s - safe.unsqueeze(-1)), vf)
     return out.to(q.dtype), lse

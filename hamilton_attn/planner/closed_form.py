@@ -7,7 +7,7 @@ Transfers are not pruned (an upper bound where the mask makes pieces useless).""
 from __future__ import annotations
 
 from ..schedule import spec_of
-from .model import Prediction, StepCost, memory_per_device
+from .model import Prediction, StepCost, fused_rates, memory_per_device
 from .transfers import _alltoall_loads, _time_of_loads, transfer_time
 
 
@@ -54,7 +54,8 @@ def _fast(name, cluster, seqlen, kind, shapes, dev, options) -> Prediction:
         # launch and one merge, at the fused rate when it joins several.
         fl = shapes.flops_per_pair * area
         if n_blocks > 1:
-            rf, rb = dev.fwd_tflops_fused, dev.bwd_tflops_fused
+            # bands of a chunk's rows: half the rank's for causal zigzag, all for full
+            rf, rb = fused_rates(dev, [(area, rows / 2 if kind == "causal" else rows)])
         else:
             rf = dev.fwd_tflops_full if dense else dev.fwd_tflops_masked
             rb = dev.bwd_tflops_full if dense else dev.bwd_tflops_masked

@@ -57,6 +57,7 @@ from .model import (
     Prediction,
     Shapes,
     StepCost,
+    fused_rates,
     memory_per_device,
 )
 from .transfers import flow_times, transfer_time
@@ -143,7 +144,8 @@ def _block_stat_mask(mask, q_ranges, k_ranges) -> BlockStat:
         return EMPTY
     rows = max(b.q1 for b in m.bands) - min(b.q0 for b in m.bands)
     cols = max(b.k1 for b in m.bands) - min(b.k0 for b in m.bands)
-    return BlockStat(m.area(), rows, cols)
+    bands = tuple((b.area(), b.q1 - b.q0) for b in m.bands)
+    return BlockStat(m.area(), rows, cols, bands)
 
 
 # -- transfer cost --------------------------------------------------------------------
@@ -151,9 +153,11 @@ def _block_stat_mask(mask, q_ranges, k_ranges) -> BlockStat:
 
 def step_rates(dev: DeviceModel, stats) -> tuple[float, float]:
     """Forward and backward TF/s of one step's kernel call over blocks ``stats``: a lone
-    block at the dense or masked rate, several joined into one call at the fused rate."""
+    block at the dense or masked rate, several joined into one call at the fused rate of
+    their bands (:func:`fused_rates`)."""
     if len(stats) > 1:
-        return dev.fwd_tflops_fused, dev.bwd_tflops_fused
+        bands = [b for st in stats for b in (st.bands or ((st.area, st.rows),))]
+        return fused_rates(dev, bands)
     if stats[0].dense:
         return dev.fwd_tflops_full, dev.bwd_tflops_full
     return dev.fwd_tflops_masked, dev.bwd_tflops_masked

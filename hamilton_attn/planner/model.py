@@ -58,13 +58,21 @@ class DeviceModel:
     #: forward / backward TF/s of a step that joins several pieces into one kernel call
     #: (``Plan.fused_block``: a staircase of rectangles for causal zigzag, documents cut
     #: across owners), as the executor runs it (one kernel call per step; on ``auto``
-    #: the sdpa backend's per-piece cuDNN calls). Measured by ``benchmarks/gpu_triton.py``
-    #: on the fused block of one ``hamilton`` step at W = 8, causal zigzag
-    #: (results/triton_H200_2026-12-02_s2.md): 581 / 533 TF/s forward / forward+backward at
-    #: 8K tokens per rank, 587 / 546 at 32K, so 584 forward and 524 for the backward alone
-    #: (2.5x the forward's flops).
-    fwd_tflops_fused: float = 584.0
-    bwd_tflops_fused: float = 524.0
+    #: the sdpa backend's per-piece cuDNN calls): each band of the block (one rectangle
+    #: of a piece's mask, one cuDNN call) runs at ``fused * n / (n + half)``, n its rows,
+    #: and the step at the area-weighted harmonic mean (:func:`.cost.fused_rates`).
+    #: Fitted (least squares on log rates, ``benchmarks/fit_fused_rates.py``,
+    #: results/fused_rates_fit_2026-12-04.md) to the
+    #: fused blocks of the twelve W = 8 steps of ``hamilton``, ``direct`` and
+    #: ``groupcast`` that ``benchmarks/gpu_triton.py`` timed on one H200
+    #: (results/triton_H200_2026-12-04_s9.md: causal zigzag and long-tailed documents,
+    #: 8K and 32K tokens per rank, auto's per-piece cuDNN 438-634 TF/s forward): rms
+    #: error 7.5% forward, 7.3% backward, against 12% / 16% for one constant rate. The
+    #: backward's rate is the backward alone (2.5x the forward's flops).
+    fwd_tflops_fused: float = 655.0
+    bwd_tflops_fused: float = 573.0
+    fused_rows_half_fwd: float = 830.0
+    fused_rows_half_bwd: float = 1280.0
     #: eager merge of two partials: 16K x 32 x 128 in 0.685 ms -> 9.8e10 elements/s.
     merge_elems_per_s: float = 9.8e10
     #: backward fp32 dQ/dK/dV accumulation per block, fitted to the 2 x H200 ring trace
@@ -85,6 +93,9 @@ class BlockStat:
     area: int
     rows: int
     cols: int
+    #: ``(area, rows)`` of each band (one rectangle of the mask: one kernel call of a
+    #: per-piece backend); empty: the block is one band.
+    bands: tuple = ()
 
     @property
     def dense(self) -> bool:
@@ -92,6 +103,22 @@ class BlockStat:
 
 
 EMPTY = BlockStat(0, 0, 0)
+
+
+def fused_rates(dev: DeviceModel, bands) -> tuple[float, float]:
+    """Forward and backward TF/s of one call joining ``bands`` (``(area, rows)`` each):
+    each at ``fused * rows / (rows + half)`` (:class:`DeviceModel`), the call at their
+    area-weighted harmonic mean."""
+    total = sum(a for a, _ in bands)
+    if total <= 0:
+        return dev.fwd_tflops_fused, dev.bwd_tflops_fused
+    out = []
+    for rate, half in ((dev.fwd_tflops_fused, dev.fused_rows_half_fwd),
+                       (dev.bwd_tflops_fused, dev.fused_rows_half_bwd)):  # fmt: skip
+        t = sum(a * (n + half) / (rate * n) for a, n in bands if a > 0 and n > 0)
+        out.append(total / t if t > 0 else rate)
+    return out[0], out[1]
+
 
 # -- outputs --------------------------------------------------------------------------
 

@@ -53,7 +53,9 @@ def _bhsd(kv, i: int) -> torch.Tensor:
 def _block_variant(plan: Plan, bv, pieces, block, device):
     """The call's bound variant ``bv`` for this rank's block of ``pieces`` (None: plain):
     with the global positions of the block's rows and keys (cached per plan), which
-    ALiBi and score_mod read."""
+    ALiBi and score_mod read. Padding slots (positions past the real lengths, which the
+    mask hides) get the last real position: a score_mod indexing a table of the real
+    length must not see an index it would refuse."""
     if bv is None or (bv.alibi is None and bv.score_mod is None):
         return bv
     _, (qa, qb), (ka, kb) = block
@@ -62,9 +64,10 @@ def _block_variant(plan: Plan, bv, pieces, block, device):
     if hit is None:
         rows = plan.placement.global_indices(plan.rank)
         keys = [i for p in pieces for a, b in plan.piece_ranges(p) for i in range(a, b)]
+        sq, sk = plan.user_mask.shape
         hit = plan._state.positions[key] = (
-            torch.tensor(rows, dtype=torch.long, device=device),
-            torch.tensor(keys, dtype=torch.long, device=device),
+            torch.tensor(rows, dtype=torch.long, device=device).clamp_(max=max(sq - 1, 0)),
+            torch.tensor(keys, dtype=torch.long, device=device).clamp_(max=max(sk - 1, 0)),
         )
     return dataclasses.replace(bv, q_pos=hit[0][qa:qb], k_pos=hit[1][ka:kb])
 

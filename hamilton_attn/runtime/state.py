@@ -40,3 +40,7 @@ class PlanState:
     #: ``(rank, pieces, device)`` -> ``(q_pos, k_pos)`` int64 tensors
     #: (``executor._block_variant``).
     positions: dict = field(default_factory=dict)
+    #: Whether the plan's named backend runs this rank's blocks for an input signature
+    #: ``(device, dtype, head dims, strides)`` -> None or the reason
+    #: (``api._backend_problem``).
+    backend_ok: dict = field(default_factory=dict)

@@ -63,6 +63,7 @@ MODS = {
     "div_sqrt": lambda s, b, h, q, k: (
         s / (1.0 + (q - k).abs().float()).sqrt() + torch.rsqrt(s * s + 1.0)
     ),
+    "int_sign": lambda s, b, h, q, k: s + 0.3 * torch.sign(q - k) - 0.2 * torch.sign(h - 1),
     "logic": lambda s, b, h, q, k: torch.where(((q - k) < 6) & ~(k == 3) | (h == 1), s, s - 2.0),
 }
 
@@ -221,3 +222,18 @@ def test_memo_is_shared_by_a_calls_blocks():
     kern = get_kernel("triton")
     assert kern.variant_problem(var, "cpu") is None
     assert block.memo is var.memo and len(var.memo) == 1
+
+
+def test_kernel_memo_keys_on_whether_the_score_mod_compiles():
+    """The executor remembers a block's kernel per plan: a later call whose score_mod
+    does not compile must not get the kernel a compiling one was given."""
+    from hamilton_attn.kernels import memo_kernel
+
+    q = torch.randn(1, 2, 9, 16)
+    memo = {}
+    good = BlockVariant(kind="softmax", score_mod=MODS["head_bias"])
+    bad = BlockVariant(kind="softmax", score_mod=REFUSED["no_compiled_op"][0])
+    mask = Mask.causal(9)
+    assert memo_kernel(memo, "b", "triton", q, q, q, mask, good).name == "triton"
+    with pytest.raises(ValueError, match="erf"):
+        memo_kernel(memo, "b", "triton", q, q, q, mask, bad)

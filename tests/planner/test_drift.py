@@ -46,10 +46,12 @@ def test_hamilton_gains_from_its_ranks_drifting():
     """Hamilton's steps give ranks unequal areas (zigzag pieces), which lock step charged
     as each step's slowest rank: at 512K causal on full_mesh:8 its forward was 587 ms
     against ring's 476; with timelines it is the busiest rank's compute (within the
-    fused call's rate of ring), and at 64K it beats ring by more than 2x."""
+    fused call's rate of ring), and at 64K it beats ring by more than 2x. (With the
+    fused rates fitted per band, lock step charges 536 ms, timelines 457, ring 476.)"""
     ham = simulate("hamilton", "full_mesh:8", 524288, mask="causal")
     ring = simulate("ring", "full_mesh:8", 524288, mask="causal")
-    assert ham.lockstep_fwd_s > 1.15 * ring.fwd_s
+    assert ham.lockstep_fwd_s > 1.12 * ring.fwd_s
+    assert ham.lockstep_fwd_s > 1.15 * ham.fwd_s
     assert ham.fwd_s < 1.08 * ring.fwd_s
     assert ham.fwd_s == pytest.approx(ham.compute_s, rel=1e-6)
     ham64 = simulate("hamilton", "full_mesh:8", 65536, mask="causal")

@@ -293,3 +293,45 @@ def test_auto_picks_head_parallelism_only_when_heads_are_known():
     assert unknown.heads is None
     with pytest.raises(ValueError, match="heads"):
         ha.plan(m, ha.SimulatedGroup(16), heads=(32, 5))
+
+
+def test_fused_step_rate_follows_its_bands():
+    """A fused step runs at the area-weighted harmonic mean of its bands' rates, each
+    ``R rows / (rows + half)`` (fitted to measured steps): short documents' bands make
+    the step slower than one of long bands with the same area, and a lone block keeps
+    the dense / masked rate."""
+    from hamilton_attn.planner.cost import step_rates
+    from hamilton_attn.planner.model import BlockStat, DeviceModel
+
+    dev = DeviceModel()
+    long = [BlockStat(4096 * 4096, 4096, 4096), BlockStat(4096 * 4096, 4096, 4096)]
+    docs = [BlockStat(4096 * 4096, 4096, 4096, ((4096 * 4096 - 2 * 128 * 128, 4096 - 256),
+                                                (128 * 128, 128), (128 * 128, 128))),
+            long[1]]  # fmt: skip
+    f_long, b_long = step_rates(dev, long)
+    f_docs, b_docs = step_rates(dev, docs)
+    assert f_docs < f_long < dev.fwd_tflops_fused and b_docs < b_long < dev.bwd_tflops_fused
+    want = dev.fwd_tflops_fused * 4096 / (4096 + dev.fused_rows_half_fwd)
+    assert f_long == pytest.approx(want)
+    assert step_rates(dev, long[:1]) == (dev.fwd_tflops_full, dev.bwd_tflops_full)
+
+
+def test_fused_rates_are_the_fit_to_the_measured_steps(tmp_path):
+    """``DeviceModel``'s fused-step constants are what ``benchmarks/fit_fused_rates.py``
+    fits to the saved H200 steps (so a refit cannot silently drift from the model)."""
+    import runpy
+    from pathlib import Path
+
+    from hamilton_attn.planner.model import DeviceModel
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "fit_fused_rates.py"
+    runpy.run_path(str(script), run_name="fit")["main"](["--out-dir", str(tmp_path)])
+    text = next(tmp_path.glob("fused_rates_fit_*.md")).read_text()
+    dev = DeviceModel()
+    assert (
+        f"forward R = {dev.fwd_tflops_fused:.0f} TF/s, half = {dev.fused_rows_half_fwd:.0f}" in text
+    )
+    assert (
+        f"backward alone R = {dev.bwd_tflops_fused:.0f}, half = {dev.fused_rows_half_bwd:.0f}"
+        in text
+    )

@@ -366,15 +366,17 @@ def _w_backend(ctx, check):
     m = ha.Mask.varlen(_cu(s), causal=True)
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, s, h, D, generator=gen) for h in (hq, 2, 2))
+    window = ha.Mask.sliding_window(s, (5, 0))  # sdpa runs full / causal pieces only
     cases = {
-        "triton_off_cuda": ("triton", False, Softmax(), None),
-        "sdpa_softcap": ("sdpa", False, Softmax(softcap=2.0), None),
-        "triton_refused_score_mod": ("triton", True, Softmax(), lambda s, b, h, i, j: s.erf()),
+        "triton_off_cuda": ("triton", False, Softmax(), None, m),
+        "sdpa_softcap": ("sdpa", False, Softmax(softcap=2.0), None, m),
+        "triton_refused_score_mod": ("triton", True, Softmax(), lambda s, b, h, i, j: s.erf(), m),
+        "sdpa_window_mask": ("sdpa", False, Softmax(), None, window),
     }
     out = {}
-    for name, (backend, interp, variant, smod) in cases.items():
+    for name, (backend, interp, variant, smod, mask) in cases.items():
         with config.override(triton_interpret=interp):
-            p = ha.plan(m, ctx.group, schedule="ring", check=check, backend=backend)
+            p = ha.plan(mask, ctx.group, schedule="ring", check=check, backend=backend)
             ql, kl, vl = (ha.dispatch(t, p) for t in (q, k, v))
             try:
                 ha.calc_attn(ql, kl, vl, p, variant=variant, score_mod=smod)
@@ -394,9 +396,36 @@ def test_backend_that_cannot_run_raises_before_any_transfer(pool, check):
     step's messages had started, and the group's next call timed out)."""
     per_rank = pool.run(_w_backend, 2, check)
     for res in per_rank:
-        for name in ("triton_off_cuda", "sdpa_softcap", "triton_refused_score_mod"):
+        for name in ("triton_off_cuda", "sdpa_softcap", "triton_refused_score_mod",
+                     "sdpa_window_mask"):  # fmt: skip
             typ, msg = res[name]
             assert typ == "ValueError" and "backend:" in msg, f"{name}: {typ}: {msg}"
         assert "TRITON_INTERPRET" in res["triton_off_cuda"][1]
         assert "erf" in res["triton_refused_score_mod"][1]
         assert res["good_after"][0] == "ok"
+
+
+def _w_padding(ctx, schedule):
+    """score_mods indexing tables of exactly the real lengths under a zigzag placement
+    that pads (29 tokens on 3 ranks): the executor must not pass padding positions."""
+    s = 29
+    table = torch.linspace(-1, 1, s, dtype=torch.float64).cos()
+    seen = []
+
+    def mod(sc, b, h, q_idx, kv_idx):
+        seen.append((int(q_idx.max()), int(kv_idx.max())))
+        return sc + table[q_idx] - 0.5 * table[kv_idx]
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, s, 2, D, generator=g, dtype=torch.float64) for _ in range(3))
+    p = ha.plan(ha.Mask.full(s), ctx.group, schedule=schedule, dispatch="zigzag",
+                backend="reference")  # fmt: skip
+    out = ha.undispatch(ha.calc_attn(*(ha.dispatch(t, p) for t in (q, k, v)), p, score_mod=mod), p)
+    ref = ha.attention(q, k, v, ha.Mask.full(s), backend="reference", score_mod=mod)
+    return max_err(out, ref), max(max(a, b) for a, b in seen)
+
+
+@pytest.mark.parametrize("schedule", ["allgather", "ring", "groupcast"])
+def test_score_mod_never_sees_padding_positions(pool, schedule):
+    for err, top in pool.run(_w_padding, 3, schedule):
+        assert top <= 28 and err <= 1e-12, (err, top)

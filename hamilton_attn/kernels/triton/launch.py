@@ -107,12 +107,8 @@ def variant_args(q, variant) -> dict:
         bias=float(variant.bias),
         shift=int(variant.shift),
         alibi=alibi if on else dummy_f,
-        qpos=qpos.to(device=dev, dtype=torch.int64).contiguous()
-        if qpos is not None
-        else dummy_i,
-        kpos=kpos.to(device=dev, dtype=torch.int64).contiguous()
-        if kpos is not None
-        else dummy_i,
+        qpos=qpos.to(device=dev, dtype=torch.int64).contiguous() if qpos is not None else dummy_i,
+        kpos=kpos.to(device=dev, dtype=torch.int64).contiguous() if kpos is not None else dummy_i,
         SOFTCAP=variant.softcap is not None,
         ALIBI_ON=on,
         QPOS_ON=qpos is not None,

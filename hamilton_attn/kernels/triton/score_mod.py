@@ -205,7 +205,8 @@ def _unary(b: _Builder, name: str, a: _Val, od) -> _Val:
         }.get(name)
         if expr is None:
             raise Unsupported("round (half-to-even) is not compiled")
-        return b.new(expr if od.is_floating_point else x, od, None)
+        keeps = name in ("floor", "ceil", "trunc")  # of integers: the integers themselves
+        return b.new(x if keeps and not od.is_floating_point else expr, od, None)
     if not od.is_floating_point:
         raise Unsupported(f"{name} of integers")
     out = {
