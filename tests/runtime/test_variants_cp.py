@@ -123,6 +123,18 @@ def _oracle(q, k, v, g, dense, variant, score_mod, params, dtype):
     return out.detach(), lse, grads
 
 
+_OTHER_MASKS = {  # self-attention masks beside the causal documents
+    "window": lambda s: ha.Mask.sliding_window(s, (9, 0)),
+    "magi": lambda s: ha.Mask.from_ranges(  # overlapping ranges of all four kinds
+        [(0, 30), (10, s - 9), (5, 25), (s - 6, s)],  # rows s-9 .. s-7 see nothing
+        [(0, 40), (15, s), (30, 50), (0, 20)],
+        ["causal", "inv_causal", "bi_causal", "full"],
+        s,
+        s,
+    ),
+}
+
+
 def _one(ctx, c):
     """Errors (and magnitudes, baselines for float32) of one case on this rank."""
     from hamilton_attn import config
@@ -137,7 +149,9 @@ def _one_on(ctx, c, backend):
     sq, sk = S, S + 6 if cross else S
     cu_k = [0, 7, 22, 23, 42, sk] if cross else None
     mask = ha.Mask.varlen(_cu(sq), cu_k, causal=True)
-    dense = dense_varlen(_cu(sq), cu_k, causal=True)
+    if "mask" in c["opts"]:
+        mask = _OTHER_MASKS[c["opts"]["mask"]](sq)
+    dense = mask.to_dense() if "mask" in c["opts"] else dense_varlen(_cu(sq), cu_k, causal=True)
     dt = getattr(torch, c["dtype"])
     gen = torch.Generator().manual_seed(c["seed"])
 
@@ -254,6 +268,18 @@ def test_variants_float32_bound(pool):
     w = 3
     cases = [case(w, sch, disp, var, dtype="float32") for sch, disp in SCHEDULES[w]
              for var in ("all", "sigmoid", "relu")]  # fmt: skip
+    assert_cases_ok(cases, pool.run(_w_cases, w, cases), w)
+
+
+def test_variants_under_windows_and_overlapping_ranges(pool):
+    """The variants beyond causal documents: a sliding window and overlapping ranges of
+    all four MagiAttention kinds (rows that see nothing included), float64."""
+    w = 3
+    cases = [case(w, sch, disp, var, mask=m)
+             for sch, disp in (("ring", "zigzag"), ("hamilton", "zigzag"),
+                               ("groupcast", "minheap"))
+             for var in ("all", "sigmoid_plain", "table_mod")
+             for m in ("window", "magi")]  # fmt: skip
     assert_cases_ok(cases, pool.run(_w_cases, w, cases), w)
 
 
