@@ -283,6 +283,16 @@ def test_variants_under_windows_and_overlapping_ranges(pool):
     assert_cases_ok(cases, pool.run(_w_cases, w, cases), w)
 
 
+def test_softmax_variants_on_the_flex_backend(pool):
+    """flex's own score_mod path (softcap, ALiBi with its slopes' gradient, score_mods on
+    global positions, all together) under context parallelism."""
+    w = 2
+    cases = [case(w, sch, disp, var, backend="flex")
+             for sch, disp in (("ring", "zigzag"), ("groupcast", "minheap"))
+             for var in ("softcap", "alibi", "table_mod", "all")]  # fmt: skip
+    assert_cases_ok(cases, pool.run(_w_cases, w, cases), w)
+
+
 def test_compiled_score_mods_on_the_triton_kernel(pool):
     """The triton backend (Triton's interpreter) runs the score_mods compiled
     (``kernels.triton.score_mod``) on global positions and heads under each schedule,
