@@ -89,17 +89,19 @@ def _score(
     GRAD: tl.constexpr,
 ):
     """Transformed scores (times ``UNIT``) of raw dots ``qk``, tanh for softcap's
-    derivative, and (``MOD`` and ``GRAD``) the score_mod's derivative (else 1). ``qp`` /
+    derivative, and (``MOD`` and ``GRAD``) the score_mod's derivative (else unused). ``qp`` /
     ``kp`` broadcast against ``qk`` (either orientation). ``MOD``: the call's compiled
     score_mod (:mod:`.score_mod`) on the natural-unit score, global head ``h`` and
     positions ``qp - shift`` / ``kp``, before softcap and ALiBi."""
-    dm = 1.0
+    # ``dm`` is always a tensor (where it is unused, one already computed), so the
+    # returned tuple has one type in every specialisation
     if MOD:
         s0 = qk * scale
         if GRAD:
             s0, dm = _mod_bwd(s0, b, h, qp - shift, kp, MODF, MODI, FAST)
         else:
             s0 = _mod_fwd(s0, b, h, qp - shift, kp, MODF, MODI, FAST)
+            dm = s0
         if SOFTCAP:
             th = _tanh(s0 / softcap, FAST)
             s = th * (softcap * UNIT)
@@ -109,9 +111,11 @@ def _score(
     elif SOFTCAP:
         th = _tanh(qk * (scale / softcap), FAST)
         s = th * (softcap * UNIT)
+        dm = th
     else:
         th = qk
         s = qk * (scale * UNIT)
+        dm = qk
     if ALIBI:
         s = s - (slope * UNIT) * tl.abs(qp - kp).to(tl.float32)
     return s, th, dm
