@@ -16,72 +16,10 @@ import torch
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from hamilton_attn import config  # noqa: E402
 from hamilton_attn.kernels import triton as tk  # noqa: E402
-from hamilton_attn.kernels.triton import launch  # noqa: E402
 from hamilton_attn.masks import Mask  # noqa: E402
+from hamilton_attn.testing.triton_compile import captured_launches, compile_sm90  # noqa: E402
 from hamilton_attn.variants import BlockVariant  # noqa: E402
-
-_TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-       torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
-
-
-class _Capture:
-    """A kernels module whose launches are recorded, not run."""
-
-    def __init__(self, mod, seen):
-        self._mod, self._seen = mod, seen
-
-    def __getattr__(self, name):
-        fn = getattr(self._mod, name)
-        if not isinstance(fn, triton.runtime.jit.JITFunction):
-            return fn
-        seen = self._seen
-
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kw: seen.append((fn, args, kw))
-
-        return Grid()
-
-
-def _compile(fn, args, kw):
-    names = [p.name for p in fn.params if not p.is_constexpr]
-    assert len(names) == len(args)
-    sig, constexprs, opts = {}, {}, {}
-    for name, a in zip(names, args, strict=True):
-        if isinstance(a, torch.Tensor):
-            sig[name] = "*" + _TY[a.dtype]
-        elif isinstance(a, bool):
-            sig[name] = "i1"
-        elif isinstance(a, int):
-            sig[name] = "i32" if abs(a) < 2**31 else "i64"
-        else:
-            sig[name] = "fp32"
-    for name, val in kw.items():
-        if name in ("num_warps", "num_stages"):
-            opts[name] = val
-        else:
-            sig[name], constexprs[name] = "constexpr", val
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    assert "cubin" in out.asm
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    seen = []
-    real = launch.load
-    monkeypatch.setattr(tk, "load", lambda interp, src=None: _Capture(real(False, src), seen))
-    monkeypatch.setattr(tk, "_interpret", lambda device: False)
-    monkeypatch.setattr(tk.TritonKernel, "available", lambda self, device: True)
-    with config.override(triton_interpret=False):
-        yield seen
-
 
 _DOCS = Mask.varlen([0, 100, 300, 301, 700, 1000], causal=True)
 _REL = torch.linspace(-1, 1, 4 * 65).sin().view(4, 65)
@@ -127,9 +65,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_kernels_compile_for_hopper(name, launches, monkeypatch):
+def test_kernels_compile_for_hopper(name):
     mask, spec, dtype, dq_add = CASES[name]
-    monkeypatch.setattr(tk, "DQ_ADD", dq_add)
     var = None
     if spec is not None:
         spec = dict(spec)
@@ -142,10 +79,11 @@ def test_kernels_compile_for_hopper(name, launches, monkeypatch):
     sq, sk = mask.shape
     q = torch.randn(1, 4, sq, 128, dtype=dtype)
     k, v = (torch.randn(1, 2, sk, 128, dtype=dtype) for _ in range(2))
-    kern = tk.TritonKernel()
-    out, lse = kern.forward(q, k, v, mask, 0.1, variant=var)
-    kern.backward(torch.randn_like(out), q, k, v, out, lse, mask, 0.1, variant=var)
+    with captured_launches(dq_add) as launches:
+        kern = tk.TritonKernel()
+        out, lse = kern.forward(q, k, v, mask, 0.1, variant=var)
+        kern.backward(torch.randn_like(out), q, k, v, out, lse, mask, 0.1, variant=var)
     kinds = {fn.fn.__name__ for fn, _, _ in launches}
     assert {"fwd_kernel", "dkdv_kernel"} <= kinds
     for fn, args, kw in launches:
-        _compile(fn, args, kw)
+        assert "cubin" in compile_sm90(fn, args, kw).asm

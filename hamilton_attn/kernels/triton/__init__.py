@@ -83,7 +83,11 @@ PARTIAL_COST = {"fwd": 1.0, "dq": 1.0}
 #: inside the kernel); 64 x 64 tiles on 4 warps, several programs per SM, run it at 482
 #: against 437-440 TF/s forward on causal 32K, where plain softmax runs 507-516 and 482
 #: (results/triton_ab_H200_2026-12-03_s6.md).
-SPEED_VARIANT = {("fwd", "softcap"): (1.0, 1.10, 1.05)}
+#: A compiled score_mod that gathers from tables ranks them as softcap does (untimed, from
+#: static resources: on 128 x 128 tiles, 8 warps, its forward spilled 480-568 bytes a
+#: thread against plain's 144; on 64 x 64, 4 warps, 96-288, softcap's 80:
+#: ``benchmarks/triton_resources.py``, results/triton_resources_sm90_2026-12-04.md).
+SPEED_VARIANT = {("fwd", "softcap"): (1.0, 1.10, 1.05), ("fwd", "score_mod"): (1.0, 1.10, 1.05)}
 _INTERP_CONFIG = (16, 16, 1, 1)
 #: Test partial tiles against per-row key intervals where the mask allows
 #: (:func:`.tiles.row_intervals`); off: always against the bands (tests switch it).
@@ -372,6 +376,8 @@ class TritonKernel(AttentionKernel):
         va = self._variant_args(q, variant)
         jit = load(interp, va["source"])
         flavour = "softcap" if va["SOFTCAP"] else "softmax"
+        if va["MOD"] and "mask=" in va["source"]:  # a score_mod gathering from tables
+            flavour = "score_mod"
         (bm, bn, warps, stages), L = _pick(
             mask, "fwd", d, interp, q.device, q.dtype == torch.float32, flavour
         )
