@@ -60,7 +60,7 @@ class DeviceModel:
     #: across owners), as the executor runs it (one kernel call per step; on ``auto``
     #: the sdpa backend's per-piece cuDNN calls): each band of the block (one rectangle
     #: of a piece's mask, one cuDNN call) runs at ``fused * n / (n + half)``, n its rows,
-    #: and the step at the area-weighted harmonic mean (:func:`.cost.fused_rates`).
+    #: and the step at the area-weighted harmonic mean (:func:`fused_rates`).
     #: Fitted (least squares on log rates, ``benchmarks/fit_fused_rates.py``,
     #: results/fused_rates_fit_2026-12-04.md) to the
     #: fused blocks of the twelve W = 8 steps of ``hamilton``, ``direct`` and

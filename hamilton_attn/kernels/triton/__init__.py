@@ -376,7 +376,7 @@ class TritonKernel(AttentionKernel):
         va = self._variant_args(q, variant)
         jit = load(interp, va["source"])
         flavour = "softcap" if va["SOFTCAP"] else "softmax"
-        if va["MOD"] and "mask=" in va["source"]:  # a score_mod gathering from tables
+        if va["gathers"]:  # a score_mod gathering from tables
             flavour = "score_mod"
         (bm, bn, warps, stages), L = _pick(
             mask, "fwd", d, interp, q.device, q.dtype == torch.float32, flavour

@@ -27,7 +27,7 @@ def load(interpret: bool, mod_source: str | None = None):
     import triton
 
     path = Path(__file__).with_name("jit.py")
-    tag = "" if mod_source is None else "_" + _score_mod.Compiled(mod_source).key
+    tag = "" if mod_source is None else "_" + _score_mod.source_key(mod_source)
     name = f"{__package__}._jit_{'interp' if interpret else 'gpu'}{tag}"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -65,7 +65,7 @@ def variant_args(q, variant) -> dict:
     dev = q.device
     kind = 0 if variant is None else _KINDS[variant.kind]
     dummy_f, dummy_i = _dummies(dev)
-    none = dict(MOD=False, modf=dummy_f, modi=dummy_i, head0=0, source=None)
+    none = dict(MOD=False, modf=dummy_f, modi=dummy_i, head0=0, source=None, gathers=0)
     if variant is None:
         return dict(
             kind=kind,
@@ -88,7 +88,8 @@ def variant_args(q, variant) -> dict:
         if isinstance(got, str):
             raise ValueError(f"score_mod: the triton backend {got}")
         modf, modi = got.buffers(dev)
-        mod = dict(MOD=True, modf=modf, modi=modi, head0=int(variant.head0), source=got.source)
+        mod = dict(MOD=True, modf=modf, modi=modi, head0=int(variant.head0), source=got.source,
+                   gathers=got.gathers)  # fmt: skip
     alibi = variant.alibi
     on = alibi is not None
     if on:

@@ -37,6 +37,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 AUTO = False
 
 
+def source_key(source: str) -> str:
+    """A short name of a compiled score_mod's source (one kernels module per source)."""
+    return hashlib.sha1(source.encode()).hexdigest()[:16]
+
+
 class Unsupported(Exception):
     """Why a score_mod cannot be compiled (the message is the reason)."""
 
@@ -48,11 +53,12 @@ class Compiled:
     source: str
     floats: list = field(default_factory=list)  # tensors or Python floats, in slot order
     ints: list = field(default_factory=list)
+    gathers: int = 0  # table lookups by per-score indices (loads of a tile's shape)
     packed: dict = field(default_factory=dict, repr=False)  # device -> (modf, modi)
 
     @property
     def key(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()[:16]
+        return source_key(self.source)
 
     def buffers(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 / int64 value buffers on ``device`` (made once per call)."""
@@ -122,6 +128,7 @@ class _Builder:
         self.keep: list = []  # recorded tensors, alive so their ids stay unique
         self.floats: list = []
         self.ints: list = []
+        self.gathers = 0
         self.n = 0
 
     # -- values ---------------------------------------------------------------------------
@@ -456,6 +463,7 @@ def _index(b: _Builder, src, indices, od) -> _Val:
     ok = " & ".join(valid) if valid else "True"
     ptr = "MODF" if kind == "f" else "MODI"
     safe = f"tl.where({ok}, {' + '.join(terms) or '0'}, 0)"
+    b.gathers += 1
     load = f"tl.load({ptr} + {off} + {safe}, mask={ok}, other=0)"
     if od == torch.bool:
         load = f"({load} != 0)"
@@ -495,7 +503,7 @@ def compile_mod(score_mod, device) -> Compiled:
         raise Unsupported("it must return one value per score")
     res = b.val(out)
     b.elementwise(res)
-    return Compiled(_source(b, res), b.floats, b.ints)
+    return Compiled(_source(b, res), b.floats, b.ints, b.gathers)
 
 
 def _flat(args):
