@@ -204,7 +204,9 @@ def _variant_grads(variant, s, vis, dp, do, out, lse, r0, r1, ct):
         else:
             p = variant.weights(td).masked_fill(~vis, 0.0)
             dt = (variant.weights_grad(td) * dp).masked_fill(~vis, 0.0)
-        (ds,) = torch.autograd.grad(t, (s_leaf,), dt, allow_unused=True)
+        ds = None  # a transform that ignores the scores has no graph to them
+        if t.requires_grad:
+            (ds,) = torch.autograd.grad(t, (s_leaf,), dt, allow_unused=True)
     if variant.alibi is not None and variant.alibi_grad is not None:
         qp, kp = variant.positions(slice(r0, r1), s.shape[-1], s.device)
         dist = (qp.view(-1, 1) + variant.shift - kp.view(1, -1)).abs().to(torch.float64)

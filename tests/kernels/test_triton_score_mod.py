@@ -65,6 +65,23 @@ MODS = {
     ),
     "int_sign": lambda s, b, h, q, k: s + 0.3 * torch.sign(q - k) - 0.2 * torch.sign(h - 1),
     "logic": lambda s, b, h, q, k: torch.where(((q - k) < 6) & ~(k == 3) | (h == 1), s, s - 2.0),
+    # bounds that depend on the score: the derivative is the bound's where it wins
+    "clamp_by_s": lambda s, b, h, q, k: (
+        s.clamp(min=0.5 * s - 0.2, max=0.8 + 0.1 * s * s) + torch.clamp(s, min=-0.3 * s) * 0.5
+    ),
+    # a divisor that depends on the score: d(x - q y) = dx - q dy, q the rounded quotient
+    "remainder_by_s": lambda s, b, h, q, k: (
+        torch.remainder(s, 1.0 + s * s) + torch.fmod(3.0 * s, 1.0 + 0.2 * s * s)
+    ),
+    "small_tanh": lambda s, b, h, q, k: 500.0 * torch.tanh(s / 500.0) + (q - k) * 0.01,
+    # torch's bool + bool is or, bool * bool is and
+    "bool_arith": lambda s, b, h, q, k: (
+        s
+        + ((q > k) + (h == 2)) * 0.5
+        + ((q < k + 4) * (h != 1)) * 0.3
+        + torch.maximum(q == k, h == 0) * 0.2
+    ),
+    "ignores_score": lambda s, b, h, q, k: (q - k).float() * 0.1 + h * 0.2,
 }
 
 
@@ -124,6 +141,7 @@ REFUSED = {
     "odd_power": (lambda s, b, h, q, k: s.abs() ** 2.5, "exponent"),
     "not_a_tensor": (lambda s, b, h, q, k: 1.0, "one value per score"),
     "bool_index": (lambda s, b, h, q, k: s + _BIAS[h > 0], "cannot be recorded"),
+    "in_place": (lambda s, b, h, q, k: (s * 1.0).add_(q - k), "in-place"),
 }
 
 
@@ -237,3 +255,50 @@ def test_kernel_memo_keys_on_whether_the_score_mod_compiles():
     assert memo_kernel(memo, "b", "triton", q, q, q, mask, good).name == "triton"
     with pytest.raises(ValueError, match="erf"):
         memo_kernel(memo, "b", "triton", q, q, q, mask, bad)
+
+
+_ONE_HEAD = torch.tensor([0.7])
+
+
+def test_a_table_of_one_head_compiles():
+    """The recording indexes every table at 0: a table of one entry per head (one head)
+    compiles and is read at run time."""
+    fn = lambda s, b, h, q, k: s + _ONE_HEAD[h] * (q - k)  # noqa: E731
+    compile_mod(fn, "cpu")
+    check(MASKS["causal"], var=BlockVariant(kind="softmax", score_mod=fn), hq=1, hk=1)
+
+
+def test_aliased_then_changed_in_place_is_refused_not_stale():
+    """An alias taken before an in-place change keeps the old value in torch; a recording
+    that followed the change would give both the new one. Refused, so ``auto`` takes a
+    backend that runs the mod itself; the named ``triton`` backend says why."""
+
+    def mod(s, b, h, q, k):
+        t = s * 2.0
+        before = t[...]
+        t.add_(1.0)
+        return before + t
+
+    with pytest.raises(Unsupported, match="in-place"):
+        compile_mod(mod, "cpu")
+    q = torch.randn(1, 9, 2, 16)
+    with pytest.raises(ValueError, match="in-place"):
+        ha.attention(q, q, q, Mask.causal(9), backend="triton", score_mod=mod)
+
+
+def test_reference_backend_runs_a_score_mod_that_ignores_the_score():
+    """Its backward has no graph from the scores (q and k get no gradient through it)."""
+    mask = Mask.varlen([0, 7, 20], causal=True)
+    g = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, 20, 2, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    fn = MODS["ignores_score"]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ha.attention(*leaves, mask, backend="reference", score_mod=fn)
+    grads = torch.autograd.grad(out, leaves, do)
+    qi = torch.arange(20).view(-1, 1)
+    bias = torch.stack([((qi - qi.T) * 0.1 + h * 0.2).double() for h in range(2)])
+    w = bias.masked_fill(~mask.to_dense("cpu"), float("-inf")).softmax(-1)  # [h, q, k]
+    want = torch.einsum("hqk,bkhd->bqhd", w, v)
+    torch.testing.assert_close(out, want)
+    assert grads[0].abs().max() == 0 and grads[1].abs().max() == 0
+    torch.testing.assert_close(grads[2], torch.einsum("hqk,bqhd->bkhd", w, do))

@@ -154,7 +154,8 @@ class _Builder:
             raise Unsupported(f"complex values ({t.dtype})")
         else:
             off, kind, dest = sum(x.numel() for x in self.ints), "i", self.ints
-        dest.append(t.detach())
+        dest.append(t.detach().clone())  # the value at its first use (a later in-place
+        # change of the closure's tensor within the recording must not reach the kernel)
         ptr = "MODF" if kind == "f" else "MODI"
         expr = f"tl.load({ptr} + {off})"
         if t.dtype == torch.bool:
@@ -275,9 +276,9 @@ def _floordiv(x: str, y: str) -> str:
 def _op(b: _Builder, func, args, kwargs, out) -> _Val:
     name = func.overloadpacket.__name__
     over = func._overloadname
-    inplace = name.endswith("_") and not name.endswith("__")
-    if inplace:
-        name = name[:-1]
+    if name.endswith("_") and not name.endswith("__"):
+        # An alias made before the change would keep the old value in the recording.
+        raise Unsupported(f"an in-place op on the scores or indices ({func})")
     od = out.dtype if isinstance(out, torch.Tensor) else None
     if od is None:
         raise Unsupported(f"data-dependent control flow or a value read out ({func})")
@@ -306,6 +307,8 @@ def _op(b: _Builder, func, args, kwargs, out) -> _Val:
         if alpha != 1:
             ys = f"({ys} * {_lit(alpha) if od.is_floating_point else int(alpha)})"
         dy = None if y.der is None else (y.der if alpha == 1 else f"{y.der} * {_lit(alpha)}")
+        if od == torch.bool:  # torch's bool sum and product: or, and (1 + 1 is True)
+            return b.new(f"({xs}) {'|' if name == 'add' else '&'} ({ys})", od)
         if name == "add":
             return b.new(f"{xs} + {ys}", od, _sum(x.der, dy))
         if name == "sub":
@@ -344,11 +347,13 @@ def _op(b: _Builder, func, args, kwargs, out) -> _Val:
     if name in ("remainder", "fmod"):
         x, y = vals[0], vals[1]
         xs, ys = _cast(x, od), _cast(y, od)
-        if od.is_floating_point:
+        if od.is_floating_point:  # x - q y: d = dx - q dy (q, the rounded quotient, is flat)
             if name == "fmod":
                 q = f"tl.where({xs} / {ys} < 0, tl.ceil({xs} / {ys}), tl.floor({xs} / {ys}))"
-                return b.new(f"{xs} - {q} * {ys}", od, x.der)
-            return b.new(f"{xs} - tl.floor({xs} / {ys}) * {ys}", od, x.der)
+            else:
+                q = f"tl.floor({xs} / {ys})"
+            dy = None if y.der is None else f"-({q}) * {y.der}"
+            return b.new(f"{xs} - ({q}) * {ys}", od, _sum(x.der, dy))
         if name == "fmod":
             return b.new(f"{xs} % {ys}", od)
         r = f"({xs} % {ys})"
@@ -374,15 +379,18 @@ def _op(b: _Builder, func, args, kwargs, out) -> _Val:
             hi = args[2] if len(args) > 2 else kwargs.get("max")
         else:
             lo, hi = (args[1], None) if name == "clamp_min" else (None, args[1])
-        xs = _cast(x, od)
-        expr, keep = xs, []
-        if lo is not None:
-            ls = _cast(b.elementwise(b.val(lo)), od)
-            expr, _ = f"tl.maximum({expr}, {ls})", keep.append(f"({xs} >= {ls})")
-        if hi is not None:
-            hs = _cast(b.elementwise(b.val(hi)), od)
-            expr, _ = f"tl.minimum({expr}, {hs})", keep.append(f"({xs} <= {hs})")
-        der = None if x.der is None else f"tl.where({' & '.join(keep) or 'True'}, {x.der}, 0.0)"
+        # min(max(x, lo), hi) as torch computes it; the derivative follows the branch
+        # taken (x on ties, as torch's clamp), a bound's own where it wins.
+        expr, der = _cast(x, od), x.der
+        for bound, fn, keeps in ((lo, "tl.maximum", ">="), (hi, "tl.minimum", "<=")):
+            if bound is None:
+                continue
+            c = b.elementwise(b.val(bound))
+            cs = _cast(c, od)
+            if der is not None or c.der is not None:
+                der = f"tl.where({expr} {keeps} {cs}, {der or '0.0'}, {c.der or '0.0'})"
+            v = b.new(f"{fn}({expr}, {cs})", od, der)
+            expr, der = v.expr, v.der
         return b.new(expr, od, der)
     if name in _COMPARE:
         ct = torch.result_type(args[0], args[1])
@@ -475,7 +483,9 @@ def compile_mod(score_mod, device) -> Compiled:
     :class:`Unsupported` with the reason it cannot be compiled."""
     device = torch.device(device)
     s = torch.full((1, 1, 1, 1), 0.5, dtype=torch.float32, device=device)
-    idx = [torch.full((1, 1, 1, 1), v, dtype=torch.int64, device=device) for v in (0, 1, 3, 2)]
+    # Index 0 everywhere: any table the mod indexes has it (a table of one head, one
+    # document); the values do not matter, every op is recorded.
+    idx = [torch.zeros((1, 1, 1, 1), dtype=torch.int64, device=device) for _ in range(4)]
     inputs = [s, *idx]
     b = _Builder()
     names = ("s", "b", "h", "qi", "kj")
