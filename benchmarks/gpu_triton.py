@@ -417,8 +417,8 @@ def perf_case(
             row[impl] = None
             print(f"  {impl} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
     sdpa_mod.MIX_PAIRS = mix
+    row["auto"] = select_kernel("auto", q, k, v, mask, variant).name
     if variant is None:
-        row["auto"] = select_kernel("auto", q, k, v, mask).name
         row["auto_before"] = old_auto(q, k, v, mask)
     rows.append(row)
     cells = "  ".join(

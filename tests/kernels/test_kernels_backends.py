@@ -232,17 +232,19 @@ def test_auto_choice_cost_model():
     assert choice.sdpa_seconds(shared, 1.0) > choice.sdpa_seconds(disjoint, 1.0)
 
 
-def test_auto_choice_reproduces_the_three_kernel_run():
+def test_auto_choice_reproduces_the_three_kernel_run(monkeypatch):
     """The H200 run with cuDNN, flex and triton side by side (triton_H200_2026-12-02_s2.md,
     bf16, 32 heads, D 128): dense causal 32K sdpa 591 > triton 503 > flex 411 TF/s;
     long-tailed documents sdpa 481 > triton 438 > flex 363; 64-512-token documents triton
     142 > flex 96 (the model before this fit sent those to flex). On GPU the softmax
-    variants go to triton first (softcap 419 against flex's 201), score_mod blocks then
-    fall to flex (triton refuses them)."""
+    variants go to triton first (softcap 419 against flex's 201), and so do compiled
+    score_mods (a relative bias on causal 32K 450 / 416 against flex's 360 / 261, H100,
+    triton_score_mod_H100_2026-12-05_s12.md); one that does not compile falls to flex."""
     from types import SimpleNamespace
 
     from hamilton_attn.kernels import _variant_order, choice
     from hamilton_attn.kernels.sdpa import Call
+    from hamilton_attn.kernels.triton import score_mod as score_mod_module
 
     per_pair = 4.0 * 32 * 128
     gen = np.random.default_rng(0)
@@ -270,12 +272,46 @@ def test_auto_choice_reproduces_the_three_kernel_run():
         "flex",
     )
     assert _variant_order(gpu_q, SimpleNamespace(kind="sigmoid", score_mod=None))[0] == "triton"
-    # a compiled score_mod waits for a GPU timing (score_mod.AUTO) before triton leads
+    # compiled score_mods lead on GPU (score_mod.AUTO, timed against flex); with AUTO off,
+    # flex (softmax) or the reference (sigmoid / relu) lead
     smod = SimpleNamespace(kind="softmax", score_mod=lambda s, b, h, q, k: s)
+    relu = SimpleNamespace(kind="relu", score_mod=smod.score_mod)
+    assert _variant_order(gpu_q, smod) == ("triton", "flex", "reference")
+    assert _variant_order(gpu_q, relu) == ("triton", "reference")
+    monkeypatch.setattr(score_mod_module, "AUTO", False)
     assert _variant_order(gpu_q, smod)[0] == "flex"
-    assert _variant_order(gpu_q, SimpleNamespace(kind="relu", score_mod=smod.score_mod)) == (
-        "reference",
-    )
+    assert _variant_order(gpu_q, relu) == ("reference",)
+
+
+def test_auto_runs_a_compiled_score_mod_on_triton_and_a_refused_one_on_flex(monkeypatch):
+    """On a GPU ``auto`` gives a score_mod block to the triton kernel where the score_mod
+    compiles and to flex where it does not (a data-dependent branch), each decided by the
+    kernels' own checks (here on a pretend GPU whose kernels all run)."""
+    from types import SimpleNamespace
+
+    from hamilton_attn.kernels import _first_able, _variant_order, get_kernel
+    from hamilton_attn.variants import BlockVariant
+
+    for name in ("triton", "flex"):
+        cls = type(get_kernel(name))
+        monkeypatch.setattr(cls, "available", lambda self, device: True)
+        monkeypatch.setattr(cls, "unsupported_reason", lambda self, q, k, v, mask: None)
+    q = SimpleNamespace(is_cuda=True, device=torch.device("cpu"))
+
+    def branchy(s, b, h, qi, kj):
+        return s if bool((qi > kj).any()) else -s
+
+    picks = {}
+    for name, mod in (("bias", lambda s, b, h, qi, kj: s - 0.1 * (qi - kj)), ("branch", branchy)):
+        for kind in ("softmax", "sigmoid"):
+            var = BlockVariant(kind=kind, score_mod=mod)
+            picks[name, kind] = _first_able(_variant_order(q, var), q, q, q, None, var).name
+    assert picks == {
+        ("bias", "softmax"): "triton",
+        ("bias", "sigmoid"): "triton",
+        ("branch", "softmax"): "flex",
+        ("branch", "sigmoid"): "reference",
+    }
 
 
 # ---------------------------------------------------------------------------------------
