@@ -299,6 +299,19 @@ def run_checks(quick, only=None):
         "tanh square": lambda s, b, h, q, k: 8 * torch.tanh(s / 8) + 0.05 * s * s,
         "int ops": lambda s, b, h, q, k: s + ((q - k) // 7) * 0.01 - ((q - k) % 5) * 0.1,
         "head bias by mod": lambda s, b, h, q, k: torch.where(q >= k, s + bias[h], -1e4),
+        # NaN where a visible score is negative or at the padding (s = 0), skipped by fmax
+        # or a selection; torch's float rounding and bfloat16 / float16 storage
+        "nan rules": lambda s, b, h, q, k: (
+            torch.fmax(torch.log(s), s) + torch.sqrt(torch.relu(s)) + 0.1 * torch.sin(s) / s
+        ),
+        "rounding": lambda s, b, h, q, k: (
+            s
+            + (q.float() // 0.1) * 0.001
+            + torch.remainder(k.float() * 0.3, 0.1)
+            + ((q - k).float() * 0.01).to(torch.bfloat16).float()
+            + ((q + k).float() * 0.0013).half()
+            + torch.clamp(q * 0.0 - 0.5, min=s, max=s) * 0.5
+        ),
     }
     docs = docs_mask(uniform_docs(2000, 64, 512))
     cases += [
@@ -316,6 +329,10 @@ def run_checks(quick, only=None):
         ("score_mod sigmoid relative bias docs bf16", docs, bf,
          dict(variant=BlockVariant(kind="sigmoid", bias=-1.0,
                                    score_mod=smods["relative bias"]))),
+        ("score_mod nan rules + softcap causal 999 bf16", Mask.causal(999), bf,
+         dict(variant=BlockVariant(kind="softmax", softcap=5.0, score_mod=smods["nan rules"]))),
+        ("score_mod rounding docs bf16", docs, bf,
+         dict(variant=BlockVariant(kind="softmax", score_mod=smods["rounding"]))),
     ]  # fmt: skip
     # cuDNN for large pieces, one triton call per run of small ones
     mixed = {"kernel": "sdpa+triton", "switches": {"sdpa.MIX_PAIRS": MIX_TIMED}}
@@ -744,7 +761,8 @@ def fmt(x):
 
 
 def write(rows, checks, argv, out_dir, quiet=False, name=None):
-    gpu = torch.cuda.get_device_name().split()[-1]
+    full = torch.cuda.get_device_name()  # "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    gpu = next((w for w in full.split() if w[:1] in "HAB" and w[1:].isdigit()), full.split()[-1])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     name = name or f"triton_{gpu}_{date}"
     env = {

@@ -238,8 +238,8 @@ def test_auto_choice_reproduces_the_three_kernel_run(monkeypatch):
     long-tailed documents sdpa 481 > triton 438 > flex 363; 64-512-token documents triton
     142 > flex 96 (the model before this fit sent those to flex). On GPU the softmax
     variants go to triton first (softcap 419 against flex's 201), and so do compiled
-    score_mods (a relative bias on causal 32K 450 / 416 against flex's 360 / 261, H100,
-    triton_score_mod_H100_2026-12-05_s12.md); one that does not compile falls to flex."""
+    score_mods (a relative bias on causal 32K 446 / 415 against flex's 356 / 259, H100,
+    triton_score_mod_H100_2026-12-07_s13.md); one that does not compile falls to flex."""
     from types import SimpleNamespace
 
     from hamilton_attn.kernels import _variant_order, choice

@@ -39,6 +39,15 @@ _MODS = {
         + torch.cos(s)
         + torch.sign(q - k)
     ),
+    # torch's float rounding and NaN rules, half / bfloat16 rounding, masked_fill
+    "rounding_nan": lambda s, b, h, q, k: (
+        torch.fmax(torch.log(s), s)
+        + torch.remainder(s, 1.0 + s * s)
+        + (q.float() // 0.1) * 0.01
+        + ((q - k).float() * 0.01).to(torch.bfloat16).float()
+        + ((q + k).float() * 0.013).half()
+        + torch.clamp(s, min=0.5 * s - 0.2, max=0.8 + 0.1 * s * s)
+    ).masked_fill(k > q + 30, -1e4),
 }
 CASES = {
     "plain causal bf16": (Mask.causal(1000), None, torch.bfloat16, 0),

@@ -81,8 +81,53 @@ MODS = {
         + ((q < k + 4) * (h != 1)) * 0.3
         + torch.maximum(q == k, h == 0) * 0.2
     ),
+    "sin_over_s": lambda s, b, h, q, k: s + 0.1 * torch.sin(s) / s,
     "ignores_score": lambda s, b, h, q, k: (q - k).float() * 0.1 + h * 0.2,
+    # a selection that passes no gradient before a factor that is infinite there: 0, as
+    # torch's backward gives, not 0 x inf
+    "sqrt_relu": lambda s, b, h, q, k: (
+        s + torch.sqrt(torch.relu(s)) + torch.clamp(s, min=0.0) ** 0.5 + torch.log(s.relu() + 1)
+    ),
+    # torch's float floor division and remainder (1.0 // 0.1 is 9), C's fmod (x at y = inf)
+    "float_rounding": lambda s, b, h, q, k: (
+        s
+        + (q.float() // 0.1) * 0.01
+        + torch.remainder(q.float() * 0.3, 0.1) * 10
+        + torch.fmod(k.float() * -0.7, 0.3)
+        + torch.fmod(s, float("inf"))
+        + torch.div(k.float() * 1.1, -0.1, rounding_mode="floor") * 0.01
+    ),
+    # fmax / fmin skip a NaN operand, maximum / relu keep it (here it never reaches a
+    # visible score: a NaN of log(s) replaced)
+    "nan_aware": lambda s, b, h, q, k: (
+        torch.fmax(torch.log(s), s) + torch.fmin(torch.sqrt(s), s * 0.5) + torch.relu(s)
+    ),
+    # float16 / bfloat16 results rounded as torch stores them
+    "half_casts": lambda s, b, h, q, k: (
+        s
+        + ((q - k).float() * 0.01).to(torch.bfloat16).float()
+        + ((q + k).float() * 0.013).half() * 3.0
+    ),
+    # clamp with min == max: torch gives neither x nor the bounds a gradient where x < min
+    "clamp_tie": lambda s, b, h, q, k: torch.clamp(q * 0.0 - 0.5, min=s, max=s) + s * 0.5,
+    "masked_fill": lambda s, b, h, q, k: (
+        s.masked_fill(k > q + 30, float("-inf")).masked_fill(h == 1, 0.5) + torch.relu(q - k)
+    ),
+    "changed_after_use": lambda s, b, h, q, k: _changed_after_use(s, h),
+    # a head's table entry (a scalar in the kernel) and-ed / or-ed with a tensor of bools
+    "head_flag": lambda s, b, h, q, k: torch.where(
+        (_FLAG[h] > 0) & (q > k) | (_FLAG[h] < -1) | ((q < k + 3) ^ (_FLAG[h] > 0.5)), s, s - 1.0
+    ),
 }
+_FLAG = torch.tensor([0.3, -2.0, 0.9, -0.5])
+
+
+def _changed_after_use(s, h):
+    """A closure's tensor changed in place after an op read it: that op sees it as it was."""
+    t = torch.arange(4.0) * 0.25
+    r = s + t[h]
+    t.add_(1.0)
+    return r + t[h] * 0.1
 
 
 @pytest.mark.parametrize("name", sorted(MODS))
@@ -100,6 +145,9 @@ def test_score_mods_forward_backward(name):
         ("leaky", "relu", "bottom_right", {}),
         ("causal_by_mod", "sigmoid", "full", {}),
         ("head_bias", "relu", "causal", {}),
+        # NaN at the padding keys (s = 0 there): softcap's factor must not carry it
+        ("sin_over_s", "softmax", "full", {"softcap": 2.5}),
+        ("sqrt_relu", "softmax", "window", {"softcap": 4.0}),
     ],
 )
 def test_score_mods_with_the_other_variants(name, kind, mask, extra):
@@ -142,7 +190,13 @@ REFUSED = {
     "not_a_tensor": (lambda s, b, h, q, k: 1.0, "one value per score"),
     "bool_index": (lambda s, b, h, q, k: s + _BIAS[h > 0], "cannot be recorded"),
     "in_place": (lambda s, b, h, q, k: (s * 1.0).add_(q - k), "in-place"),
+    # integers are computed in 32 bits: narrower ones would not wrap
+    "narrow_int": (lambda s, b, h, q, k: s + (q - k).to(torch.uint8).float(), "uint8"),
+    "int8_table": (lambda s, b, h, q, k: s + _I8[q].float(), "int8"),
+    "wide_int_table": (lambda s, b, h, q, k: s + (_WIDE[q] % 7).float(), "past 32 bits"),
 }
+_WIDE = torch.tensor([2**40 + 5, 3] * 40)
+_I8 = torch.tensor([100, 120, -128, 7] * 20, dtype=torch.int8)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

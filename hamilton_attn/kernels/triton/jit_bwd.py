@@ -75,6 +75,21 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _chain(ds, th, dm, SOFTCAP: tl.constexpr, MOD: tl.constexpr):
+    """``ds`` times softcap's factor ``1 - th^2`` and the score_mod's derivative ``dm``:
+    where ``ds`` is 0 (keys a row cannot see, padding past the ends) it stays 0 whatever
+    those are there (a score_mod's NaN or infinite slope, tanh of its NaN)."""
+    if MOD and SOFTCAP:
+        return tl.where(ds != 0.0, ds * ((1.0 - th * th) * dm), 0.0)
+    elif MOD:
+        return tl.where(ds != 0.0, ds * dm, 0.0)
+    elif SOFTCAP:
+        return ds * (1.0 - th * th)
+    else:
+        return ds
+
+
+@triton.jit
 def _dq_tile(
     dq, dsl, q, do, lse2, delta, k_ptr, v_ptr, s_kn, s_vn, c, j0, j1, rows, rlo, rhi, qp,
     KPOS, slope, scale, softcap, bias, SK, BANDS, BAND_IDX, b, hk, hm, shift, MODF, MODI,
@@ -101,10 +116,7 @@ def _dq_tile(
     p, ds = _ds(s, dp, th, lse2[:, None], delta[:, None], bias, KIND, FAST)
     if AGRAD_ON:
         dsl += tl.reduce(ds * tl.abs(qp[:, None] - kp[None, :]).to(tl.float32), 1, _ADD)
-    if SOFTCAP:
-        ds = ds * (1.0 - th * th)
-    if MOD:  # keys a row cannot see keep 0 whatever the score_mod's slope there
-        ds = tl.where(ds != 0.0, ds * dm, 0.0)
+    ds = _chain(ds, th, dm, SOFTCAP, MOD)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq, dsl
 
@@ -228,10 +240,7 @@ def _dkdv_tile(
         lse2 = tl.full([BM], 0.0, tl.float32)
         delta = lse2
     pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, FAST)
-    if SOFTCAP:
-        dsT = dsT * (1.0 - th * th)
-    if MOD:  # as in the dQ pass
-        dsT = tl.where(dsT != 0.0, dsT * dm, 0.0)
+    dsT = _chain(dsT, th, dm, SOFTCAP, MOD)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dsT = dsT.to(q.dtype)
     dk = tl.dot(dsT, q, dk, input_precision=PREC)
