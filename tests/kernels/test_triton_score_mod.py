@@ -356,3 +356,29 @@ def test_reference_backend_runs_a_score_mod_that_ignores_the_score():
     torch.testing.assert_close(out, want)
     assert grads[0].abs().max() == 0 and grads[1].abs().max() == 0
     torch.testing.assert_close(grads[2], torch.einsum("hqk,bqhd->bkhd", w, do))
+
+
+def test_a_row_made_nan_by_the_score_mod_keeps_its_nan_to_itself():
+    """A score_mod that puts +inf at one visible pair makes that row NaN (out, delta): the
+    keys the row cannot see take no NaN from it (p = 0 there, 0 x NaN), as in torch."""
+    mask = MASKS["causal"]
+    q, k, v, do = _inputs(mask, 1, 1, 16, torch.float32, "bshd", seed=3)
+    fn = lambda s, b, h, q, k: s + torch.where((q == 0) & (k == 0), float("inf"), 0.0)  # noqa: E731
+    var = BlockVariant(kind="softmax", score_mod=fn)
+    got = run_triton(q, k, v, do, mask, 0.3, var)
+    exact = oracle(q, k, v, do, mask, 0.3, var)
+    for name, a, b in zip(("dq", "dk", "dv"), got[2:5], exact[2:5], strict=True):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.isfinite(b).any(), name  # not all NaN: the test compares something
+    same = oracle(q, k, v, do, mask, 0.3, var, ct=torch.float32)
+    assert_close(got[2:5], exact[2:5], same[2:5], names=("dq", "dk", "dv"))  # where finite
+
+
+def test_a_score_mod_that_ignores_the_score_passes_no_gradient_through_nan():
+    """NaN scores at visible pairs from a mod that never reads the score: torch gives q and
+    k no gradient through it; the kernel's are 0, not NaN x 0."""
+    mask = MASKS["window"]
+    q, k, v, do = _inputs(mask, 2, 2, 16, torch.float32, "bshd", seed=6)
+    fn = lambda s, b, h, q, k: torch.rsqrt((q - k).float() * 0.05)  # noqa: E731
+    got = run_triton(q, k, v, do, mask, 0.3, BlockVariant(kind="sigmoid", score_mod=fn))
+    assert got[2].abs().max() == 0 and got[3].abs().max() == 0

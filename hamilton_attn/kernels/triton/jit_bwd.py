@@ -75,14 +75,18 @@ def _ds(s, dp, th, lse2, delta, bias, KIND: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _chain(ds, th, dm, SOFTCAP: tl.constexpr, MOD: tl.constexpr):
-    """``ds`` times softcap's factor ``1 - th^2`` and the score_mod's derivative ``dm``:
-    where ``ds`` is 0 (keys a row cannot see, padding past the ends) it stays 0 whatever
-    those are there (a score_mod's NaN or infinite slope, tanh of its NaN)."""
-    if MOD and SOFTCAP:
-        return tl.where(ds != 0.0, ds * ((1.0 - th * th) * dm), 0.0)
-    elif MOD:
-        return tl.where(ds != 0.0, ds * dm, 0.0)
+def _chain(ds, p, th, dm, SOFTCAP: tl.constexpr, MOD: tl.constexpr):
+    """``ds`` times softcap's factor ``1 - th^2`` and the score_mod's derivative ``dm``.
+    With a score_mod, 0 where the weight ``p`` is 0 (keys a row cannot see, padding past
+    the ends: a row made NaN by the mod keeps its NaN to itself), where ``ds`` is (a NaN or
+    infinite slope there stays out) and where ``dm`` is (a mod that ignores the score
+    passes no gradient, as torch's backward gives none)."""
+    if MOD:
+        keep = (p != 0.0) & (ds != 0.0) & (dm != 0.0)
+        if SOFTCAP:
+            return tl.where(keep, ds * ((1.0 - th * th) * dm), 0.0)
+        else:
+            return tl.where(keep, ds * dm, 0.0)
     elif SOFTCAP:
         return ds * (1.0 - th * th)
     else:
@@ -116,7 +120,7 @@ def _dq_tile(
     p, ds = _ds(s, dp, th, lse2[:, None], delta[:, None], bias, KIND, FAST)
     if AGRAD_ON:
         dsl += tl.reduce(ds * tl.abs(qp[:, None] - kp[None, :]).to(tl.float32), 1, _ADD)
-    ds = _chain(ds, th, dm, SOFTCAP, MOD)
+    ds = _chain(ds, p, th, dm, SOFTCAP, MOD)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq, dsl
 
@@ -240,7 +244,7 @@ def _dkdv_tile(
         lse2 = tl.full([BM], 0.0, tl.float32)
         delta = lse2
     pT, dsT = _ds(s, dpT, th, lse2[None, :], delta[None, :], bias, KIND, FAST)
-    dsT = _chain(dsT, th, dm, SOFTCAP, MOD)
+    dsT = _chain(dsT, pT, th, dm, SOFTCAP, MOD)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dsT = dsT.to(q.dtype)
     dk = tl.dot(dsT, q, dk, input_precision=PREC)
