@@ -382,3 +382,17 @@ def test_a_score_mod_that_ignores_the_score_passes_no_gradient_through_nan():
     fn = lambda s, b, h, q, k: torch.rsqrt((q - k).float() * 0.05)  # noqa: E731
     got = run_triton(q, k, v, do, mask, 0.3, BlockVariant(kind="sigmoid", score_mod=fn))
     assert got[2].abs().max() == 0 and got[3].abs().max() == 0
+
+
+def test_an_int_table_changed_past_32_bits_is_refused_on_the_next_call():
+    """The 32-bit check of an integer table is remembered per version: unchanged, it is
+    not read again; changed in place past 2^31, the next call refuses it."""
+    table = torch.tensor([3, -4, 5, 6] * 20)
+
+    def fn(s, b, h, q, k):
+        return s + (table[q] % 7).float() * 0.1
+
+    compile_mod(fn, "cpu")
+    table[1] = 2**40
+    with pytest.raises(Unsupported, match="past 32 bits"):
+        compile_mod(fn, "cpu")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .mod_ops import _ROUND, Unsupported, _cast, _op, _ty, _Val
 
@@ -88,6 +89,26 @@ def _version(t: torch.Tensor) -> int:
         return t._version
     except RuntimeError:
         return 0
+
+
+#: Integer tables whose values were found to fit 32 bits, and at which version: the check
+#: reads them to the host (a stream synchronisation on a GPU), so a table the closure
+#: keeps unchanged is checked once, not on every call.
+_INT32_CHECKED = WeakIdKeyDictionary()
+
+
+def _check_int32(t: torch.Tensor, version: int, value: torch.Tensor) -> None:
+    """Refuse an integer table (``value``: ``t`` as the op read it, at ``version``) with a
+    value past 32 bits, where the kernel's int32 arithmetic would wrap. Skipped while a
+    CUDA graph is captured (no host read is allowed there)."""
+    if not value.numel() or _INT32_CHECKED.get(t) == version:
+        return
+    if value.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = int(value.min()), int(value.max())
+    if lo < -(2**31) or hi >= 2**31:
+        raise Unsupported(f"an integer table value past 32 bits ({lo if lo < 0 else hi})")
+    _INT32_CHECKED[t] = version
 
 
 class _Recorder(TorchDispatchMode):
@@ -155,12 +176,11 @@ class _Builder:
             off, kind, dest = sum(x.numel() for x in self.ints), "i", self.ints
         # the value as the op read it (the recorder's copy: a later in-place change of the
         # closure's tensor within the recording must not reach the kernel)
-        got = self.snap.get((id(t), self.versions.get(id(t), _version(t))))
+        ver = self.versions.get(id(t), _version(t))
+        got = self.snap.get((id(t), ver))
         value = got[1] if got is not None else t.detach().clone()
-        if kind == "i" and value.dtype != torch.bool and value.numel():
-            lo, hi = int(value.min()), int(value.max())
-            if lo < -(2**31) or hi >= 2**31:  # this call's values (re-read every call)
-                raise Unsupported(f"an integer table value past 32 bits ({lo if lo < 0 else hi})")
+        if kind == "i" and value.dtype != torch.bool:
+            _check_int32(t, ver, value)
         dest.append(value)
         ptr = "MODF" if kind == "f" else "MODI"
         expr = f"tl.load({ptr} + {off})"
