@@ -618,8 +618,9 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): the forward's row-interval test
-    as one unsigned comparison. Earlier rounds' plans (the same in the backward, ALiBi's
+    GPU run; printed and saved as ``name``.md / .json): the dQ pass making delta itself
+    against the delta kernel. Earlier rounds' plans (the forward's row-interval test as
+    one unsigned comparison, the same in the backward, ALiBi's
     per-key term as the dot's accumulator, the backward's dO . v dots started from
     -delta, the lazy running max, ragged 128-row tiles, TMA loads, ALiBi distances, the
     packed float16 tanh, RANGE / entry / run loops, dots a tile ahead, every case's
@@ -656,7 +657,10 @@ def ab_run(budget_s, out_dir, name, checks=()):
     # comparison per element (`UNSIGNED_ROWS`), on the cases whose tiles are mostly
     # partial. s10e measured the same in the dQ and dK/dV passes (no faster, removed):
     # results/triton_ab_H200_2026-12-04_s10e.md.
-    uns = {"unsigned": {"UNSIGNED_ROWS": True}, "now": {"UNSIGNED_ROWS": False}}
+    # s14: the dQ pass making delta itself (`FUSED_DELTA`) against the delta kernel, on
+    # the cases that run a dQ pass (short documents, the 8K-per-rank document step), with
+    # the long-tailed documents and dense causal (dQ in the dK/dV pass) as controls.
+    uns = {"fused delta": {"FUSED_DELTA": True}, "delta kernel": {"FUSED_DELTA": False}}
     fused8k, _ = fused_blocks("hamilton", "docs", 8192)
     alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     plan = []
@@ -685,6 +689,7 @@ def ab_run(budget_s, out_dir, name, checks=()):
         "CONFIGS",
         "RAGGED",
         "DQ_ADD",
+        "FUSED_DELTA",
     )
     base = {n: getattr(tk, n) for n in switches}
 
@@ -729,8 +734,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
-        "`unsigned`: the forward's row-interval test as one subtraction and one unsigned "
-        "comparison per element (`UNSIGNED_ROWS`), `now` two comparisons; "
+        "`fused delta`: the dQ pass makes each row's delta = dO . out itself "
+        "(`FUSED_DELTA`), `delta kernel`: a kernel of its own before the passes; "
         "`fwd` / `dq` / `dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",

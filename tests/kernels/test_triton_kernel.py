@@ -702,3 +702,45 @@ def test_softcap_far_above_the_scores_keeps_their_digits(cap):
     """A cap far above the scores: tanh(s / c) is small, and 1 - 2 / (e^2x + 1) would keep
     only its absolute error (2^-24), c times the score's own."""
     check(MASKS["magi"], var=BlockVariant(kind="softmax", softcap=cap), hq=2, hk=1)
+
+
+@pytest.mark.parametrize("name", ["docs_gap", "magi", "bottom_right"])
+def test_dq_pass_makes_delta_for_the_dkdv_pass(name, monkeypatch):
+    """``FUSED_DELTA``: where a dQ pass runs (softmax, no ``DQ_ADD``), it makes each row's
+    ``delta`` itself and no delta kernel is launched; rows that see nothing, GQA, float16
+    and ALiBi slopes' gradient agree with the oracle. With dQ added in the dK/dV pass,
+    or the switch off, the delta kernel runs."""
+    from hamilton_attn.kernels import triton as tk
+
+    launched = []
+    real = tk.load
+
+    class Spy:
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, attr):
+            fn = getattr(self.mod, attr)
+            if not attr.endswith("_kernel"):
+                return fn
+
+            class Grid:
+                def __getitem__(self, grid):
+                    launched.append(attr)
+                    return fn[grid]
+
+            return Grid()
+
+    monkeypatch.setattr(tk, "load", lambda interp, src=None: Spy(real(interp, src)))
+    mask = MASKS[name]
+    assert tk.FUSED_DELTA is True
+    check(mask, hq=4, hk=2, d=16, dtype=torch.float32)
+    check(mask, hq=2, hk=1, d=24, dtype=torch.float16, layout="thd")
+    check(mask, var=dataclasses.replace(_alibi(2, shift=3), softcap=2.5), hq=2, hk=1)
+    assert "dq_kernel" in launched and "delta_kernel" not in launched
+    for switch, value in (("DQ_ADD", 1), ("FUSED_DELTA", False)):
+        launched.clear()
+        with monkeypatch.context() as m:
+            m.setattr(tk, switch, value)
+            check(mask, hq=2, hk=2, d=16, dtype=torch.float32)
+        assert "delta_kernel" in launched, switch

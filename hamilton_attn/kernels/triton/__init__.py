@@ -142,6 +142,10 @@ RAGGED: bool | None = False
 #: per rank 368 / 348 (causal) and 306 / 294 (documents); atomic adds gain nothing (404,
 #: 339, 287); on 64-512-token documents both lose (100-103 against 135).
 DQ_ADD: int | None = None
+#: Where the backward runs a dQ pass on grid tiles (softmax), that pass makes each row's
+#: ``delta = dO . out`` from its tiles of dO (already loaded) and out, for the dK/dV pass
+#: after it, instead of a delta kernel reading both (``OWN_DELTA`` in :mod:`.jit_bwd`).
+FUSED_DELTA = True
 
 
 def _bucket(d: int) -> int:
@@ -467,12 +471,19 @@ class TritonKernel(AttentionKernel):
         bd = _pow2(d)
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
+        agrad = variant.alibi_grad if variant is not None else None
+        agrad_on = agrad is not None and va["ALIBI_ON"]
+        rows = self._rows(mask, q.device)
+        dq_add = 0 if agrad_on else self._dq_add(q, mask, interp)
+        # the dQ pass makes delta itself where it runs first on grid tiles (every row)
+        own_delta = softmax and not dq_add and FUSED_DELTA and not self._ragged_dq(q, mask, interp)
         if softmax:
             if out.stride(-1) != 1:
                 out = out.contiguous()
             lse = lse.to(torch.float32).contiguous()
             delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
             dbm = 16 if interp else 64
+        if softmax and not own_delta:
             jit.delta_kernel[(triton_cdiv(sq, dbm), b * hq)](
                 out,
                 dout,
@@ -485,19 +496,15 @@ class TritonKernel(AttentionKernel):
                 BD=bd,
                 BM=dbm,
             )
-        else:
+        if not softmax:
             lse = delta = torch.zeros(1, dtype=torch.float32, device=q.device)
-        agrad = variant.alibi_grad if variant is not None else None
-        agrad_on = agrad is not None and va["ALIBI_ON"]
         ag = torch.zeros((b, hq), dtype=torch.float32, device=q.device) if agrad_on else lse
-        rows = self._rows(mask, q.device)
-        dq_add = 0 if agrad_on else self._dq_add(q, mask, interp)
         dqa = None
         if dq_add:
             dqa = torch.zeros((b, hq, sq, d), dtype=torch.float32, device=q.device)
         else:
             dq = passes.dq_pass(q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on,
-                                rows, interp, jit)  # fmt: skip
+                                rows, interp, jit, out if own_delta else None)  # fmt: skip
         dk, dv, dq_added = passes.dkdv_pass(q, k, v, dout, lse, delta, mask, scale, va, rows,
                                             interp, jit, dqa, dq_add)  # fmt: skip
         if dq_add:
@@ -507,6 +514,11 @@ class TritonKernel(AttentionKernel):
         if agrad_on:
             agrad.add_(ag.to(agrad.dtype).view_as(agrad) if agrad.dim() == 2 else ag)
         return dq, dk, dv
+
+    @staticmethod
+    def _ragged_dq(q, mask, interp) -> bool:
+        """Whether the dQ pass runs ragged row tiles (which need not cover every row)."""
+        return _pick(mask, "dq", q.shape[-1], interp, q.device, q.dtype == torch.float32)[1].ragged
 
     @staticmethod
     def _dq_add(q, mask, interp) -> int:

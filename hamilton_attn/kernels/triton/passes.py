@@ -30,7 +30,8 @@ def common(q, va, rows, interp):
 
 
 def dq_pass(q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on, rows,
-             interp, jit):  # fmt: skip
+             interp, jit, out=None):  # fmt: skip
+    """dQ; with ``out`` (softmax) the pass also makes ``delta`` (``OWN_DELTA``)."""
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     bd = tk._pow2(d)
@@ -49,6 +50,7 @@ def dq_pass(q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on, rows,
         dq,
         lse,
         delta,
+        dout if out is None else out,
         *tk.TritonKernel._lists_args(L, rows),
         va["alibi"],
         va["qpos"],
@@ -61,12 +63,14 @@ def dq_pass(q, k, v, dout, lse, delta, mask, scale, va, ag, agrad_on, rows,
         *v.stride()[:3],
         *dout.stride()[:3],
         *dq.stride()[:3],
+        *(dout if out is None else out).stride()[:3],
         hq,
         hq // hk,
         sq,
         sk,
         *tk._scalars(scale, va),
         AGRAD_ON=agrad_on,
+        OWN_DELTA=out is not None,
         TMA=tma,
         **tk._list_flags(L, rows),
         BM=bm,
