@@ -733,7 +733,7 @@ def test_dq_pass_makes_delta_for_the_dkdv_pass(name, monkeypatch):
 
     monkeypatch.setattr(tk, "load", lambda interp, src=None: Spy(real(interp, src)))
     mask = MASKS[name]
-    assert tk.FUSED_DELTA is True
+    monkeypatch.setattr(tk, "FUSED_DELTA", True)
     check(mask, hq=4, hk=2, d=16, dtype=torch.float32)
     check(mask, hq=2, hk=1, d=24, dtype=torch.float16, layout="thd")
     check(mask, var=dataclasses.replace(_alibi(2, shift=3), softcap=2.5), hq=2, hk=1)

@@ -145,7 +145,10 @@ DQ_ADD: int | None = None
 #: Where the backward runs a dQ pass on grid tiles (softmax), that pass makes each row's
 #: ``delta = dO . out`` from its tiles of dO (already loaded) and out, for the dK/dV pass
 #: after it, instead of a delta kernel reading both (``OWN_DELTA`` in :mod:`.jit_bwd`).
-FUSED_DELTA = True
+#: Off until timed: built and tested on 2026-12-07 (on H100, docs 64-512 at 32K, the delta
+#: kernel and setup took 0.18 of a 1.99 ms backward), the GPU time ran out before
+#: ``gpu_triton.py --ab`` (its plan holds this switch) could measure it.
+FUSED_DELTA = False
 
 
 def _bucket(d: int) -> int:
