@@ -36,10 +36,12 @@ import triton
 import triton.language as tl
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
+from gpu_triton import docs_mask, uniform_docs  # noqa: E402  (this folder's benchmark)
+
 from hamilton_attn.kernels.triton import tiles  # noqa: E402
-from hamilton_attn.masks import Mask  # noqa: E402
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -52,6 +54,23 @@ def _bound(x, INTERP: tl.constexpr):
     if INTERP:  # as jit._bound: Triton 3.6's interpreter and NumPy >= 2.3
         x.handle.data = x.handle.data.reshape(())
     return x
+
+
+@triton.jit
+def _entry(vv, E, ETILE, ECOL, EFLAG):
+    """Virtual entry ``vv`` (heads x entries): its head, tile, other-axis element, flags
+    and whether it is its tile's first entry."""
+    h = vv // E
+    e = vv - h * E
+    flag = tl.load(EFLAG + e)
+    return h, tl.load(ETILE + e), tl.load(ECOL + e), flag, (flag & 1) != 0
+
+
+@triton.jit
+def _at_first(ptr, first, m, cur):
+    """The tile at ``ptr`` (rows masked by ``m``) at its tile's first entry, else ``cur``:
+    a predicated load the pipeliner can issue early."""
+    return tl.where(first, tl.load(ptr, mask=first & m, other=0.0), cur)
 
 
 # fmt: off
@@ -73,12 +92,7 @@ def persist_fwd(Q, K, V, O, LSE, ETILE, ECOL, EFLAG, START, RLO, RWID,
     wid = lo
     for vv in tl.range(_bound(tl.load(START + p), INTERP),
                        _bound(tl.load(START + p + 1), INTERP), num_stages=STAGES):
-        h = vv // E
-        e = vv - h * E
-        t = tl.load(ETILE + e)
-        c = tl.load(ECOL + e)
-        flag = tl.load(EFLAG + e)
-        first = (flag & 1) != 0
+        h, t, c, flag, first = _entry(vv, E, ETILE, ECOL, EFLAG)
         rows = t * BM + am
         if RELOAD:  # every entry: the tile's Q comes through the pipeliner's buffers
             q = tl.load(Q + h.to(tl.int64) * s_qh + rows[:, None] * s_qm + dd[None, :],
@@ -140,17 +154,12 @@ def persist_dq(Q, K, V, DO, DQ, LSE, DELTA, ETILE, ECOL, EFLAG, START, RLO, RWID
     wid = lo
     for vv in tl.range(_bound(tl.load(START + p), INTERP),
                        _bound(tl.load(START + p + 1), INTERP), num_stages=STAGES):
-        h = vv // E
-        e = vv - h * E
-        t = tl.load(ETILE + e)
-        c = tl.load(ECOL + e)
-        flag = tl.load(EFLAG + e)
-        first = (flag & 1) != 0
+        h, t, c, flag, first = _entry(vv, E, ETILE, ECOL, EFLAG)
         rows = t * BM + am
         rm = first & (rows < SQ)
         off = h.to(tl.int64) * s_qh + rows[:, None] * s_qm + dd[None, :]
-        q = tl.where(first, tl.load(Q + off, mask=rm[:, None], other=0.0), q)
-        do = tl.where(first, tl.load(DO + off, mask=rm[:, None], other=0.0), do)
+        q = _at_first(Q + off, first, rm[:, None], q)
+        do = _at_first(DO + off, first, rm[:, None], do)
         ln = tl.load(LSE + h.to(tl.int64) * SQ + rows, mask=rm, other=float("inf"))
         ln = tl.where(ln == float("-inf"), float("inf"), ln * LOG2E)
         lse2 = tl.where(first, ln, lse2)
@@ -193,17 +202,12 @@ def persist_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, ETILE, ECOL, EFLAG, START, RLO
     v = k
     for vv in tl.range(_bound(tl.load(START + p), INTERP),
                        _bound(tl.load(START + p + 1), INTERP), num_stages=STAGES):
-        h = vv // E
-        e = vv - h * E
-        u = tl.load(ETILE + e)
-        r = tl.load(ECOL + e)
-        flag = tl.load(EFLAG + e)
-        first = (flag & 1) != 0
+        h, u, r, flag, first = _entry(vv, E, ETILE, ECOL, EFLAG)
         cols = u * BN + an
         cm = first & (cols < SK)
         koff = h.to(tl.int64) * s_kh + cols[:, None] * s_kn + dd[None, :]
-        k = tl.where(first, tl.load(K + koff, mask=cm[:, None], other=0.0), k)
-        v = tl.where(first, tl.load(V + koff, mask=cm[:, None], other=0.0), v)
+        k = _at_first(K + koff, first, cm[:, None], k)
+        v = _at_first(V + koff, first, cm[:, None], v)
         dk = tl.where(first, 0.0, dk)
         dv = tl.where(first, 0.0, dv)
         rows = r + am
@@ -442,20 +446,6 @@ def ir_stats(jit) -> list:
                     "tma": sum("async_tma_copy" in x for x in loops),
                 })  # fmt: skip
     return out
-
-
-def docs_mask(lens) -> Mask:
-    cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
-    return Mask.varlen(cu, causal=True)
-
-
-def uniform_docs(total, lo, hi, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lens = []
-    while sum(lens) < total:
-        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
-    lens[-1] -= sum(lens) - total
-    return [n for n in lens if n > 0]
 
 
 def main(argv=None):
