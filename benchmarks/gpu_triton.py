@@ -653,27 +653,26 @@ def ab_run(budget_s, out_dir, name, checks=()):
 
     # (case, mask, variant, settings {label: switches}, fwd configs, bwd sweeps by pass);
     # fwd configs and bwd sweeps run under the first two settings.
-    # s10d: the forward's row-interval test as one subtraction and one unsigned
-    # comparison per element (`UNSIGNED_ROWS`), on the cases whose tiles are mostly
-    # partial. s10e measured the same in the dQ and dK/dV passes (no faster, removed):
-    # results/triton_ab_H200_2026-12-04_s10e.md.
+    # s10d measured the forward's row-interval test as one unsigned comparison
+    # (`UNSIGNED_ROWS`), s10e the same in the dQ and dK/dV passes (no faster, removed):
+    # results/triton_ab_H200_2026-12-04_s10d.md / _s10e.md.
     # s14: the dQ pass making delta itself (`FUSED_DELTA`) against the delta kernel, on
     # the cases that run a dQ pass (short documents, the 8K-per-rank document step), with
     # the long-tailed documents and dense causal (dQ in the dK/dV pass) as controls.
-    uns = {"fused delta": {"FUSED_DELTA": True}, "delta kernel": {"FUSED_DELTA": False}}
+    fused = {"fused delta": {"FUSED_DELTA": True}, "delta kernel": {"FUSED_DELTA": False}}
     fused8k, _ = fused_blocks("hamilton", "docs", 8192)
     alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     plan = []
     for r in ("", " (again)"):
         plan += [
-            (f"docs 64-512 32K{r}", short, None, uns, [], {}),
-            (f"hamilton docs 8K/rank step{r}", fused8k, None, uns, [], {}),
+            (f"docs 64-512 32K{r}", short, None, fused, [], {}),
+            (f"hamilton docs 8K/rank step{r}", fused8k, None, fused, [], {}),
         ]
     plan += [
-        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, uns, [], {}),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, uns, [], {}),
-        ("alibi docs 64-512 32K", short, alibi, uns, [], {}),
-        ("dense causal 32K", Mask.causal(s32), None, uns, [], {}),
+        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, fused, [], {}),
+        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, fused, [], {}),
+        ("alibi docs 64-512 32K", short, alibi, fused, [], {}),
+        ("dense causal 32K", Mask.causal(s32), None, fused, [], {}),
     ]
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     switches = (

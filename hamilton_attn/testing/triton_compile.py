@@ -24,24 +24,33 @@ _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
 
 
 class _Capture:
-    """A kernels module whose launches are recorded into ``seen``, not run."""
+    """A kernels module whose launches (``*_kernel[grid](...)``) are recorded into
+    ``seen`` as ``(jit function, args, kwargs)``; ``run``: and then run, else not."""
 
-    def __init__(self, mod, seen):
-        self._mod, self._seen = mod, seen
+    def __init__(self, mod, seen, run=False):
+        self._mod, self._seen, self._run = mod, seen, run
 
     def __getattr__(self, name):
-        import triton
-
         fn = getattr(self._mod, name)
-        if not isinstance(fn, triton.runtime.jit.JITFunction):
+        if not name.endswith("_kernel"):
             return fn
-        seen = self._seen
+        seen, run = self._seen, self._run
 
         class Grid:
             def __getitem__(self, grid):
-                return lambda *args, **kw: seen.append((fn, args, kw))
+                def launch(*args, **kw):
+                    seen.append((fn, args, kw))
+                    return fn[grid](*args, **kw) if run else None
+
+                return launch
 
         return Grid()
+
+
+def recording(mod, seen: list):
+    """Kernels module ``mod`` with each launch appended to ``seen`` before it runs (tests
+    that check which kernels a call launches)."""
+    return _Capture(mod, seen, run=True)
 
 
 @contextlib.contextmanager

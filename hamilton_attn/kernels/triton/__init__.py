@@ -485,8 +485,8 @@ class TritonKernel(AttentionKernel):
                 out = out.contiguous()
             lse = lse.to(torch.float32).contiguous()
             delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-            dbm = 16 if interp else 64
         if softmax and not own_delta:
+            dbm = 16 if interp else 64
             jit.delta_kernel[(triton_cdiv(sq, dbm), b * hq)](
                 out,
                 dout,
