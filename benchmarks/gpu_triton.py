@@ -29,6 +29,7 @@ call with the same number of visible pairs.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import json
@@ -289,6 +290,27 @@ def run_checks(quick, only=None):
          dict(switches=uns)),
         ("unsigned alibi docs bf16", short, bf,
          dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=uns)),
+    ]  # fmt: skip
+    hg = {"HEAD_GROUP": 8}  # programs of 8 heads interleaved per row tile
+    cases += [
+        ("heads docs 64-512 2000 GQA 12/4 bf16", docs_mask(uniform_docs(2000, 64, 512)), bf,
+         dict(hq=12, hk=4, switches=hg)),
+        ("heads fused hamilton zigzag step bf16", p.fused_block(3, fused)[0], bf,
+         dict(switches=hg)),
+        ("heads dq tma causal 1000 GQA 12/4 bf16", Mask.causal(1000), bf,
+         dict(hq=12, hk=4, switches={**hg, "DQ_ADD": 2})),
+        ("heads alibi docs bf16", short, bf,
+         dict(variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=hg)),
+    ]  # fmt: skip
+    fdl = {"FUSED_DELTA": True}  # the dQ pass makes delta for the dK/dV pass
+    cases += [
+        ("fused delta docs 64-512 2000 GQA 8/2 bf16", docs_mask(uniform_docs(2000, 64, 512)),
+         bf, dict(hq=8, hk=2, switches=fdl)),
+        ("fused delta alibi docs fp16 D64", short, fp16,
+         dict(d=64, variant=BlockVariant(kind="softmax", alibi=slopes, shift=5), switches=fdl)),
+        ("fused delta, heads docs 64-512 2000 fp32 D256 MQA",
+         docs_mask(uniform_docs(2000, 64, 512)), f32,
+         dict(d=256, hk=1, switches={**fdl, **hg})),
     ]  # fmt: skip
     # score_mods compiled into the kernel (kernels/triton/score_mod.py)
     rel = torch.linspace(-1, 1, 4 * 65, device=DEV).sin().view(4, 65)
@@ -618,8 +640,9 @@ def sweep(budget_s=1e9):
 
 def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
-    GPU run; printed and saved as ``name``.md / .json): the dQ pass making delta itself
-    against the delta kernel. Earlier rounds' plans (the forward's row-interval test as
+    GPU run; printed and saved as ``name``.md / .json): programs of several heads
+    interleaved per row tile against one head after another, and the dQ pass making delta
+    itself against the delta kernel (s14's plan). Earlier rounds' plans (the forward's row-interval test as
     one unsigned comparison, the same in the backward, ALiBi's
     per-key term as the dot's accumulator, the backward's dO . v dots started from
     -delta, the lazy running max, ragged 128-row tiles, TMA loads, ALiBi distances, the
@@ -656,24 +679,32 @@ def ab_run(budget_s, out_dir, name, checks=()):
     # s10d measured the forward's row-interval test as one unsigned comparison
     # (`UNSIGNED_ROWS`), s10e the same in the dQ and dK/dV passes (no faster, removed):
     # results/triton_ab_H200_2026-12-04_s10d.md / _s10e.md.
-    # s14: the dQ pass making delta itself (`FUSED_DELTA`) against the delta kernel, on
-    # the cases that run a dQ pass (short documents, the 8K-per-rank document step), with
-    # the long-tailed documents and dense causal (dQ in the dK/dV pass) as controls.
-    fused = {"fused delta": {"FUSED_DELTA": True}, "delta kernel": {"FUSED_DELTA": False}}
+    # s16: programs of several heads interleaved per row tile (`HEAD_GROUP`, against
+    # one head's row tiles after another's: the last head's heavy tiles form a tail),
+    # and the dQ pass making delta (`FUSED_DELTA`, s14), on the cases that run a dQ pass.
+    base_ = {"one head after another": {}}
+    hgs = {f"heads x{n}": {"HEAD_GROUP": n} for n in (4, 8, 32)}
+    fd = {"fused delta": {"FUSED_DELTA": True}, "fused delta, heads x8":
+          {"FUSED_DELTA": True, "HEAD_GROUP": 8}}  # fmt: skip
     fused8k, _ = fused_blocks("hamilton", "docs", 8192)
+    causal8k, _ = fused_blocks("hamilton", "causal", 8192)
     alibi = BlockVariant(kind="softmax", alibi=torch.rand(1, 32, device=DEV) * 0.01)
     plan = []
     for r in ("", " (again)"):
         plan += [
-            (f"docs 64-512 32K{r}", short, None, fused, [], {}),
-            (f"hamilton docs 8K/rank step{r}", fused8k, None, fused, [], {}),
-        ]
+            (f"hamilton docs 8K/rank step{r}", fused8k, None, {**base_, **hgs, **fd}, [], {}),
+            (f"lognormal docs 32K{r}", docs_mask(lognormal_docs(s32)), None, {**base_, **hgs},
+             [], {}),
+            (f"docs 64-512 32K{r}", short, None, {**base_, "heads x8": hgs["heads x8"], **fd},
+             [], {}),
+        ]  # fmt: skip
     plan += [
-        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None, fused, [], {}),
-        ("lognormal docs 32K", docs_mask(lognormal_docs(s32)), None, fused, [], {}),
-        ("alibi docs 64-512 32K", short, alibi, fused, [], {}),
-        ("dense causal 32K", Mask.causal(s32), None, fused, [], {}),
-    ]
+        ("hamilton causal 8K/rank step", causal8k, None, {**base_, **hgs}, [], {}),
+        ("docs 64-512 128K", docs_mask(uniform_docs(4 * s32, 64, 512)), None,
+         {**base_, "heads x8": hgs["heads x8"], **fd}, [], {}),
+        ("alibi docs 64-512 32K", short, alibi, {**base_, **fd}, [], {}),
+        ("dense causal 32K", Mask.causal(s32), None, {**base_, **hgs}, [], {}),
+    ]  # fmt: skip
     saved = {p: {d: list(c) for d, c in v.items()} for p, v in tk.CONFIGS.items()}
     switches = (
         "TMA",
@@ -689,6 +720,7 @@ def ab_run(budget_s, out_dir, name, checks=()):
         "RAGGED",
         "DQ_ADD",
         "FUSED_DELTA",
+        "HEAD_GROUP",
     )
     base = {n: getattr(tk, n) for n in switches}
 
@@ -733,8 +765,10 @@ def ab_run(budget_s, out_dir, name, checks=()):
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; command "
         f"`{env['command']}`. bf16, B=1, 32 heads, head dim 128; TF/s over visible pairs, "
         "forward / forward+backward (3.5x the forward's flops). "
+        "`heads xN`: programs of N heads interleaved per row tile, each head's heaviest "
+        "first (`HEAD_GROUP`), against one head's row tiles after another's; "
         "`fused delta`: the dQ pass makes each row's delta = dO . out itself "
-        "(`FUSED_DELTA`), `delta kernel`: a kernel of its own before the passes; "
+        "(`FUSED_DELTA`) instead of a kernel of its own before the passes; "
         "`fwd` / `dq` / `dkdv` (BM, BN, warps, "
         "stages): that pass's launch configuration, the others at their defaults.",
         "",
@@ -832,7 +866,15 @@ def main(argv=None):
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="file stem (default triton_GPU_date)")
     ap.add_argument("--ab", action="store_true", help="kernel switches side by side, only")
+    ap.add_argument("--set", action="append", default=[], metavar="SWITCH=VALUE",
+                    help="set a kernel switch first (e.g. HEAD_GROUP=8, sdpa.NAME=...)")  # fmt: skip
     args = ap.parse_args(argv)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        module, attr = _switch_module(name)
+        if not hasattr(module, attr):
+            ap.error(f"--set: no switch {name!r}")
+        setattr(module, attr, ast.literal_eval(value))
     torch._dynamo.config.cache_size_limit = 256
     if args.ab:  # the checks, then the switches
         checks = run_checks(args.quick, args.checks)

@@ -96,3 +96,11 @@ def test_kernels_compile_for_hopper(name):
     assert {"fwd_kernel", "dkdv_kernel"} <= kinds
     for fn, args, kw in launches:
         assert "cubin" in compile_sm90(fn, args, kw).asm
+
+
+@pytest.mark.parametrize("name", ["plain causal bf16", "sigmoid docs fp16, dQ by atomics"])
+def test_head_groups_compile_for_hopper(name, monkeypatch):
+    """Programs of several heads per row tile (``HEAD_GROUP``: the launch index split
+    into group, tile and head) compile in every pass."""
+    monkeypatch.setattr(tk, "HEAD_GROUP", 5)
+    test_kernels_compile_for_hopper(name)

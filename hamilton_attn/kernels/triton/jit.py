@@ -190,6 +190,25 @@ def _entry(COL, B0, B1, e, c0, RANGE: tl.constexpr, STEP: tl.constexpr):
 
 
 @triton.jit
+def _program(ORDER, HG: tl.constexpr):
+    """This program's ``(row tile, batch x head)``. The grid is ``(row tiles, B x H)``
+    and launches in linear order, ``ORDER`` lists the row tiles heaviest first. ``HG``
+    1: one head's row tiles, then the next head's (a head's heavy tiles start only once
+    the heads before it are dispatched); ``HG`` > 1: groups of ``HG`` heads, within one
+    every head's heaviest tile first, then every head's next (the last group's heavy
+    tiles start early, and the K / V in flight are those of ``HG`` heads, for L2)."""
+    if HG == 1:
+        return tl.load(ORDER + tl.program_id(0)), tl.program_id(1)
+    else:
+        nr = tl.num_programs(0)
+        lin = tl.program_id(1) * nr + tl.program_id(0)
+        g0 = (lin // (HG * nr)) * HG
+        gs = tl.minimum(HG, tl.num_programs(1) - g0)
+        w = lin - g0 * nr
+        return tl.load(ORDER + w // gs), g0 + w % gs
+
+
+@triton.jit
 def _row_tile(R0, R1, t, n, BM: tl.constexpr, RAGGED: tl.constexpr):
     """Row tile ``t``'s first row and the end its rows are tested against: ``RAGGED``
     (:func:`.tiles.ragged_lists`) from the lists, else ``t BM`` and the axis' length."""
@@ -369,13 +388,12 @@ def fwd_kernel(
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr, UVIS: tl.constexpr,
-    MOD: tl.constexpr,
+    MOD: tl.constexpr, HG: tl.constexpr,
 ):
     """Out (and lse) of one query tile of one head. ``TMA``: K and V are 4-d tensor
     descriptors, not pointers. ``RAGGED``: the tile's rows and first key from the lists
     (rows up to ``nq`` are this tile's)."""
-    t = tl.load(ORDER + tl.program_id(0))
-    bh = tl.program_id(1)
+    t, bh = _program(ORDER, HG)
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUP

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         _load,
         _load_kv,
         _positions,
+        _program,
         _row_tile,
         _rows_vis,
         _score,
@@ -139,15 +140,14 @@ def dq_kernel(
     FAST: tl.constexpr,
     TMA: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, PREC: tl.constexpr, UNIT: tl.constexpr, INTERP: tl.constexpr,
-    MOD: tl.constexpr,
+    MOD: tl.constexpr, HG: tl.constexpr,
 ):
     """dQ of one query tile of one head (and its rows' share of d slope for ALiBi).
     ``TMA``: K and V are tensor descriptors. ``RAGGED``: as in the forward.
     ``OWN_DELTA`` (softmax): the tile's ``delta = dO . out`` made here from ``O`` and
     stored into ``DELTA`` for the dK/dV pass after it (no delta kernel: one read of dO
     fewer, one launch fewer)."""
-    t = tl.load(ORDER + tl.program_id(0))
-    bh = tl.program_id(1)
+    t, bh = _program(ORDER, HG)
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUP
@@ -282,14 +282,14 @@ def dkdv_kernel(
     RANGE: tl.constexpr, RAGGED: tl.constexpr, DQ_ADD: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     UNIT: tl.constexpr, INTERP: tl.constexpr, MOD: tl.constexpr,
+    HG: tl.constexpr,
 ):
     """dK and dV of one key tile of one KV head, summed over the query heads sharing it
     (GQA: no atomics, no reduction pass). ``TMA``: Q and dO are tensor descriptors.
     ``DQ_ADD``: dQ too, added into float32 ``DQA`` (``[B, HQ, SQ, D]``; a TMA descriptor
     for 2), which then needs no dQ pass.
     ``RAGGED``: the key tile's keys (up to ``nk``) and first query row from the lists."""
-    u = tl.load(ORDER + tl.program_id(0))
-    bhk = tl.program_id(1)
+    u, bhk = _program(ORDER, HG)
     b = bhk // HK
     hk = bhk % HK
     col0, nk = _row_tile(R0, R1, u, SK, BN, RAGGED)

@@ -26,6 +26,7 @@ def common(q, va, rows, interp):
         UNIT=tk.LOG2E if va["kind"] == 0 else 1.0,
         INTERP=interp,
         MOD=va["MOD"],
+        HG=tk.HEAD_GROUP,
     )
 
 
