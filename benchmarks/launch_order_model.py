@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import doc_lengths  # noqa: E402
+from gpu_triton import docs_mask, fused_blocks, lognormal_docs, uniform_docs  # noqa: E402
 
-import hamilton_attn as ha  # noqa: E402
 from hamilton_attn.kernels import triton as tk  # noqa: E402
 from hamilton_attn.masks import Mask  # noqa: E402
 
@@ -52,35 +51,15 @@ def launch_costs(tile_cost: np.ndarray, group: int, heads: int = HEADS) -> np.nd
     return np.concatenate(out)
 
 
-def docs(lens) -> Mask:
-    return Mask.varlen(np.concatenate([[0], np.cumsum(lens)]).tolist(), causal=True)
-
-
-def uniform(total: int, lo: int, hi: int, seed: int = 0) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    lens = []
-    while sum(lens) < total:
-        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
-    lens[-1] -= sum(lens) - total
-    return [n for n in lens if n > 0]
-
-
-def fused_step(sched: str, mname: str, per_rank: int) -> Mask:
-    """Rank 3's fused block of its step with the most pieces (as ``gpu_triton.py``)."""
-    total = 8 * per_rank
-    m = Mask.causal(total) if mname == "causal" else docs(doc_lengths(total, 1))
-    p = ha.plan(m, ha.SimulatedGroup(8, 3), schedule=sched, dispatch="zigzag")
-    steps = [s.compute[3] for s in p.schedule.forward_steps() if s.compute[3]]
-    return p.fused_block(3, max(steps, key=len))[0]
-
-
 def cases():
-    yield "docs 64-512, 32K", docs(uniform(32768, 64, 512))
-    yield "lognormal docs, 32K", docs(doc_lengths(32768, 1))
+    """The masks ``gpu_triton.py`` times (its own builders: the same documents, the same
+    fused steps)."""
+    yield "docs 64-512, 32K", docs_mask(uniform_docs(32768, 64, 512))
+    yield "lognormal docs, 32K", docs_mask(lognormal_docs(32768))
     yield "dense causal, 32K", Mask.causal(32768)
     for sched in ("hamilton", "direct"):
         for mname in ("docs", "causal"):
-            yield f"{sched} {mname} 8K/rank step", fused_step(sched, mname, 8192)
+            yield f"{sched} {mname} 8K/rank step", fused_blocks(sched, mname, 8192)[0]
 
 
 def main(argv=None) -> int:

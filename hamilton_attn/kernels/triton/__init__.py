@@ -155,7 +155,8 @@ FUSED_DELTA = False
 #: heads, within one each head's heaviest tile, then each head's next. A list-scheduling
 #: model of the tile lists (132 SMs, each program one unit plus its tiles) puts the tail
 #: of 1 at 5-10% of the 8K-per-rank Hamilton / direct steps and 3-5% of long-tailed
-#: documents, of 8 below 1%.
+#: documents, of 8 below 1% (``benchmarks/launch_order_model.py``). 1 until a GPU run
+#: times it (``gpu_triton.py --ab`` holds it; no GPU came on 2026-12-07/08).
 HEAD_GROUP = 1
 
 
