@@ -10,8 +10,9 @@ the transposed lists for dK/dV), and one Triton kernel walks them (:mod:`.jit`):
 - backward: ``delta = rowsum(dout * out)`` (softmax), then dK/dV over key tiles (GQA
   heads summed in the program) with each query tile's dQ share added into a float32
   buffer by TMA reduce-adds on Hopper (:data:`DQ_ADD`), or, for short documents, older
-  GPUs and ALiBi slope gradients, a dQ pass over query tiles of its own; from the
-  given, possibly merged, ``out`` / ``lse``.
+  GPUs and ALiBi slope gradients, a dQ pass over query tiles of its own, first,
+  which then makes delta itself (:data:`FUSED_DELTA`); from the given, possibly
+  merged, ``out`` / ``lse``.
 
 Variants (:class:`~hamilton_attn.variants.BlockVariant`) compile in as constexpr
 specialisations: softmax with softcap and / or ALiBi (``alibi_grad`` gets this block's
@@ -145,18 +146,24 @@ DQ_ADD: int | None = None
 #: Where the backward runs a dQ pass on grid tiles (softmax), that pass makes each row's
 #: ``delta = dO . out`` from its tiles of dO (already loaded) and out, for the dK/dV pass
 #: after it, instead of a delta kernel reading both (``OWN_DELTA`` in :mod:`.jit_bwd`).
-#: Off until timed: built and tested on 2026-12-07 (on H100, docs 64-512 at 32K, the delta
-#: kernel and setup took 0.18 of a 1.99 ms backward), the GPU time ran out before
-#: ``gpu_triton.py --ab`` (its plan holds this switch) could measure it.
-FUSED_DELTA = False
+#: On an H100 (results/triton_ab_H100_2026-12-08_s16.md, forward+backward TF/s, against
+#: the delta kernel): 64-512-token documents 130 / 129 against 125 / 124 at 32K, 108
+#: against 105 at 128K, their ALiBi 128 against 122; the forward unchanged.
+FUSED_DELTA = True
 #: Heads per launch group (:func:`.jit._program`): 1, one head's row tiles (heaviest
 #: first) before the next head's, so the last head's heaviest tiles start once every
 #: other head's are dispatched and run on alone (the tail); ``n`` > 1: groups of ``n``
 #: heads, within one each head's heaviest tile, then each head's next. A list-scheduling
 #: model of the tile lists (132 SMs, each program one unit plus its tiles) puts the tail
 #: of 1 at 5-10% of the 8K-per-rank Hamilton / direct steps and 3-5% of long-tailed
-#: documents, of 8 below 1% (``benchmarks/launch_order_model.py``). 1 until a GPU run
-#: times it (``gpu_triton.py --ab`` holds it; no GPU came on 2026-12-07/08).
+#: documents, of 8 below 1% (``benchmarks/launch_order_model.py``). Timed on an H100
+#: (results/triton_ab_H100_2026-12-08_s16.md, forward / forward+backward TF/s, two runs
+#: each): the 8K-per-rank Hamilton document step gains (1: 401-407 / 307-310; 4: 423-427 /
+#: 318-322; 8: 413-420 / 322-326), but 8 heads cost 64-512-token documents 40% (105-106 /
+#: 96-97 against 166-177 / 124-125) and long-tailed ones 7-10% forward (433-446 against
+#: 479-480), 32 heads lose everywhere (dense causal 508 / 419 against 525 / 439); the
+#: model sees no such cost (more heads' K / V in flight against L2 is a guess, not
+#: profiled). So 1, the switch kept for a rule per mask that a later run can time.
 HEAD_GROUP = 1
 
 
