@@ -196,7 +196,7 @@ def _program(ORDER, HG: tl.constexpr):
     1: one head's row tiles, then the next head's (a head's heavy tiles start only once
     the heads before it are dispatched); ``HG`` > 1: groups of ``HG`` heads, within one
     every head's heaviest tile first, then every head's next (the last group's heavy
-    tiles start early, and the K / V in flight are those of ``HG`` heads, for L2)."""
+    tiles start early; the K / V in flight are those of ``HG`` heads)."""
     if HG == 1:
         return tl.load(ORDER + tl.program_id(0)), tl.program_id(1)
     else:
