@@ -642,8 +642,8 @@ def ab_run(budget_s, out_dir, name, checks=()):
     """Kernel switches and tile configurations side by side on the cases they aim at (one
     GPU run; printed and saved as ``name``.md / .json): programs of several heads
     interleaved per row tile against one head after another, and the dQ pass making delta
-    itself against the delta kernel (s14's plan). Earlier rounds' plans (the forward's row-interval test as
-    one unsigned comparison, the same in the backward, ALiBi's
+    itself against the delta kernel (s14's plan). Earlier rounds' plans (the forward's
+    row-interval test as one unsigned comparison, the same in the backward, ALiBi's
     per-key term as the dot's accumulator, the backward's dO . v dots started from
     -delta, the lazy running max, ragged 128-row tiles, TMA loads, ALiBi distances, the
     packed float16 tanh, RANGE / entry / run loops, dots a tile ahead, every case's
@@ -870,10 +870,10 @@ def main(argv=None):
                     help="set a kernel switch first (e.g. HEAD_GROUP=8, sdpa.NAME=...)")  # fmt: skip
     args = ap.parse_args(argv)
     for item in args.set:
-        name, _, value = item.partition("=")
+        name, eq, value = item.partition("=")
         module, attr = _switch_module(name)
-        if not hasattr(module, attr):
-            ap.error(f"--set: no switch {name!r}")
+        if not eq or not hasattr(module, attr):
+            ap.error(f"--set: expected SWITCH=VALUE naming a kernel switch, got {item!r}")
         setattr(module, attr, ast.literal_eval(value))
     torch._dynamo.config.cache_size_limit = 256
     if args.ab:  # the checks, then the switches
